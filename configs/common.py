@@ -1,0 +1,103 @@
+"""Shared config helpers: argument parsing, the common fields, mesh and logical-axis presets.
+
+Every family config (`configs/imagen.py`, `configs/glide.py`, `configs/unclip.py`) exposes
+`get_config(arg)` where `arg` is a string such as "stage=base64,size=tiny".
+"""
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = ('tiny', 'shapes', 'paper')
+
+
+def _convert(key: str, raw: str, default):
+  if isinstance(default, bool):
+    if raw.lower() in ('1', 'true', 'yes'):
+      return True
+    if raw.lower() in ('0', 'false', 'no'):
+      return False
+    raise ValueError(f'config arg {key}={raw!r}: expected a boolean (true/false)')
+  if isinstance(default, int):
+    return int(raw)
+  if isinstance(default, float):
+    return float(raw)
+  return raw
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """Parses "k1=v1,k2=v2" into a ConfigDict, typed and defaulted by `spec`.
+
+  Unknown keys are refused so that a typo (`stgae=base64`) cannot silently fall back to a
+  default. Values take the type of their default (bool, int, float or str).
+  """
+  result = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return result
+  for item in arg.split(','):
+    item = item.strip()
+    if not item:
+      continue
+    if '=' not in item:
+      raise ValueError(f'config arg {item!r} must look like key=value (e.g. "stage=base64,size=tiny")')
+    key, raw = (s.strip() for s in item.split('=', 1))
+    if key not in spec:
+      raise ValueError(f'unknown config arg {key!r}; known: {", ".join(sorted(spec))}')
+    result[key] = _convert(key, raw, spec[key])
+  return result
+
+
+def check_choice(name: str, value: str, choices) -> str:
+  if value not in choices:
+    raise ValueError(f'{name}={value!r} is not one of {", ".join(choices)}')
+  return value
+
+
+# Logical axis name -> mesh axes. Parameters are sharded FSDP-style over 'fsdp' on their
+# largest "embed"/"conv_in" dimension and tensor-parallel over 'tensor'; activations are
+# sharded over the batch only. A dimension that a mesh axis does not divide is replicated
+# along that axis (see diffusion_jax.parallel).
+DEFAULT_LOGICAL_RULES = (
+    # parameters
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('conv_in', 'fsdp'),
+    ('conv_out', 'tensor'),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('norm', None),
+    # activations
+    ('act_batch', ('data', 'fsdp')),
+    ('act_len', None),
+    ('act_height', None),
+    ('act_width', None),
+    ('act_channels', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+)
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, rules=DEFAULT_LOGICAL_RULES):
+  """The `mesh` field: sizes of the ('data', 'fsdp', 'tensor') axes; -1 fills."""
+  cfg = ml_collections.ConfigDict()
+  cfg.data = data
+  cfg.fsdp = fsdp
+  cfg.tensor = tensor
+  cfg.rules = tuple(rules)
+  return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every stage config has; family configs fill in the rest."""
+  c = ml_collections.ConfigDict()
+  c.family = ''
+  c.stage = ''
+  c.size = ''
+  c.seed = 0
+  c.total_steps = 1000
+  c.ckpt_steps = 500
+  c.log_steps = 50
+  c.mesh = mesh_config()
+  return c

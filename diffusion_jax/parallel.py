@@ -1,0 +1,109 @@
+"""Mesh creation, logical-axis rules and shardings of parameters, state and batches.
+
+Modules name their parameter and activation axes logically (`embed`, `mlp`, `heads`, ...,
+`act_batch`, ...); the config's `mesh.rules` alone maps those names to the mesh axes
+('data', 'fsdp', 'tensor'). A parameter dimension that a mesh axis does not divide is
+replicated along that axis instead of failing (e.g. the 3 RGB channels of a first conv).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the ('data', 'fsdp', 'tensor') sizes; at most one -1 fills the rest."""
+  sizes = [int(mesh_cfg.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} '
+        'are available; set one axis to -1 to fill')
+  return tuple(sizes)
+
+
+def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices()) if devices is None else list(devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  try:
+    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # noqa: BLE001 - non-TPU topologies without a physical layout.
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in mesh_cfg.rules)
+
+
+def _mesh_axes_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    return mesh.shape[axes]
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def spec_for_shape(shape: Sequence[int], logical: P | None, mesh: Mesh, rules) -> P:
+  """Maps a logical PartitionSpec to a mesh one, replicating dims the axes do not divide."""
+  if logical is None:
+    return P()
+  mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+  fixed, used = [], set()
+  for dim, axes in zip(shape, tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))):
+    if axes is not None:
+      names = (axes,) if isinstance(axes, str) else tuple(axes)
+      names = tuple(a for a in names if a not in used)
+      # Keep the longest prefix of mesh axes whose product divides the dimension.
+      while names and dim % _mesh_axes_size(mesh, names):
+        names = names[:-1]
+      used.update(names)
+      axes = None if not names else (names[0] if len(names) == 1 else names)
+    fixed.append(axes)
+  return P(*fixed)
+
+
+def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree that may hold flax `LogicallyPartitioned` boxes.
+
+  `abstract_boxed_tree` is what `jax.eval_shape(init)` returns; the result has the same
+  structure as the *unboxed* tree (`nn.meta.unbox`).
+  """
+  logical_specs = nn.get_partition_spec(abstract_boxed_tree)
+  unboxed = nn.meta.unbox(abstract_boxed_tree)
+  return jax.tree.map(
+      lambda leaf, spec: NamedSharding(mesh, spec_for_shape(leaf.shape, spec, mesh, rules)),
+      unboxed, logical_specs,
+      is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading dimension over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Turns this process's slice of the global batch (numpy) into global jax.Arrays."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+  return jax.tree.map(put, batch)

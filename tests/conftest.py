@@ -1,0 +1,25 @@
+"""Test setup: 8 simulated CPU devices, strict rank promotion, no network access."""
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ['TRANSFORMERS_OFFLINE'] = '1'
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TFDS_DATA_DIR', os.path.join(os.environ.get('TMPDIR', '/tmp'),
+                                                    'diffusion_jax_tests_tfds'))
+
+import jax  # noqa: E402
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+jax.config.update('jax_threefry_partitionable', True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def num_devices():
+  assert jax.device_count() == 8, 'conftest must set 8 simulated devices before jax is imported'
+  return jax.device_count()
