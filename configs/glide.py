@@ -1,0 +1,150 @@
+"""GLIDE (Nichol et al. 2022): ADM U-Nets with a jointly trained text transformer.
+
+Run a stage:
+  python -m diffusion_jax.train --config=configs/glide.py:stage=base64,size=tiny --workdir=/tmp/run/base64
+  python -m diffusion_jax.train --config=configs/glide.py:stage=up256,size=tiny --workdir=/tmp/run/up256
+  python -m diffusion_jax.train --config=configs/glide.py:stage=inpaint64,size=tiny --workdir=/tmp/run/inpaint64
+  python -m diffusion_jax.train --config=configs/glide.py:stage=inpaint256,size=tiny --workdir=/tmp/run/inpaint256
+
+Sizes: `tiny` (unit tests, < 1M parameters, 16-32 px), `shapes` (the CPU demo, base at 32 px),
+`paper` (published: base 3.5B including its 1.2B text transformer, upsampler 1.5B).
+The text transformer reads raw token ids (`cond['text_ids']`); at `paper` size these are
+GPT-2 BPE ids (vocabulary 50257), at `tiny`/`shapes` UTF-8 bytes (vocabulary 256 + specials).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+STAGES = ('base64', 'up256', 'inpaint64', 'inpaint256', 'noised_clip', 'cascade')
+MODEL_STAGES = ('base64', 'up256', 'inpaint64', 'inpaint256')
+
+_RES = {
+    'tiny': {'base': (16, None), 'up': (32, 16)},
+    'shapes': {'base': (32, None), 'up': (64, 32)},
+    'paper': {'base': (64, None), 'up': (256, 64)},
+}
+# text transformer: (vocab, context, width, layers, heads) for the base and the upsampler
+_XF = {
+    'tiny': {'base': (512, 16, 32, 2, 2), 'up': (512, 16, 32, 1, 2)},
+    'shapes': {'base': (512, 32, 64, 4, 4), 'up': (512, 32, 64, 2, 4)},
+    # Paper: 24 blocks of width 2048 for the base; the upsampler's is 1024 wide (Sec. 4).
+    'paper': {'base': (50257, 128, 2048, 24, 32), 'up': (50257, 128, 1024, 24, 16)},
+}
+
+
+def _model(stage: str, size: str) -> ml_collections.ConfigDict:
+  kind = 'up' if stage.endswith('256') else 'base'
+  res, low = _RES[size][kind]
+  vocab, ctx, width, depth, heads = _XF[size][kind]
+  m = ml_collections.ConfigDict()
+  m.name = 'unet'
+  m.image_size = res
+  m.in_channels = 3
+  m.out_channels = 3
+  m.learned_variance = True
+  m.low_res_size = low or 0
+  m.inpaint = stage.startswith('inpaint')
+  m.text_source = 'transformer'
+  m.text_len = ctx
+  m.vocab_size = vocab
+  m.xf_width = width
+  m.xf_layers = depth
+  m.xf_heads = heads
+  m.text_attention = 'concat_kv'  # text tokens join every attention layer's keys/values
+  m.use_scale_shift_norm = True
+  m.resblock_updown = True
+  m.dtype = 'float32' if size != 'paper' else 'bfloat16'
+  m.param_dtype = 'float32'
+  m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
+  m.scan_layers = True
+  if size == 'tiny':
+    m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+             attention_resolutions=(8,) if kind == 'base' else (8,), num_heads=2,
+             head_channels=-1, dropout=0.0)
+  elif size == 'shapes':
+    m.update(model_channels=48 if kind == 'base' else 32,
+             channel_mult=(1, 2, 2) if kind == 'base' else (1, 1, 2, 2),
+             num_res_blocks=2, attention_resolutions=(16, 8), num_heads=4, head_channels=-1,
+             dropout=0.0)
+  elif kind == 'base':
+    # ADM at 64 px (Sec. 4): 512 channels, 3 res blocks, attention at 32/16/8, 64-channel heads.
+    m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+             attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
+  else:
+    # Upsampler 64->256: ADM 256 px layout (mults 1-1-2-2-4-4, attention at 32/16/8), 320
+    # channels and 3 res blocks, sized to the published 1.5B with the 1024-wide text encoder.
+    m.update(model_channels=320, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=3,
+             attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, stage='base64', size='tiny')
+  common.check_choice('stage', a.stage, STAGES)
+  common.check_choice('size', a.size, common.SIZES)
+  if a.stage in ('noised_clip', 'cascade'):
+    raise ValueError(f'configs/glide.py:stage={a.stage} is added by later work (the noised CLIP '
+                     'and the sampling cascade); available now: ' + ', '.join(MODEL_STAGES))
+  stage, size = a.stage, a.size
+  paper = size == 'paper'
+  kind = 'up' if stage.endswith('256') else 'base'
+  c = common.base_config()
+  c.family = 'glide'
+  c.stage = stage
+  c.size = size
+  c.model = _model(stage, size)
+  res, low = _RES[size][kind]
+
+  c.input = ml_collections.ConfigDict()
+  c.input.batch_size = {'tiny': 8, 'shapes': 32, 'paper': 2048}[size]
+  c.input.image_size = res
+  c.input.low_res_size = low
+  c.input.dataset = 'shapes'
+  c.input.text_max_len = c.model.text_len
+
+  c.text_encoder = ml_collections.ConfigDict()
+  c.text_encoder.name = None  # the text transformer is part of the model and trained with it
+  c.text_encoder.preset = None
+  c.text_encoder.path = None
+  c.text_encoder.tokenizer = 'gpt2' if paper else 'bytes'
+  c.text_encoder.vocab_size = c.model.vocab_size
+
+  c.diffusion = ml_collections.ConfigDict()
+  # improved-DDPM cosine for the base; the released upsampler uses the linear schedule.
+  c.diffusion.schedule = 'squaredcos_cap_v2' if kind == 'base' else 'linear'
+  c.diffusion.shift = 1.0
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.parameterization = 'eps'
+  c.diffusion.learned_variance = True
+  c.diffusion.vlb_weight = 0.001  # hybrid loss L_simple + lambda * L_vlb
+  c.diffusion.loss_weighting = 'none'
+  c.diffusion.cond_drop_text = 0.2  # 20% empty captions for classifier-free guidance
+  c.diffusion.cond_drop_image = 0.0
+  c.diffusion.noise_aug = False
+  c.diffusion.low_res_corruption = 'none'
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.name = 'ddpm'
+  c.sampler.num_steps = {'tiny': 16, 'shapes': 50, 'paper': 100 if kind == 'base' else 27}[size]
+  c.sampler.eta = 1.0
+  c.sampler.guidance_scale = 3.0 if kind == 'base' else 1.0
+  c.sampler.threshold = 'static'
+  c.sampler.percentile = 99.5
+  c.sampler.aug_level = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'
+  c.optimizer.lr = 1.2e-4 if paper else 1e-3
+  c.optimizer.warmup_steps = 10_000 if paper else 100
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.ema_decay = 0.9999 if paper else 0.995
+  c.optimizer.ema_start_step = 0
+
+  c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 4000)
+  c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
+  return c

@@ -1,0 +1,161 @@
+"""Imagen (Saharia et al. 2022): frozen T5 text encoder, base 64 px U-Net, two Efficient U-Net
+super-resolution stages.
+
+Run a stage:
+  python -m diffusion_jax.train --config=configs/imagen.py:stage=base64,size=tiny --workdir=/tmp/run/base64
+  python -m diffusion_jax.train --config=configs/imagen.py:stage=sr256,size=tiny --workdir=/tmp/run/sr256
+  python -m diffusion_jax.train --config=configs/imagen.py:stage=sr1024,size=tiny --workdir=/tmp/run/sr1024
+
+Sizes: `tiny` (unit tests, < 1M parameters, 16-64 px), `shapes` (the CPU demo on the Shapes
+dataset, base at 32 px), `paper` (the published architecture: 2.0B / 600M / 400M).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+STAGES = ('base64', 'sr256', 'sr1024', 'cascade')
+MODEL_STAGES = ('base64', 'sr256', 'sr1024')
+
+# image size of each stage's output (and its low-res input) per size preset
+_RES = {
+    'tiny': {'base64': (16, None), 'sr256': (32, 16), 'sr1024': (64, 32)},
+    'shapes': {'base64': (32, None), 'sr256': (64, 32), 'sr1024': (128, 64)},
+    'paper': {'base64': (64, None), 'sr256': (256, 64), 'sr1024': (1024, 256)},
+}
+# frozen T5: preset, d_model, tokens kept
+_T5 = {'tiny': ('tiny', 32, 16), 'shapes': ('small', 64, 32), 'paper': ('xxl', 4096, 128)}
+
+
+def _model(stage: str, size: str) -> ml_collections.ConfigDict:
+  res, low = _RES[size][stage]
+  _, text_dim, text_len = _T5[size]
+  m = ml_collections.ConfigDict()
+  m.image_size = res
+  m.in_channels = 3
+  m.out_channels = 3
+  m.learned_variance = False
+  m.text_source = 'tokens'
+  m.text_len = text_len
+  m.text_dim = text_dim
+  m.text_pool = 'attention'  # attention-pooled T5 tokens added to the time embedding
+  m.dropout = 0.0
+  m.dtype = 'float32' if size != 'paper' else 'bfloat16'
+  m.param_dtype = 'float32'
+  m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
+  m.scan_layers = True
+  if stage == 'base64':
+    m.name = 'unet'
+    m.text_attention = 'concat_kv'
+    m.use_scale_shift_norm = True
+    m.resblock_updown = True
+    if size == 'tiny':
+      m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(8,), num_heads=2, head_channels=-1, context_dim=32)
+    elif size == 'shapes':
+      m.update(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=2,
+               attention_resolutions=(16, 8), num_heads=4, head_channels=-1, context_dim=64)
+    else:
+      # ADM-style base (App. F): 512 channels, mults 1-2-3-4, 3 res blocks, attention at
+      # 32/16/8 with 64 channels per head; T5 tokens join every attention layer's keys/values.
+      m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+               attention_resolutions=(32, 16, 8), num_heads=8, head_channels=64,
+               context_dim=512)
+  else:
+    m.name = 'efficient_unet'
+    m.low_res_size = low
+    m.aug_cond = True  # noise-conditioning augmentation level
+    self_attn = stage == 'sr256'  # no self-attention at 1024 px
+    if size == 'tiny':
+      m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=(1, 2),
+               self_attention=(False, self_attn), cross_attention=(False, True), num_heads=2,
+               head_channels=-1, context_dim=32, ff_mult=2)
+    elif size == 'shapes':
+      m.update(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=(1, 2, 4),
+               self_attention=(False, False, self_attn), cross_attention=(False, False, True),
+               num_heads=4, head_channels=-1, context_dim=64, ff_mult=2)
+    elif stage == 'sr256':
+      # Efficient U-Net 64->256 (App. B.1, imagen-pytorch SRUnet256): 128 channels, mults
+      # 1-2-4-8, (2, 4, 8, 8) res blocks, self- and cross-attention at the lowest level.
+      m.update(model_channels=128, channel_mult=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 8),
+               self_attention=(False, False, False, True),
+               cross_attention=(False, False, False, True), num_heads=8, head_channels=-1,
+               context_dim=1024, ff_mult=2)
+    else:
+      # 256->1024: the same layout without self-attention; the lowest level is 768 wide so
+      # that the count matches the published 400M (1024 wide gives 565M).
+      m.update(model_channels=128, channel_mult=(1, 2, 4, 6), num_res_blocks=(2, 4, 8, 8),
+               self_attention=(False, False, False, False),
+               cross_attention=(False, False, False, True), num_heads=8, head_channels=-1,
+               context_dim=1024, ff_mult=2)
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, stage='base64', size='tiny')
+  common.check_choice('stage', a.stage, STAGES)
+  common.check_choice('size', a.size, common.SIZES)
+  if a.stage == 'cascade':
+    raise ValueError('configs/imagen.py:stage=cascade (the sampling cascade) is added by the '
+                     'pipelines work; train the stages base64, sr256, sr1024')
+  stage, size = a.stage, a.size
+  paper = size == 'paper'
+  c = common.base_config()
+  c.family = 'imagen'
+  c.stage = stage
+  c.size = size
+  c.model = _model(stage, size)
+  res, low = _RES[size][stage]
+
+  c.input = ml_collections.ConfigDict()
+  c.input.batch_size = {'tiny': 8, 'shapes': 32, 'paper': 2048}[size]
+  c.input.image_size = res
+  c.input.low_res_size = low
+  c.input.dataset = 'shapes'
+  c.input.text_max_len = c.model.text_len
+
+  preset, width, _ = _T5[size]
+  c.text_encoder = ml_collections.ConfigDict()
+  c.text_encoder.name = 't5'
+  c.text_encoder.preset = preset
+  c.text_encoder.width = width
+  c.text_encoder.path = None  # None: random init (tests, demo); else a transformers-layout dir
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = 'cosine'  # continuous-time cosine log-SNR
+  c.diffusion.shift = 1.0
+  c.diffusion.num_timesteps = 0    # continuous time
+  c.diffusion.parameterization = 'eps'
+  c.diffusion.learned_variance = False
+  c.diffusion.vlb_weight = 0.0
+  c.diffusion.loss_weighting = 'none'
+  c.diffusion.cond_drop_text = 0.1
+  c.diffusion.cond_drop_image = 0.0
+  c.diffusion.noise_aug = stage != 'base64'
+  c.diffusion.low_res_corruption = 'none'
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.name = 'ddpm'
+  c.sampler.num_steps = {'tiny': 16, 'shapes': 64, 'paper': 256}[size]
+  c.sampler.eta = 1.0
+  c.sampler.guidance_scale = {'base64': 5.0, 'sr256': 5.0, 'sr1024': 5.0}[stage]
+  c.sampler.threshold = 'dynamic'
+  c.sampler.percentile = 99.5
+  c.sampler.aug_level = 0.0 if stage == 'base64' else 0.2
+
+  c.optimizer = ml_collections.ConfigDict()
+  # Adafactor for the base model, Adam for the super-resolution models (paper, Sec. 4.1).
+  c.optimizer.name = 'adafactor' if (paper and stage == 'base64') else 'adamw'
+  c.optimizer.lr = 1e-4 if paper else 1e-3
+  c.optimizer.warmup_steps = 10_000 if paper else 100
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.ema_decay = 0.9999 if paper else 0.995
+  c.optimizer.ema_start_step = 0
+
+  c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 4000)
+  c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
+  return c

@@ -1,0 +1,194 @@
+"""unCLIP / DALL-E 2 (Ramesh et al. 2022): frozen CLIP, diffusion prior, GLIDE-like decoder and
+two upsamplers.
+
+Run a stage:
+  python -m diffusion_jax.train --config=configs/unclip.py:stage=prior,size=tiny --workdir=/tmp/run/prior
+  python -m diffusion_jax.train --config=configs/unclip.py:stage=decoder64,size=tiny --workdir=/tmp/run/decoder64
+  python -m diffusion_jax.train --config=configs/unclip.py:stage=up256,size=tiny --workdir=/tmp/run/up256
+  python -m diffusion_jax.train --config=configs/unclip.py:stage=up1024,size=tiny --workdir=/tmp/run/up1024
+
+Sizes: `tiny` (unit tests, < 1M parameters, 16-64 px), `shapes` (the CPU demo, decoder at 32
+px), `paper` (published: prior 1B, decoder 3.5B, upsamplers 700M and 300M; hyperparameters of
+the paper's Table 3, Appendix C).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+STAGES = ('prior', 'decoder64', 'up256', 'up1024', 'cascade')
+MODEL_STAGES = ('prior', 'decoder64', 'up256', 'up1024')
+
+_RES = {
+    'tiny': {'decoder64': (16, None), 'up256': (32, 16), 'up1024': (64, 32)},
+    'shapes': {'decoder64': (32, None), 'up256': (64, 32), 'up1024': (128, 64)},
+    'paper': {'decoder64': (64, None), 'up256': (256, 64), 'up1024': (1024, 256)},
+}
+# frozen CLIP: preset, text width, embedding dim, context
+_CLIP = {'tiny': ('tiny', 32, 32, 16), 'shapes': ('small', 64, 64, 32),
+         'paper': ('vit_h14', 1024, 1024, 77)}
+# decoder's own (GLIDE) text transformer: vocab, context, width, layers, heads
+_XF = {'tiny': (512, 16, 32, 2, 2), 'shapes': (512, 32, 64, 4, 4),
+       'paper': (50257, 256, 2048, 24, 32)}
+
+
+def _common_numerics(m, size):
+  m.dtype = 'float32' if size != 'paper' else 'bfloat16'
+  m.param_dtype = 'float32'
+  m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
+  m.scan_layers = True
+
+
+def _model(stage: str, size: str) -> ml_collections.ConfigDict:
+  _, clip_width, clip_dim, clip_len = _CLIP[size]
+  m = ml_collections.ConfigDict()
+  if stage == 'prior':
+    m.name = 'prior'
+    m.embed_dim = clip_dim
+    m.text_len = clip_len
+    m.text_dim = clip_width
+    m.text_embed_dim = clip_dim
+    if size == 'tiny':
+      m.update(width=32, num_layers=2, num_heads=2)
+    elif size == 'shapes':
+      m.update(width=128, num_layers=6, num_heads=4)
+    else:
+      # Table 3 gives 1B parameters; width 2048 with 20 layers and 32 heads (Karlo's
+      # open 1B reproduction) reaches it.
+      m.update(width=2048, num_layers=20, num_heads=32)
+    m.mlp_ratio = 4
+    m.dropout = 0.0
+    _common_numerics(m, size)
+    return m
+
+  res, low = _RES[size][stage]
+  m.name = 'unet'
+  m.image_size = res
+  m.in_channels = 3
+  m.out_channels = 3
+  m.use_scale_shift_norm = True
+  m.resblock_updown = True
+  _common_numerics(m, size)
+  if stage == 'decoder64':
+    vocab, ctx, width, depth, heads = _XF[size]
+    m.learned_variance = True
+    m.text_source = 'transformer'
+    m.text_len = ctx
+    m.vocab_size = vocab
+    m.xf_width = width
+    m.xf_layers = depth
+    m.xf_heads = heads
+    m.text_attention = 'concat_kv'
+    m.image_embed_dim = clip_dim  # added to the time embedding and 4 extra context tokens
+    m.image_embed_tokens = 4
+    if size == 'tiny':
+      m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(8,), num_heads=2, head_channels=-1, dropout=0.0)
+    elif size == 'shapes':
+      m.update(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=2,
+               attention_resolutions=(16, 8), num_heads=4, head_channels=-1, dropout=0.0)
+    else:  # Table 3: 512 channels, depth 3, mults 1-2-3-4, 64-channel heads at 32/16/8
+      m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+               attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
+    return m
+
+  # Upsamplers: convolutions only (no attention, no text), conditioned on the low-res image.
+  m.learned_variance = False
+  m.low_res_size = low
+  m.attention_resolutions = ()
+  m.mid_attention = False
+  m.num_heads = 1
+  m.head_channels = -1
+  if size == 'tiny':
+    m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0)
+  elif size == 'shapes':
+    m.update(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, dropout=0.0)
+  elif stage == 'up256':  # Table 3: 320 channels, depth 3, mults 1-2-3-4, dropout 0.1
+    m.update(model_channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3, dropout=0.1)
+  else:  # Table 3: 192 channels, depth 2, mults 1-1-2-2-4-4
+    m.update(model_channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+             dropout=0.0)
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, stage='prior', size='tiny')
+  common.check_choice('stage', a.stage, STAGES)
+  common.check_choice('size', a.size, common.SIZES)
+  if a.stage == 'cascade':
+    raise ValueError('configs/unclip.py:stage=cascade (the sampling cascade) is added by the '
+                     'pipelines work; available now: ' + ', '.join(MODEL_STAGES))
+  stage, size = a.stage, a.size
+  paper = size == 'paper'
+  c = common.base_config()
+  c.family = 'unclip'
+  c.stage = stage
+  c.size = size
+  c.model = _model(stage, size)
+  preset, clip_width, clip_dim, clip_len = _CLIP[size]
+
+  c.input = ml_collections.ConfigDict()
+  if stage == 'prior':
+    c.input.image_size = {'tiny': 16, 'shapes': 32, 'paper': 224}[size]  # CLIP image input
+    c.input.low_res_size = None
+  else:
+    c.input.image_size, c.input.low_res_size = _RES[size][stage]
+  c.input.batch_size = {'tiny': 8, 'shapes': 32}.get(
+      size, {'prior': 4096, 'decoder64': 2048, 'up256': 1024, 'up1024': 512}[stage])
+  c.input.dataset = 'shapes'
+  c.input.text_max_len = c.model.get('text_len', clip_len)
+
+  c.text_encoder = ml_collections.ConfigDict()
+  c.text_encoder.name = 'clip' if stage in ('prior', 'decoder64') else None
+  c.text_encoder.preset = preset if stage in ('prior', 'decoder64') else None
+  c.text_encoder.width = clip_width
+  c.text_encoder.embed_dim = clip_dim
+  c.text_encoder.text_len = clip_len
+  c.text_encoder.path = None  # None: random init (tests, demo); else a transformers-layout dir
+  if stage == 'decoder64':  # the decoder also owns a GLIDE text transformer over BPE ids
+    c.text_encoder.tokenizer = 'gpt2' if paper else 'bytes'
+    c.text_encoder.vocab_size = c.model.vocab_size
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = 'linear' if stage == 'up1024' else 'squaredcos_cap_v2'
+  c.diffusion.shift = 1.0
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.parameterization = 'x0' if stage == 'prior' else 'eps'
+  c.diffusion.learned_variance = stage == 'decoder64'
+  c.diffusion.vlb_weight = 0.001 if stage == 'decoder64' else 0.0
+  c.diffusion.loss_weighting = 'none'
+  c.diffusion.cond_drop_text = {'prior': 0.1, 'decoder64': 0.5}.get(stage, 0.0)
+  c.diffusion.cond_drop_image = 0.1 if stage == 'decoder64' else 0.0
+  c.diffusion.noise_aug = False
+  # the upsamplers are trained on corrupted low-res inputs (Sec. 2.1)
+  c.diffusion.low_res_corruption = {'up256': 'blur', 'up1024': 'bsr'}.get(stage, 'none')
+
+  c.sampler = ml_collections.ConfigDict()
+  # Table 3: prior 64 steps, decoder 250, upsamplers 27 and 15 (DDIM for the upsamplers).
+  c.sampler.name = 'ddim' if stage in ('up256', 'up1024') else 'ddpm'
+  c.sampler.num_steps = (16 if size == 'tiny' else
+                         {'prior': 64, 'decoder64': 250, 'up256': 27, 'up1024': 15}[stage])
+  c.sampler.eta = 0.0 if stage in ('up256', 'up1024') else 1.0
+  c.sampler.guidance_scale = {'prior': 4.0, 'decoder64': 3.0}.get(stage, 1.0)
+  c.sampler.threshold = 'none' if stage == 'prior' else 'static'
+  c.sampler.percentile = 99.5
+  c.sampler.aug_level = 0.0
+  c.sampler.best_of = 2 if stage == 'prior' else 1  # prior: keep the larger dot product
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'
+  c.optimizer.lr = ({'prior': 1.1e-4, 'decoder64': 1.2e-4, 'up256': 1.2e-4, 'up1024': 1e-4}[stage]
+                    if paper else 1e-3)
+  c.optimizer.warmup_steps = 10_000 if paper else 100
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.96 if stage == 'prior' else 0.999
+  c.optimizer.weight_decay = 6.0e-2 if stage == 'prior' else 0.0
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.ema_decay = 0.9999 if paper else 0.995
+  c.optimizer.ema_start_step = 0
+
+  c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,
+                    'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 4000))
+  c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
+  return c

@@ -1,0 +1,441 @@
+"""Building blocks shared by the denoising networks.
+
+Every parameter is created through `nn.with_logical_partitioning` with the logical axis names
+of `configs/common.py` (`embed`, `mlp`, `heads`, `kv`, `conv_in`, `conv_out`, `vocab`, `norm`),
+and the main activations are constrained with `act_*` names, so that the config's rules alone
+decide how a network is laid out on the ('data', 'fsdp', 'tensor') mesh. Outside a mesh and
+rules context the constraints are no-ops.
+
+Attention goes through `jax.nn.dot_product_attention` with boolean masks, in the layout
+[batch, length, heads, head_dim].
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+IMAGE_AXES = ('act_batch', 'act_height', 'act_width', 'act_channels')
+SEQ_AXES = ('act_batch', 'act_len', 'act_embed')
+HEAD_AXES = ('act_batch', 'act_len', 'act_heads', None)
+MLP_AXES = ('act_batch', 'act_len', 'act_mlp')
+
+_default_kernel_init = nn.initializers.lecun_normal()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+def boxed(init: Callable, names) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+# ----------------------------------------------------------------------------------------
+# remat policies
+
+def remat_policy(name: str):
+  """Maps a config name to a `jax.checkpoint` policy; 'full' saves nothing (recompute all)."""
+  if name == 'full':
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f'unknown remat policy {name!r}: use none, full or a jax.checkpoint_policies name')
+  return policy
+
+
+def maybe_remat(module_cls, name: str | None, *, prevent_cse: bool = True):
+  """Wraps a module class in `nn.remat` unless the policy name is 'none'."""
+  if name in (None, '', 'none'):
+    return module_cls
+  return nn.remat(module_cls, policy=remat_policy(name), prevent_cse=prevent_cse)
+
+
+# ----------------------------------------------------------------------------------------
+# parameterised primitives with logical names
+
+def dense(features: int, axes=('embed', 'mlp'), *, zero_init: bool = False, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None):
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=boxed(zeros if zero_init else _default_kernel_init, axes),
+      bias_init=boxed(zeros, (axes[-1],)), name=name)
+
+
+def dense_general(features, axes, *, axis=-1, zero_init: bool = False, dtype: Dtype = jnp.float32,
+                  param_dtype: Dtype = jnp.float32, name: str | None = None):
+  """DenseGeneral whose kernel carries `axes` (inputs then outputs)."""
+  n_in = len(axis) if isinstance(axis, tuple) else 1
+  return nn.DenseGeneral(
+      features, axis=axis, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=boxed(zeros if zero_init else _default_kernel_init, axes),
+      bias_init=boxed(zeros, tuple(axes[n_in:])), name=name)
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None):
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding='SAME', dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=boxed(zeros if zero_init else _default_kernel_init,
+                        (None, None, 'conv_in', 'conv_out')),
+      bias_init=boxed(zeros, ('conv_out',)), name=name)
+
+
+def group_norm(channels: int, groups: int = 32, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, name: str | None = None):
+  # gcd keeps tiny widths legal (e.g. 24 channels with 32 groups -> 8 groups).
+  return nn.GroupNorm(
+      num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+      scale_init=boxed(ones, ('norm',)), bias_init=boxed(zeros, ('norm',)), name=name)
+
+
+def layer_norm(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: str | None = None):
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=boxed(ones, ('norm',)), bias_init=boxed(zeros, ('norm',)),
+                      name=name)
+
+
+def learned(module: nn.Module, name: str, shape, axes, init=None, param_dtype=jnp.float32):
+  """A free parameter (null embeddings, queries, positions) with logical names."""
+  init = nn.initializers.normal(0.02) if init is None else init
+  return module.param(name, boxed(init, axes), tuple(shape), param_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# time / noise-level embedding
+
+def sinusoidal_embedding(x_B: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """ADM's sinusoidal embedding ([cos, sin]) of a float vector, e.g. `1000 * t`."""
+  half = dim // 2
+  freqs_F = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BF = x_B.astype(jnp.float32)[:, None] * freqs_F[None, :]
+  emb_BD = jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+  if dim % 2:
+    emb_BD = jnp.pad(emb_BD, ((0, 0), (0, 1)))
+  return emb_BD
+
+
+class TimeEmbedding(nn.Module):
+  """sin(1000 t) -> Dense -> SiLU -> Dense, as in ADM."""
+  features: int
+  sin_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t_B):
+    h = sinusoidal_embedding(1000.0 * t_B, self.sin_dim).astype(self.dtype)
+    h = dense(self.features, ('kv', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype)(h)
+    h = nn.silu(h)
+    return dense(self.features, ('embed', 'mlp'), dtype=self.dtype,
+                 param_dtype=self.param_dtype)(h)
+
+
+# ----------------------------------------------------------------------------------------
+# convolutional blocks
+
+def _resample(x_BHWC, up: bool, down: bool):
+  B, H, W, C = x_BHWC.shape
+  if up:
+    return jax.image.resize(x_BHWC, (B, 2 * H, 2 * W, C), 'nearest')
+  if down:
+    return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
+  return x_BHWC
+
+
+class Downsample(nn.Module):
+  """Halves the resolution: strided 3x3 conv (ADM) or average pooling."""
+  out_channels: int
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    if self.use_conv:
+      return conv(self.out_channels, 3, 2, dtype=self.dtype, param_dtype=self.param_dtype)(x_BHWC)
+    assert x_BHWC.shape[-1] == self.out_channels, 'pool downsampling cannot change channels'
+    return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Doubles the resolution: nearest neighbour, then a 3x3 conv."""
+  out_channels: int
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    x_BHWC = _resample(x_BHWC, up=True, down=False)
+    if self.use_conv:
+      x_BHWC = conv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype)(x_BHWC)
+    return x_BHWC
+
+
+class ResBlock(nn.Module):
+  """ADM residual block: GN-SiLU-conv, embedding as scale-shift (AdaGN), GN-SiLU-drop-conv.
+
+  `up`/`down` make it a BigGAN resampling block (resample inside the block, on both paths).
+  The last conv starts at zero, so a fresh block is the identity on its skip path.
+  """
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = True
+  up: bool = False
+  down: bool = False
+  norm_groups: int = 32
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC, emb_BE):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    C_in, C = x_BHWC.shape[-1], self.out_channels
+    h = nn.silu(group_norm(C_in, self.norm_groups, **kw)(x_BHWC))
+    h = _resample(h, self.up, self.down)
+    x_BHWC = _resample(x_BHWC, self.up, self.down)
+    h = conv(C, 3, **kw)(h)
+    emb = dense(2 * C if self.use_scale_shift_norm else C, ('embed', 'conv_out'), **kw)(
+        nn.silu(emb_BE))
+    emb_B11X = emb.reshape(emb.shape[0], 1, 1, emb.shape[-1])
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_B11X, 2, axis=-1)
+      h = group_norm(C, self.norm_groups, **kw)(h) * (1 + scale) + shift
+    else:
+      h = group_norm(C, self.norm_groups, **kw)(h + emb_B11X)
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
+    h = conv(C, 3, zero_init=True, **kw)(h)
+    skip = x_BHWC if C_in == C else conv(C, 1, **kw)(x_BHWC)
+    return constrain(skip + h, IMAGE_AXES)
+
+
+# ----------------------------------------------------------------------------------------
+# attention
+
+def _num_heads(channels: int, num_heads: int, head_channels: int) -> int:
+  if head_channels and head_channels > 0:
+    if channels % head_channels:
+      raise ValueError(f'{channels} channels are not a multiple of head_channels={head_channels}')
+    return channels // head_channels
+  if channels % num_heads:
+    raise ValueError(f'{channels} channels are not a multiple of num_heads={num_heads}')
+  return num_heads
+
+
+def attention(q_BTNH, k_BSNH, v_BSNH, mask=None):
+  """`jax.nn.dot_product_attention`; `mask` is boolean, broadcastable to [B, N, T, S]."""
+  dtype = q_BTNH.dtype
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH.astype(dtype), v_BSNH.astype(dtype),
+                                      mask=mask)
+
+
+def key_mask(valid_BS):
+  """[B, S] boolean -> [B, 1, 1, S] attention mask."""
+  return valid_BS[:, None, None, :]
+
+
+class ImageAttention(nn.Module):
+  """Self-attention over the pixels of a feature map (ADM AttentionBlock).
+
+  With `context` (GLIDE), each layer projects the text tokens to its own keys/values and the
+  pixels attend to [text tokens; pixels]; masked padding tokens are never attended to.
+  """
+  num_heads: int = 1
+  head_channels: int = -1
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC, context_BLD=None, context_mask_BL=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    B, H, W, C = x_BHWC.shape
+    N = _num_heads(C, self.num_heads, self.head_channels)
+    h = group_norm(C, self.norm_groups, **kw)(x_BHWC).reshape(B, H * W, C)
+    proj = lambda name: dense_general((N, C // N), ('embed', 'heads', 'kv'), name=name, **kw)
+    q, k, v = (constrain(proj(n)(h), HEAD_AXES) for n in ('query', 'key', 'value'))
+    mask = None
+    if context_BLD is not None:
+      ctx = lambda name: dense_general((N, C // N), ('embed', 'heads', 'kv'), name=name, **kw)
+      k = jnp.concatenate([ctx('context_key')(context_BLD).astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([ctx('context_value')(context_BLD).astype(v.dtype), v], axis=1)
+      valid_BS = jnp.concatenate(
+          [context_mask_BL.astype(bool), jnp.ones((B, H * W), bool)], axis=1)
+      mask = key_mask(valid_BS)
+    out = attention(q, k, v, mask)
+    out = dense_general(C, ('heads', 'kv', 'embed'), axis=(-2, -1), zero_init=True, name='out',
+                        **kw)(out)
+    return constrain(x_BHWC + out.reshape(B, H, W, C).astype(x_BHWC.dtype), IMAGE_AXES)
+
+
+class CrossAttention(nn.Module):
+  """Pixels (or tokens) attend to text tokens only (Imagen).
+
+  A learned null key/value is always visible, so a fully masked (dropped) caption leaves a
+  well-defined, learned output instead of an average over padding.
+  """
+  num_heads: int = 1
+  head_channels: int = -1
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC, context_BLD, context_mask_BL):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    B, H, W, C = x_BHWC.shape
+    N = _num_heads(C, self.num_heads, self.head_channels)
+    h = group_norm(C, self.norm_groups, **kw)(x_BHWC).reshape(B, H * W, C)
+    ctx = layer_norm(**kw)(context_BLD)
+    q = constrain(dense_general((N, C // N), ('embed', 'heads', 'kv'), name='query', **kw)(h),
+                  HEAD_AXES)
+    k = dense_general((N, C // N), ('embed', 'heads', 'kv'), name='key', **kw)(ctx)
+    v = dense_general((N, C // N), ('embed', 'heads', 'kv'), name='value', **kw)(ctx)
+    null_kv = learned(self, 'null_kv', (2, N, C // N), (None, 'heads', 'kv'),
+                      param_dtype=self.param_dtype).astype(k.dtype)
+    k = jnp.concatenate([jnp.broadcast_to(null_kv[0][None, None], (B, 1, N, C // N)), k], 1)
+    v = jnp.concatenate([jnp.broadcast_to(null_kv[1][None, None], (B, 1, N, C // N)), v], 1)
+    valid_BS = jnp.concatenate([jnp.ones((B, 1), bool), context_mask_BL.astype(bool)], axis=1)
+    out = attention(q, k, v, key_mask(valid_BS))
+    out = dense_general(C, ('heads', 'kv', 'embed'), axis=(-2, -1), zero_init=True, name='out',
+                        **kw)(out)
+    return constrain(x_BHWC + out.reshape(B, H, W, C).astype(x_BHWC.dtype), IMAGE_AXES)
+
+
+class FeedForward2d(nn.Module):
+  """Channel MLP on a feature map (the FF half of Imagen's transformer blocks)."""
+  mult: int = 2
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    C = x_BHWC.shape[-1]
+    h = group_norm(C, self.norm_groups, **kw)(x_BHWC)
+    h = nn.gelu(dense(self.mult * C, ('embed', 'mlp'), **kw)(h))
+    h = dense(C, ('mlp', 'embed'), zero_init=True, **kw)(h)
+    return constrain(x_BHWC + h.astype(x_BHWC.dtype), IMAGE_AXES)
+
+
+class AttentionPool(nn.Module):
+  """Imagen's attention pooling of text tokens into one vector.
+
+  The query is the masked mean token plus a learned offset; keys/values are
+  [learned null; tokens], so a dropped caption pools to a learned vector.
+  """
+  features: int
+  num_heads: int = 8
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens_BLD, mask_BL):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    B, L, D = tokens_BLD.shape
+    N = _num_heads(D, self.num_heads, -1)
+    x = layer_norm(**kw)(tokens_BLD)
+    m_BL1 = mask_BL.astype(x.dtype)[:, :, None]
+    mean_BD = (x * m_BL1).sum(1) / jnp.maximum(m_BL1.sum(1), 1.0)
+    query_B1D = (mean_BD + learned(self, 'query', (D,), ('embed',),
+                                   param_dtype=self.param_dtype).astype(x.dtype)[None, :])[:, None]
+    null_B1D = jnp.broadcast_to(
+        learned(self, 'null', (D,), ('embed',), param_dtype=self.param_dtype).astype(x.dtype),
+        (B, 1, D))
+    kv = jnp.concatenate([null_B1D, x], axis=1)
+    proj = lambda name: dense_general((N, D // N), ('embed', 'heads', 'kv'), name=name, **kw)
+    valid = jnp.concatenate([jnp.ones((B, 1), bool), mask_BL.astype(bool)], axis=1)
+    out = attention(proj('query_proj')(query_B1D), proj('key')(kv), proj('value')(kv),
+                    key_mask(valid))
+    out = dense_general(D, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out', **kw)(out)
+    return dense(self.features, ('embed', 'mlp'), **kw)(out[:, 0])
+
+
+# ----------------------------------------------------------------------------------------
+# transformer stacks (text transformer, prior)
+
+class TransformerBlock(nn.Module):
+  """Pre-LN transformer block; returns (x, None) so that `nn.scan` can stack it."""
+  width: int
+  num_heads: int
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLW, mask):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    N, W = self.num_heads, self.width
+    x_BLW = constrain(x_BLW, SEQ_AXES)
+    h = layer_norm(**kw)(x_BLW)
+    proj = lambda name: dense_general((N, W // N), ('embed', 'heads', 'kv'), name=name, **kw)
+    q, k, v = (constrain(proj(n)(h), HEAD_AXES) for n in ('query', 'key', 'value'))
+    h = attention(q, k, v, mask)
+    h = dense_general(W, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out', **kw)(h)
+    x_BLW = x_BLW + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    h = layer_norm(**kw)(x_BLW)
+    h = constrain(nn.gelu(dense(self.mlp_ratio * W, ('embed', 'mlp'), **kw)(h)), MLP_AXES)
+    h = dense(W, ('mlp', 'embed'), **kw)(h)
+    x_BLW = x_BLW + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    return constrain(x_BLW, SEQ_AXES), None
+
+
+class TransformerStack(nn.Module):
+  """`num_layers` TransformerBlocks, scanned (params stacked on a 'layers' axis) or unrolled.
+
+  Scanned params live under `layers` with a leading layer axis; unrolled ones under
+  `layers_0`, `layers_1`, ... (`stack_layer_params` converts).
+  """
+  num_layers: int
+  width: int
+  num_heads: int
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  deterministic: bool = True
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLW, mask):
+    block_kw = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
+    block = maybe_remat(TransformerBlock, self.remat_policy, prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
+                                                                       'dropout': True},
+                      in_axes=(nn.broadcast,), length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BLW, _ = stack(**block_kw, name='layers')(x_BLW, mask)
+    else:
+      for i in range(self.num_layers):
+        x_BLW, _ = block(**block_kw, name=f'layers_{i}')(x_BLW, mask)
+    return x_BLW
+
+
+def stack_layer_params(tree, num_layers: int):
+  """Converts unrolled `layers_i` subtrees (anywhere in a param tree) to the scanned layout."""
+  if not isinstance(tree, dict):
+    return tree
+  if 'layers_0' in tree:
+    rest = {k: v for k, v in tree.items() if not k.startswith('layers_')}
+    per_layer = [tree[f'layers_{i}'] for i in range(num_layers)]
+    rest['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return {k: stack_layer_params(v, num_layers) if k != 'layers' else v for k, v in rest.items()}
+  return {k: stack_layer_params(v, num_layers) for k, v in tree.items()}

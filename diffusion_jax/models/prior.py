@@ -1,0 +1,88 @@
+"""unCLIP's diffusion prior (Ramesh et al. 2022, Sec. 2.1).
+
+A decoder-only transformer with a causal mask over the sequence
+    [text tokens (L), CLIP text embedding, time embedding, noised image embedding, query]
+whose output at the query position is the predicted clean CLIP image embedding. Padding text
+tokens are masked out as keys; a dropped caption (classifier-free guidance) masks every text
+token and replaces the text embedding by a learned null embedding.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+from diffusion_jax.models.unet import _drop, require
+
+Dtype = Any
+
+NUM_EXTRA_TOKENS = 4  # text embedding, time, noised image embedding, query
+
+
+class Prior(nn.Module):
+  embed_dim: int = 768          # CLIP image embedding (x) width
+  text_len: int = 77
+  text_dim: int = 768           # width of cond['text_tokens']
+  text_embed_dim: int = 768     # width of cond['text_embed']
+  width: int = 2048
+  num_layers: int = 20
+  num_heads: int = 32
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = 'none'
+  scan_layers: bool = True
+
+  @nn.compact
+  def __call__(self, x_BD, t_B, cond, train: bool = False, return_sequence: bool = False):
+    """Predicted clean image embedding [B, D] (float32); the whole [B, S, W] sequence of
+    final states with `return_sequence=True` (for inspecting the causal structure)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    B, D = x_BD.shape
+    if D != self.embed_dim:
+      raise ValueError(f'Prior expects [B, {self.embed_dim}] inputs, got {x_BD.shape}')
+    W, L = self.width, self.text_len
+    tokens = require(cond, 'text_tokens', 'Prior')
+    mask = require(cond, 'text_mask', 'Prior').astype(bool)
+    text_embed = require(cond, 'text_embed', 'Prior').astype(jnp.float32)
+    drop = _drop(cond, 'drop_text', B)
+    mask = mask & ~drop[:, None]
+    null = layers.learned(self, 'null_text_embed', (self.text_embed_dim,), ('embed',),
+                          param_dtype=self.param_dtype)
+    text_embed = jnp.where(drop[:, None], null[None].astype(jnp.float32), text_embed)
+
+    tok = layers.dense(W, ('kv', 'embed'), name='text_tokens_proj', **kw)(
+        tokens.astype(self.dtype))
+    txt = layers.dense(W, ('kv', 'embed'), name='text_embed_proj', **kw)(
+        text_embed.astype(self.dtype))
+    tim = layers.TimeEmbedding(W, W, name='time_embed', **kw)(t_B)
+    img = layers.dense(W, ('kv', 'embed'), name='image_embed_proj', **kw)(
+        x_BD.astype(self.dtype))
+    query = layers.learned(self, 'query', (W,), ('embed',), param_dtype=self.param_dtype)
+    query = jnp.broadcast_to(query.astype(self.dtype)[None], (B, W))
+    extra = jnp.stack([txt, tim.astype(self.dtype), img, query], axis=1)
+    seq = jnp.concatenate([tok.astype(self.dtype), extra], axis=1)
+    S = L + NUM_EXTRA_TOKENS
+    pos = layers.learned(self, 'positional_embedding', (S, W), (None, 'embed'),
+                         param_dtype=self.param_dtype)
+    seq = layers.constrain(seq + pos[None].astype(self.dtype), layers.SEQ_AXES)
+
+    causal_SS = jnp.tril(jnp.ones((S, S), bool))
+    valid_BS = jnp.concatenate([mask, jnp.ones((B, NUM_EXTRA_TOKENS), bool)], axis=1)
+    attn_mask = causal_SS[None, None] & valid_BS[:, None, None, :]
+    # A query position whose keys are all masked (a padding/dropped first token) still sees
+    # itself, so no softmax row is empty.
+    attn_mask = attn_mask | jnp.eye(S, dtype=bool)[None, None]
+    h = layers.TransformerStack(
+        num_layers=self.num_layers, width=W, num_heads=self.num_heads,
+        mlp_ratio=self.mlp_ratio, dropout=self.dropout, deterministic=not train,
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy, name='transformer',
+        **kw)(seq, attn_mask)
+    h = layers.layer_norm(name='final_ln', **kw)(h)
+    if return_sequence:
+      return h.astype(jnp.float32)
+    out = layers.dense(self.embed_dim, ('embed', 'kv'), name='out_proj', **kw)(h[:, -1])
+    return out.astype(jnp.float32)

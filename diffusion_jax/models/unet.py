@@ -1,0 +1,273 @@
+"""ADM U-Net (Dhariwal & Nichol 2021) with the text/image conditioning of the three cascades.
+
+One module serves GLIDE's base and upsampler (jointly trained text transformer, its tokens
+concatenated to every attention layer's keys/values), the unCLIP decoder and upsamplers (CLIP
+image embedding added to the time embedding and projected into 4 extra context tokens), and
+Imagen's 64 px base model (frozen T5 tokens through cross-attention, attention-pooled text
+added to the time embedding). Which pathways exist is decided by the config alone.
+
+Called as `module.apply({'params': p}, x_BHWC, t_B, cond, train=False, rngs=...)` (see
+docs/ARCHITECTURE.md); the output is float32 with `out_channels` (twice that for a learned
+variance) channels.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+from diffusion_jax.models.text_transformer import TextTransformer
+
+Dtype = Any
+
+
+def require(cond: dict, key: str, who: str):
+  if key not in cond:
+    raise KeyError(f"{who} is configured to read cond[{key!r}], which is missing "
+                   f"(cond has {sorted(cond)})")
+  return cond[key]
+
+
+def _drop(cond: dict, key: str, batch: int):
+  """The CFG-dropout flag as a [B] bool (all False when absent)."""
+  flag = cond.get(key)
+  if flag is None:
+    return jnp.zeros((batch,), bool)
+  return jnp.asarray(flag).astype(bool).reshape(batch)
+
+
+class ConditionedUNetBase(nn.Module):
+  """Fields and the conditioning pathway shared by `UNet` and `EfficientUNet`."""
+  image_size: int = 64
+  in_channels: int = 3
+  out_channels: int = 3
+  learned_variance: bool = False
+  model_channels: int = 128
+  channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+  num_res_blocks: Any = 2
+  num_heads: int = 4
+  head_channels: int = -1
+  dropout: float = 0.0
+  norm_groups: int = 32
+  time_embed_dim: int = 0            # 0: 4 * model_channels
+  # conditioning
+  low_res_size: int = 0              # > 0: cond['low_res'] is upsampled and concatenated
+  aug_cond: bool = False             # cond['aug_t'] embedded and added to the time embedding
+  inpaint: bool = False              # cond['inpaint_image'] * mask and the mask concatenated
+  text_source: str = 'none'          # 'none' | 'tokens' (frozen encoder) | 'transformer' (owned)
+  text_len: int = 0
+  text_dim: int = 0                  # width of cond['text_tokens']
+  text_pool: str = 'none'            # 'none' | 'attention' (pool tokens) | 'embed' (cond['text_embed'])
+  text_embed_dim: int = 0            # width of cond['text_embed'] for text_pool='embed'
+  text_attention: str = 'concat_kv'  # 'concat_kv' (GLIDE) | 'cross' (Imagen)
+  context_dim: int = 0               # width of the attention context; 0: the text width
+  image_embed_dim: int = 0           # > 0: cond['image_embed'] (unCLIP decoder)
+  image_embed_tokens: int = 4
+  # GLIDE text transformer (text_source='transformer')
+  vocab_size: int = 0
+  xf_width: int = 0
+  xf_layers: int = 0
+  xf_heads: int = 0
+  # numerics and memory
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = 'none'
+  scan_layers: bool = True
+
+  @property
+  def emb_dim(self) -> int:
+    return self.time_embed_dim or 4 * self.model_channels
+
+  @property
+  def ctx_dim(self) -> int:
+    if self.context_dim:
+      return self.context_dim
+    return self.xf_width if self.text_source == 'transformer' else self.text_dim
+
+  def _kw(self):
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def prepare_input(self, x_BHWC, cond):
+    """Concatenates the upsampled low-res image and the inpainting channels to x."""
+    name = type(self).__name__
+    B, H, W, _ = x_BHWC.shape
+    parts = [x_BHWC]
+    if self.low_res_size:
+      low = require(cond, 'low_res', name)
+      parts.append(jax.image.resize(low.astype(jnp.float32), (B, H, W, low.shape[-1]),
+                                    'bilinear'))
+    if self.inpaint:
+      mask = require(cond, 'inpaint_mask', name).astype(jnp.float32)
+      parts.append(require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)
+      parts.append(mask)
+    x = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
+    return layers.constrain(x.astype(self.dtype), layers.IMAGE_AXES)
+
+  def conditioning(self, t_B, cond, batch: int, deterministic: bool):
+    """Returns (emb_BE, context_BLD or None, context_mask_BL or None)."""
+    name, kw, E = type(self).__name__, self._kw(), self.emb_dim
+    p_dtype = self.param_dtype
+    emb = layers.TimeEmbedding(E, self.model_channels, name='time_embed', **kw)(t_B)
+    if self.aug_cond:
+      aug_t = require(cond, 'aug_t', name)
+      emb = emb + layers.TimeEmbedding(E, self.model_channels, name='aug_embed', **kw)(
+          jnp.asarray(aug_t, jnp.float32).reshape(batch))
+    drop_text = _drop(cond, 'drop_text', batch)
+    ctx, ctx_mask = None, None
+
+    if self.text_source == 'tokens':
+      tokens = require(cond, 'text_tokens', name)
+      mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
+      ctx = layers.dense(self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(
+          tokens.astype(self.dtype))
+      ctx_mask = mask
+    elif self.text_source == 'transformer':
+      ids = require(cond, 'text_ids', name)
+      # A dropped caption becomes the empty caption (all padding), GLIDE's null text.
+      mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
+      xf, final = TextTransformer(
+          vocab_size=self.vocab_size, text_len=self.text_len, width=self.xf_width,
+          num_layers=self.xf_layers, num_heads=self.xf_heads, dropout=0.0,
+          deterministic=deterministic, scan_layers=self.scan_layers,
+          remat_policy=self.remat_policy, name='text_transformer', **kw)(ids, mask)
+      emb = emb + layers.dense(E, ('embed', 'mlp'), name='text_final_proj', **kw)(final)
+      ctx = xf if self.ctx_dim == self.xf_width else layers.dense(
+          self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(xf)
+      ctx_mask = mask
+    elif self.text_source != 'none':
+      raise ValueError(f'text_source={self.text_source!r}: use none, tokens or transformer')
+
+    if self.text_pool == 'attention':
+      if ctx is None:
+        raise ValueError("text_pool='attention' needs text_source='tokens' or 'transformer'")
+      heads = layers._num_heads(self.ctx_dim, self.num_heads, -1)
+      emb = emb + layers.AttentionPool(E, heads, name='text_pool', **kw)(ctx, ctx_mask)
+    elif self.text_pool == 'embed':
+      text_embed = require(cond, 'text_embed', name).astype(jnp.float32)
+      null = layers.learned(self, 'null_text_embed', (self.text_embed_dim,), ('embed',),
+                            param_dtype=p_dtype)
+      text_embed = jnp.where(drop_text[:, None], null[None].astype(jnp.float32), text_embed)
+      emb = emb + layers.dense(E, ('embed', 'mlp'), name='text_embed_proj', **kw)(
+          text_embed.astype(self.dtype))
+    elif self.text_pool != 'none':
+      raise ValueError(f'text_pool={self.text_pool!r}: use none, attention or embed')
+
+    if self.image_embed_dim:
+      image_embed = require(cond, 'image_embed', name).astype(jnp.float32)
+      drop_image = _drop(cond, 'drop_image', batch)
+      null = layers.learned(self, 'null_image_embed', (self.image_embed_dim,), ('embed',),
+                            param_dtype=p_dtype)
+      image_embed = jnp.where(drop_image[:, None], null[None].astype(jnp.float32),
+                              image_embed).astype(self.dtype)
+      emb = emb + layers.dense(E, ('embed', 'mlp'), name='image_embed_proj', **kw)(image_embed)
+      n, D = self.image_embed_tokens, self.ctx_dim
+      img_tokens = layers.dense(n * D, ('embed', 'mlp'), name='image_tokens_proj', **kw)(
+          image_embed).reshape(batch, n, D)
+      img_mask = jnp.ones((batch, n), bool)
+      if ctx is None:
+        ctx, ctx_mask = img_tokens, img_mask
+      else:
+        ctx = jnp.concatenate([ctx.astype(img_tokens.dtype), img_tokens], axis=1)
+        ctx_mask = jnp.concatenate([ctx_mask, img_mask], axis=1)
+
+    if ctx is not None:
+      ctx = layers.constrain(ctx, layers.SEQ_AXES)
+    return emb, ctx, ctx_mask
+
+  def output(self, h_BHWC):
+    kw = self._kw()
+    h = nn.silu(layers.group_norm(h_BHWC.shape[-1], self.norm_groups, name='out_norm', **kw)(
+        h_BHWC))
+    out_ch = self.out_channels * (2 if self.learned_variance else 1)
+    h = layers.conv(out_ch, 3, zero_init=True, name='out_conv', **kw)(h)
+    return h.astype(jnp.float32)
+
+  def blocks_per_level(self) -> tuple[int, ...]:
+    n = self.num_res_blocks
+    if isinstance(n, int):
+      return (n,) * len(self.channel_mult)
+    n = tuple(n)
+    if len(n) != len(self.channel_mult):
+      raise ValueError(f'num_res_blocks {n} must have one entry per channel_mult level')
+    return n
+
+
+class UNet(ConditionedUNetBase):
+  """The ADM U-Net."""
+  attention_resolutions: tuple[int, ...] = (32, 16, 8)
+  mid_attention: bool = True
+  use_scale_shift_norm: bool = True
+  resblock_updown: bool = True
+  ff_mult: int = 0                   # > 0: channel MLP after each attention ('cross' mode)
+
+  @nn.compact
+  def __call__(self, x_BHWC, t_B, cond, train: bool = False):
+    kw = self._kw()
+    B, H, W, C = x_BHWC.shape
+    if H != self.image_size or W != self.image_size or C != self.in_channels:
+      raise ValueError(f'UNet expects [B, {self.image_size}, {self.image_size}, '
+                       f'{self.in_channels}] inputs, got {x_BHWC.shape}')
+    det = not train
+    emb, ctx, ctx_mask = self.conditioning(t_B, cond, B, det)
+    res_block = layers.maybe_remat(layers.ResBlock, self.remat_policy)
+    attn_block = layers.maybe_remat(layers.ImageAttention, self.remat_policy)
+    cross_block = layers.maybe_remat(layers.CrossAttention, self.remat_policy)
+    rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                 norm_groups=self.norm_groups, deterministic=det, **kw)
+    at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
+                 norm_groups=self.norm_groups, **kw)
+
+    def attend(h, tag):
+      if self.text_attention == 'cross' or ctx is None:
+        h = attn_block(**at_kw, name=f'{tag}_attn')(h)
+        if ctx is not None:
+          h = cross_block(**at_kw, name=f'{tag}_cross')(h, ctx, ctx_mask)
+      else:
+        h = attn_block(**at_kw, name=f'{tag}_attn')(h, ctx, ctx_mask)
+      if self.ff_mult:
+        h = layers.FeedForward2d(self.ff_mult, self.norm_groups, name=f'{tag}_ff', **kw)(h)
+      return h
+
+    h = layers.conv(self.model_channels, 3, name='in_conv', **kw)(self.prepare_input(x_BHWC,
+                                                                                    cond))
+    hs, res = [h], self.image_size
+    nblocks = self.blocks_per_level()
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(nblocks[level]):
+        h = res_block(mult * self.model_channels, **rb_kw, name=f'down{level}_res{i}')(h, emb)
+        if res in self.attention_resolutions:
+          h = attend(h, f'down{level}_{i}')
+        hs.append(h)
+      if level != len(self.channel_mult) - 1:
+        ch = mult * self.model_channels
+        if self.resblock_updown:
+          h = res_block(ch, **rb_kw, down=True, name=f'down{level}_downsample')(h, emb)
+        else:
+          h = layers.Downsample(ch, name=f'down{level}_downsample', **kw)(h)
+        hs.append(h)
+        res //= 2
+
+    ch = self.channel_mult[-1] * self.model_channels
+    h = res_block(ch, **rb_kw, name='mid_res0')(h, emb)
+    if self.mid_attention:
+      h = attend(h, 'mid')
+    h = res_block(ch, **rb_kw, name='mid_res1')(h, emb)
+
+    for level in reversed(range(len(self.channel_mult))):
+      ch = self.channel_mult[level] * self.model_channels
+      for i in range(nblocks[level] + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = res_block(ch, **rb_kw, name=f'up{level}_res{i}')(h, emb)
+        if res in self.attention_resolutions:
+          h = attend(h, f'up{level}_{i}')
+      if level:
+        if self.resblock_updown:
+          h = res_block(ch, **rb_kw, up=True, name=f'up{level}_upsample')(h, emb)
+        else:
+          h = layers.Upsample(ch, name=f'up{level}_upsample', **kw)(h)
+        res *= 2
+    assert not hs, 'skip connections left over'
+    return self.output(h)
