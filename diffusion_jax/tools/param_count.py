@@ -1,0 +1,102 @@
+"""Parameter counts of the denoising networks, from shapes only (`jax.eval_shape`, no memory).
+
+  python -m diffusion_jax.tools.param_count --paper
+      one JSON object per paper-size stage: {"family", "stage", "params", "published", "source"}
+  python -m diffusion_jax.tools.param_count --config=configs/imagen.py:stage=base64,size=shapes
+      the count of one config, with a per-top-level-module breakdown
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+
+import jax
+
+# (family, stage, published parameter count, what the architecture follows)
+PAPER_STAGES = (
+    ('imagen', 'base64', 2.0e9,
+     'Imagen (arXiv 2205.11487) Sec. 2.4/App. F: 2B base U-Net, 512 ch, mults 1-2-3-4, 3 res '
+     'blocks, attention 32/16/8; T5 tokens as extra attention keys/values (NeMo Imagen 2.1B)'),
+    ('imagen', 'sr256', 600e6,
+     'Imagen App. B.1 Efficient U-Net 64->256 (600M); imagen-pytorch SRUnet256: 128 ch, mults '
+     '1-2-4-8, res blocks 2-4-8-8, self+cross attention at the lowest level'),
+    ('imagen', 'sr1024', 400e6,
+     'Imagen App. B.1 Efficient U-Net 256->1024 (400M): as sr256 without self-attention, '
+     'cross-attention at the lowest level; lowest level 768 ch to reach 400M'),
+    ('glide', 'base64', 3.5e9,
+     'GLIDE (arXiv 2112.10741) Sec. 4: ADM 64px 512 ch, 3 res blocks, attention 32/16/8, '
+     '64-ch heads (2.3B) + text transformer 24 x 2048 (1.2B)'),
+    ('glide', 'up256', 1.5e9,
+     'GLIDE Sec. 4: 1.5B upsampler with a 1024-wide text transformer; ADM 256px layout '
+     '(mults 1-1-2-2-4-4, attention 32/16/8), 320 ch, 3 res blocks'),
+    ('unclip', 'prior', 1.0e9,
+     'unCLIP (arXiv 2204.06125) Table 3: 1B diffusion prior; causal transformer width 2048, '
+     '20 layers, 32 heads as in Karlo (kakaobrain) 1B prior'),
+    ('unclip', 'decoder64', 3.5e9,
+     'unCLIP Table 3: decoder 3.5B, 512 ch, depth 3, mults 1-2-3-4, 64-ch heads at 32/16/8, '
+     'text encoder 24 x 2048, context 256; CLIP embedding -> time emb + 4 context tokens'),
+    ('unclip', 'up256', 700e6,
+     'unCLIP Table 3: 64->256 upsampler 700M, 320 ch, depth 3, mults 1-2-3-4, no attention'),
+    ('unclip', 'up1024', 300e6,
+     'unCLIP Table 3: 256->1024 upsampler 300M, 192 ch, depth 2, mults 1-1-2-2-4-4, no '
+     'attention'),
+)
+
+
+def _family_config(family: str, arg: str):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  return importlib.import_module(f'configs.{family}').get_config(arg)
+
+
+def abstract_params(model_cfg):
+  """The parameter tree of `model_cfg` as ShapeDtypeStructs (nothing is allocated)."""
+  from diffusion_jax import models
+  module = models.build(model_cfg)
+  x, t, cond = models.example_inputs(model_cfg, 1)
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, cond))
+  from flax.linen import meta
+  return meta.unbox(variables)['params']
+
+
+def count_params(model_cfg) -> int:
+  return int(sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params(model_cfg))))
+
+
+def paper_table():
+  rows = []
+  for family, stage, published, source in PAPER_STAGES:
+    cfg = _family_config(family, f'stage={stage},size=paper')
+    rows.append({'family': family, 'stage': stage, 'params': count_params(cfg.model),
+                 'published': int(published), 'source': source})
+  return rows
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--paper', action='store_true', help='count every paper-size stage')
+  p.add_argument('--config', help='FILE:ARG, e.g. configs/imagen.py:stage=base64,size=tiny')
+  args = p.parse_args(argv)
+  if args.paper:
+    for row in paper_table():
+      print(json.dumps(row), flush=True)
+  if args.config:
+    path, _, arg = args.config.partition(':')
+    family = os.path.splitext(os.path.basename(path))[0]
+    cfg = _family_config(family, arg)
+    params = abstract_params(cfg.model)
+    top = {k: int(sum(math.prod(x.shape) for x in jax.tree.leaves(v)))
+           for k, v in params.items()}
+    print(json.dumps({'family': cfg.family, 'stage': cfg.stage, 'size': cfg.size,
+                      'params': sum(top.values()), 'modules': top}))
+  if not (args.paper or args.config):
+    p.error('give --paper or --config')
+
+
+if __name__ == '__main__':
+  main()
