@@ -185,8 +185,12 @@ def mismatched_caption(caption: str, kind: str, rng: np.random.Generator) -> str
   scene = parse(caption)
   groups = list(scene.groups)
   if kind == 'color':
-    if len(groups) == 2 and groups[0].color != groups[1].color:
-      a, b = groups
+    a = groups[0]
+    b = groups[-1]
+    # Swapping keeps the palette of the scene and tests binding; it changes nothing for
+    # two groups of the same shape unless a relation orders them.
+    if len(groups) == 2 and a.color != b.color and (
+        a.shape != b.shape or scene.relation is not None):
       groups = [dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)]
     else:
       i = int(rng.integers(len(groups)))
@@ -212,7 +216,8 @@ def mismatched_caption(caption: str, kind: str, rng: np.random.Generator) -> str
   else:
     raise ValueError(f'unknown mismatch kind {kind!r}')
   new = Scene(tuple(groups), scene.relation)
-  if collections.Counter(new.objects) == collections.Counter(scene.objects):
+  if new.relation is None and (
+      collections.Counter(new.objects) == collections.Counter(scene.objects)):
     return None
   return caption_of(new)
 
