@@ -1,0 +1,485 @@
+"""grain input pipeline: deterministic, sharded, resumable batches of captioned images.
+
+`make_train_iterator(input_cfg, tokenizer=..., seed=...)` returns a `TrainIterator` whose
+`next()` yields this process's share of the global batch as numpy:
+
+  image      float32 [B, H, W, 3] in [-1, 1]
+  low_res    float32 [B, h, w, 3] in [-1, 1]   (only when input.low_res_size is set)
+  text_ids   int32   [B, L]
+  text_mask  bool    [B, L]
+
+Captions never go to devices; `iterator.last_captions` holds the last batch's captions for
+logging. Turn a batch into global jax.Arrays with `diffusion_jax.parallel.shard_batch`.
+
+Order. Indices 0..N-1 of the source are shuffled with `seed` (grain's index shuffle; every
+epoch gets a new permutation), repeated for `num_epochs` (forever by default) and numbered
+by their global stream position `pos`. Process p of P takes positions p, p+P, p+2P, ...; so
+the processes' examples are disjoint and together cover every epoch, and with equal local
+batches the global batch k holds stream positions [k*B, (k+1)*B) whatever P is. Every random
+choice for an example (crop, caption, degradation) is seeded by (seed, pos), so a batch is
+a pure function of (seed, position) and does not depend on threads or timing.
+
+Fault tolerance. An example whose image does not decode, is empty, or has no caption is
+skipped and counted (`iterator.skipped`, by reason in `iterator.skip_reasons`); the batch
+is filled from the next examples. A source with no examples, or one where a whole epoch's
+worth of consecutive examples fails, raises `DatasetEmptyError` naming the source.
+
+Checkpointing. `iterator.get_state()` / `set_state()` is a small JSON-able dict (grain's
+position plus the counters). For orbax, save it as the item `data` next to the train state:
+
+  mngr.save(step, args=ocp.args.Composite(state=..., data=pipeline.save_args(it)))
+  mngr.restore(step, args=ocp.args.Composite(state=..., data=pipeline.restore_args(it)))
+
+(grain's checkpoint handler: one JSON file per process, `process_<i>-of-<n>.json`). After
+a restore, the next batch is exactly the one an uninterrupted run would have produced.
+
+Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
+  dataset              'shapes' | 'coco_captions' | 'folder'
+  data_dir             TFDS data dir [None: $TFDS_DATA_DIR]
+  split                ['train']
+  folder_name          config name of a prepared folder ['default']
+  batch_size           global batch size; divided evenly among processes
+  image_size           output side H = W
+  low_res_size         side of the SR conditioning input [None: no low_res]
+  low_res_degradation  'none' | 'blur' (unCLIP 64->256) | 'bsr' (unCLIP 256->1024) ['none']
+  text_max_len         L: token ids are padded / truncated to this length [64]
+  shuffle              [True]
+  num_epochs           [None: repeat forever]
+  random_crop          random instead of center crop after resizing the short side [False]
+  caption_choice       'random' | 'first' among an example's captions ['random']
+  shapes_num_examples  epoch length of the procedural Shapes set [100_000]
+  shapes_seed          content seed of the Shapes set (not the order seed) [0]
+  shapes_prepared      read Shapes from a prepared TFDS set instead of rendering [False]
+  num_threads          grain reader threads [4]
+  prefetch_buffer_size grain prefetch buffer, in examples [256]
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import logging
+from typing import Any, Callable, Mapping
+
+import grain
+import numpy as np
+from PIL import Image, ImageFilter
+
+from diffusion_jax.data import datasets
+from diffusion_jax.data.datasets import DatasetEmptyError
+
+Tokenizer = Callable[[list], tuple]
+DEGRADATIONS = ('none', 'blur', 'bsr')
+
+_DEFAULTS = {
+    'data_dir': None,
+    'split': 'train',
+    'folder_name': 'default',
+    'low_res_size': None,
+    'low_res_degradation': 'none',
+    'text_max_len': 64,
+    'shuffle': True,
+    'num_epochs': None,
+    'random_crop': False,
+    'caption_choice': 'random',
+    'shapes_num_examples': 100_000,
+    'shapes_seed': 0,
+    'shapes_prepared': False,
+    'num_threads': 4,
+    'prefetch_buffer_size': 256,
+}
+
+
+def _cfg_get(cfg, name: str):
+  if isinstance(cfg, Mapping):
+    if name in cfg:
+      return cfg[name]
+  elif hasattr(cfg, name):
+    return getattr(cfg, name)
+  if name in _DEFAULTS:
+    return _DEFAULTS[name]
+  raise KeyError(f'input config has no field {name!r} (and it has no default)')
+
+
+# ----------------------------------------------------------------------------- images
+
+
+class BadExample(Exception):
+  """An example that cannot be used; `reason` is the counter it is skipped under."""
+
+  def __init__(self, reason: str, detail: str = ''):
+    super().__init__(f'{reason}: {detail}' if detail else reason)
+    self.reason = reason
+
+
+def decode_image(image) -> np.ndarray:
+  """uint8 [H, W, 3] from encoded bytes or an array; raises BadExample."""
+  if isinstance(image, (bytes, bytearray, np.bytes_)):
+    if len(image) == 0:
+      raise BadExample('empty_file')
+    try:
+      with Image.open(io.BytesIO(bytes(image))) as im:
+        im.load()
+        array = np.asarray(im.convert('RGB'))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data.
+      raise BadExample('undecodable_image', f'{type(e).__name__}: {e}') from None
+  else:
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+      array = np.repeat(array, 3, axis=-1)
+    if array.ndim == 2:
+      array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+      raise BadExample('bad_image_shape', str(array.shape))
+    array = array[..., :3].astype(np.uint8, copy=False)
+  if array.shape[0] == 0 or array.shape[1] == 0:
+    raise BadExample('empty_image')
+  return array
+
+
+def resize_and_crop(image_HW3: np.ndarray, size: int, rng: np.random.Generator | None
+                    ) -> np.ndarray:
+  """Short side to `size` (antialiased), then a center (rng None) or random square crop."""
+  h, w = image_HW3.shape[:2]
+  if (h, w) == (size, size):
+    return image_HW3
+  scale = size / min(h, w)
+  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+  # PIL's resampling filters widen with the downscale factor, i.e. they antialias.
+  im = Image.fromarray(image_HW3).resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+  if rng is None:
+    top, left = (nh - size) // 2, (nw - size) // 2
+  else:
+    top, left = int(rng.integers(nh - size + 1)), int(rng.integers(nw - size + 1))
+  return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def _resize(image_HW3: np.ndarray, size: int, resample=Image.BICUBIC) -> np.ndarray:
+  return np.asarray(Image.fromarray(image_HW3).resize((size, size), resample))
+
+
+def _gaussian_blur(image_HW3: np.ndarray, sigma: float) -> np.ndarray:
+  return np.asarray(Image.fromarray(image_HW3).filter(ImageFilter.GaussianBlur(sigma)))
+
+
+def _anisotropic_blur(image_HW3: np.ndarray, sx: float, sy: float, angle: float
+                      ) -> np.ndarray:
+  """Convolves with a rotated anisotropic Gaussian (BSR's blur kernels)."""
+  from scipy import ndimage  # noqa: PLC0415
+  radius = int(np.ceil(3 * max(sx, sy)))
+  yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1].astype(np.float32)
+  c, s = np.cos(angle), np.sin(angle)
+  u, v = c * xx + s * yy, -s * xx + c * yy
+  kernel = np.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+  kernel /= kernel.sum()
+  out = np.stack([ndimage.convolve(image_HW3[..., i].astype(np.float32), kernel,
+                                   mode='reflect') for i in range(3)], -1)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def degrade(image_HW3: np.ndarray, low_res_size: int, kind: str,
+            rng: np.random.Generator) -> np.ndarray:
+  """The low-resolution conditioning input of an SR stage (uint8 [h, w, 3]).
+
+  none: antialiased bicubic downsampling (Imagen, GLIDE).
+  blur: Gaussian blur then downsampling (unCLIP's 64->256 upsampler).
+  bsr:  a BSR-style degradation (unCLIP's 256->1024 upsampler, after Zhang et al. 2021):
+        random isotropic/anisotropic blur, downsampling with a random filter, Gaussian
+        noise and JPEG compression.
+  """
+  factor = image_HW3.shape[0] / low_res_size
+  if kind == 'none':
+    return _resize(image_HW3, low_res_size)
+  if kind == 'blur':
+    sigma = rng.uniform(0.4, 0.6) * factor  # in low-res pixels, as unCLIP
+    return _resize(_gaussian_blur(image_HW3, sigma), low_res_size)
+  if kind == 'bsr':
+    x = image_HW3
+    if rng.random() < 0.5:
+      x = _gaussian_blur(x, rng.uniform(0.1, 1.0) * factor)
+    else:
+      sx, sy = rng.uniform(0.1, 1.0, size=2) * factor
+      x = _anisotropic_blur(x, sx, sy, rng.uniform(0, np.pi))
+    resample = (Image.NEAREST, Image.BILINEAR, Image.BICUBIC, Image.BOX)[rng.integers(4)]
+    x = _resize(x, low_res_size, resample)
+    noise = rng.normal(0.0, rng.uniform(1.0, 25.0), size=x.shape)
+    x = np.clip(np.round(x + noise), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format='JPEG', quality=int(rng.integers(30, 96)))
+    buf.seek(0)
+    with Image.open(buf) as im:
+      return np.asarray(im.convert('RGB'))
+  raise ValueError(f'low_res_degradation={kind!r} is not one of {", ".join(DEGRADATIONS)}')
+
+
+def to_float(image_HW3: np.ndarray) -> np.ndarray:
+  return image_HW3.astype(np.float32) / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+  image_size: int
+  low_res_size: int | None = None
+  low_res_degradation: str = 'none'
+  random_crop: bool = False
+  caption_choice: str = 'random'
+
+
+def process_example(record: Mapping[str, Any], spec: ExampleSpec,
+                    rng: np.random.Generator) -> dict[str, Any]:
+  """Raw record -> {'image', 'low_res'?, 'caption'}; raises BadExample."""
+  captions = [c for c in record.get('captions') or [] if isinstance(c, str) and c.strip()]
+  if not captions:
+    raise BadExample('missing_caption')
+  # Draw in a fixed order so every choice depends only on the example's seed.
+  caption = captions[int(rng.integers(len(captions)))] if spec.caption_choice == 'random' \
+      else captions[0]
+  crop_rng = rng.spawn(1)[0] if spec.random_crop else None
+  degrade_rng = rng.spawn(1)[0]
+  image = resize_and_crop(decode_image(record.get('image', b'')), spec.image_size, crop_rng)
+  out = {'image': to_float(image), 'caption': caption}
+  if spec.low_res_size:
+    out['low_res'] = to_float(degrade(image, spec.low_res_size, spec.low_res_degradation,
+                                      degrade_rng))
+  return out
+
+
+class _Processor:
+  """(pos, index) -> processed example, or {'skip': reason, 'key': ...} for a bad one."""
+
+  def __init__(self, source, spec: ExampleSpec, seed: int):
+    self.source, self.spec, self.seed = source, spec, int(seed)
+
+  def __call__(self, pos_index: tuple[int, int]) -> dict[str, Any]:
+    pos, index = pos_index
+    key = f'#{index}'
+    try:
+      record = self.source[index]
+      key = str(record.get('key', key))
+      out = process_example(record, self.spec, np.random.default_rng([self.seed, pos]))
+    except BadExample as e:
+      return {'skip': e.reason, 'key': key, 'detail': str(e)}
+    except Exception as e:  # noqa: BLE001 - a bad record must never stop training.
+      return {'skip': 'error', 'key': key, 'detail': f'{type(e).__name__}: {e}'}
+    out['key'] = key
+    return out
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+class TrainIterator:
+  """This process's batches; resumable through get_state()/set_state()."""
+
+  def __init__(self, dataset: grain.IterDataset, *, local_batch_size: int, tokenizer,
+               text_max_len: int, source_name: str, epoch_length: int):
+    self._dataset = dataset
+    self._it = iter(dataset)
+    self.local_batch_size = int(local_batch_size)
+    self.tokenizer = tokenizer
+    self.text_max_len = int(text_max_len)
+    self.source_name = source_name
+    # All-bad data fails after an epoch of skips, or 1000 in a row on a large dataset.
+    self._max_consecutive_skips = max(1, min(int(epoch_length), 1000))
+    self.skipped = 0
+    self.skip_reasons: collections.Counter = collections.Counter()
+    self.examples = 0  # good examples delivered
+    self.batches = 0
+    self.last_captions: list[str] = []
+    self.last_keys: list[str] = []
+
+  def __iter__(self):
+    return self
+
+  def _next_example(self) -> dict[str, Any]:
+    consecutive = 0
+    while True:
+      try:
+        ex = next(self._it)
+      except StopIteration:
+        if self.examples == 0:
+          raise DatasetEmptyError(f'{self.source_name} yielded no usable example') from None
+        raise
+      if 'skip' not in ex:
+        return ex
+      self.skipped += 1
+      self.skip_reasons[ex['skip']] += 1
+      consecutive += 1
+      if self.skipped <= 10:
+        logging.warning('skipping example %s of %s: %s', ex['key'], self.source_name,
+                        ex['detail'])
+      if consecutive >= self._max_consecutive_skips:
+        raise DatasetEmptyError(
+            f'{self.source_name}: {consecutive} consecutive examples unusable '
+            f'({dict(self.skip_reasons)}); nothing to train on')
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples = []
+    while len(examples) < self.local_batch_size:
+      try:
+        examples.append(self._next_example())
+      except StopIteration:
+        if not examples:
+          raise
+        raise StopIteration from None  # drop the incomplete last batch (finite epochs)
+    captions = [ex['caption'] for ex in examples]
+    batch = {'image': np.stack([ex['image'] for ex in examples])}
+    if 'low_res' in examples[0]:
+      batch['low_res'] = np.stack([ex['low_res'] for ex in examples])
+    batch['text_ids'], batch['text_mask'] = tokenize(self.tokenizer, captions,
+                                                     self.text_max_len)
+    self.examples += len(examples)
+    self.batches += 1
+    self.last_captions = captions
+    self.last_keys = [ex['key'] for ex in examples]
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able state taken between batches: restoring it replays the next batch."""
+    return {
+        'grain': self._it.get_state(),
+        'skipped': self.skipped,
+        'skip_reasons': dict(self.skip_reasons),
+        'examples': self.examples,
+        'batches': self.batches,
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._it.set_state(state['grain'])
+    self.skipped = int(state.get('skipped', 0))
+    self.skip_reasons = collections.Counter(state.get('skip_reasons', {}))
+    self.examples = int(state.get('examples', 0))
+    self.batches = int(state.get('batches', 0))
+    self.last_captions, self.last_keys = [], []
+
+  def metrics(self) -> dict[str, float]:
+    """Counters for the trainer's logs."""
+    return {'data/skipped': float(self.skipped), 'data/examples': float(self.examples)}
+
+
+def tokenize(tokenizer, captions: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Calls the injected tokenizer and pads/truncates to [B, max_len] (fixed shapes)."""
+  ids, mask = tokenizer(list(captions))
+  ids_BL = np.asarray(ids).astype(np.int32)
+  mask_BL = np.asarray(mask).astype(bool)
+  if ids_BL.ndim != 2 or ids_BL.shape != mask_BL.shape or ids_BL.shape[0] != len(captions):
+    raise ValueError(f'tokenizer returned ids {ids_BL.shape} and mask {mask_BL.shape} for '
+                     f'{len(captions)} texts; expected two [B, L] arrays')
+  length = ids_BL.shape[1]
+  if length >= max_len:
+    return ids_BL[:, :max_len], mask_BL[:, :max_len]
+  pad = ((0, 0), (0, max_len - length))
+  return np.pad(ids_BL, pad), np.pad(mask_BL, pad)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # noqa: PLC0415 - only needed when not told
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} outside [0, {process_count})')
+  return int(process_index), int(process_count)
+
+
+def source_from_config(input_cfg):
+  dataset = _cfg_get(input_cfg, 'dataset')
+  return datasets.get_source(
+      dataset, data_dir=_cfg_get(input_cfg, 'data_dir'), split=_cfg_get(input_cfg, 'split'),
+      image_size=int(_cfg_get(input_cfg, 'image_size')),
+      name=_cfg_get(input_cfg, 'folder_name'),
+      num_examples=int(_cfg_get(input_cfg, 'shapes_num_examples')),
+      seed=int(_cfg_get(input_cfg, 'shapes_seed')),
+      prepared=bool(_cfg_get(input_cfg, 'shapes_prepared')))
+
+
+def make_dataset(source, spec: ExampleSpec, *, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+  """The per-process stream of processed (or skip-marked) examples as a grain MapDataset."""
+  if len(source) == 0:
+    raise DatasetEmptyError(f'{source!r} has no examples')
+  ds = grain.MapDataset.range(len(source))
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed) % 2**32)
+  ds = ds.repeat(num_epochs)  # reseeds the shuffle every epoch
+  ds = ds.map_with_index(lambda pos, index: (pos, index))
+  ds = ds[process_index::process_count]
+  return ds.map(_Processor(source, spec, seed))
+
+
+def make_train_iterator(input_cfg, *, tokenizer, seed: int, process_index: int | None = None,
+                        process_count: int | None = None, source=None) -> TrainIterator:
+  """Builds this process's iterator from the `input` config (fields in the module doc).
+
+  tokenizer: `tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool)`.
+  source: overrides the config's dataset (any object with __len__/__getitem__ returning raw
+  records, see diffusion_jax.data.datasets).
+  """
+  process_index, process_count = _process_index_and_count(process_index, process_count)
+  global_batch = int(_cfg_get(input_cfg, 'batch_size'))
+  if global_batch % process_count:
+    raise ValueError(f'input.batch_size={global_batch} is not divisible by the '
+                     f'{process_count} processes')
+  degradation = _cfg_get(input_cfg, 'low_res_degradation')
+  if degradation not in DEGRADATIONS:
+    raise ValueError(f'input.low_res_degradation={degradation!r} is not one of '
+                     f'{", ".join(DEGRADATIONS)}')
+  caption_choice = _cfg_get(input_cfg, 'caption_choice')
+  if caption_choice not in ('random', 'first'):
+    raise ValueError(f'input.caption_choice={caption_choice!r} is not random or first')
+  low_res = _cfg_get(input_cfg, 'low_res_size')
+  spec = ExampleSpec(
+      image_size=int(_cfg_get(input_cfg, 'image_size')),
+      low_res_size=int(low_res) if low_res else None,
+      low_res_degradation=degradation,
+      random_crop=bool(_cfg_get(input_cfg, 'random_crop')),
+      caption_choice=caption_choice)
+  source = source_from_config(input_cfg) if source is None else source
+  num_epochs = _cfg_get(input_cfg, 'num_epochs')
+  ds = make_dataset(source, spec, seed=seed, shuffle=bool(_cfg_get(input_cfg, 'shuffle')),
+                    num_epochs=int(num_epochs) if num_epochs else None,
+                    process_index=process_index, process_count=process_count)
+  read_options = grain.ReadOptions(
+      num_threads=int(_cfg_get(input_cfg, 'num_threads')),
+      prefetch_buffer_size=int(_cfg_get(input_cfg, 'prefetch_buffer_size')))
+  return TrainIterator(
+      ds.to_iter_dataset(read_options), local_batch_size=global_batch // process_count,
+      tokenizer=tokenizer, text_max_len=int(_cfg_get(input_cfg, 'text_max_len')),
+      source_name=repr(source), epoch_length=len(source))
+
+
+# ----------------------------------------------------------------------------- orbax
+
+
+class _GrainCheckpointable:
+  """Adapts a TrainIterator to grain's orbax handler (bytes state, start_prefetch)."""
+
+  def __init__(self, iterator: TrainIterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state(), indent=1, sort_keys=True).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def save_args(iterator: TrainIterator):
+  """orbax args saving the iterator state (use under the item name `data`)."""
+  return grain.checkpoint.CheckpointSave(_GrainCheckpointable(iterator))
+
+
+def restore_args(iterator: TrainIterator):
+  """orbax args restoring the state into `iterator` in place (item name `data`)."""
+  return grain.checkpoint.CheckpointRestore(_GrainCheckpointable(iterator))

@@ -1,0 +1,230 @@
+"""The grain pipeline: determinism, bit-exact resume through orbax, sharding, conditioning."""
+from __future__ import annotations
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from diffusion_jax.data import datasets, pipeline, shapes
+
+WORDS = {w: i + 2 for i, w in enumerate(shapes.VOCABULARY)}  # 0 = pad, 1 = unknown
+
+
+def tokenizer(texts):
+  """Stand-in word tokenizer: (ids [B, L] int32, mask [B, L] bool), L = longest text."""
+  rows = [[WORDS.get(w, 1) for w in t.split()] for t in texts]
+  length = max(len(r) for r in rows)
+  ids = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)] = r
+  return ids, ids != 0
+
+
+EPOCH = 24  # Shapes examples per epoch: small, so that tests cross epoch boundaries
+
+
+def shapes_cfg(**overrides):
+  cfg = dict(dataset='shapes', batch_size=4, image_size=16, text_max_len=12,
+             shapes_num_examples=EPOCH, num_threads=2, prefetch_buffer_size=16)
+  cfg.update(overrides)
+  return cfg
+
+
+def make(seed=0, process_index=0, process_count=1, **overrides):
+  return pipeline.make_train_iterator(shapes_cfg(**overrides), tokenizer=tokenizer, seed=seed,
+                                      process_index=process_index,
+                                      process_count=process_count)
+
+
+def take(it, n):
+  out = []
+  for _ in range(n):
+    batch = next(it)
+    out.append((batch, list(it.last_captions)))
+  return out
+
+
+def assert_same(a, b, what):
+  (ba, ca), (bb, cb) = a, b
+  assert ca == cb, f'{what}: captions differ {ca} vs {cb}'
+  assert ba.keys() == bb.keys(), f'{what}: keys differ'
+  for k in ba:
+    np.testing.assert_array_equal(ba[k], bb[k], err_msg=f'{what}: {k} differs')
+
+
+def test_batch_format():
+  it = make(low_res_size=8, low_res_degradation='blur')
+  batch = next(it)
+  assert set(batch) == {'image', 'low_res', 'text_ids', 'text_mask'}, 'captions must not be in the batch'
+  assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.float32
+  assert batch['low_res'].shape == (4, 8, 8, 3) and batch['low_res'].dtype == np.float32
+  for k in ('image', 'low_res'):
+    assert -1 <= batch[k].min() and batch[k].max() <= 1 and batch[k].max() > 0.9, f'{k} not in [-1, 1]'
+  assert batch['text_ids'].shape == (4, 12) and batch['text_ids'].dtype == np.int32
+  assert batch['text_mask'].dtype == bool
+  np.testing.assert_array_equal(batch['text_mask'], batch['text_ids'] != 0)
+  assert len(it.last_captions) == 4
+  expected = tokenizer(it.last_captions)[0]
+  np.testing.assert_array_equal(batch['text_ids'][:, :expected.shape[1]], expected,
+                                err_msg='text_ids are not the tokens of last_captions')
+  assert 'low_res' not in next(make()), 'low_res present for a base stage'
+
+
+def test_images_match_captions_at_64px():
+  it = make(image_size=64)
+  batch = next(it)
+  for image, caption in zip(batch['image'], it.last_captions):
+    assert shapes.score(image, caption)['all'], f'image does not show {caption!r}'
+
+
+def test_same_seed_same_batches_different_seed_differs():
+  a, b, c = take(make(seed=1), 8), take(make(seed=1), 8), take(make(seed=2), 8)
+  for i in range(8):
+    assert_same(a[i], b[i], f'batch {i} with the same seed')
+  assert [x[1] for x in a] != [x[1] for x in c], 'a different seed gives the same order'
+
+
+def test_epochs_reshuffle_and_cover_the_data():
+  it = make(seed=3, batch_size=EPOCH // 2)
+  epochs = [[k for _ in range(2) for k in (next(it), it.last_keys)[1]] for _ in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f'shapes/0/{i}' for i in range(EPOCH))
+  assert epochs[0] != epochs[1], 'every epoch has the same order'
+  unshuffled = make(seed=3, batch_size=EPOCH, shuffle=False)
+  next(unshuffled)
+  assert unshuffled.last_keys == [f'shapes/0/{i}' for i in range(EPOCH)]
+
+
+@pytest.mark.parametrize('k', [3, 5])  # 6 batches per epoch: k + 20 crosses 3-4 boundaries
+def test_resume_through_orbax_is_exact(tmp_path, k):
+  cfg = dict(seed=7, low_res_size=8, low_res_degradation='bsr', random_crop=True)
+  reference = take(make(**cfg), k + 20)
+
+  it = make(**cfg)
+  take(it, k)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
+    mngr.save(k, args=ocp.args.Composite(data=pipeline.save_args(it)))
+    mngr.wait_until_finished()
+  del it
+
+  fresh = make(**cfg)  # rebuilt from scratch, as after a preemption
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
+    assert mngr.latest_step() == k
+    mngr.restore(k, args=ocp.args.Composite(data=pipeline.restore_args(fresh)))
+  assert fresh.batches == k and fresh.examples == 4 * k, 'counters not restored'
+  resumed = take(fresh, 20)
+  for i in range(20):
+    assert_same(reference[k + i], resumed[i], f'batch {k + i + 1} after resuming at {k}')
+
+
+def test_state_roundtrip_without_orbax():
+  it = make(seed=4)
+  take(it, 2)
+  state = it.get_state()
+  expected = take(it, 3)
+  other = make(seed=4)
+  other.set_state(state)
+  for i, got in enumerate(take(other, 3)):
+    assert_same(expected[i], got, f'batch {i} after set_state')
+
+
+def test_two_processes_are_disjoint_and_cover_the_epoch():
+  p0 = make(seed=5, process_index=0, process_count=2)
+  p1 = make(seed=5, process_index=1, process_count=2)
+  assert p0.local_batch_size == 2
+  keys0 = [key for _ in range(EPOCH // 4) for key in (next(p0), p0.last_keys)[1]]
+  keys1 = [key for _ in range(EPOCH // 4) for key in (next(p1), p1.last_keys)[1]]
+  assert not set(keys0) & set(keys1), f'processes share examples: {set(keys0) & set(keys1)}'
+  assert sorted(keys0 + keys1) == sorted(f'shapes/0/{i}' for i in range(EPOCH)), (
+      'the two processes do not cover the epoch')
+  # The global batch does not depend on the number of processes.
+  single = make(seed=5)
+  for b in range(EPOCH // 4):
+    next(single)
+    assert sorted(single.last_keys) == sorted(keys0[2 * b:2 * b + 2] + keys1[2 * b:2 * b + 2])
+
+
+def test_batch_size_must_divide_among_processes():
+  with pytest.raises(ValueError, match='divisible'):
+    make(batch_size=5, process_index=0, process_count=2)
+
+
+def test_resize_crop_and_degradations():
+  rng = np.random.default_rng(0)
+  photo = (rng.random((40, 60, 3)) * 255).astype(np.uint8)
+  center = pipeline.resize_and_crop(photo, 20, None)
+  assert center.shape == (20, 20, 3)
+  crops = {pipeline.resize_and_crop(photo, 20, np.random.default_rng(s)).tobytes()
+           for s in range(8)}
+  assert len(crops) > 1, 'random crop never moves'
+  # Antialiasing: downsampling noise averages it (a strided pick would keep the variance).
+  assert center.std() < 0.6 * photo.std(), 'resize does not antialias'
+  image = shapes.render('a red circle to the left of a blue square', 64, 0)
+  lows = {kind: pipeline.degrade(image, 16, kind, np.random.default_rng(1))
+          for kind in pipeline.DEGRADATIONS}
+  assert all(v.shape == (16, 16, 3) and v.dtype == np.uint8 for v in lows.values())
+  grad = lambda x: np.abs(np.diff(x.astype(np.float32), axis=1)).mean()  # noqa: E731
+  assert grad(lows['blur']) < grad(lows['none']), 'blur does not blur'
+  assert not np.array_equal(lows['bsr'], lows['none'])
+  np.testing.assert_array_equal(
+      lows['bsr'], pipeline.degrade(image, 16, 'bsr', np.random.default_rng(1)),
+      err_msg='bsr is not deterministic given the rng')
+  assert not np.array_equal(lows['bsr'], pipeline.degrade(image, 16, 'bsr',
+                                                          np.random.default_rng(2)))
+
+
+def test_caption_choice_and_tokenize_padding():
+  record = {'image': np.zeros((8, 8, 3), np.uint8), 'captions': ['a red circle', 'two blue squares']}
+  spec = pipeline.ExampleSpec(image_size=8)
+  chosen = {pipeline.process_example(record, spec, np.random.default_rng(s))['caption']
+            for s in range(16)}
+  assert chosen == set(record['captions']), f'caption choice not random: {chosen}'
+  first = pipeline.ExampleSpec(image_size=8, caption_choice='first')
+  assert pipeline.process_example(record, first, np.random.default_rng(0))['caption'] == 'a red circle'
+  ids, mask = pipeline.tokenize(tokenizer, ['a red circle', 'two blue squares and a red circle'], 4)
+  assert ids.shape == mask.shape == (2, 4), 'not truncated to text_max_len'
+  assert mask.tolist() == [[True] * 3 + [False], [True] * 4]
+  ids, mask = pipeline.tokenize(tokenizer, ['a red circle'], 6)
+  assert ids.shape == (1, 6) and mask.tolist() == [[True] * 3 + [False] * 3]
+
+
+def test_bad_records_are_skipped_and_counted():
+  good = datasets.ShapesSource(8, 16, 0)
+
+  class Mixed:
+    def __len__(self):
+      return 12
+
+    def __getitem__(self, i):
+      if i < 8:
+        return good[i]
+      return [{'image': b'', 'captions': ['x']}, {'image': b'\x89PNG junk', 'captions': ['x']},
+              {'image': good[0]['image'], 'captions': []},
+              {'image': good[0]['image'], 'captions': ['  ']}][i - 8]
+
+  it = pipeline.make_train_iterator(shapes_cfg(batch_size=2, num_epochs=1), tokenizer=tokenizer,
+                                    seed=0, process_index=0, process_count=1, source=Mixed())
+  n = sum(1 for _ in it)
+  assert n == 4 and it.examples == 8, f'expected 8 good examples in 4 batches, got {it.examples}'
+  assert it.skipped == 4 and it.skip_reasons == {'empty_file': 1, 'undecodable_image': 1,
+                                                 'missing_caption': 2}, it.skip_reasons
+  assert it.metrics()['data/skipped'] == 4
+
+
+def test_dataset_of_only_bad_examples_fails_fast():
+  class Broken:
+    def __len__(self):
+      return 5
+
+    def __getitem__(self, i):
+      return {'image': b'junk', 'captions': ['a'], 'key': f'broken/{i}'}
+
+    def __repr__(self):
+      return 'Broken(source)'
+
+  it = pipeline.make_train_iterator(shapes_cfg(), tokenizer=tokenizer, seed=0, process_index=0,
+                                    process_count=1, source=Broken())
+  with pytest.raises(datasets.DatasetEmptyError, match='Broken'):
+    next(it)
+  with pytest.raises(datasets.DatasetEmptyError, match='no examples'):
+    pipeline.make_train_iterator(shapes_cfg(shapes_num_examples=0), tokenizer=tokenizer, seed=0,
+                                 process_index=0, process_count=1)
