@@ -103,6 +103,7 @@ def test_resume_through_orbax_is_exact(tmp_path, k):
   take(it, k)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
     mngr.save(k, args=ocp.args.Composite(data=pipeline.save_args(it)))
+    take(it, 2)  # training goes on while an async save may still be writing
     mngr.wait_until_finished()
   del it
 

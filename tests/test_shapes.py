@@ -155,6 +155,8 @@ def test_oracle_reads_float_images_and_rejects_blank():
   image = shapes.render(caption, 64, seed=1)
   as_float = image.astype(np.float32) / 127.5 - 1
   assert shapes.score(as_float, caption) == shapes.score(image, caption)
+  assert shapes.score(image / np.float32(255), caption) == shapes.score(image, caption)
+  assert shapes.score(image.astype(np.float64), caption) == shapes.score(image, caption)
   assert shapes.score(image, caption)['all']
   blank = np.full((64, 64, 3), 255, np.uint8)
   result = shapes.score(blank, caption)

@@ -460,13 +460,19 @@ def make_train_iterator(input_cfg, *, tokenizer, seed: int, process_index: int |
 
 
 class _GrainCheckpointable:
-  """Adapts a TrainIterator to grain's orbax handler (bytes state, start_prefetch)."""
+  """Adapts a TrainIterator to grain's orbax handler (bytes state, start_prefetch).
 
-  def __init__(self, iterator: TrainIterator):
+  The state is captured when the save args are made, so an asynchronous checkpoint that is
+  written while training goes on still holds the position at the save step.
+  """
+
+  def __init__(self, iterator: TrainIterator, snapshot: bool):
     self.iterator = iterator
+    self._state = iterator.get_state() if snapshot else None
 
   def get_state(self) -> bytes:
-    return json.dumps(self.iterator.get_state(), indent=1, sort_keys=True).encode()
+    state = self.iterator.get_state() if self._state is None else self._state
+    return json.dumps(state, indent=1, sort_keys=True).encode()
 
   def set_state(self, state: bytes) -> None:
     self.iterator.set_state(json.loads(state.decode()))
@@ -476,10 +482,10 @@ class _GrainCheckpointable:
 
 
 def save_args(iterator: TrainIterator):
-  """orbax args saving the iterator state (use under the item name `data`)."""
-  return grain.checkpoint.CheckpointSave(_GrainCheckpointable(iterator))
+  """orbax args saving the iterator's current state (use under the item name `data`)."""
+  return grain.checkpoint.CheckpointSave(_GrainCheckpointable(iterator, snapshot=True))
 
 
 def restore_args(iterator: TrainIterator):
   """orbax args restoring the state into `iterator` in place (item name `data`)."""
-  return grain.checkpoint.CheckpointRestore(_GrainCheckpointable(iterator))
+  return grain.checkpoint.CheckpointRestore(_GrainCheckpointable(iterator, snapshot=False))

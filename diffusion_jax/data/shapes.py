@@ -380,15 +380,21 @@ def _classify(alpha_hw: np.ndarray) -> str:
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
-  """float32 [H, W, 3] in 0..255 from uint8, or from floats in [-1, 1]."""
+  """float32 [H, W, 3] in 0..255 from uint8 or from floats.
+
+  Floats within [-1, 1] with a negative value are read as [-1, 1] (every palette colour has
+  a channel below mid-grey, so a scene in [-1, 1] has negatives), floats within [0, 1]
+  otherwise as [0, 1], and larger floats as 0..255.
+  """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'expected an RGB image [H, W, 3], got shape {image.shape}')
   if image.dtype == np.uint8:
     return image.astype(np.float32)
   x_HW3 = image.astype(np.float32)
-  if x_HW3.min() >= -1.0 - 1e-3 and x_HW3.max() <= 1.0 + 1e-3:
-    x_HW3 = (x_HW3 + 1.0) * 127.5
+  lo, hi = float(x_HW3.min()), float(x_HW3.max())
+  if hi <= 1.0 + 1e-3:
+    x_HW3 = (x_HW3 + 1.0) * 127.5 if lo < 0 else x_HW3 * 255.0
   return x_HW3
 
 
