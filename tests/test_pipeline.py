@@ -229,3 +229,17 @@ def test_dataset_of_only_bad_examples_fails_fast():
   with pytest.raises(datasets.DatasetEmptyError, match='no examples'):
     pipeline.make_train_iterator(shapes_cfg(shapes_num_examples=0), tokenizer=tokenizer, seed=0,
                                  process_index=0, process_count=1)
+
+
+def test_batches_become_global_arrays(num_devices):
+  from configs.common import mesh_config  # noqa: PLC0415
+  from diffusion_jax import parallel  # noqa: PLC0415
+  mesh = parallel.create_mesh(mesh_config(data=-1))
+  it = make(batch_size=num_devices, low_res_size=8)
+  local = next(it)
+  batch = parallel.shard_batch(local, mesh)
+  assert set(batch) == set(local)
+  for k, v in batch.items():
+    assert v.shape == local[k].shape and v.dtype == local[k].dtype, k
+    assert len(v.sharding.device_set) == num_devices, f'{k} is not sharded over the batch'
+    np.testing.assert_array_equal(np.asarray(v), local[k])
