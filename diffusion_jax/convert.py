@@ -359,13 +359,15 @@ def clip_to_noised_clip(clip_params: Mapping, noised_module, rng) -> dict:
   Because the time MLP's output layer starts at zero, the result computes exactly the
   pretrained CLIP until training moves it.
   """
+  import jax
   from flax import linen as nn
   text, vision = dict(noised_module.text), dict(noised_module.vision)
   ids = np.zeros((1, text['max_length']), np.int32)
   px = np.zeros((1, vision['image_size'], vision['image_size'], vision.get('channels', 3)),
                 np.float32)
-  fresh = nn.meta.unbox(noised_module.init(rng, px, np.zeros((1,), np.float32),
-                                           {'text_ids': ids, 'text_mask': ids > -1}))['params']
+  init = lambda k: nn.meta.unbox(noised_module.init(
+      k, px, np.zeros((1,), np.float32), {'text_ids': ids, 'text_mask': ids > -1}))['params']
+  fresh = jax.jit(init)(rng)
   flat_fresh = traverse_util.flatten_dict(fresh)
   flat_clip = traverse_util.flatten_dict(dict(clip_params))
   out = {}

@@ -406,3 +406,13 @@ def load_hf(path: str, *, strict: bool = True, **overrides):
   """(CLIP module, params) from a local transformers directory (config.json + *.safetensors)."""
   from diffusion_jax import convert  # Lazy: models/ does not depend on the importer at import time.
   return convert.load_clip(path, strict=strict, **overrides)
+
+
+def noised_clip_example_inputs(model_cfg, batch_size: int):
+  """Zero `(x, t_B, cond)` of the shapes a `NoisedCLIP` built from `model_cfg` reads."""
+  text, vision = dict(model_cfg['text']), dict(model_cfg['vision'])
+  size, channels = vision['image_size'], vision.get('channels', 3)
+  ids = jnp.zeros((batch_size, text['max_length']), jnp.int32)
+  return (jnp.zeros((batch_size, size, size, channels), jnp.float32),
+          jnp.zeros((batch_size,), jnp.float32),
+          {'text_ids': ids, 'text_mask': jnp.ones(ids.shape, bool)})
