@@ -159,7 +159,8 @@ def test_mock_coco_captions_produces_batches():
   assert seen['name'] == 'coco_captions' and seen['split'] == 'train'
   assert isinstance(seen['decoders']['image'], tfds.decode.SkipDecoding), (
       'images must reach the pipeline undecoded so that bad ones can be skipped')
-  assert batches[0]['image'].shape == (4, 32, 32, 3) and batches[0]['low_res'].shape == (4, 16, 16, 3)
+  assert batches[0]['image'].shape == (4, 32, 32, 3)
+  assert batches[0]['low_res'].shape == (4, 16, 16, 3)
   assert it.skipped == 0 and it.examples == 16
   for caption, key in zip(it.last_captions, it.last_keys):
     i = int(key.split('_')[-1].split('.')[0])

@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -355,8 +355,3 @@ def get_source(dataset: str, *, data_dir: str | None = None, split: str = 'train
   if len(source) == 0:
     raise DatasetEmptyError(f'{source!r} has no examples')
   return source
-
-
-def iterate(source) -> Iterator[dict[str, Any]]:
-  for i in range(len(source)):
-    yield source[i]

@@ -69,6 +69,7 @@ from PIL import Image, ImageFilter
 from diffusion_jax.data import datasets
 from diffusion_jax.data.datasets import DatasetEmptyError
 
+# tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool), injected by the caller.
 Tokenizer = Callable[[list], tuple]
 DEGRADATIONS = ('none', 'blur', 'bsr')
 
@@ -361,7 +362,8 @@ class TrainIterator:
     return {'data/skipped': float(self.skipped), 'data/examples': float(self.examples)}
 
 
-def tokenize(tokenizer, captions: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: Tokenizer, captions: list[str], max_len: int
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Calls the injected tokenizer and pads/truncates to [B, max_len] (fixed shapes)."""
   ids, mask = tokenizer(list(captions))
   ids_BL = np.asarray(ids).astype(np.int32)
@@ -415,8 +417,9 @@ def make_dataset(source, spec: ExampleSpec, *, seed: int, shuffle: bool = True,
   return ds.map(_Processor(source, spec, seed))
 
 
-def make_train_iterator(input_cfg, *, tokenizer, seed: int, process_index: int | None = None,
-                        process_count: int | None = None, source=None) -> TrainIterator:
+def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
+                        process_index: int | None = None, process_count: int | None = None,
+                        source=None) -> TrainIterator:
   """Builds this process's iterator from the `input` config (fields in the module doc).
 
   tokenizer: `tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool)`.
