@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 import zlib
 from typing import Sequence
@@ -348,6 +349,17 @@ _CENTROID_DY = {'circle': 0.0, 'square': 0.0, 'diamond': 0.0, 'triangle': 0.15}
 _TEMPLATE_BLURS = (0.0, 0.6, 1.2)  # pixels
 
 
+@functools.lru_cache(maxsize=512)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+  """[n, n] Gaussian blur along one axis with zero padding (matmuls beat ndimage here)."""
+  i = np.arange(n, dtype=np.float32)
+  radius = int(np.ceil(4 * sigma))
+  k = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+  k[np.abs(i[:, None] - i[None, :]) > radius] = 0
+  norm = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).sum()
+  return (k / norm).astype(np.float32)
+
+
 def _classify(alpha_hw: np.ndarray) -> str:
   """The shape whose template best explains a component's coverage map.
 
@@ -372,7 +384,7 @@ def _classify(alpha_hw: np.ndarray) -> str:
     cover_hw = inside.reshape(h, k, w, k).mean(axis=(1, 3), dtype=np.float32)
     # Generated samples are often slightly blurred: also try blurred templates.
     for sigma in _TEMPLATE_BLURS:
-      t_hw = ndimage.gaussian_filter(cover_hw, sigma, mode='constant') if sigma else cover_hw
+      t_hw = _blur_matrix(h, sigma) @ cover_hw @ _blur_matrix(w, sigma).T if sigma else cover_hw
       err = float(np.abs(t_hw - alpha_hw).sum())
       if err < best_err:
         best, best_err = shape, err
@@ -401,7 +413,9 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 def segment(image: np.ndarray) -> np.ndarray:
   """int [H, W]: index into COLORS of each pixel's nearest palette colour, -1 for none."""
   x_HW3 = _as_rgb(image)
-  d2_HWK = ((x_HW3[:, :, None, :] - _PALETTE_C3) ** 2).sum(-1)
+  # |x - p|^2 = |x|^2 - 2 x.p + |p|^2 as one matmul.
+  d2_HWK = ((x_HW3 * x_HW3).sum(-1, keepdims=True) - 2 * (x_HW3 @ _PALETTE_C3.T)
+            + (_PALETTE_C3 * _PALETTE_C3).sum(-1))
   nearest_HW = d2_HWK.argmin(-1)
   ok_HW = np.take_along_axis(d2_HWK, nearest_HW[..., None], -1)[..., 0] < COLOR_THRESHOLD**2
   return np.where(ok_HW, nearest_HW, -1)
