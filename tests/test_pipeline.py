@@ -120,14 +120,14 @@ def test_resume_through_orbax_is_exact(tmp_path, k):
 
 
 def test_state_roundtrip_without_orbax():
-  it = make(seed=4)
-  take(it, 2)
-  state = it.get_state()
-  expected = take(it, 3)
-  other = make(seed=4)
-  other.set_state(state)
-  for i, got in enumerate(take(other, 3)):
-    assert_same(expected[i], got, f'batch {i} after set_state')
+  with make(seed=4) as it:
+    take(it, 2)
+    state = it.get_state()
+    expected = take(it, 3)
+  with make(seed=4) as other:
+    other.set_state(state)
+    for i, got in enumerate(take(other, 3)):
+      assert_same(expected[i], got, f'batch {i} after set_state')
 
 
 def test_two_processes_are_disjoint_and_cover_the_epoch():

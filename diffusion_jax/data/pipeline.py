@@ -357,6 +357,16 @@ class TrainIterator:
     self.batches = int(state.get('batches', 0))
     self.last_captions, self.last_keys = [], []
 
+  def close(self) -> None:
+    """Stops grain's reader threads."""
+    self._it.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def metrics(self) -> dict[str, float]:
     """Counters for the trainer's logs."""
     return {'data/skipped': float(self.skipped), 'data/examples': float(self.examples)}
