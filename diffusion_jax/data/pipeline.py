@@ -43,8 +43,9 @@ Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
   low_res_size         side of the SR conditioning input [None: no low_res]
   low_res_degradation  'none' | 'blur' (unCLIP 64->256) | 'bsr' (unCLIP 256->1024) ['none']
   text_max_len         L: token ids are padded / truncated to this length [64]
-  shuffle              [True]
-  num_epochs           [None: repeat forever]
+  shuffle              [True]; grain shuffles indices globally, so there is no shuffle buffer
+  num_epochs           [None: repeat forever; finite epochs drop the last partial batch and,
+                       with several processes, may end one batch apart: train with None]
   random_crop          random instead of center crop after resizing the short side [False]
   caption_choice       'random' | 'first' among an example's captions ['random']
   shapes_num_examples  epoch length of the procedural Shapes set [100_000]
