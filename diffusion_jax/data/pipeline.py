@@ -194,7 +194,7 @@ def degrade(image_HW3: np.ndarray, low_res_size: int, kind: str,
   if kind == 'none':
     return _resize(image_HW3, low_res_size)
   if kind == 'blur':
-    sigma = rng.uniform(0.4, 0.6) * factor  # in low-res pixels, as unCLIP
+    sigma = rng.uniform(0.4, 0.6) * factor  # a mild blur: ~half a low-res pixel
     return _resize(_gaussian_blur(image_HW3, sigma), low_res_size)
   if kind == 'bsr':
     x = image_HW3
@@ -238,8 +238,8 @@ def process_example(record: Mapping[str, Any], spec: ExampleSpec,
   if not captions:
     raise BadExample('missing_caption')
   # Draw in a fixed order so every choice depends only on the example's seed.
-  caption = captions[int(rng.integers(len(captions)))] if spec.caption_choice == 'random' \
-      else captions[0]
+  pick = int(rng.integers(len(captions))) if spec.caption_choice == 'random' else 0
+  caption = captions[pick]
   crop_rng = rng.spawn(1)[0] if spec.random_crop else None
   degrade_rng = rng.spawn(1)[0]
   image = resize_and_crop(decode_image(record.get('image', b'')), spec.image_size, crop_rng)
