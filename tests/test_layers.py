@@ -1,0 +1,196 @@
+"""Building blocks: embeddings, residual blocks, attention masking, scan/remat equivalence."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models import layers
+
+
+def _randn(seed, shape):
+  # numpy draws: jax.random would compile a kernel per shape, which dominates tiny tests.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _perturb(params, seed, scale=0.1):
+  """Adds noise to every parameter so that zero-initialised output layers become live."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params)
+
+
+def _unboxed_init(module, *args):
+  return nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), *args))['params']
+
+
+def _apply(module):
+  """Jitted `apply(params, *args)`: one compile serves every call with the same shapes."""
+  return jax.jit(lambda p, *args: module.apply({'params': p}, *args))
+
+
+def test_sinusoidal_embedding_closed_form():
+  x_B = jnp.array([0.0, 1.0, 250.0])
+  dim = 8
+  emb = np.asarray(layers.sinusoidal_embedding(x_B, dim))
+  assert emb.shape == (3, dim)
+  freqs = np.exp(-math.log(10000.0) * np.arange(4) / 4)
+  xs = np.asarray(x_B)[:, None]
+  expected = np.concatenate([np.cos(xs * freqs[None]), np.sin(xs * freqs[None])], -1)
+  np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5,
+                             err_msg='sinusoidal embedding is not [cos(x f), sin(x f)]')
+
+
+def test_time_embedding_scales_t_by_1000():
+  """Networks embed 1000 * t: t = 0.001 must embed like the integer step 1."""
+  m = layers.TimeEmbedding(features=8, sin_dim=8)
+  p = _unboxed_init(m, jnp.zeros((1,)))
+  sin = layers.sinusoidal_embedding(jnp.array([1.0]), 8)
+  direct = m.apply({'params': p}, jnp.array([0.001]))
+  via_sin = nn.Dense(8).apply({'params': p['Dense_1']}, nn.silu(
+      nn.Dense(8).apply({'params': p['Dense_0']}, sin)))
+  np.testing.assert_allclose(direct, via_sin, rtol=1e-4, atol=1e-5,
+                             err_msg='TimeEmbedding does not embed 1000 * t')
+
+
+@pytest.mark.parametrize('up,down', [(False, False), (True, False), (False, True)])
+def test_resblock_shapes_and_zero_init_identity(up, down):
+  x = _randn(1, (2, 8, 8, 16))
+  emb = _randn(2, (2, 32))
+  m = layers.ResBlock(out_channels=16, up=up, down=down, norm_groups=4)
+  p = _unboxed_init(m, x, emb)
+  apply = _apply(m)
+  out = apply(p, x, emb)
+  size = 16 if up else (4 if down else 8)
+  assert out.shape == (2, size, size, 16), f'ResBlock(up={up}, down={down}) gave {out.shape}'
+  # The last conv starts at zero: a fresh block passes its (resampled) input through.
+  expected = layers._resample(x, up, down)
+  np.testing.assert_allclose(out, expected, atol=1e-6,
+                             err_msg='fresh ResBlock is not the identity on its skip path')
+
+
+def test_resblock_uses_embedding_scale_shift():
+  x = _randn(1, (2, 8, 8, 16))
+  emb = _randn(2, (2, 32))
+  m = layers.ResBlock(out_channels=24, norm_groups=4)
+  p = _perturb(_unboxed_init(m, x, emb), 3)
+  apply = _apply(m)
+  a = apply(p, x, emb)
+  b = apply(p, x, emb + 1.0)
+  assert a.shape == (2, 8, 8, 24)
+  assert float(jnp.abs(a - b).max()) > 1e-3, 'ResBlock output ignores the embedding'
+
+
+def test_glide_attention_ignores_masked_text_tokens():
+  x = _randn(1, (2, 4, 4, 16))
+  ctx = _randn(2, (2, 5, 12))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  m = layers.ImageAttention(num_heads=2, norm_groups=4)
+  p = _perturb(_unboxed_init(m, x, ctx, mask), 3)
+  apply = _apply(m)
+  out = apply(p, x, ctx, mask)
+  ctx_pad = ctx.at[:, 3:].set(100.0)  # only padding changes
+  out_pad = apply(p, x, ctx_pad, mask)
+  np.testing.assert_allclose(out, out_pad, atol=1e-5, err_msg='padding tokens leak into attention')
+  ctx_real = ctx.at[:, 0].add(1.0)  # a real token changes
+  out_real = apply(p, x, ctx_real, mask)
+  assert float(jnp.abs(out - out_real).max()) > 1e-3, 'text tokens do not reach the keys/values'
+  assert 'context_key' in p and 'context_value' in p, 'no per-layer text key/value projection'
+
+
+def test_cross_attention_fully_masked_is_learned_null():
+  x = _randn(1, (2, 4, 4, 16))
+  ctx = _randn(2, (2, 5, 12))
+  mask = jnp.zeros((2, 5), bool)
+  m = layers.CrossAttention(num_heads=2, norm_groups=4)
+  p = _perturb(_unboxed_init(m, x, ctx, mask), 3)
+  apply = _apply(m)
+  a = apply(p, x, ctx, mask)
+  b = apply(p, x, ctx * 3.0 + 1.0, mask)
+  assert bool(jnp.all(jnp.isfinite(a))), 'fully masked cross-attention is not finite'
+  np.testing.assert_allclose(a, b, atol=1e-5, err_msg='masked context still changes the output')
+  c = apply(p, x, ctx, jnp.ones((2, 5), bool))
+  assert float(jnp.abs(a - c).max()) > 1e-3, 'unmasked context does not change the output'
+
+
+def test_attention_pool_ignores_padding():
+  tok = _randn(1, (2, 6, 16))
+  mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], bool)
+  m = layers.AttentionPool(features=24, num_heads=2)
+  p = _perturb(_unboxed_init(m, tok, mask), 3)
+  apply = _apply(m)
+  a = apply(p, tok, mask)
+  b = apply(p, tok.at[:, 4:].set(-50.0), mask)
+  assert a.shape == (2, 24)
+  np.testing.assert_allclose(a, b, atol=1e-5, err_msg='attention pooling reads padding tokens')
+  # (a constant shift would vanish in the LayerNorm: change the token's direction instead)
+  c = apply(p, tok.at[:, 0].set(_randn(4, (2, 16))),
+              mask)
+  assert float(jnp.abs(a - c).max()) > 1e-4, 'attention pooling ignores the real tokens'
+
+
+def _stack(scan: bool, remat: str = 'none', num_layers: int = 3):
+  return layers.TransformerStack(num_layers=num_layers, width=16, num_heads=2, scan_layers=scan,
+                                 remat_policy=remat)
+
+
+def test_scan_and_unrolled_stacks_agree():
+  x = _randn(1, (2, 5, 16))
+  mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+  unrolled = _stack(False)
+  p_unrolled = _unboxed_init(unrolled, x, mask)
+  assert set(p_unrolled) == {'layers_0', 'layers_1', 'layers_2'}
+  p_scan = layers.stack_layer_params(p_unrolled, 3)
+  scanned = _stack(True)
+  ref_shapes = jax.tree.map(jnp.shape, _unboxed_init(scanned, x, mask))
+  assert jax.tree.map(jnp.shape, p_scan) == ref_shapes, 'scan layout differs from stacked layers'
+  a = _apply(unrolled)(p_unrolled, x, mask)
+  b = _apply(scanned)(p_scan, x, mask)
+  np.testing.assert_allclose(a, b, atol=1e-5, err_msg='scanned stack differs from unrolled stack')
+
+
+def test_scanned_params_carry_layers_axis_name():
+  x = jnp.zeros((1, 5, 16))
+  boxed = jax.eval_shape(_stack(True).init, jax.random.key(0), x,
+                         jnp.ones((1, 1, 1, 5), bool))['params']
+  specs = nn.get_partition_spec(boxed)
+  q = specs['layers']['query']['kernel']
+  assert tuple(q) == ('layers', 'embed', 'heads', 'kv'), f'scanned query kernel spec {q}'
+
+
+@pytest.fixture(scope='module')
+def remat_case():
+  x = _randn(1, (2, 5, 16))
+  mask = jnp.ones((2, 1, 1, 5), bool)
+  p = _perturb(_unboxed_init(_stack(True), x, mask), 2, 0.02)
+
+  def grads(m):
+    return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x, mask) ** 2)))(p)
+
+  return grads, grads(_stack(True))
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots_saveable'])
+def test_remat_gives_same_gradients(remat_case, policy):
+  grads, g0 = remat_case
+  x, mask = jnp.zeros((2, 5, 16)), jnp.ones((2, 1, 1, 5), bool)
+  p0 = jax.tree.map(jnp.zeros_like, g0)
+  jaxpr = lambda m: str(jax.make_jaxpr(lambda p: m.apply({'params': p}, x, mask))(p0))
+  assert 'checkpoint' in jaxpr(_stack(True, policy)) or 'remat' in jaxpr(_stack(True, policy)), (
+      f'remat_policy={policy} did not wrap the blocks in jax.checkpoint')
+  assert 'checkpoint' not in jaxpr(_stack(True)), "remat_policy='none' still rematerialises"
+  g1 = grads(_stack(True, policy))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, atol=1e-5, rtol=1e-5, err_msg=f'remat policy {policy} changes gradients'), g0, g1)
+
+
+def test_remat_policy_names():
+  assert layers.maybe_remat(layers.ResBlock, 'none') is layers.ResBlock
+  assert layers.remat_policy('full') is None
+  assert layers.remat_policy('dots_saveable') is jax.checkpoint_policies.dots_saveable
+  with pytest.raises(ValueError, match='unknown remat policy'):
+    layers.remat_policy('sometimes')
