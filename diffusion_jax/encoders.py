@@ -23,6 +23,7 @@ CLIP, or the CLIP text tower's positions if fewer), batch_size, dtype ('float32'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -108,6 +109,13 @@ class TextEncoder:
                             in_shardings=(self.param_shardings, self._b2, self._b2),
                             out_shardings=(self._b3, self._b2))
 
+  @contextlib.contextmanager
+  def _sharding_context(self):
+    # The modules' activation constraints (batch over the data axes) take effect only with a
+    # mesh and the logical rules in scope while tracing.
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
   @property
   def embed_dim(self) -> int:
     if self.name == 't5':
@@ -149,7 +157,8 @@ class TextEncoder:
     for s, e in self._batches(n):
       ids = jax.device_put(self._pad(ids_BL[s:e], self.batch_size), self._b2)
       mask = jax.device_put(self._pad(mask_BL[s:e], self.batch_size), self._b2)
-      tok, pool = self._text_fn(self.params, ids, mask)
+      with self._sharding_context():
+        tok, pool = self._text_fn(self.params, ids, mask)
       tokens.append(np.asarray(tok)[:e - s])
       pooled.append(np.asarray(pool)[:e - s])
     if not tokens:
@@ -250,7 +259,8 @@ class CLIPEncoder(TextEncoder):
     for s, e in self._batches(images.shape[0]):
       x = jax.device_put(self._pad(images[s:e], self.batch_size),
                          NamedSharding(self.mesh, P(parallel.BATCH_AXES)))
-      out.append(np.asarray(fn(self.params, x))[:e - s])
+      with self._sharding_context():
+        out.append(np.asarray(fn(self.params, x))[:e - s])
     if not out:
       return np.zeros((0, self.embed_dim), np.float32)
     return np.concatenate(out)

@@ -88,6 +88,18 @@ def test_logical_names_shard_params():
   assert flat[('text_model', 'encoder', 'layers', 'fc1', 'kernel')].spec == P(None, 'fsdp', 'tensor')
 
 
+def test_noised_clip_init_under_mesh_context():
+  import flax.linen as nn
+  module = clip.make_noised('tiny')
+  x, t, cond = clip.noised_clip_example_inputs(clip.NOISED_PRESETS['tiny'], 4)
+  mesh = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_LOGICAL_RULES):
+    params = jax.jit(lambda k: nn.meta.unbox(module.init(k, x, t, cond)['params']))(
+        jax.random.PRNGKey(0))
+    img, txt, scale = jax.jit(module.apply)({'params': params}, x, t, cond)
+  assert img.shape == txt.shape == (4, 24) and scale.shape == ()
+
+
 @pytest.mark.parametrize('preset,vision,text', [
     ('vit_h14', 632.08e6, 354.03e6),  # OpenCLIP ViT-H-14 model profile
     ('vit_l14', 303.97e6, 123.65e6),  # openai/clip-vit-large-patch14 (427.6M in all)

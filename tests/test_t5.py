@@ -84,6 +84,22 @@ def test_logical_names_shard_params():
   assert shapes[('layers', 'attn', 'q', 'kernel')].shape == (2, 32, 4, 8)
 
 
+def test_init_and_apply_under_mesh_context():
+  # The trainer traces under jax.set_mesh + logical rules; boxed 3-d kernels must still init.
+  import flax.linen as nn
+  module = t5.make('tiny')
+  mesh = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
+  shardings = parallel.logical_shardings(t5.abstract_params(module, boxed=True), mesh,
+                                         DEFAULT_LOGICAL_RULES)
+  ids = jnp.ones((4, 8), jnp.int32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_LOGICAL_RULES):
+    params = jax.jit(lambda k: nn.meta.unbox(module.init(k, ids)['params']),
+                     out_shardings=shardings)(jax.random.PRNGKey(0))
+    out = jax.jit(module.apply)({'params': params}, ids, ids > 0)
+  ref = module.apply({'params': jax.device_get(params)}, ids, ids > 0)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
 def test_xxl_param_count():
   module = t5.make('xxl')
   shapes = t5.abstract_params(module, length=4)

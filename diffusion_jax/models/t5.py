@@ -92,9 +92,38 @@ class RMSNorm(nn.Module):
 
 
 def _dense(features, axis, names, dtype, param_dtype, name, std):
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names), name=name)
+  features = (features,) if isinstance(features, int) else tuple(features)
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  return Dense(features, names, n_in, std, False, dtype, param_dtype, name=name)
+
+
+class Dense(nn.Module):
+  """y = x . W contracting the last `n_in` dims of x; W has shape x.shape[-n_in:] + features.
+
+  Used instead of `nn.DenseGeneral`, whose initializer builds a flat 2-d kernel and so
+  cannot carry 3-d logical names under a mesh context (`jax.set_mesh`).
+  """
+  features: tuple[int, ...]
+  names: tuple[Any, ...]
+  n_in: int = 1
+  std: float = 0.02
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = tuple(self.features)
+    in_shape = x.shape[x.ndim - self.n_in:]
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(self.std), self.names), in_shape + features, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.names[self.n_in:]), features, self.param_dtype)
+      y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - len(features)) + features)
+    return y
 
 
 class T5Attention(nn.Module):
