@@ -34,6 +34,7 @@ setup(
         'transformers==5.24.0',
         'tokenizers',
         'sentencepiece',
+        'importlib_resources',  # imported by TFDS when preparing datasets
         'safetensors',
     ],
     extras_require={

@@ -1,0 +1,231 @@
+"""Noise schedules as functions of continuous time t in [0, 1].
+
+Every schedule is described by its log signal-to-noise ratio `logsnr(t)`, decreasing from
+`logsnr_max` at t = 0 (clean data) to `logsnr_min` at t = 1 (pure noise); the variance-
+preserving process then has alpha^2 = sigmoid(logsnr) and sigma^2 = sigmoid(-logsnr).
+Clipping log-SNR at both ends keeps alpha and sigma strictly positive, so no sampler or loss
+divides by zero.
+
+Discrete schedules (DDPM's linear betas, improved DDPM's `squaredcos_cap_v2`) are the special
+case whose training times live on the grid t = i / T, i = 1..T; `logsnr` interpolates
+linearly between grid points and `sample_t` draws grid points only.
+
+Schedules are frozen dataclasses of Python scalars and tuples, so they are hashable and can be
+static arguments of `jax.jit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOGSNR_MIN = -15.0
+LOGSNR_MAX = 15.0
+LOGSNR_SPACING_CLIP = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Base class: subclasses implement `logsnr(t)`."""
+
+  def logsnr(self, t):
+    raise NotImplementedError
+
+  @property
+  def num_timesteps(self) -> int | None:
+    """T for discrete schedules, None for continuous ones."""
+    return None
+
+  def alpha_sigma(self, t):
+    """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1, float32."""
+    logsnr = self.logsnr(t)
+    return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+
+  def sample_t(self, rng, shape):
+    """Training times: uniform on (0, 1], or uniform on the grid {1/T, ..., 1}."""
+    if self.num_timesteps is None:
+      # Avoid t == 0 exactly: there the target of eps-prediction is pure noise with no signal.
+      return jax.random.uniform(rng, shape, minval=1e-5, maxval=1.0)
+    steps = jax.random.randint(rng, shape, 1, self.num_timesteps + 1)
+    return steps.astype(jnp.float32) / self.num_timesteps
+
+  def timesteps(self, num_steps: int, spacing: str = 'time') -> np.ndarray:
+    """Sampling grid of `num_steps + 1` decreasing times from 1 to 0 (respacing).
+
+    spacing='time': evenly spaced in t ("trailing" spacing: the chain starts at t = 1 and
+      its last model call is at t = 1 / num_steps).
+    spacing='logsnr': model calls evenly spaced in log-SNR (the spacing DPM-Solver
+      recommends: equal steps in lambda keep multistep solvers stable), then t = 0.
+    Discrete schedules snap the grid to multiples of 1 / T (distinct points), so
+    num_steps == T visits every step of the original chain.
+    """
+    if num_steps < 1:
+      raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+    T = self.num_timesteps
+    if T is not None and num_steps > T:
+      raise ValueError(f'num_steps={num_steps} exceeds the schedule\'s {T} timesteps')
+    if spacing == 'time':
+      times = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+    elif spacing == 'logsnr':
+      # Invert the decreasing log-SNR on a dense grid. The model points span log-SNR
+      # [-LOGSNR_SPACING_CLIP, +LOGSNR_SPACING_CLIP] (within the schedule's range): steps
+      # spent deeper in pure noise or in already-clean data change nothing.
+      dense_t = np.linspace(0.0, 1.0, 100_001) if T is None else np.arange(1, T + 1) / T
+      with jax.ensure_compile_time_eval():  # timesteps() is also called while tracing.
+        dense_l = np.asarray(self.logsnr(jnp.asarray(dense_t, jnp.float32)), np.float64)
+      lo = max(dense_l[-1], -LOGSNR_SPACING_CLIP)
+      hi = min(dense_l[0], LOGSNR_SPACING_CLIP)
+      times = np.interp(np.linspace(lo, hi, num_steps), dense_l[::-1], dense_t[::-1])
+      times[0] = 1.0
+      times = np.concatenate([times, [0.0]])
+    else:
+      raise ValueError(f"unknown spacing {spacing!r}; choose 'time' or 'logsnr'")
+    if T is None:
+      return times
+    steps = np.round(times[:-1] * T).astype(np.int64)
+    # Snap to distinct grid points, keeping exactly num_steps model calls.
+    for k in range(1, num_steps):
+      steps[k] = min(steps[k], steps[k - 1] - 1)
+    for k in range(num_steps - 1, -1, -1):
+      steps[k] = max(steps[k], num_steps - k)
+    return np.concatenate([steps / T, [0.0]])
+
+
+def _clip_logsnr(logsnr, logsnr_min, logsnr_max):
+  return jnp.clip(logsnr, logsnr_min, logsnr_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule(Schedule):
+  """Continuous cosine schedule (Nichol & Dhariwal; Imagen), alpha = cos(pi/2 * u).
+
+  logsnr(t) = -2 log tan(a t + b), with a, b chosen so that t = 0 and t = 1 land exactly on
+  `logsnr_max` and `logsnr_min` (the clipping of VDM / simple diffusion). `shift` > 1 lowers
+  the log-SNR by 2 log(shift) at every t, as simple diffusion's shifted cosine for resolution
+  `shift` times the base one.
+  """
+  logsnr_min: float = LOGSNR_MIN
+  logsnr_max: float = LOGSNR_MAX
+  shift: float = 1.0
+
+  def logsnr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    shift_term = 2.0 * math.log(self.shift)
+    lo, hi = self.logsnr_min + shift_term, self.logsnr_max + shift_term
+    b = math.atan(math.exp(-0.5 * hi))
+    a = math.atan(math.exp(-0.5 * lo)) - b
+    logsnr = -2.0 * jnp.log(jnp.tan(a * t + b)) - shift_term
+    return _clip_logsnr(logsnr, self.logsnr_min, self.logsnr_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLogSNRSchedule(Schedule):
+  """log-SNR linear in t, occasionally useful for ablations and tests."""
+  logsnr_min: float = LOGSNR_MIN
+  logsnr_max: float = LOGSNR_MAX
+
+  def logsnr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    return self.logsnr_max + (self.logsnr_min - self.logsnr_max) * t
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteSchedule(Schedule):
+  """A DDPM-style schedule given by its betas (index i = 1..T)."""
+  betas: tuple[float, ...] = ()
+  logsnr_min: float = LOGSNR_MIN
+  logsnr_max: float = LOGSNR_MAX
+
+  @property
+  def num_timesteps(self) -> int:
+    return len(self.betas)
+
+  @property
+  def alphas_cumprod(self) -> np.ndarray:
+    return np.cumprod(1.0 - np.asarray(self.betas, np.float64))
+
+  def logsnr_grid(self) -> np.ndarray:
+    """log-SNR at i = 0..T (i = 0 is clean data: clipped to logsnr_max)."""
+    abar = self.alphas_cumprod
+    grid = np.log(abar) - np.log1p(-abar)
+    grid = np.concatenate([[np.inf], grid])
+    return np.clip(grid, self.logsnr_min, self.logsnr_max)
+
+  def logsnr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    grid = jnp.asarray(self.logsnr_grid(), jnp.float32)
+    u = jnp.clip(t, 0.0, 1.0) * self.num_timesteps
+    lo = jnp.clip(jnp.floor(u), 0, self.num_timesteps - 1).astype(jnp.int32)
+    frac = u - lo
+    return grid[lo] * (1.0 - frac) + grid[lo + 1] * frac
+
+
+def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+  """DDPM (Ho et al. 2020): betas linear from 1e-4 to 0.02, rescaled for T != 1000."""
+  scale = 1000.0 / num_timesteps
+  return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+
+
+def squaredcos_cap_v2_betas(num_timesteps: int = 1000, max_beta: float = 0.999, s: float = 0.008):
+  """Improved DDPM's cosine schedule (GLIDE, unCLIP): alpha_bar(t) = cos((t+s)/(1+s) pi/2)^2."""
+  def alpha_bar(u):
+    return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+  return np.array([
+      min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+      for i in range(num_timesteps)
+  ], dtype=np.float64)
+
+
+def get_schedule(name: str, **kw) -> Schedule:
+  """Schedules by name.
+
+  - 'cosine': continuous cosine log-SNR (Imagen). kw: logsnr_min, logsnr_max.
+  - 'shifted_cosine': cosine shifted by 2 log(shift) (higher resolutions). kw: shift.
+  - 'linear_logsnr': log-SNR linear in t.
+  - 'linear': discrete DDPM betas 1e-4..0.02. kw: num_timesteps (1000), beta_start, beta_end.
+  - 'squaredcos_cap_v2': discrete improved-DDPM cosine (GLIDE). kw: num_timesteps (1000).
+  """
+  clip_kw = {k: float(kw.pop(k)) for k in ('logsnr_min', 'logsnr_max') if k in kw}
+  if name == 'cosine':
+    sched = CosineSchedule(**clip_kw)
+  elif name == 'shifted_cosine':
+    shift = float(kw.pop('shift', 1.0))
+    if shift <= 0:
+      raise ValueError(f'shifted_cosine needs shift > 0, got {shift}')
+    sched = CosineSchedule(shift=shift, **clip_kw)
+  elif name == 'linear_logsnr':
+    sched = LinearLogSNRSchedule(**clip_kw)
+  elif name == 'linear':
+    betas = linear_betas(int(kw.pop('num_timesteps', 1000)), float(kw.pop('beta_start', 1e-4)),
+                         float(kw.pop('beta_end', 0.02)))
+    sched = DiscreteSchedule(betas=tuple(float(b) for b in betas), **clip_kw)
+  elif name == 'squaredcos_cap_v2':
+    betas = squaredcos_cap_v2_betas(int(kw.pop('num_timesteps', 1000)))
+    sched = DiscreteSchedule(betas=tuple(float(b) for b in betas), **clip_kw)
+  else:
+    raise ValueError(f'unknown schedule {name!r}; choose one of cosine, shifted_cosine, '
+                     'linear_logsnr, linear, squaredcos_cap_v2')
+  if kw:
+    raise ValueError(f'schedule {name!r} got unknown arguments {sorted(kw)}')
+  return sched
+
+
+_SCHEDULE_FIELDS = ('num_timesteps', 'shift', 'logsnr_min', 'logsnr_max', 'beta_start', 'beta_end')
+
+
+def from_config(diffusion_cfg) -> Schedule:
+  """The schedule named by a config's `diffusion` section (fields it has are passed on)."""
+  kw = {k: diffusion_cfg[k] for k in _SCHEDULE_FIELDS
+        if k in diffusion_cfg and diffusion_cfg[k] is not None}
+  name = diffusion_cfg['schedule']
+  if name in ('cosine', 'linear_logsnr'):
+    kw.pop('num_timesteps', None)  # Continuous: a num_timesteps field is for the VLB only.
+  if name != 'shifted_cosine':
+    kw.pop('shift', None)
+  if name != 'linear':
+    kw.pop('beta_start', None)
+    kw.pop('beta_end', None)
+  return get_schedule(name, **kw)
