@@ -96,7 +96,7 @@ class TextEncoder:
     self.mesh = default_mesh() if mesh is None else mesh
     self.rules = _default_rules() if rules is None else rules
     self.meta = dict(meta or {})
-    shards = parallel._mesh_axes_size(self.mesh, parallel.BATCH_AXES)
+    shards = int(np.prod([self.mesh.shape[a] for a in parallel.BATCH_AXES]))
     self.batch_size = max(shards, -(-int(batch_size) // shards) * shards)
     self.max_length = int(max_length or (tokenizer.max_length if tokenizer else 0)
                           or DEFAULT_MAX_LENGTH[name])

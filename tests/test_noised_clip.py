@@ -146,3 +146,24 @@ def test_seed_from_pretrained_clip_is_exact():
   got = jax.jit(lambda p: noised.apply({'params': p}, x, jnp.array([0.1, 0.9]),
                                        method='encode_image'))(nparams)
   np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_loss_noises_images_with_the_schedule():
+  from diffusion_jax.diffusion import schedules
+  seen = {}
+
+  def stub(p, x_t, t_B, cond, rng):
+    seen['x_t'], seen['t'] = np.asarray(x_t), np.asarray(t_B)
+    emb = jnp.mean(x_t, axis=(1, 2))
+    return emb, emb, jnp.float32(0.0)
+
+  x0 = jnp.full((16, 32, 32, 3), 0.8)
+  loss, aux = contrastive.noised_clip_loss(stub, None, {'x0': x0, 'cond': {}}, jax.random.PRNGKey(0),
+                                           SCHEDULE)
+  t = seen['t']
+  assert t.shape == (16,) and t.min() >= 0 and t.max() <= 1 and t.std() > 0.1, f't ~ U[0, 1]? {t}'
+  alpha, sigma = (np.asarray(a) for a in schedules.get_schedule('cosine').alpha_sigma(jnp.asarray(t)))
+  x_t = seen['x_t'].reshape(16, -1)
+  np.testing.assert_allclose(x_t.mean(1), 0.8 * alpha, atol=0.06, err_msg='x_t mean is not alpha(t) x0')
+  np.testing.assert_allclose(x_t.std(1), sigma, atol=0.06, err_msg='x_t noise level is not sigma(t)')
+  assert np.isfinite(float(loss)) and set(aux) >= {'loss', 'accuracy', 'temperature', 't_mean'}

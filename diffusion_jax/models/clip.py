@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.core import FrozenDict
 import jax.numpy as jnp
 
 Dtype = Any
@@ -304,6 +305,12 @@ class CLIP(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
 
+  def __post_init__(self):
+    # Tower fields arrive as dicts; frozen, the module stays hashable (jit static args, clone).
+    object.__setattr__(self, 'text', FrozenDict(self.text))
+    object.__setattr__(self, 'vision', FrozenDict(self.vision))
+    super().__post_init__()
+
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
     self.text_model = CLIPTextTower(**dict(self.text), **kw)
@@ -358,6 +365,12 @@ class NoisedCLIP(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+
+  def __post_init__(self):
+    # Tower fields arrive as dicts; frozen, the module stays hashable (jit static args, clone).
+    object.__setattr__(self, 'text', FrozenDict(self.text))
+    object.__setattr__(self, 'vision', FrozenDict(self.vision))
+    super().__post_init__()
 
   def setup(self):
     self.clip = CLIP(self.text, self.vision, self.embed_dim, self.logit_scale_init,
