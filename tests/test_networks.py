@@ -1,0 +1,281 @@
+"""The U-Nets at `tiny` size: shapes and dtypes of every stage, and that every conditioning
+pathway the config enables really reaches the output (and that CFG dropout really removes it).
+
+Output layers start at zero, so a fresh network outputs zeros whatever its inputs; the
+sensitivity tests perturb every parameter first so that each pathway is live.
+"""
+from __future__ import annotations
+
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import models
+
+B = 2
+STAGES = [('imagen', s) for s in ('base64', 'sr256', 'sr1024')] + \
+         [('glide', s) for s in ('base64', 'up256', 'inpaint64', 'inpaint256')] + \
+         [('unclip', s) for s in ('prior', 'decoder64', 'up256', 'up1024')]
+
+
+def config(family, stage, size='tiny'):
+  return importlib.import_module(f'configs.{family}').get_config(f'stage={stage},size={size}')
+
+
+def _randn(rng, shape):
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def random_inputs(model_cfg, seed=0):
+  """example_inputs with every float array randomised (ids random, masks partly padded)."""
+  rng = np.random.default_rng(seed)
+  x, t, cond = models.example_inputs(model_cfg, B)
+  x = _randn(rng, x.shape)
+  t = jnp.asarray(rng.uniform(0.1, 0.9, (B,)), jnp.float32)
+  out = {}
+  for k, v in cond.items():
+    if k == 'text_mask':
+      L = v.shape[1]
+      out[k] = jnp.arange(L)[None, :] < jnp.array([L - 3, L // 2])[:, None]
+    elif k == 'text_ids':
+      out[k] = jnp.asarray(rng.integers(1, model_cfg.vocab_size, v.shape), jnp.int32)
+    elif k == 'inpaint_mask':
+      m = np.zeros(v.shape, np.float32)
+      m[:, : v.shape[1] // 2] = 1.0  # top half known
+      out[k] = jnp.asarray(m)
+    elif k == 'aug_t':
+      out[k] = jnp.asarray(rng.uniform(0.1, 0.9, (B,)), jnp.float32)
+    elif v.dtype == jnp.bool_:
+      out[k] = v
+    else:
+      out[k] = _randn(rng, v.shape)
+  return x, t, out
+
+
+def random_params(module, model_cfg, seed=1):
+  """Random parameters of the right shapes, every one non-zero (numpy draws on the shapes of
+  `jax.eval_shape(init)`: no init compile). Kernels ~ N(0, 1/fan_in), norm scales ~ 1."""
+  x, t, cond = models.example_inputs(model_cfg, B)
+  abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = str(path[-1].key)
+    shape = leaf.shape
+    z = rng.standard_normal(shape).astype(np.float32)
+    if name == 'scale':
+      return jnp.asarray(1.0 + 0.05 * z)
+    if name == 'embedding':
+      return jnp.asarray(0.5 * z)
+    if len(shape) >= 2 and name == 'kernel':
+      return jnp.asarray(z / np.sqrt(np.prod(shape[:-1])))
+    return jnp.asarray(0.05 * z)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+class Net:
+  """A built tiny network with perturbed params and a jitted forward."""
+
+  def __init__(self, family, stage):
+    self.cfg = config(family, stage)
+    self.module = models.build(self.cfg.model)
+    self.x, self.t, self.cond = random_inputs(self.cfg.model)
+    self.params = random_params(self.module, self.cfg.model)
+    self._fwd = jax.jit(lambda p, x, t, c: self.module.apply({'params': p}, x, t, c))
+
+  def __call__(self, x=None, t=None, **cond_updates):
+    cond = dict(self.cond, **cond_updates)
+    return self._fwd(self.params, self.x if x is None else x, self.t if t is None else t, cond)
+
+
+_NETS: dict = {}
+
+
+@pytest.fixture(scope='module')
+def net():
+  def get(family, stage):
+    if (family, stage) not in _NETS:
+      _NETS[(family, stage)] = Net(family, stage)
+    return _NETS[(family, stage)]
+  yield get
+  _NETS.clear()
+
+
+def _differs(a, b, tol=1e-4):
+  return float(jnp.abs(a - b).max()) > tol
+
+
+def _same(a, b, tol=1e-5):
+  return float(jnp.abs(a - b).max()) <= tol
+
+
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('family,stage', STAGES)
+def test_output_shape_and_dtype(family, stage):
+  cfg = config(family, stage)
+  module = models.build(cfg.model)
+  x, t, cond = models.example_inputs(cfg.model, B)
+  variables = jax.eval_shape(module.init, jax.random.key(0), x, t, cond)
+  out = jax.eval_shape(module.apply, nn.meta.unbox(variables), x, t, cond)
+  if cfg.model.name == 'prior':
+    expected = (B, cfg.model.embed_dim)
+  else:
+    s = cfg.model.image_size
+    expected = (B, s, s, 3 * (2 if cfg.diffusion.learned_variance else 1))
+  assert out.shape == expected, f'{family}/{stage}: output {out.shape}, expected {expected}'
+  assert out.dtype == jnp.float32, f'{family}/{stage}: output dtype {out.dtype}, want float32'
+  assert cfg.model.get('learned_variance', False) == cfg.diffusion.learned_variance, (
+      f'{family}/{stage}: model and diffusion disagree on the learned variance')
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  cfg = config('imagen', 'sr256')
+  cfg.model.dtype = 'bfloat16'
+  module = models.build(cfg.model)
+  x, t, cond = models.example_inputs(cfg.model, B)
+  variables = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))
+  dtypes = {p.dtype for p in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}, f'params must stay float32, got {dtypes}'
+  jaxpr = str(jax.make_jaxpr(module.apply)(variables, x, t, cond))
+  assert 'bf16' in jaxpr, 'dtype=bfloat16 did not make the convolutions compute in bfloat16'
+  out = jax.eval_shape(module.apply, variables, x, t, cond)
+  assert out.dtype == jnp.float32
+
+
+def test_missing_condition_raises_key_error_naming_it():
+  cfg = config('imagen', 'sr256')
+  module = models.build(cfg.model)
+  x, t, cond = models.example_inputs(cfg.model, B)
+  for key in ('text_tokens', 'low_res', 'aug_t'):
+    partial = {k: v for k, v in cond.items() if k != key}
+    with pytest.raises(KeyError, match=key):
+      jax.eval_shape(module.init, jax.random.key(0), x, t, partial)
+
+
+# --- Imagen ----------------------------------------------------------------------------
+
+def test_imagen_base_reads_text_and_drops_it(net):
+  n = net('imagen', 'base64')
+  ref = n()
+  assert _differs(n(t=n.t * 0.5), ref), 'output ignores the time'
+  tokens = n.cond['text_tokens']
+  other = tokens.at[:, 0].set(-tokens[:, 0])
+  assert _differs(n(text_tokens=other), ref), 'imagen base ignores the T5 tokens'
+  # padding positions (mask False) must not matter
+  padded = tokens.at[:, -2:].set(7.0)
+  assert _same(n(text_tokens=padded), ref), 'imagen base reads padding tokens'
+  drop = jnp.ones((B,), bool)
+  assert _differs(n(drop_text=drop), ref), 'drop_text does not change the output'
+  assert _same(n(drop_text=drop, text_tokens=other), n(drop_text=drop)), (
+      'with drop_text the output still depends on the text (no learned null)')
+
+
+def test_imagen_sr_reads_low_res_aug_level_and_text(net):
+  n = net('imagen', 'sr256')
+  ref = n()
+  assert _differs(n(low_res=-n.cond['low_res']), ref), 'SR stage ignores the low-res image'
+  assert _differs(n(aug_t=1.0 - n.cond['aug_t']), ref), 'SR stage ignores the aug level'
+  tokens = n.cond['text_tokens']
+  assert _differs(n(text_tokens=tokens.at[:, 1].set(-tokens[:, 1])), ref), (
+      'SR stage ignores the text tokens')
+
+
+def test_imagen_sr1024_has_no_self_attention_but_cross_attention():
+  cfg = config('imagen', 'sr1024')
+  module = models.build(cfg.model)
+  x, t, cond = models.example_inputs(cfg.model, B)
+  params = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+  names = list(params)
+  assert not [k for k in names if k.endswith('_attn')], f'self-attention at 1024: {names}'
+  assert [k for k in names if k.endswith('_cross')], 'sr1024 lost its text cross-attention'
+  sr256 = nn.meta.unbox(jax.eval_shape(
+      models.build(config('imagen', 'sr256').model).init, jax.random.key(0),
+      *models.example_inputs(config('imagen', 'sr256').model, B)))['params']
+  assert [k for k in sr256 if k.endswith('_attn')], 'sr256 lost its self-attention'
+
+
+# --- GLIDE -----------------------------------------------------------------------------
+
+def test_glide_base_reads_token_ids_and_drops_them(net):
+  n = net('glide', 'base64')
+  ref = n()
+  assert ref.shape[-1] == 6, 'learned variance needs 2 x 3 output channels'
+  ids = n.cond['text_ids']
+  other = ids.at[:, 0].set((ids[:, 0] + 1) % n.cfg.model.vocab_size)
+  assert _differs(n(text_ids=other), ref), 'GLIDE ignores the caption token ids'
+  assert _same(n(text_ids=ids.at[:, -1].set(3)), ref), 'GLIDE reads padding token ids'
+  drop = jnp.ones((B,), bool)
+  assert _same(n(drop_text=drop, text_ids=other), n(drop_text=drop)), (
+      'with drop_text the output still depends on the caption')
+
+
+def test_glide_inpaint_reads_known_pixels_only(net):
+  n = net('glide', 'inpaint64')
+  ref = n()
+  img, H = n.cond['inpaint_image'], n.cfg.model.image_size
+  assert _differs(n(inpaint_image=img.at[:, : H // 2].set(0.5)), ref), (
+      'inpainting model ignores the known pixels')
+  assert _same(n(inpaint_image=img.at[:, H // 2:].set(0.5)), ref), (
+      'inpainting model reads pixels the mask marks unknown')
+  assert _differs(n(inpaint_mask=1.0 - n.cond['inpaint_mask']), ref), 'mask channel ignored'
+
+
+# --- unCLIP ----------------------------------------------------------------------------
+
+def test_unclip_decoder_reads_image_embedding_and_drops_it(net):
+  n = net('unclip', 'decoder64')
+  ref = n()
+  emb = n.cond['image_embed']
+  assert _differs(n(image_embed=-emb), ref), 'decoder ignores the CLIP image embedding'
+  ids = n.cond['text_ids']
+  assert _differs(n(text_ids=ids.at[:, 0].set((ids[:, 0] + 1) % n.cfg.model.vocab_size)), ref), (
+      'decoder ignores the caption')
+  drop = jnp.ones((B,), bool)
+  assert _same(n(drop_image=drop, image_embed=-emb), n(drop_image=drop)), (
+      'with drop_image the output still depends on the image embedding')
+  assert _differs(n(drop_image=drop), ref), 'drop_image does not change the output'
+
+
+def test_unclip_decoder_image_tokens_reach_attention(net):
+  """The image embedding must act through the 4 context tokens too, not only the time emb."""
+  n = net('unclip', 'decoder64')
+  p = dict(n.params)
+  p['image_embed_proj'] = jax.tree.map(jnp.zeros_like, p['image_embed_proj'])
+  fwd = lambda emb: n._fwd(p, n.x, n.t, dict(n.cond, image_embed=emb))
+  assert _differs(fwd(-n.cond['image_embed']), fwd(n.cond['image_embed'])), (
+      'with the time-embedding projection zeroed, the image tokens have no effect')
+  assert p['image_tokens_proj']['kernel'].shape[-1] == 4 * n.cfg.model.xf_width
+
+
+def test_unclip_upsampler_reads_low_res(net):
+  n = net('unclip', 'up256')
+  assert _differs(n(low_res=-n.cond['low_res']), n()), 'upsampler ignores the low-res image'
+
+
+# --- memory / layout switches -------------------------------------------------------------
+
+@pytest.mark.parametrize('policy', ['full'])  # named policies: tests/test_layers.py
+def test_unet_remat_gives_same_gradients(policy):
+  cfg = config('glide', 'base64')  # ResBlocks, attention with text, scanned text transformer
+  plain = models.build(cfg.model)
+  cfg.model.remat_policy = policy
+  remat = models.build(cfg.model)
+  params = random_params(plain, cfg.model)
+  x, t, cond = random_inputs(cfg.model)
+
+  def grads(m):
+    loss = lambda p: jnp.mean(m.apply({'params': p}, x, t, cond) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  g0, g1 = grads(plain), grads(remat)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 0, 'zero gradients'
+  jax.tree_util.tree_map_with_path(lambda path, a, b: np.testing.assert_allclose(
+      a, b, atol=1e-5, rtol=1e-4,
+      err_msg=f'remat_policy={policy} changes the gradient of {jax.tree_util.keystr(path)}'),
+      g0, g1)
