@@ -106,3 +106,24 @@ def test_xxl_param_count():
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert abs(n - 4.76e9) / 4.76e9 < 0.02, f'T5-XXL encoder has {n / 1e9:.3f}B params, expected ~4.76B'
   assert module.feed_forward_proj == 'gated-gelu' and module.num_layers == 24
+
+
+def test_xxl_compiles_fsdp_sharded():
+  # Paper size without allocating: abstract params placed by their logical names on an
+  # 8-way FSDP mesh; each device must hold about 1/8 of the 19 GB of float32 weights.
+  import flax.linen as nn
+  from jax.sharding import NamedSharding
+  module = t5.make('xxl')
+  boxed = t5.abstract_params(module, boxed=True)
+  mesh = parallel.create_mesh(dict(data=1, fsdp=8, tensor=1))
+  shardings = parallel.logical_shardings(boxed, mesh, DEFAULT_LOGICAL_RULES)
+  args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+  batch = NamedSharding(mesh, P(parallel.BATCH_AXES, None))
+  ids = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=batch)
+  mask = jax.ShapeDtypeStruct((8, 128), bool, sharding=batch)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_LOGICAL_RULES):
+    compiled = jax.jit(lambda p, i, m: module.apply({'params': p}, i, m)).lower(args, ids, mask).compile()
+  per_device = compiled.memory_analysis().argument_size_in_bytes
+  total = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+  assert per_device < 1.05 * total / 8, f'{per_device / 1e9:.2f} GB per device of {total / 1e9:.1f} GB: not FSDP-sharded'
