@@ -213,7 +213,7 @@ def assemble(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
   if uncovered:  # A mapping bug, not a checkpoint problem.
     raise AssertionError(f'{what}: no mapping rule for parameters {uncovered}')
   used: set[str] = set()
-  missing, mis_shaped, flat = [], [], {}
+  missing, mis_shaped, conflicts, flat = [], [], [], {}
   for rule in rules:
     if rule.target not in template:
       raise AssertionError(f'{what}: rule for unknown parameter {"/".join(rule.target)}')
@@ -231,6 +231,10 @@ def assemble(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
         ok = False
         continue
       a = tensors[present[0]]
+      for alias in present[1:]:  # Tied copies (e.g. shared / encoder.embed_tokens) must agree.
+        if not np.array_equal(np.asarray(a), np.asarray(tensors[alias])):
+          conflicts.append(f'{alias} differs from its tied copy {present[0]}')
+          ok = False
       if tuple(a.shape) != want:
         mis_shaped.append(f'{present[0]}: file has shape {tuple(a.shape)}, model expects {want} '
                           f'(for {"/".join(rule.target)})')
@@ -244,6 +248,8 @@ def assemble(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
   problems = []
   if mis_shaped:
     problems.append('shape mismatch: ' + '; '.join(mis_shaped))
+  if conflicts:
+    problems.append('conflicting tied tensors: ' + '; '.join(conflicts))
   if missing:
     problems.append('missing keys: ' + ', '.join(missing))
   if unexpected and strict:

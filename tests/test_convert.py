@@ -126,3 +126,18 @@ def test_clip_position_ids_buffers_are_ignored():
   save_file(tensors, f)
   module, params = clip.load_hf(d)
   assert params['text_model']['position_embedding'].shape == (16, 32)
+
+
+def test_tied_embedding_copies_must_agree():
+  _, src = hf_fixtures.t5_model('relu')
+  d = _copy(src, 'tied_copies')
+  f = os.path.join(d, 'model.safetensors')
+  tensors = load_file(f)
+  tensors['encoder.embed_tokens.weight'] = tensors['shared.weight'].copy()
+  save_file(tensors, f)
+  _, params = t5.load_hf(d)  # an identical second copy is fine
+  np.testing.assert_array_equal(params['shared']['embedding'], tensors['shared.weight'])
+  tensors['encoder.embed_tokens.weight'][0, 0] += 1.0
+  save_file(tensors, f)
+  with pytest.raises(convert.WeightImportError, match='encoder.embed_tokens.weight differs'):
+    t5.load_hf(d)
