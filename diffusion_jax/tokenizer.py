@@ -77,7 +77,8 @@ class Tokenizer:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def load_tokenizer(path: str, max_length: int | None = None, *, kind: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str, max_length: int | None = None, *,
+                   kind: str | None = None) -> Tokenizer:
   """A `Tokenizer` from a local directory (tokenizer.json / spiece.model / vocab + merges).
 
   `max_length` defaults by `kind` ('t5': 128, 'clip': 77). Never downloads: the directory

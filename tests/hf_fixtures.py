@@ -16,7 +16,8 @@ import numpy as np
 _ROOT = tempfile.mkdtemp(prefix='diffusion_jax_hf_')
 atexit.register(shutil.rmtree, _ROOT, True)
 
-T5_TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+# num_heads * d_kv != d_model on purpose (as in t5-v1_1-small).
+T5_TINY = dict(vocab_size=64, d_model=32, d_kv=6, d_ff=64, num_layers=2, num_heads=4,
                relative_attention_num_buckets=8, relative_attention_max_distance=20)
 CLIP_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=16, bos_token_id=62,

@@ -114,7 +114,7 @@ def test_bfloat16_checkpoint_and_full_t5_with_decoder():
   flat = traverse_util.flatten_dict(params)
   assert all(v.dtype == np.float32 for v in flat.values())
   want = full.encoder.block[1].layer[0].SelfAttention.k.weight.detach().float().numpy()
-  np.testing.assert_array_equal(flat[('layers', 'attn', 'k', 'kernel')][1], want.T.reshape(32, 4, 8))
+  np.testing.assert_array_equal(flat[('layers', 'attn', 'k', 'kernel')][1], want.T.reshape(32, 4, 6))
 
 
 def test_clip_position_ids_buffers_are_ignored():

@@ -41,7 +41,8 @@ def clip_contrastive_loss(img_emb_BD, txt_emb_BD, logit_scale):
   return 0.5 * (i2t + t2i)
 
 
-def noised_clip_loss(apply_fn: Callable, params, batch, rng, cfg) -> tuple[jax.Array, dict[str, Any]]:
+def noised_clip_loss(apply_fn: Callable, params, batch, rng,
+                     cfg) -> tuple[jax.Array, dict[str, Any]]:
   """Contrastive loss of a time-conditioned CLIP on images noised at t ~ U[0, 1].
 
   Args:

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 Dtype = Any
 
 _TEXT_DEFAULTS = dict(vocab_size=49408, width=512, layers=12, heads=8, mlp=2048, max_length=77,
-                      act='quick_gelu', eos_token_id=49407)
+                      act='quick_gelu', eos_token_id=49407, layer_norm_eps=1e-5)
 _VISION_DEFAULTS = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp=3072,
-                        act='quick_gelu', channels=3)
+                        act='quick_gelu', channels=3, layer_norm_eps=1e-5)
 
 
 def _preset(text: dict, vision: dict, embed_dim: int) -> dict[str, Any]:
@@ -89,8 +89,8 @@ def timestep_embedding(t_B, dim: int, max_period: float = 10000.0):
   return emb
 
 
-def _ln(name, dtype, param_dtype):
-  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+def _ln(name, dtype, param_dtype, eps=1e-5):
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
                       name=name)
@@ -136,6 +136,7 @@ class CLIPLayer(nn.Module):
   heads: int
   mlp: int
   act: str
+  eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -144,7 +145,7 @@ class CLIPLayer(nn.Module):
     d = x_BLD.shape[-1]
     hk = (self.heads, d // self.heads)
     kw = (self.dtype, self.param_dtype)
-    h = _ln('ln1', *kw)(x_BLD).astype(self.dtype)
+    h = _ln('ln1', *kw, self.eps)(x_BLD).astype(self.dtype)
     q = _dense(hk, -1, ('embed', 'heads', 'kv'), *kw, 'q')(h)
     k = _dense(hk, -1, ('embed', 'heads', 'kv'), *kw, 'k')(h)
     v = _dense(hk, -1, ('embed', 'heads', 'kv'), *kw, 'v')(h)
@@ -154,7 +155,7 @@ class CLIPLayer(nn.Module):
     w = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     o = jnp.einsum('bhqs,bshk->bqhk', w, v)
     x_BLD = x_BLD + _dense(d, (-2, -1), ('heads', 'kv', 'embed'), *kw, 'o')(o)
-    h = _ln('ln2', *kw)(x_BLD).astype(self.dtype)
+    h = _ln('ln2', *kw, self.eps)(x_BLD).astype(self.dtype)
     h = _activation(self.act)(_dense(self.mlp, -1, ('embed', 'mlp'), *kw, 'fc1')(h))
     h = nn.with_logical_constraint(h, ('act_batch', 'act_len', 'act_mlp'))
     x_BLD = x_BLD + _dense(d, -1, ('mlp', 'embed'), *kw, 'fc2')(h)
@@ -166,6 +167,7 @@ class CLIPStack(nn.Module):
   heads: int
   mlp: int
   act: str
+  eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
@@ -176,7 +178,7 @@ class CLIPStack(nn.Module):
     stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                     in_axes=nn.broadcast, length=self.layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BLD, _ = stack(self.heads, self.mlp, self.act, self.dtype, self.param_dtype,
+    x_BLD, _ = stack(self.heads, self.mlp, self.act, self.eps, self.dtype, self.param_dtype,
                      name='layers')(x_BLD, mask_BQK)
     return x_BLD
 
@@ -197,6 +199,7 @@ class CLIPTextTower(nn.Module):
   max_length: int
   act: str
   eos_token_id: int
+  layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
@@ -217,9 +220,9 @@ class CLIPTextTower(nn.Module):
     mask_BQK = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
     if attention_mask_BL is not None:
       mask_BQK = mask_BQK & attention_mask_BL.astype(bool)[:, None, :]
-    x_BLD = CLIPStack(self.layers, self.heads, self.mlp, self.act, self.dtype, self.param_dtype,
-                      self.remat, name='encoder')(x_BLD, mask_BQK)
-    hidden_BLD = _ln('final_ln', self.dtype, self.param_dtype)(x_BLD)
+    x_BLD = CLIPStack(self.layers, self.heads, self.mlp, self.act, self.layer_norm_eps,
+                      self.dtype, self.param_dtype, self.remat, name='encoder')(x_BLD, mask_BQK)
+    hidden_BLD = _ln('final_ln', self.dtype, self.param_dtype, self.layer_norm_eps)(x_BLD)
     if self.eos_token_id == 2:
       eos_B = jnp.argmax(input_ids_BL, axis=-1)
     else:
@@ -243,6 +246,7 @@ class CLIPVisionTower(nn.Module):
   mlp: int
   act: str
   channels: int = 3
+  layer_norm_eps: float = 1e-5
   time_conditioned: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -281,10 +285,11 @@ class CLIPVisionTower(nn.Module):
       e = _dense(self.width, -1, ('embed', None), self.dtype, self.param_dtype, 'time_fc2',
                  std=0.0)(jax.nn.silu(e))
       x_BLD = x_BLD + e[:, None, :].astype(self.dtype)
-    x_BLD = _ln('pre_ln', self.dtype, self.param_dtype)(x_BLD).astype(self.dtype)
-    x_BLD = CLIPStack(self.layers, self.heads, self.mlp, self.act, self.dtype, self.param_dtype,
-                      self.remat, name='encoder')(x_BLD, None)
-    pooled_BD = _ln('post_ln', self.dtype, self.param_dtype)(x_BLD[:, 0])
+    x_BLD = _ln('pre_ln', self.dtype, self.param_dtype, self.layer_norm_eps)(x_BLD)
+    x_BLD = x_BLD.astype(self.dtype)
+    x_BLD = CLIPStack(self.layers, self.heads, self.mlp, self.act, self.layer_norm_eps,
+                      self.dtype, self.param_dtype, self.remat, name='encoder')(x_BLD, None)
+    pooled_BD = _ln('post_ln', self.dtype, self.param_dtype, self.layer_norm_eps)(x_BLD[:, 0])
     return x_BLD, pooled_BD
 
 
@@ -413,14 +418,13 @@ def config_from_hf(cfg: dict) -> dict[str, Any]:
   text = dict(vocab_size=t.get('vocab_size', 49408), width=t.get('hidden_size', 512),
               layers=t.get('num_hidden_layers', 12), heads=t.get('num_attention_heads', 8),
               mlp=t.get('intermediate_size', 2048), max_length=t.get('max_position_embeddings', 77),
-              act=t.get('hidden_act', 'quick_gelu'), eos_token_id=t.get('eos_token_id', 49407))
+              act=t.get('hidden_act', 'quick_gelu'), eos_token_id=t.get('eos_token_id', 49407),
+              layer_norm_eps=t.get('layer_norm_eps', 1e-5))
   vision = dict(image_size=v.get('image_size', 224), patch_size=v.get('patch_size', 32),
                 width=v.get('hidden_size', 768), layers=v.get('num_hidden_layers', 12),
                 heads=v.get('num_attention_heads', 12), mlp=v.get('intermediate_size', 3072),
-                act=v.get('hidden_act', 'quick_gelu'), channels=v.get('num_channels', 3))
-  for name, eps in (('text', t.get('layer_norm_eps', 1e-5)), ('vision', v.get('layer_norm_eps', 1e-5))):
-    if abs(eps - 1e-5) > 1e-12:
-      raise ValueError(f'CLIP {name} layer_norm_eps={eps}: only 1e-5 is supported')
+                act=v.get('hidden_act', 'quick_gelu'), channels=v.get('num_channels', 3),
+                layer_norm_eps=v.get('layer_norm_eps', 1e-5))
   _activation(text['act'])
   _activation(vision['act'])
   return dict(text=text, vision=vision, embed_dim=cfg.get('projection_dim', 512),

@@ -137,10 +137,9 @@ class T5Attention(nn.Module):
     d = x_BLD.shape[-1]
     hk = (self.num_heads, self.d_kv)
     # T5 folds the 1/sqrt(d_kv) attention scale into the query initialisation.
-    q = _dense(hk, -1, ('embed', 'heads', 'kv'), self.dtype, self.param_dtype, 'q',
-               (d * self.d_kv) ** -0.5)(x_BLD)
-    k = _dense(hk, -1, ('embed', 'heads', 'kv'), self.dtype, self.param_dtype, 'k', d ** -0.5)(x_BLD)
-    v = _dense(hk, -1, ('embed', 'heads', 'kv'), self.dtype, self.param_dtype, 'v', d ** -0.5)(x_BLD)
+    proj = lambda name, std: _dense(hk, -1, ('embed', 'heads', 'kv'), self.dtype,
+                                    self.param_dtype, name, std)(x_BLD)
+    q, k, v = proj('q', (d * self.d_kv) ** -0.5), proj('k', d ** -0.5), proj('v', d ** -0.5)
     logits = jnp.einsum('bqhk,bshk->bhqs', q, k).astype(jnp.float32) + bias_1HLL
     logits = jnp.where(mask_BL[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -222,7 +221,8 @@ class T5Encoder(nn.Module):
     mask_BL = attention_mask_BL.astype(bool)
     embed = nn.Embed(
         self.vocab_size, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                    ('vocab', 'embed')),
         name='shared')
     x_BLD = embed(input_ids_BL)
     x_BLD = nn.with_logical_constraint(x_BLD, ('act_batch', 'act_len', 'act_embed'))
