@@ -281,11 +281,44 @@ def _module_and_params(cfg):
   return name, module, params, abstract
 
 
+def _match_clip_eos(module, params, tokenizer: Tokenizer, where: str):
+  """CLIP pools at its end-of-text id, which must be the tokenizer's.
+
+  A randomly initialised tower takes the tokenizer's id (e.g. a word tokenizer for the
+  demo); a pretrained one must already agree, or every prompt would pool the same token.
+  """
+  eos = module.text['eos_token_id']
+  if tokenizer.eos_id is None or eos == 2 or eos == tokenizer.eos_id:  # 2: argmax pooling
+    return module
+  if params is None:
+    return module.clone(text={**module.text, 'eos_token_id': tokenizer.eos_id})
+  raise ValueError(f'the CLIP config pools at eos_token_id={eos} but the tokenizer at {where} '
+                   f'ends prompts with id {tokenizer.eos_id}; use the tokenizer saved with the '
+                   'model')
+
+
 def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
   """A `TextEncoder` (T5) or `CLIPEncoder` from an `encoder_config` section."""
   name, module, params, abstract = _module_and_params(cfg)
   mesh = default_mesh() if mesh is None else mesh
   rules = _default_rules() if rules is None else rules
+  tok_path = _get(cfg, 'tokenizer_path') or _get(cfg, 'path')
+  max_length = _get(cfg, 'max_length')
+  if max_length is None:
+    max_length = DEFAULT_MAX_LENGTH[name]
+    if name == 'clip':
+      max_length = min(max_length, module.text['max_length'])
+  tokenizer = load_tokenizer(tok_path, max_length) if tok_path else None
+  if tokenizer is not None and name == 'clip':
+    if max_length > module.text['max_length']:
+      raise ValueError(f'max_length {max_length} exceeds the CLIP text tower\'s '
+                       f'{module.text["max_length"]} positions')
+    module = _match_clip_eos(module, params, tokenizer, tok_path)
+  if tokenizer is not None:
+    vocab = module.vocab_size if name == 't5' else module.text['vocab_size']
+    if tokenizer.vocab_size > vocab:
+      raise ValueError(f'tokenizer at {tok_path} has {tokenizer.vocab_size} tokens but the '
+                       f'{name} model embeds only {vocab}')
   if params is None:
     # Random init directly into the shardings: nothing is materialised unsharded.
     shardings = parallel.logical_shardings(abstract, mesh, rules)
@@ -298,21 +331,6 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
           jnp.zeros((1, text['max_length']), jnp.int32))
     params = jax.jit(lambda k: nn.meta.unbox(init(k))['params'], out_shardings=shardings)(
         jax.random.PRNGKey(int(_get(cfg, 'seed', 0))))
-  tok_path = _get(cfg, 'tokenizer_path') or _get(cfg, 'path')
-  max_length = _get(cfg, 'max_length')
-  if max_length is None:
-    max_length = DEFAULT_MAX_LENGTH[name]
-    if name == 'clip':
-      max_length = min(max_length, module.text['max_length'])
-  tokenizer = load_tokenizer(tok_path, max_length) if tok_path else None
-  if tokenizer is not None and name == 'clip' and max_length > module.text['max_length']:
-    raise ValueError(f'max_length {max_length} exceeds the CLIP text tower\'s '
-                     f'{module.text["max_length"]} positions')
-  if tokenizer is not None:
-    vocab = module.vocab_size if name == 't5' else module.text['vocab_size']
-    if tokenizer.vocab_size > vocab:
-      raise ValueError(f'tokenizer at {tok_path} has {tokenizer.vocab_size} tokens but the '
-                       f'{name} model embeds only {vocab}')
   meta = dict(name=name, preset=_get(cfg, 'preset', ''), path=_get(cfg, 'path', ''),
               seed=int(_get(cfg, 'seed', 0)))
   kw = dict(abstract_boxed=abstract, mesh=mesh, rules=rules,

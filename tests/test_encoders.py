@@ -16,8 +16,12 @@ PROMPTS = ['a red circle', 'a blue square to the left of a green triangle', 'a c
 
 @pytest.fixture(scope='module')
 def tok_dirs():
-  return {s: tok_lib.build_word_tokenizer(WORDS, hf_fixtures.path(f'enc_tok_{s}'), style=s)
+  dirs = {s: tok_lib.build_word_tokenizer(WORDS, hf_fixtures.path(f'enc_tok_{s}'), style=s)
           for s in ('t5', 'clip')}
+  # 61 words + unk, bos 62, eos 63: the ids of the tiny transformers CLIP fixture.
+  words = WORDS + [f'w{i}' for i in range(61 - len(WORDS))]
+  dirs['clip64'] = tok_lib.build_word_tokenizer(words, hf_fixtures.path('enc_tok_clip64'), 'clip')
+  return dirs
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +69,9 @@ def test_sharded_params_give_the_same_output(t5_encoder, tok_dirs, num_devices):
 def test_clip_encoder_matches_transformers(tok_dirs):
   import torch
   model, path = hf_fixtures.clip_model(63, 'quick_gelu')
-  cfg = encoders.encoder_config('clip', path=path, tokenizer_path=tok_dirs['clip'], batch_size=8)
+  with pytest.raises(ValueError, match='eos_token_id=63'):  # a tokenizer that ends with id 16
+    encoders.build_encoder(encoders.encoder_config('clip', path=path, tokenizer_path=tok_dirs['clip']))
+  cfg = encoders.encoder_config('clip', path=path, tokenizer_path=tok_dirs['clip64'], batch_size=8)
   enc = encoders.build_encoder(cfg)
   assert enc.max_length == 16, 'CLIP max length must be capped by the text tower positions'
   rng = np.random.RandomState(0)
@@ -83,12 +89,27 @@ def test_clip_encoder_matches_transformers(tok_dirs):
   assert enc.encode_image(big).shape == (3, 20)
   tokens, mask, pooled = enc.encode_text(['red circle', 'a blue square'])
   ids, _ = enc.tokenize(['red circle', 'a blue square'])
-  # The word tokenizer's vocabulary is smaller than the model's; ids are valid model ids.
+  assert ids[0, 3] == 63 and ids[0, 0] == 62
   with torch.no_grad():
     ref_t = model.get_text_features(input_ids=torch.tensor(ids.astype(np.int64)),
                                     attention_mask=torch.tensor(mask.astype(np.int64))).pooler_output.numpy()
   assert np.abs(pooled - ref_t).max() < 1e-4
   assert tokens.shape == (2, 16, 32)
+
+
+def test_random_init_clip_pools_at_the_tokenizer_eos(tok_dirs):
+  cfg = encoders.encoder_config('clip', 'tiny', tokenizer_path=tok_dirs['clip'], batch_size=8)
+  enc = encoders.build_encoder(cfg)
+  assert enc.module.text['eos_token_id'] == enc.tokenizer.eos_id == 16
+  tokens, mask, pooled = enc.encode_text(PROMPTS)
+  ids, _ = enc.tokenize(PROMPTS)
+  feats = enc.module.apply({'params': enc.params}, ids, mask, method='text_features')
+  eos_pos = mask.sum(1) - 1
+  np.testing.assert_allclose(np.asarray(feats['pooled']),
+                             np.asarray(feats['last_hidden_state'])[np.arange(6), eos_pos], atol=1e-6)
+  assert np.abs(pooled[0] - pooled[1]).max() > 1e-3, 'different prompts gave the same CLIP embedding'
+  images = np.random.RandomState(0).randint(0, 256, size=(2, 16, 16, 3)).astype(np.uint8)
+  assert enc.encode_image(images).shape == (2, 24)
 
 
 def test_caption_cache_round_trip(t5_encoder, tmp_path):
