@@ -7,6 +7,8 @@
 The parameters are placed on a mesh through their logical axis names
 (`parallel.logical_shardings`), so T5-XXL and CLIP-H shard FSDP-style like the trained
 networks; inputs are split over the batch axes. Results come back as host numpy arrays.
+Inside a jitted train step, `text_forward(params, ids, mask)` and
+`image_forward(params, images)` are the same computations as pure functions of the params.
 Padded token positions are zeroed in `tokens_BLD`. T5's pooled embedding is the masked mean
 of its tokens (Imagen); CLIP's is its projected text embedding (unCLIP).
 
@@ -105,7 +107,7 @@ class TextEncoder:
     self._b1 = NamedSharding(self.mesh, P(parallel.BATCH_AXES))
     self._b2 = NamedSharding(self.mesh, P(parallel.BATCH_AXES, None))
     self._b3 = NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None))
-    self._text_fn = jax.jit(self._text_forward,
+    self._text_fn = jax.jit(self.text_forward,
                             in_shardings=(self.param_shardings, self._b2, self._b2),
                             out_shardings=(self._b3, self._b2))
 
@@ -126,7 +128,11 @@ class TextEncoder:
   def token_dim(self) -> int:
     return self.module.d_model if self.name == 't5' else self.module.text['width']
 
-  def _text_forward(self, params, ids_BL, mask_BL):
+  def text_forward(self, params, ids_BL, mask_BL):
+    """Pure (jit-able) text encoding: (tokens_BLD with padding zeroed, pooled_BD), float32.
+
+    For use inside a caller's jitted step with `self.params` passed in as `params`.
+    """
     m = mask_BL.astype(jnp.float32)[:, :, None]
     if self.name == 't5':
       h = self.module.apply({'params': params}, ids_BL, mask_BL).astype(jnp.float32)
@@ -136,6 +142,8 @@ class TextEncoder:
       h = feats['last_hidden_state'].astype(jnp.float32)
       pooled = feats['embeds'].astype(jnp.float32)
     return h * m, pooled
+
+  _text_forward = text_forward
 
   def _batches(self, n: int):
     for start in range(0, n, self.batch_size):
@@ -237,11 +245,15 @@ class CLIPEncoder(TextEncoder):
     std = jnp.asarray(self.image_std, jnp.float32).reshape(1, 1, 1, -1)
     return (jnp.clip(x_BHWC, 0.0, 1.0) - mean) / std
 
-  def _image_forward(self, params, images, uint8: bool):
+  def image_forward(self, params, images, uint8: bool = False):
+    """Pure (jit-able) image encoding: float images in [-1, 1] (or uint8 with `uint8`) ->
+    projected CLIP embeddings [B, D], float32; resizing and normalisation included."""
     x = images.astype(jnp.float32)
     x = x / 255.0 if uint8 else (x + 1.0) / 2.0
     pixels = self.preprocess(x)
     return self.module.apply({'params': params}, pixels, method='encode_image').astype(jnp.float32)
+
+  _image_forward = image_forward
 
   def encode_image(self, images) -> np.ndarray:
     images = np.asarray(images)
@@ -251,7 +263,7 @@ class CLIPEncoder(TextEncoder):
     key = (uint8, images.shape[1:])
     if key not in self._image_fns:
       self._image_fns[key] = jax.jit(
-          lambda p, x: self._image_forward(p, x, uint8),
+          lambda p, x: self.image_forward(p, x, uint8),
           in_shardings=(self.param_shardings, NamedSharding(self.mesh, P(parallel.BATCH_AXES))),
           out_shardings=self._b2)
     fn = self._image_fns[key]
@@ -284,11 +296,13 @@ def _module_and_params(cfg):
 def _match_clip_eos(module, params, tokenizer: Tokenizer, where: str):
   """CLIP pools at its end-of-text id, which must be the tokenizer's.
 
-  A randomly initialised tower takes the tokenizer's id (e.g. a word tokenizer for the
-  demo); a pretrained one must already agree, or every prompt would pool the same token.
+  A randomly initialised tower with an explicit id takes the tokenizer's (the small presets
+  pool at the last unpadded token instead); a pretrained one must already agree, or every
+  prompt would pool the same token.
   """
   eos = module.text['eos_token_id']
-  if tokenizer.eos_id is None or eos == 2 or eos == tokenizer.eos_id:  # 2: argmax pooling
+  # None: pooled at the last unpadded token; 2: legacy argmax pooling.
+  if tokenizer.eos_id is None or eos is None or eos == 2 or eos == tokenizer.eos_id:
     return module
   if params is None:
     return module.clone(text={**module.text, 'eos_token_id': tokenizer.eos_id})

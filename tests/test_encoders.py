@@ -97,10 +97,21 @@ def test_clip_encoder_matches_transformers(tok_dirs):
   assert tokens.shape == (2, 16, 32)
 
 
-def test_random_init_clip_pools_at_the_tokenizer_eos(tok_dirs):
+@pytest.mark.parametrize('preset_eos', [None, 40])
+def test_random_init_clip_pools_at_the_end_token(tok_dirs, preset_eos):
+  # None: the preset pools at the last unpadded token; an explicit id is replaced by the
+  # tokenizer's (16 for this word tokenizer), else every prompt would pool the bos token.
   cfg = encoders.encoder_config('clip', 'tiny', tokenizer_path=tok_dirs['clip'], batch_size=8)
-  enc = encoders.build_encoder(cfg)
-  assert enc.module.text['eos_token_id'] == enc.tokenizer.eos_id == 16
+  if preset_eos is None:
+    enc = encoders.build_encoder(cfg)
+    assert enc.module.text['eos_token_id'] is None
+  else:
+    from unittest import mock
+    from diffusion_jax.models import clip as clip_lib
+    preset = {**clip_lib.PRESETS['tiny'], 'text': {**clip_lib.PRESETS['tiny']['text'], 'eos_token_id': 40}}
+    with mock.patch.dict(clip_lib.PRESETS, {'tiny': preset}):
+      enc = encoders.build_encoder(cfg)
+    assert enc.module.text['eos_token_id'] == enc.tokenizer.eos_id == 16
   tokens, mask, pooled = enc.encode_text(PROMPTS)
   ids, _ = enc.tokenize(PROMPTS)
   feats = enc.module.apply({'params': enc.params}, ids, mask, method='text_features')

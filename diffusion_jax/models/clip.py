@@ -35,10 +35,10 @@ def _preset(text: dict, vision: dict, embed_dim: int) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     'tiny': _preset(dict(vocab_size=64, width=32, layers=2, heads=4, mlp=64, max_length=16,
-                         eos_token_id=63),
+                         eos_token_id=None),
                     dict(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp=64), 24),
     'small': _preset(dict(vocab_size=128, width=96, layers=4, heads=4, mlp=256, max_length=32,
-                          eos_token_id=127),
+                          eos_token_id=None),
                      dict(image_size=32, patch_size=4, width=96, layers=4, heads=4, mlp=256), 96),
     # openai/clip-vit-large-patch14.
     'vit_l14': _preset(dict(width=768, layers=12, heads=12, mlp=3072),
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 NOISED_PRESETS: dict[str, dict[str, Any]] = {
     'tiny': PRESETS['tiny'],
     'small': PRESETS['small'],
-    'glide': _preset(dict(width=512, layers=12, heads=8, mlp=2048),
+    'glide': _preset(dict(width=512, layers=12, heads=8, mlp=2048, eos_token_id=None),
                      dict(image_size=64, patch_size=4, width=512, layers=12, heads=8, mlp=2048),
                      512),
 }
@@ -189,7 +189,9 @@ class CLIPTextTower(nn.Module):
   Pooling follows transformers: a config whose `eos_token_id` is 2 (checkpoints converted
   before the fix in transformers PR 24773, e.g. openai/clip-*) pools at the largest token id,
   which is the end-of-text token in CLIP's vocabulary; any other value pools at the first
-  occurrence of that id.
+  occurrence of that id. `eos_token_id=None` pools at the last unpadded token, which is the
+  end-of-text token of any right-padding tokenizer: the presets that we train from scratch
+  use it, so that they work with whatever tokenizer the data pipeline brings.
   """
   vocab_size: int
   width: int
@@ -198,7 +200,7 @@ class CLIPTextTower(nn.Module):
   mlp: int
   max_length: int
   act: str
-  eos_token_id: int
+  eos_token_id: int | None
   layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -223,7 +225,13 @@ class CLIPTextTower(nn.Module):
     x_BLD = CLIPStack(self.layers, self.heads, self.mlp, self.act, self.layer_norm_eps,
                       self.dtype, self.param_dtype, self.remat, name='encoder')(x_BLD, mask_BQK)
     hidden_BLD = _ln('final_ln', self.dtype, self.param_dtype, self.layer_norm_eps)(x_BLD)
-    if self.eos_token_id == 2:
+    if self.eos_token_id is None:
+      if attention_mask_BL is None:
+        eos_B = jnp.full((b,), length - 1)
+      else:
+        last_valid = jnp.argmax(attention_mask_BL.astype(bool)[:, ::-1], axis=-1)
+        eos_B = length - 1 - last_valid
+    elif self.eos_token_id == 2:
       eos_B = jnp.argmax(input_ids_BL, axis=-1)
     else:
       eos_B = jnp.argmax((input_ids_BL == self.eos_token_id).astype(jnp.int32), axis=-1)
