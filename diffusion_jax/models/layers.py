@@ -71,12 +71,45 @@ def dense(features: int, axes=('embed', 'mlp'), *, zero_init: bool = False, use_
 
 def dense_general(features, axes, *, axis=-1, zero_init: bool = False, dtype: Dtype = jnp.float32,
                   param_dtype: Dtype = jnp.float32, name: str | None = None):
-  """DenseGeneral whose kernel carries `axes` (inputs then outputs)."""
+  """A DenseGeneral whose kernel carries `axes` (inputs then outputs)."""
   n_in = len(axis) if isinstance(axis, tuple) else 1
-  return nn.DenseGeneral(
-      features, axis=axis, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=boxed(zeros if zero_init else _default_kernel_init, axes),
-      bias_init=boxed(zeros, tuple(axes[n_in:])), name=name)
+  if isinstance(axis, tuple) and tuple(axis) != tuple(range(-n_in, 0)):
+    raise ValueError(f'dense_general contracts trailing axes only, got axis={axis}')
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return DenseND(features, tuple(axes), n_in, zero_init, dtype, param_dtype, name=name)
+
+
+class DenseND(nn.Module):
+  """y = x . W contracting the last `n_in` axes of x; W has shape x.shape[-n_in:] + features.
+
+  nn.DenseGeneral builds its kernel flat and reshapes the boxed value, which fails for 3-d
+  logical names under a mesh context (`jax.set_mesh`); this builds the N-d kernel directly,
+  initialised as DenseGeneral does (fans of the flattened kernel).
+  """
+  features: tuple[int, ...]
+  axes: tuple[Any, ...]
+  n_in: int = 1
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.n_in:]
+    base = zeros if self.zero_init else _default_kernel_init
+
+    def init(key, shape, dtype):
+      flat = (math.prod(shape[:self.n_in]), math.prod(shape[self.n_in:]))
+      return base(key, flat, dtype).reshape(shape)
+
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes),
+                        in_shape + self.features, self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(zeros, self.axes[self.n_in:]),
+                      self.features, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    bias = bias.astype(self.dtype)
+    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
