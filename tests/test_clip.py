@@ -97,7 +97,7 @@ def test_noised_clip_init_under_mesh_context():
     params = jax.jit(lambda k: nn.meta.unbox(module.init(k, x, t, cond)['params']))(
         jax.random.PRNGKey(0))
     img, txt, scale = jax.jit(module.apply)({'params': params}, x, t, cond)
-  assert img.shape == txt.shape == (4, 24) and scale.shape == ()
+  assert img.shape == txt.shape == (4, 32) and scale.shape == ()
 
 
 @pytest.mark.parametrize('preset,vision,text', [

@@ -120,7 +120,7 @@ def test_random_init_clip_pools_at_the_end_token(tok_dirs, preset_eos):
                              np.asarray(feats['last_hidden_state'])[np.arange(6), eos_pos], atol=1e-6)
   assert np.abs(pooled[0] - pooled[1]).max() > 1e-3, 'different prompts gave the same CLIP embedding'
   images = np.random.RandomState(0).randint(0, 256, size=(2, 16, 16, 3)).astype(np.uint8)
-  assert enc.encode_image(images).shape == (2, 24)
+  assert enc.encode_image(images).shape == (2, 32)
 
 
 def test_caption_cache_round_trip(t5_encoder, tmp_path):

@@ -36,10 +36,10 @@ def _preset(text: dict, vision: dict, embed_dim: int) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     'tiny': _preset(dict(vocab_size=64, width=32, layers=2, heads=4, mlp=64, max_length=16,
                          eos_token_id=None),
-                    dict(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp=64), 24),
-    'small': _preset(dict(vocab_size=128, width=96, layers=4, heads=4, mlp=256, max_length=32,
+                    dict(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp=64), 32),
+    'small': _preset(dict(vocab_size=128, width=64, layers=4, heads=4, mlp=256, max_length=32,
                           eos_token_id=None),
-                     dict(image_size=32, patch_size=4, width=96, layers=4, heads=4, mlp=256), 96),
+                     dict(image_size=32, patch_size=4, width=64, layers=4, heads=4, mlp=256), 64),
     # openai/clip-vit-large-patch14.
     'vit_l14': _preset(dict(width=768, layers=12, heads=12, mlp=3072),
                        dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16,

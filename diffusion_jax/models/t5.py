@@ -23,7 +23,7 @@ Dtype = Any
 # Shapes of the published checkpoints; 'tiny' and 'small' are for tests and the CPU demo.
 PRESETS: dict[str, dict[str, Any]] = {
     'tiny': dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64),
-    'small': dict(vocab_size=128, d_model=96, num_layers=4, num_heads=4, d_kv=24, d_ff=256),
+    'small': dict(vocab_size=128, d_model=64, num_layers=4, num_heads=4, d_kv=16, d_ff=256),
     # google/t5-v1_1-small / base / large / xl / xxl (encoder only).
     't5_v1_1_small': dict(d_model=512, num_layers=8, num_heads=6, d_kv=64, d_ff=1024),
     't5_v1_1_base': dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=2048),
