@@ -9,7 +9,8 @@ Run a stage:
 Sizes: `tiny` (unit tests, < 1M parameters, 16-32 px), `shapes` (the CPU demo, base at 32 px),
 `paper` (published: base 3.5B including its 1.2B text transformer, upsampler 1.5B).
 The text transformer reads raw token ids (`cond['text_ids']`); at `paper` size these are
-GPT-2 BPE ids (vocabulary 50257), at `tiny`/`shapes` UTF-8 bytes (vocabulary 256 + specials).
+GPT-2 BPE ids (vocabulary 50257; point `text_encoder.tokenizer_path` at a local tokenizer
+directory), at `tiny`/`shapes` the ids of the offline word-level Shapes tokenizer.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ _RES = {
 }
 # text transformer: (vocab, context, width, layers, heads) for the base and the upsampler
 _XF = {
-    'tiny': {'base': (512, 16, 32, 2, 2), 'up': (512, 16, 32, 1, 2)},
-    'shapes': {'base': (512, 32, 64, 4, 4), 'up': (512, 32, 64, 2, 4)},
+    'tiny': {'base': (64, 16, 32, 2, 2), 'up': (64, 16, 32, 1, 2)},
+    'shapes': {'base': (128, 32, 64, 4, 4), 'up': (128, 32, 64, 2, 4)},
     # Paper: 24 blocks of width 2048 for the base; the upsampler's is 1024 wide (Sec. 4).
     'paper': {'base': (50257, 128, 2048, 24, 32), 'up': (50257, 128, 1024, 24, 16)},
 }
@@ -95,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = stage
   c.size = size
   c.model = _model(stage, size)
+  c.objective = 'diffusion'
+  c.target = 'image'
   res, low = _RES[size][kind]
 
   c.input = ml_collections.ConfigDict()
@@ -108,7 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder.name = None  # the text transformer is part of the model and trained with it
   c.text_encoder.preset = None
   c.text_encoder.path = None
-  c.text_encoder.tokenizer = 'gpt2' if paper else 'bytes'
+  c.text_encoder.tokenizer_path = None  # paper: a GPT-2 BPE tokenizer directory
+  c.text_encoder.max_length = c.model.text_len
   c.text_encoder.vocab_size = c.model.vocab_size
 
   c.diffusion = ml_collections.ConfigDict()

@@ -106,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = stage
   c.size = size
   c.model = _model(stage, size)
+  c.objective = 'diffusion'
+  c.target = 'image'
   res, low = _RES[size][stage]
 
   c.input = ml_collections.ConfigDict()
@@ -121,6 +123,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder.preset = preset
   c.text_encoder.width = width
   c.text_encoder.path = None  # None: random init (tests, demo); else a transformers-layout dir
+  c.text_encoder.tokenizer_path = None
+  c.text_encoder.max_length = c.model.text_len
+  c.text_encoder.dtype = 'bfloat16' if paper else 'float32'
+  c.text_encoder.seed = 0
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = 'cosine'  # continuous-time cosine log-SNR

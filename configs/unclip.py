@@ -28,8 +28,9 @@ _RES = {
 # frozen CLIP: preset, text width, embedding dim, context
 _CLIP = {'tiny': ('tiny', 32, 32, 16), 'shapes': ('small', 64, 64, 32),
          'paper': ('vit_h14', 1024, 1024, 77)}
-# decoder's own (GLIDE) text transformer: vocab, context, width, layers, heads
-_XF = {'tiny': (512, 16, 32, 2, 2), 'shapes': (512, 32, 64, 4, 4),
+# decoder's own (GLIDE) text transformer over the CLIP tokenizer's ids: vocab (>= the
+# tokenizer's), context, width, layers, heads
+_XF = {'tiny': (64, 16, 32, 2, 2), 'shapes': (128, 32, 64, 4, 4),
        'paper': (50257, 256, 2048, 24, 32)}
 
 
@@ -126,6 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = stage
   c.size = size
   c.model = _model(stage, size)
+  c.objective = 'diffusion'
+  # the prior denoises CLIP image embeddings, the other stages images
+  c.target = 'image_embed' if stage == 'prior' else 'image'
   preset, clip_width, clip_dim, clip_len = _CLIP[size]
 
   c.input = ml_collections.ConfigDict()
@@ -146,9 +150,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder.embed_dim = clip_dim
   c.text_encoder.text_len = clip_len
   c.text_encoder.path = None  # None: random init (tests, demo); else a transformers-layout dir
-  if stage == 'decoder64':  # the decoder also owns a GLIDE text transformer over BPE ids
-    c.text_encoder.tokenizer = 'gpt2' if paper else 'bytes'
-    c.text_encoder.vocab_size = c.model.vocab_size
+  c.text_encoder.tokenizer_path = None
+  c.text_encoder.max_length = clip_len  # the CLIP text tower's context
+  c.text_encoder.dtype = 'bfloat16' if paper else 'float32'
+  c.text_encoder.seed = 0
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = 'linear' if stage == 'up1024' else 'squaredcos_cap_v2'

@@ -97,6 +97,7 @@ def test_paper_values():
   assert dec.text_encoder.width == 1024 and dec.text_encoder.embed_dim == 1024
   prior = family('unclip').get_config('stage=prior,size=paper')
   assert prior.diffusion.parameterization == 'x0' and prior.sampler.best_of == 2
+  assert prior.target == 'image_embed' and dec.target == 'image' and imagen.target == 'image'
   assert [family('unclip').get_config(f'stage={s},size=paper').sampler.num_steps
           for s in ('prior', 'decoder64', 'up256', 'up1024')] == [64, 250, 27, 15]
   up = family('unclip').get_config('stage=up1024,size=paper')

@@ -9,7 +9,7 @@ import pytest
 
 from diffusion_jax import models
 from diffusion_jax.models.text_transformer import TextTransformer
-from tests.test_networks import config, random_inputs, random_params
+from net_fixtures import config, random_inputs, random_params
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ import pytest
 
 from diffusion_jax import models
 from diffusion_jax.models import layers
-from tests.test_networks import config, random_inputs, random_params
+from net_fixtures import config, random_inputs, random_params
 
 
 @pytest.mark.parametrize('policy', ['full'])  # named policies: tests/test_layers.py

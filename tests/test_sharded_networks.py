@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from diffusion_jax import models, parallel
-from tests.test_networks import config, random_inputs, random_params
+from net_fixtures import config, random_inputs, random_params
 
 B = 8  # divisible by data * fsdp
 

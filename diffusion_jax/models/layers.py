@@ -47,7 +47,8 @@ def remat_policy(name: str):
     return None
   policy = getattr(jax.checkpoint_policies, name, None)
   if policy is None:
-    raise ValueError(f'unknown remat policy {name!r}: use none, full or a jax.checkpoint_policies name')
+    raise ValueError(f'unknown remat policy {name!r}: use none, full or a name in '
+                     'jax.checkpoint_policies')
   return policy
 
 

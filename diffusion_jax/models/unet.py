@@ -60,7 +60,8 @@ class ConditionedUNetBase(nn.Module):
   text_source: str = 'none'          # 'none' | 'tokens' (frozen encoder) | 'transformer' (owned)
   text_len: int = 0
   text_dim: int = 0                  # width of cond['text_tokens']
-  text_pool: str = 'none'            # 'none' | 'attention' (pool tokens) | 'embed' (cond['text_embed'])
+  text_pool: str = 'none'            # 'none' | 'attention' (pool the tokens) | 'embed' (read
+                                     # cond['text_embed'])
   text_embed_dim: int = 0            # width of cond['text_embed'] for text_pool='embed'
   text_attention: str = 'concat_kv'  # 'concat_kv' (GLIDE) | 'cross' (Imagen)
   context_dim: int = 0               # width of the attention context; 0: the text width
