@@ -54,8 +54,9 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
       m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(8,), num_heads=2, head_channels=-1, context_dim=32)
     elif size == 'shapes':
-      m.update(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=2,
-               attention_resolutions=(16, 8), num_heads=4, head_channels=-1, context_dim=64)
+      # CPU demo: few convolutions at full resolution, width at 8x8 (fast on 2 cores)
+      m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=1,
+               attention_resolutions=(8,), num_heads=4, head_channels=-1, context_dim=64)
     else:
       # ADM-style base (App. F): 512 channels, mults 1-2-3-4, 3 res blocks, attention at
       # 32/16/8 with 64 channels per head; T5 tokens join every attention layer's keys/values.
@@ -72,9 +73,10 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
                self_attention=(False, self_attn), cross_attention=(False, True), num_heads=2,
                head_channels=-1, context_dim=32, ff_mult=2)
     elif size == 'shapes':
-      m.update(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=(1, 2, 4),
-               self_attention=(False, False, self_attn), cross_attention=(False, False, True),
-               num_heads=4, head_channels=-1, context_dim=64, ff_mult=2)
+      m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 1, 2, 2),
+               self_attention=(False, False, False, self_attn),
+               cross_attention=(False, False, False, True), num_heads=4, head_channels=-1,
+               context_dim=64, ff_mult=2)
     elif stage == 'sr256':
       # Efficient U-Net 64->256 (App. B.1, imagen-pytorch SRUnet256): 128 channels, mults
       # 1-2-4-8, (2, 4, 8, 8) res blocks, self- and cross-attention at the lowest level.
@@ -111,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   res, low = _RES[size][stage]
 
   c.input = ml_collections.ConfigDict()
-  c.input.batch_size = {'tiny': 8, 'shapes': 32, 'paper': 2048}[size]
+  c.input.batch_size = {'tiny': 8, 'shapes': 16, 'paper': 2048}[size]
   c.input.image_size = res
   c.input.low_res_size = low
   c.input.dataset = 'shapes'
@@ -162,6 +164,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.ema_decay = 0.9999 if paper else 0.995
   c.optimizer.ema_start_step = 0
 
-  c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 4000)
+  c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 2000)
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
   return c

@@ -30,7 +30,7 @@ _CLIP = {'tiny': ('tiny', 32, 32, 16), 'shapes': ('small', 64, 64, 32),
          'paper': ('vit_h14', 1024, 1024, 77)}
 # decoder's own (GLIDE) text transformer over the CLIP tokenizer's ids: vocab (>= the
 # tokenizer's), context, width, layers, heads
-_XF = {'tiny': (64, 16, 32, 2, 2), 'shapes': (128, 32, 64, 4, 4),
+_XF = {'tiny': (64, 16, 32, 2, 2), 'shapes': (128, 32, 64, 2, 4),
        'paper': (50257, 256, 2048, 24, 32)}
 
 
@@ -87,8 +87,8 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
       m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(8,), num_heads=2, head_channels=-1, dropout=0.0)
     elif size == 'shapes':
-      m.update(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=2,
-               attention_resolutions=(16, 8), num_heads=4, head_channels=-1, dropout=0.0)
+      m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=1,
+               attention_resolutions=(8,), num_heads=4, head_channels=-1, dropout=0.0)
     else:  # Table 3: 512 channels, depth 3, mults 1-2-3-4, 64-channel heads at 32/16/8
       m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
@@ -104,7 +104,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   if size == 'tiny':
     m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0)
   elif size == 'shapes':
-    m.update(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, dropout=0.0)
+    m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=1, dropout=0.0)
   elif stage == 'up256':  # Table 3: 320 channels, depth 3, mults 1-2-3-4, dropout 0.1
     m.update(model_channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3, dropout=0.1)
   else:  # Table 3: 192 channels, depth 2, mults 1-1-2-2-4-4
@@ -138,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.low_res_size = None
   else:
     c.input.image_size, c.input.low_res_size = _RES[size][stage]
-  c.input.batch_size = {'tiny': 8, 'shapes': 32}.get(
+  c.input.batch_size = {'tiny': 8, 'shapes': 16}.get(
       size, {'prior': 4096, 'decoder64': 2048, 'up256': 1024, 'up1024': 512}[stage])
   c.input.dataset = 'shapes'
   c.input.text_max_len = c.model.get('text_len', clip_len)
@@ -194,6 +194,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.ema_start_step = 0
 
   c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,
-                    'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 4000))
+                    'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 2000))
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
   return c

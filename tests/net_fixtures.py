@@ -28,12 +28,13 @@ def random_inputs(model_cfg, seed=0):
   rng = np.random.default_rng(seed)
   x, t, cond = models.example_inputs(model_cfg, B)
   x = _randn(rng, x.shape)
-  t = jnp.asarray(rng.uniform(0.1, 0.9, (B,)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.1, 0.9, t.shape), jnp.float32)
   out = {}
   for k, v in cond.items():
     if k == 'text_mask':
-      L = v.shape[1]
-      out[k] = jnp.arange(L)[None, :] < jnp.array([L - 3, L // 2])[:, None]
+      n, L = v.shape  # alternate rows: 3 padding positions, half padding
+      lengths = np.where(np.arange(n) % 2 == 0, L - 3, L // 2)
+      out[k] = jnp.asarray(np.arange(L)[None, :] < lengths[:, None])
     elif k == 'text_ids':
       out[k] = jnp.asarray(rng.integers(1, model_cfg.vocab_size, v.shape), jnp.int32)
     elif k == 'inpaint_mask':
@@ -41,7 +42,7 @@ def random_inputs(model_cfg, seed=0):
       m[:, : v.shape[1] // 2] = 1.0  # top half known
       out[k] = jnp.asarray(m)
     elif k == 'aug_t':
-      out[k] = jnp.asarray(rng.uniform(0.1, 0.9, (B,)), jnp.float32)
+      out[k] = jnp.asarray(rng.uniform(0.1, 0.9, v.shape), jnp.float32)
     elif v.dtype == jnp.bool_:
       out[k] = v
     else:
