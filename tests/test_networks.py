@@ -185,3 +185,18 @@ def test_unclip_upsampler_reads_low_res(net):
   n = net('unclip', 'up256')
   assert _differs(n(low_res=-n.cond['low_res']), n()), 'upsampler ignores the low-res image'
 
+
+
+def test_dropout_acts_only_in_training():
+  cfg = config('unclip', 'up256')
+  cfg.model.dropout = 0.3
+  module = models.build(cfg.model)
+  params = net_fixtures.random_params(module, cfg.model)
+  x, t, cond = net_fixtures.random_inputs(cfg.model)
+  train = jax.jit(lambda k: module.apply({'params': params}, x, t, cond, train=True,
+                                         rngs={'dropout': k}))
+  a, b = train(jax.random.key(1)), train(jax.random.key(2))
+  assert _differs(a, b), 'train=True with different dropout keys gives the same output'
+  assert _same(train(jax.random.key(1)), a), 'dropout is not a function of its key'
+  ev = module.apply({'params': params}, x, t, cond, train=False)
+  assert _differs(ev, a), 'train=True output equals the eval output: dropout inactive'
