@@ -200,3 +200,22 @@ def test_dropout_acts_only_in_training():
   assert _same(train(jax.random.key(1)), a), 'dropout is not a function of its key'
   ev = module.apply({'params': params}, x, t, cond, train=False)
   assert _differs(ev, a), 'train=True output equals the eval output: dropout inactive'
+
+
+def test_unet_cross_attention_variant_reads_text():
+  """text_attention='cross': self-attention, then cross-attention to the tokens, then an MLP."""
+  cfg = config('imagen', 'base64')
+  cfg.model.text_attention = 'cross'
+  cfg.model.ff_mult = 2
+  module = models.build(cfg.model)
+  params = net_fixtures.random_params(module, cfg.model)
+  assert any(k.endswith('_cross') for k in params) and any(k.endswith('_ff') for k in params)
+  x, t, cond = net_fixtures.random_inputs(cfg.model)
+  fwd = jax.jit(lambda c: module.apply({'params': params}, x, t, c))
+  tokens = cond['text_tokens']
+  ref = fwd(cond)
+  assert _differs(fwd(dict(cond, text_tokens=tokens.at[:, 0].set(-tokens[:, 0]))), ref), (
+      'cross-attention U-Net ignores the text tokens')
+  drop = dict(cond, drop_text=jnp.ones((B,), bool))
+  assert _same(fwd(drop), fwd(dict(drop, text_tokens=-tokens))), (
+      'cross-attention U-Net still reads dropped text')

@@ -257,7 +257,7 @@ class ResBlock(nn.Module):
 # ----------------------------------------------------------------------------------------
 # attention
 
-def _num_heads(channels: int, num_heads: int, head_channels: int) -> int:
+def num_heads_for(channels: int, num_heads: int, head_channels: int) -> int:
   if head_channels and head_channels > 0:
     if channels % head_channels:
       raise ValueError(f'{channels} channels are not a multiple of head_channels={head_channels}')
@@ -295,7 +295,7 @@ class ImageAttention(nn.Module):
   def __call__(self, x_BHWC, context_BLD=None, context_mask_BL=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     B, H, W, C = x_BHWC.shape
-    N = _num_heads(C, self.num_heads, self.head_channels)
+    N = num_heads_for(C, self.num_heads, self.head_channels)
     h = group_norm(C, self.norm_groups, **kw)(x_BHWC).reshape(B, H * W, C)
     proj = lambda name: dense_general((N, C // N), ('embed', 'heads', 'kv'), name=name, **kw)
     q, k, v = (constrain(proj(n)(h), HEAD_AXES) for n in ('query', 'key', 'value'))
@@ -329,7 +329,7 @@ class CrossAttention(nn.Module):
   def __call__(self, x_BHWC, context_BLD, context_mask_BL):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     B, H, W, C = x_BHWC.shape
-    N = _num_heads(C, self.num_heads, self.head_channels)
+    N = num_heads_for(C, self.num_heads, self.head_channels)
     h = group_norm(C, self.norm_groups, **kw)(x_BHWC).reshape(B, H * W, C)
     ctx = layer_norm(**kw)(context_BLD)
     q = constrain(dense_general((N, C // N), ('embed', 'heads', 'kv'), name='query', **kw)(h),
@@ -379,7 +379,7 @@ class AttentionPool(nn.Module):
   def __call__(self, tokens_BLD, mask_BL):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     B, L, D = tokens_BLD.shape
-    N = _num_heads(D, self.num_heads, -1)
+    N = num_heads_for(D, self.num_heads, -1)
     x = layer_norm(**kw)(tokens_BLD)
     m_BL1 = mask_BL.astype(x.dtype)[:, :, None]
     mean_BD = (x * m_BL1).sum(1) / jnp.maximum(m_BL1.sum(1), 1.0)

@@ -3,8 +3,9 @@
 One module serves GLIDE's base and upsampler (jointly trained text transformer, its tokens
 concatenated to every attention layer's keys/values), the unCLIP decoder and upsamplers (CLIP
 image embedding added to the time embedding and projected into 4 extra context tokens), and
-Imagen's 64 px base model (frozen T5 tokens through cross-attention, attention-pooled text
-added to the time embedding). Which pathways exist is decided by the config alone.
+Imagen's 64 px base model (frozen T5 tokens as extra attention keys/values, or through a
+separate cross-attention layer with `text_attention='cross'`; attention-pooled text added to
+the time embedding). Which pathways exist is decided by the config alone.
 
 Called as `module.apply({'params': p}, x_BHWC, t_B, cond, train=False, rngs=...)` (see
 docs/ARCHITECTURE.md); the output is float32 with `out_channels` (twice that for a learned
@@ -63,7 +64,7 @@ class ConditionedUNetBase(nn.Module):
   text_pool: str = 'none'            # 'none' | 'attention' (pool the tokens) | 'embed' (read
                                      # cond['text_embed'])
   text_embed_dim: int = 0            # width of cond['text_embed'] for text_pool='embed'
-  text_attention: str = 'concat_kv'  # 'concat_kv' (GLIDE) | 'cross' (Imagen)
+  text_attention: str = 'concat_kv'  # 'concat_kv' (GLIDE) | 'cross' (self- then cross-attention)
   context_dim: int = 0               # width of the attention context; 0: the text width
   image_embed_dim: int = 0           # > 0: cond['image_embed'] (unCLIP decoder)
   image_embed_tokens: int = 4
@@ -144,7 +145,7 @@ class ConditionedUNetBase(nn.Module):
     if self.text_pool == 'attention':
       if ctx is None:
         raise ValueError("text_pool='attention' needs text_source='tokens' or 'transformer'")
-      heads = layers._num_heads(self.ctx_dim, self.num_heads, -1)
+      heads = layers.num_heads_for(self.ctx_dim, self.num_heads, -1)
       emb = emb + layers.AttentionPool(E, heads, name='text_pool', **kw)(ctx, ctx_mask)
     elif self.text_pool == 'embed':
       text_embed = require(cond, 'text_embed', name).astype(jnp.float32)
