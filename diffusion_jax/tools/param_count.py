@@ -18,14 +18,17 @@ import jax
 # (family, stage, published parameter count, what the architecture follows)
 PAPER_STAGES = (
     ('imagen', 'base64', 2.0e9,
-     'Imagen (arXiv 2205.11487) Sec. 2.4/App. F: 2B base U-Net, 512 ch, mults 1-2-3-4, 3 res '
-     'blocks, attention 32/16/8; T5 tokens as extra attention keys/values (NeMo Imagen 2.1B)'),
+     'Imagen (arXiv 2205.11487) App. F.1: 2B base U-Net (NeMo base64-2b, 512 ch: 2.1B); '
+     'mults 1-2-3-4, 3 res blocks, attention 32/16/8 with 64-ch heads, T5-XXL tokens as extra '
+     'attention keys/values, attention-pooled text in the time embedding'),
     ('imagen', 'sr256', 600e6,
-     'Imagen App. B.1 Efficient U-Net 64->256 (600M); imagen-pytorch SRUnet256: 128 ch, mults '
-     '1-2-4-8, res blocks 2-4-8-8, self+cross attention at the lowest level'),
+     'Imagen App. B.1/F.2 Efficient U-Net 64->256 (NeMo sr256-600m: 646M); imagen-pytorch '
+     'SRUnet256: 128 ch, mults 1-2-4-8, res blocks 2-4-8-8, self+cross attention at the '
+     'lowest level, one skip per level scaled 1/sqrt(2)'),
     ('imagen', 'sr1024', 400e6,
-     'Imagen App. B.1 Efficient U-Net 256->1024 (400M): as sr256 without self-attention, '
-     'cross-attention at the lowest level; lowest level 768 ch to reach 400M'),
+     'Imagen App. B.1/F.3 Efficient U-Net 256->1024 (NeMo: 427M): the sr256 layout without '
+     'self-attention, cross-attention at the lowest level; that level is 768 ch here to reach '
+     '400M (1024 ch gives 565M)'),
     ('glide', 'base64', 3.5e9,
      'GLIDE (arXiv 2112.10741) Sec. 4: ADM 64px 512 ch, 3 res blocks, attention 32/16/8, '
      '64-ch heads (2.3B) + text transformer 24 x 2048 (1.2B)'),
