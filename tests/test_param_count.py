@@ -48,3 +48,11 @@ def test_cli_prints_one_json_object_per_stage(capsys, monkeypatch, table):
   assert len(rows) == len(PUBLISHED)
   for row in rows:
     assert set(row) == {'family', 'stage', 'params', 'published', 'source'}, row
+
+
+def test_cli_counts_one_config_with_breakdown(capsys):
+  param_count.main(['--config=configs/unclip.py:stage=prior,size=tiny'])
+  row = json.loads(capsys.readouterr().out)
+  assert row['family'] == 'unclip' and row['stage'] == 'prior'
+  assert row['params'] == sum(row['modules'].values()) > 0
+  assert 'transformer' in row['modules']
