@@ -8,6 +8,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['TRANSFORMERS_OFFLINE'] = '1'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent compilation cache for the whole session (and the CLI subprocesses the tests
+# start): tests that rebuild the same tiny model compile it once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.environ.get('TMPDIR', '/tmp'), f'diffusion_jax_tests_jax_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TFDS_DATA_DIR', os.path.join(os.environ.get('TMPDIR', '/tmp'),
                                                     'diffusion_jax_tests_tfds'))
 

@@ -123,7 +123,8 @@ def diffusion_loss(apply_fn: Callable, params, batch, rng, cfg) -> tuple[jax.Arr
     apply_fn: (params, x_t, t_B, cond, rng) -> model output (2x channels with a learned
       variance).
     params: the network parameters.
-    batch: {'x0': clean data [B, ...], 'cond': dict handed to the network unchanged}.
+    batch: {'x0': clean data [B, ...], 'cond': dict handed to the network unchanged,
+      optionally 't' [B] and 'noise' (the draws; otherwise made here from `rng`)}.
     rng: PRNG key (times, noise, dropout).
     cfg: the `diffusion` config section: schedule (+ its fields), parameterization,
       learned_variance, vlb_weight (lambda of L_hybrid, 0.001 in improved DDPM),
@@ -139,8 +140,9 @@ def diffusion_loss(apply_fn: Callable, params, batch, rng, cfg) -> tuple[jax.Arr
   x0 = batch['x0'].astype(jnp.float32)
   cond = batch.get('cond', {})
   rng_t, rng_noise, rng_model = jax.random.split(rng, 3)
-  t_B = schedule.sample_t(rng_t, (x0.shape[0],))
-  noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
+  t_B = batch['t'] if 't' in batch else schedule.sample_t(rng_t, (x0.shape[0],))
+  noise = batch['noise'] if 'noise' in batch else jax.random.normal(rng_noise, x0.shape,
+                                                                     jnp.float32)
   x_t = process.q_sample(x0, t_B, noise, schedule)
 
   output = apply_fn(params, x_t, t_B, cond, rng_model).astype(jnp.float32)

@@ -1,0 +1,270 @@
+"""The training loop: one for every stage of every cascade.
+
+    train(config, workdir)
+
+builds the mesh, the network, the frozen encoder, the tokenizer and the input pipeline from
+the config, restores the newest readable checkpoint (or initialises the state directly into
+its shardings), then runs the jitted train step, writing metrics (clu: TensorBoard events in
+`workdir` and the log, process 0 only), progress (steps/s, ETA), checkpoints (state + data
+iterator + config) and periodic sample grids. SIGTERM (preemption) saves the current step,
+waits for the save and returns; a run of `max_nonfinite_steps` consecutive non-finite steps
+stops with an error and leaves the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+from clu import metric_writers, parameter_overview, periodic_actions
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import checkpoint as ckpt_lib
+from diffusion_jax import encoders, models, parallel
+from diffusion_jax import tokenizer as tokenizer_lib
+from diffusion_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+# Test hook: SIGKILL this process right after the given step (after pending saves finish),
+# to exercise resume after a hard kill.
+KILL_AT_STEP_ENV = 'DIFFUSION_JAX_KILL_AT_STEP'
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _get(cfg, key, default=None):
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+# Building blocks ------------------------------------------------------------------------------
+
+def build_encoder(config, mesh, rules):
+  """The stage's frozen encoder (T5 or CLIP), or None when the stage needs none."""
+  te = _get(config, 'text_encoder')
+  if te is None or not _get(te, 'name'):
+    return None
+  cfg = encoders.encoder_config(
+      te.name, _get(te, 'preset', 'tiny'), _get(te, 'path'),
+      tokenizer_path=_get(te, 'tokenizer_path'), seed=int(_get(te, 'seed', config.seed)),
+      dtype=_get(te, 'dtype', 'float32'))
+  return encoders.build_encoder(cfg, mesh, rules)
+
+
+def build_tokenizer(config, encoder, workdir: str):
+  """The tokenizer of whatever reads `text_ids`: the frozen encoder's when it was loaded from
+  a directory, else `text_encoder.tokenizer_path`, else (offline, on Shapes) a word-level
+  tokenizer of the Shapes vocabulary written into the workdir."""
+  max_len = int(config.input.text_max_len)
+  te = _get(config, 'text_encoder')
+  path = _get(te, 'tokenizer_path') if te is not None else None
+  if path:
+    return tokenizer_lib.load_tokenizer(path, max_len)
+  if encoder is not None and encoder.tokenizer is not None:
+    return tokenizer_lib.load_tokenizer(_get(te, 'path'), max_len)
+  if _get(config.input, 'dataset', 'shapes') != 'shapes':
+    raise ValueError('no tokenizer: set config.text_encoder.tokenizer_path (or text_encoder.path)'
+                     ' to a local transformers tokenizer directory')
+  from diffusion_jax.data import shapes
+  style = 'clip' if te is not None and _get(te, 'name') == 'clip' else 't5'
+  out = os.path.join(workdir, 'tokenizer')
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(out, 'tokenizer.json')):
+    tokenizer_lib.build_word_tokenizer(shapes.VOCABULARY, out, style=style)
+  _sync('tokenizer')
+  return tokenizer_lib.load_tokenizer(out, max_len)
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a stage's training needs, built from its config."""
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: Any
+  model: nn.Module
+  encoder: Any
+  tokenizer: Any
+  train_step: Callable
+  tx: Any
+  state_shardings: Any
+  abstract_state: Any
+  init_fn: Callable
+
+  @property
+  def frozen_params(self):
+    return None if self.encoder is None else self.encoder.params
+
+  @property
+  def frozen_shardings(self):
+    return None if self.encoder is None else self.encoder.param_shardings
+
+
+def build_trainer(config, workdir: str) -> Trainer:
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.logical_rules(config.mesh)
+  model = models.build(config.model)
+  encoder = build_encoder(config, mesh, rules)
+  tokenizer = build_tokenizer(config, encoder, workdir)
+  train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
+  init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
+  shardings = step_lib.state_shardings(abstract, mesh, rules,
+                                       _get(config, 'parallelism', 'gspmd'))
+  unboxed = nn.meta.unbox(abstract)
+  abstract_sharded = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
+  return Trainer(config, workdir, mesh, rules, model, encoder, tokenizer, train_step, tx,
+                 shardings, abstract_sharded, init)
+
+
+def init_state(trainer: Trainer):
+  fn = jax.jit(lambda k: nn.meta.unbox(trainer.init_fn(k)), out_shardings=trainer.state_shardings)
+  return fn(jax.random.PRNGKey(trainer.config.seed))
+
+
+# The loop -------------------------------------------------------------------------------------
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      log.warning('received signal %d: saving a checkpoint at the current step, then exiting',
+                  signum)
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals to the caller
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str, Any]:
+  """Trains one stage in `workdir`; returns the last step's metrics (host floats).
+
+  `hooks`: callables `hook(step, state, trainer)` run after every step (e.g. evaluations).
+  """
+  from diffusion_jax.data import pipeline as data_pipeline
+
+  os.makedirs(workdir, exist_ok=True)
+  trainer = build_trainer(config, workdir)
+  data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
+                                           seed=int(config.seed))
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=int(_get(config, 'keep_checkpoints', 3)),
+      keep_period=_get(config, 'keep_every_steps'))
+  restored = checkpointer.restore_latest(trainer.abstract_state, data)
+  if restored is None:
+    state = init_state(trainer)
+    log.info('no checkpoint in %s: initialised a fresh state', workdir)
+  else:
+    state, step = restored
+    log.info('restored checkpoint step %d from %s', step, workdir)
+  start_step = int(jax.device_get(state.step))
+
+  is_lead = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+  if start_step == 0 and is_lead:
+    parameter_overview.log_parameter_overview(jax.device_get(state.params))
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+
+  total = int(config.total_steps)
+  log_steps = max(int(_get(config, 'log_steps', 50)), 1)
+  ckpt_steps = max(int(_get(config, 'ckpt_steps', 500)), 1)
+  max_nonfinite = int(_get(config, 'max_nonfinite_steps', 20))
+  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, '0') or 0)
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=log_steps)
+
+  batch_shardings = None
+  step_fn = None
+  metrics_host: dict[str, Any] = {}
+  step = start_step
+  with _Preemption() as preemption, jax.set_mesh(trainer.mesh), \
+      nn.logical_axis_rules(trainer.rules):
+    while step < total:
+      batch = next(data)
+      global_batch = parallel.shard_batch(batch, trainer.mesh)
+      if step_fn is None:
+        batch_shardings = step_lib.batch_shardings(global_batch, trainer.mesh)
+        step_fn = step_lib.jit_train_step(trainer.train_step, trainer.state_shardings,
+                                          batch_shardings, trainer.frozen_shardings,
+                                          trainer.mesh)
+      state, metrics = step_fn(state, global_batch, trainer.frozen_params)
+      step += 1
+      consecutive = int(jax.device_get(metrics['nonfinite_consecutive']))
+      if consecutive >= max_nonfinite:
+        checkpointer.wait()
+        raise NonFiniteError(
+            f'{consecutive} consecutive steps had a non-finite loss or gradient (step {step}); '
+            f'the last good checkpoint in {checkpointer.directory} is intact. Lower the '
+            'learning rate or check the data, then resume.')
+      for hook in hooks:
+        hook(step, state, trainer)
+      report(step)
+      if step % log_steps == 0 or step == total:
+        metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        for k, v in data.metrics().items():
+          metrics_host[k] = float(v)
+        writer.write_scalars(step, metrics_host)
+      stop = _any_process(preemption.requested) or checkpointer.reached_preemption(step)
+      if step % ckpt_steps == 0 or step == total or stop:
+        checkpointer.save(step, state, data, config, force=True)
+      if stop:
+        log.warning('preempted at step %d: checkpoint saved, exiting', step)
+        break
+      if kill_at and step == kill_at:
+        checkpointer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  if not metrics_host and step > start_step:
+    metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  metrics_host['step'] = step
+  return metrics_host
+
+
+def _flat_config(config, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  items = config.items() if hasattr(config, 'items') else []
+  for k, v in items:
+    key = f'{prefix}{k}'
+    if hasattr(v, 'items'):
+      out.update(_flat_config(v, key + '.'))
+    elif isinstance(v, (int, float, str, bool)):
+      out[key] = v
+  return out

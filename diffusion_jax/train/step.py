@@ -1,0 +1,319 @@
+"""The train step: conditioning, loss, gradients, optimizer, EMA and the non-finite guard.
+
+`make_train_step(config, model, encoder)` returns a pure `train_step(state, batch, frozen)
+-> (state, metrics)` that the caller jits with shardings and donation (see `jit_train_step`).
+Nothing here branches on the family: what the step feeds the network is read off the
+network's own example inputs (`models.example_inputs`), and the config names the objective,
+the target, the conditioning dropout and the noise augmentation.
+
+All random draws (times, noise, dropout of conditioning, augmentation levels) are made on
+global arrays before the loss, so with `jax_threefry_partitionable` the step computes the
+same numbers on any mesh, and the shard_map data-parallel variant sees exactly the draws of
+the GSPMD step.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax import models, parallel
+from diffusion_jax.diffusion import contrastive, guidance, losses, process, schedules
+from diffusion_jax.train import state as state_lib
+
+OBJECTIVES: dict[str, Callable] = {
+    'diffusion': losses.diffusion_loss,
+    'noised_clip': contrastive.noised_clip_loss,
+}
+TARGETS = ('image', 'image_embed')
+PARALLELISMS = ('gspmd', 'shard_map')
+# apply_if_finite never gives up by itself; the loop stops after config.max_nonfinite_steps.
+_NEVER = 2**30
+
+
+def _get(cfg, key, default=None):
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+# Optimizer -----------------------------------------------------------------------------------
+
+def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `lr`, then 'constant' (default) or 'cosine' decay to `final_lr_frac`."""
+  lr = float(opt_cfg.lr)
+  warmup = int(_get(opt_cfg, 'warmup_steps', 0))
+  decay = _get(opt_cfg, 'decay', 'constant')
+  if decay == 'constant':
+    after = optax.constant_schedule(lr)
+  elif decay == 'cosine':
+    after = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1),
+                                        alpha=float(_get(opt_cfg, 'final_lr_frac', 0.0)))
+  else:
+    raise ValueError(f"optimizer.decay={decay!r}: choose 'constant' or 'cosine'")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+  """Gradient clipping + AdamW or Adafactor, wrapped in optax.apply_if_finite.
+
+  A step with non-finite gradients leaves the optimizer state untouched and applies a zero
+  update; apply_if_finite counts such steps (consecutive and total), and the loop stops the
+  run after `max_nonfinite_steps` consecutive ones.
+  """
+  lr = learning_rate_schedule(opt_cfg, total_steps)
+  name = opt_cfg.name
+  if name == 'adamw':
+    inner = optax.adamw(lr, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
+                        eps=float(_get(opt_cfg, 'eps', 1e-8)),
+                        weight_decay=float(_get(opt_cfg, 'weight_decay', 0.0)))
+  elif name == 'adafactor':
+    inner = optax.adafactor(lr, weight_decay_rate=float(_get(opt_cfg, 'weight_decay', 0.0)) or None)
+  else:
+    raise ValueError(f"optimizer.name={name!r}: choose 'adamw' or 'adafactor'")
+  clip = float(_get(opt_cfg, 'grad_clip', 0.0))
+  chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  return optax.apply_if_finite(optax.chain(*chain, inner), max_consecutive_errors=_NEVER)
+
+
+def ema_decay_at(opt_cfg, step):
+  """EMA decay; before `ema_start_step` the EMA simply tracks the parameters."""
+  decay = float(_get(opt_cfg, 'ema_decay', 0.9999))
+  start = int(_get(opt_cfg, 'ema_start_step', 0))
+  return jnp.where(step >= start, decay, 0.0)
+
+
+# Conditioning ---------------------------------------------------------------------------------
+
+def _l2_scaled(e_BD):
+  """Unit-normalised embedding scaled by sqrt(D): unit variance per dimension, so the prior
+  diffuses it like data (DALLE2-pytorch's image_embed_scale)."""
+  e_BD = e_BD.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(e_BD * e_BD, -1, keepdims=True), 1e-12))
+  return e_BD / norm * math.sqrt(e_BD.shape[-1])
+
+
+def random_box_masks(rng, batch: int, size: int):
+  """GLIDE-style inpainting masks [B, H, W, 1]: 1 = known pixel, a random box unknown."""
+  k1, k2 = jax.random.split(rng)
+  lo = jax.random.randint(k1, (batch, 2), 0, size // 2)
+  extent = jax.random.randint(k2, (batch, 2), size // 4, size // 2 + 1)
+  hi = lo + extent
+  idx = jnp.arange(size)
+  inside_y = (idx[None, :] >= lo[:, :1]) & (idx[None, :] < hi[:, :1])
+  inside_x = (idx[None, :] >= lo[:, 1:]) & (idx[None, :] < hi[:, 1:])
+  hole = inside_y[:, :, None] & inside_x[:, None, :]
+  return (~hole).astype(jnp.float32)[..., None]
+
+
+class Conditioner:
+  """Turns a data batch into (x0, cond) for the network, as the network's inputs require."""
+
+  def __init__(self, config, encoder=None):
+    self.config = config
+    self.encoder = encoder
+    _, _, example_cond = models.example_inputs(config.model, 1)
+    self.keys = frozenset(example_cond)
+    self.target = _get(config, 'target', 'image')
+    if self.target not in TARGETS:
+      raise ValueError(f'config.target={self.target!r} is not one of {TARGETS}')
+    needs_encoder = ('text_tokens' in self.keys or 'text_embed' in self.keys or
+                     'image_embed' in self.keys or self.target == 'image_embed')
+    if needs_encoder and encoder is None:
+      raise ValueError(f'stage {config.stage!r} needs a frozen encoder (config.text_encoder)')
+    self.diffusion = config.diffusion
+    self.schedule = schedules.from_config(config.diffusion)
+
+  def _image_embed(self, frozen, images):
+    return _l2_scaled(self.encoder._image_forward(frozen, images, False))
+
+  def __call__(self, batch, frozen, rng):
+    k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
+    image = batch['image'].astype(jnp.float32)
+    n = image.shape[0]
+    cond: dict[str, Any] = {}
+    if {'text_tokens', 'text_embed'} & self.keys:
+      tokens, pooled = self.encoder._text_forward(frozen, batch['text_ids'], batch['text_mask'])
+      if 'text_tokens' in self.keys:
+        cond['text_tokens'] = tokens
+        cond['text_mask'] = batch['text_mask']
+      if 'text_embed' in self.keys:
+        cond['text_embed'] = _l2_scaled(pooled)
+    if 'text_ids' in self.keys:
+      cond['text_ids'] = batch['text_ids']
+      cond['text_mask'] = batch['text_mask']
+    if 'image_embed' in self.keys:
+      cond['image_embed'] = self._image_embed(frozen, image)
+    if 'drop_text' in self.keys:
+      p = float(_get(self.diffusion, 'cond_drop_text', 0.0))
+      cond['drop_text'] = jax.random.bernoulli(k_text, p, (n,))
+    if 'drop_image' in self.keys:
+      p = float(_get(self.diffusion, 'cond_drop_image', 0.0))
+      cond['drop_image'] = jax.random.bernoulli(k_image, p, (n,))
+    if 'low_res' in self.keys:
+      low_res = batch['low_res'].astype(jnp.float32)
+      if _get(self.diffusion, 'noise_aug', False):
+        low_res, aug_t = guidance.noise_augment(
+            low_res, k_aug, self.schedule,
+            max_level=float(_get(self.diffusion, 'noise_aug_max', 1.0)))
+      else:
+        aug_t = jnp.zeros((n,), jnp.float32)
+      cond['low_res'] = low_res
+      if 'aug_t' in self.keys:
+        cond['aug_t'] = aug_t
+    if 'inpaint_mask' in self.keys:
+      mask = random_box_masks(k_mask, n, image.shape[1])
+      cond['inpaint_mask'] = mask
+      cond['inpaint_image'] = image * mask
+    if self.target == 'image_embed':
+      x0 = self._image_embed(frozen, image)
+    else:
+      x0 = image
+    return x0, cond
+
+
+# The step -------------------------------------------------------------------------------------
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=()):
+  """Returns (train_step, tx). `train_step(state, batch, frozen) -> (state, metrics)`.
+
+  `config.parallelism`: 'gspmd' (default; shardings from the logical rules) or 'shard_map'
+  (pure data parallelism: replicated parameters, per-device loss and an explicit gradient
+  pmean over the batch axes; needs `mesh`).
+  """
+  tx = make_optimizer(config.optimizer, int(config.total_steps))
+  conditioner = Conditioner(config, encoder)
+  objective_name = _get(config, 'objective', 'diffusion')
+  if objective_name not in OBJECTIVES:
+    raise ValueError(f'config.objective={objective_name!r} is not one of {sorted(OBJECTIVES)}')
+  objective = OBJECTIVES[objective_name]
+  parallelism = _get(config, 'parallelism', 'gspmd')
+  if parallelism not in PARALLELISMS:
+    raise ValueError(f'config.parallelism={parallelism!r} is not one of {PARALLELISMS}')
+  if parallelism == 'shard_map':
+    if mesh is None:
+      raise ValueError("parallelism='shard_map' needs the mesh")
+    if mesh.shape['tensor'] != 1:
+      raise ValueError("parallelism='shard_map' is pure data parallelism: set mesh.tensor=1")
+  diffusion_cfg = config.diffusion
+
+  def apply_fn(params, x_t, t_B, cond, rng):
+    return model.apply({'params': params}, x_t, t_B, cond, train=True, rngs={'dropout': rng})
+
+  def loss_fn(params, loss_batch, rng):
+    return objective(apply_fn, params, loss_batch, rng, diffusion_cfg)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  if parallelism == 'shard_map':
+    batch_spec = P(parallel.BATCH_AXES)
+
+    def local_grads(params, loss_batch, rng):
+      # Each device: its slice of the batch, the shared key (its draws are already made
+      # globally); pmean of equal-sized shards = the global mean.
+      with nn.logical_axis_rules(()):
+        (loss, aux), grads = grad_fn(params, loss_batch, rng)
+      mean = lambda x: jax.lax.pmean(x, parallel.BATCH_AXES)
+      return (mean(loss), jax.tree.map(mean, aux)), jax.tree.map(mean, grads)
+
+    def compute_grads(params, loss_batch, rng):
+      specs = jax.tree.map(lambda _: batch_spec, loss_batch)
+      return jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), specs, P()),
+                           out_specs=((P(), P()), P()), check_vma=False)(params, loss_batch, rng)
+  else:
+    compute_grads = grad_fn
+
+  def loss_and_grads(state: state_lib.TrainState, batch, frozen):
+    """(loss, aux, grads, next_rng) of one batch; no update. Exposed for tests and evals."""
+    rng = jax.random.wrap_key_data(state.rng)
+    rng, k_cond, k_t, k_noise, k_model = jax.random.split(rng, 5)
+    x0, cond = conditioner(batch, frozen, k_cond)
+    loss_batch = {'x0': x0, 'cond': cond}
+    if objective_name == 'diffusion':
+      # Drawn here, globally, so that every parallelism sees the same numbers.
+      loss_batch['t'] = conditioner.schedule.sample_t(k_t, (x0.shape[0],))
+      loss_batch['noise'] = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    (loss, aux), grads = compute_grads(state.params, loss_batch, k_model)
+    return loss, aux, grads, rng
+
+  def train_step(state: state_lib.TrainState, batch, frozen):
+    loss, aux, grads, rng = loss_and_grads(state, batch, frozen)
+    # A non-finite loss poisons the gradients so that apply_if_finite skips the step.
+    loss_finite = jnp.isfinite(loss)
+    grads = jax.tree.map(lambda g: jnp.where(loss_finite, g, jnp.nan), grads)
+    finite = loss_finite & _all_finite(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(config.optimizer, state.step)
+    ema = jax.tree.map(lambda e, p: jnp.where(finite, decay * e + (1.0 - decay) * p, e),
+                       state.ema_params, params)
+    consecutive, total = state_lib.nonfinite_counts(opt_state)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'lr': learning_rate_schedule(config.optimizer, int(config.total_steps))(state.step),
+               'nonfinite_consecutive': consecutive, 'nonfinite_total': total,
+               **{f'aux/{k}': v for k, v in aux.items() if k != 'loss'}}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema, rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  train_step.loss_and_grads = loss_and_grads
+  return train_step, tx
+
+
+# State initialisation and shardings ------------------------------------------------------------
+
+def abstract_state(config, model: nn.Module, tx, rng):
+  """The boxed abstract TrainState (jax.eval_shape: no memory), for shardings."""
+  x, t, cond = models.example_inputs(config.model, 1)
+
+  def init(key):
+    params = model.init({'params': key, 'dropout': key}, x, t, cond)['params']
+    return state_lib.create(params, tx, key)
+
+  return init, jax.eval_shape(init, rng)
+
+
+def state_shardings(abstract_boxed_state, mesh, rules, parallelism: str = 'gspmd'):
+  """Shardings of the unboxed state: params/EMA/optimizer moments from their logical names
+  (replicated for the shard_map variant); scalars replicated."""
+  if parallelism == 'shard_map':
+    unboxed = nn.meta.unbox(abstract_boxed_state)
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), unboxed)
+  return parallel.logical_shardings(abstract_boxed_state, mesh, rules)
+
+
+def init_state(config, model: nn.Module, tx, mesh, rules, rng):
+  """A fresh TrainState initialised directly into its shardings. Returns (state, shardings)."""
+  init, abstract = abstract_state(config, model, tx, rng)
+  shardings = state_shardings(abstract, mesh, rules, _get(config, 'parallelism', 'gspmd'))
+  # out_shardings places the parameters; no activation constraints are needed to initialise.
+  state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def batch_shardings(batch_example, mesh):
+  return jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim), batch_example)
+
+
+def jit_train_step(train_step, state_sharding, batch_sharding, frozen_sharding, mesh):
+  """jit with explicit in/out shardings; the state is donated."""
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+                 out_shardings=(state_sharding, NamedSharding(mesh, P())),
+                 donate_argnums=0)

@@ -1,0 +1,266 @@
+"""The trainer: sharding invariance, non-finite guard, checkpoints (resume, preemption,
+corruption, other meshes) and learning on Shapes."""
+import glob
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import glide, imagen, unclip
+from diffusion_jax import checkpoint as ckpt_lib
+from diffusion_jax import parallel
+from diffusion_jax.train import loop, step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(module=glide, stage='base64', **overrides):
+  cfg = module.get_config(f'stage={stage},size=tiny')
+  cfg.total_steps = 6
+  cfg.ckpt_steps = 3
+  cfg.log_steps = 2
+  cfg.input.batch_size = 8
+  cfg.optimizer.warmup_steps = 0
+  cfg.optimizer.lr = 1e-3
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  B, S, L = cfg.input.batch_size, cfg.input.image_size, cfg.input.text_max_len
+  batch = {'image': rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32),
+           'text_ids': rng.integers(1, 20, (B, L)).astype(np.int32),
+           'text_mask': np.arange(L)[None, :] < rng.integers(2, L, (B, 1))}
+  if cfg.input.get('low_res_size'):
+    s = cfg.input.low_res_size
+    batch['low_res'] = rng.uniform(-1, 1, (B, s, s, 3)).astype(np.float32)
+  return batch
+
+
+def _loss_and_grads(cfg, mesh_shape=None, devices=None):
+  """Loss and gradients of one step on a mesh (float32), from the same initial state."""
+  cfg = cfg.copy_and_resolve_references()
+  if mesh_shape is not None:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
+  mesh = parallel.create_mesh(cfg.mesh, devices)
+  rules = parallel.logical_rules(cfg.mesh)
+  from diffusion_jax import models
+  model = models.build(cfg.model)
+  encoder = loop.build_encoder(cfg, mesh, rules)
+  train_step, tx = step_lib.make_train_step(cfg, model, encoder, mesh=mesh, rules=rules)
+  state, _ = step_lib.init_state(cfg, model, tx, mesh, rules, jax.random.PRNGKey(0))
+  batch = parallel.shard_batch(_batch(cfg), mesh)
+  frozen = None if encoder is None else encoder.params
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    loss, _, grads, _ = jax.jit(train_step.loss_and_grads)(state, batch, frozen)
+  return float(loss), jax.tree.map(np.asarray, grads)
+
+
+@pytest.fixture(scope='module')
+def reference_grads():
+  cfg = tiny_config(imagen, 'base64')
+  return cfg, _loss_and_grads(cfg, (1, 1, 1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('mesh_shape,parallelism', [
+    ((8, 1, 1), 'gspmd'), ((2, 4, 1), 'gspmd'), ((2, 2, 2), 'gspmd'), ((4, 2, 1), 'shard_map')])
+def test_step_is_invariant_to_sharding(reference_grads, mesh_shape, parallelism):
+  cfg, (ref_loss, ref_grads) = reference_grads
+  cfg = cfg.copy_and_resolve_references()
+  cfg.parallelism = parallelism
+  loss, grads = _loss_and_grads(cfg, mesh_shape)
+  assert loss == pytest.approx(ref_loss, rel=1e-6), f'{mesh_shape}/{parallelism}: loss differs'
+  ref_norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(ref_grads)))
+  diff = np.sqrt(sum(np.sum((a - b)**2) for a, b in zip(jax.tree.leaves(grads),
+                                                       jax.tree.leaves(ref_grads))))
+  assert diff <= 1e-5 * ref_norm, f'{mesh_shape}/{parallelism}: grads differ by {diff / ref_norm}'
+
+
+def test_nonfinite_batch_is_skipped_and_counted():
+  cfg = tiny_config(glide, 'base64')
+  mesh = parallel.create_mesh(cfg.mesh)
+  rules = parallel.logical_rules(cfg.mesh)
+  from diffusion_jax import models
+  model = models.build(cfg.model)
+  train_step, tx = step_lib.make_train_step(cfg, model, None, mesh=mesh, rules=rules)
+  state, shardings = step_lib.init_state(cfg, model, tx, mesh, rules, jax.random.PRNGKey(0))
+  good = _batch(cfg)
+  bad = dict(good, image=good['image'].copy())
+  bad['image'][3, 2, 2, 1] = np.nan
+  step = jax.jit(train_step)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state1, m1 = step(state, parallel.shard_batch(good, mesh), None)
+    state2, m2 = step(state1, parallel.shard_batch(bad, mesh), None)
+    state3, m3 = step(state2, parallel.shard_batch(good, mesh), None)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert not same(state1.params, state.params), 'a good step must change the parameters'
+  assert same(state2.params, state1.params), 'the NaN batch changed the parameters'
+  assert same(state2.ema_params, state1.ema_params), 'the NaN batch changed the EMA'
+  assert same(state2.opt_state.inner_state, state1.opt_state.inner_state), \
+      'the NaN batch changed the optimizer moments'
+  assert int(m2['nonfinite_consecutive']) == 1 and int(m2['nonfinite_total']) == 1
+  assert int(m3['nonfinite_consecutive']) == 0 and int(m3['nonfinite_total']) == 1
+  assert not same(state3.params, state2.params), 'training must resume after a bad batch'
+
+
+def _restore_raw(workdir, step=None):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                               item_handlers={'state': ocp.StandardCheckpointHandler()})
+  step = mngr.latest_step() if step is None else step
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  data_files = sorted(glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'data', 'process_*')))
+  data = [open(f).read() for f in data_files if os.path.isfile(f)]
+  mngr.close()
+  return step, jax.tree.map(np.asarray, state), data
+
+
+def _as_dict(state):
+  return flax.serialization.to_state_dict(jax.tree.map(np.asarray, state))
+
+
+def _assert_identical(a, b, what):
+  norm = lambda path: tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                           for k in path)
+  la = sorted((norm(p), x) for p, x in jax.tree_util.tree_flatten_with_path(a)[0])
+  lb = sorted((norm(p), x) for p, x in jax.tree_util.tree_flatten_with_path(b)[0])
+  assert [p for p, _ in la] == [p for p, _ in lb], f'{what}: trees differ'
+  for (path, x), (_, y) in zip(la, lb):
+    assert np.array_equal(x, y), f'{what}: {"/".join(path)} differs'
+
+
+def _cli(workdir, cfg_arg, extra=(), env_extra=None):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env.update(env_extra or {})
+  cmd = [sys.executable, '-m', 'diffusion_jax.train', f'--config={REPO}/configs/glide.py:{cfg_arg}',
+         f'--workdir={workdir}', '--config.input.batch_size=8', '--config.optimizer.warmup_steps=0',
+         *extra]
+  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+  n = 3
+  flags = [f'--config.total_steps={2 * n}', f'--config.ckpt_steps={n}']
+  straight = _cli(tmp_path / 'straight', 'stage=base64,size=tiny', flags)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed = _cli(tmp_path / 'killed', 'stage=base64,size=tiny', flags,
+                {loop.KILL_AT_STEP_ENV: str(n + 1)})
+  assert killed.returncode == -signal.SIGKILL, f'expected SIGKILL, got {killed.returncode}'
+  assert _restore_raw(tmp_path / 'killed')[0] == n
+  resumed = _cli(tmp_path / 'killed', 'stage=base64,size=tiny', flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'restored checkpoint step 3' in resumed.stderr
+  step_a, state_a, data_a = _restore_raw(tmp_path / 'straight')
+  step_b, state_b, data_b = _restore_raw(tmp_path / 'killed')
+  assert step_a == step_b == 2 * n
+  _assert_identical(state_a, state_b, 'resumed vs uninterrupted state')
+  assert data_a == data_b, 'data iterator positions differ after resume'
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """6 steps of the tiny GLIDE base with checkpoints at 3 and 6 (in-process)."""
+  workdir = str(tmp_path_factory.mktemp('glide_base'))
+  metrics = loop.train(tiny_config(glide, 'base64'), workdir)
+  assert metrics['step'] == 6
+  return workdir
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, trained_workdir):
+  cfg = tiny_config(glide, 'base64', total_steps=6, ckpt_steps=100)
+  workdir = str(tmp_path / 'run')
+
+  def send_sigterm(step, state, trainer):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  metrics = loop.train(cfg, workdir, hooks=(send_sigterm,))
+  assert metrics['step'] == 4, 'SIGTERM must stop the run at the current step'
+  assert _restore_raw(workdir)[0] == 4, 'SIGTERM must save the current (off-interval) step'
+  metrics = loop.train(cfg, workdir)
+  assert metrics['step'] == 6
+  _, resumed, _ = _restore_raw(workdir, 6)
+  _, straight, _ = _restore_raw(trained_workdir, 6)
+  _assert_identical(resumed, straight, 'SIGTERM-resumed vs uninterrupted state')
+
+
+def test_truncated_latest_checkpoint_falls_back_loudly(tmp_path, trained_workdir, caplog):
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained_workdir, workdir)
+  files = [f for f in glob.glob(os.path.join(workdir, 'checkpoints', '6', 'state', '**', '*'),
+                                recursive=True) if os.path.isfile(f) and os.path.getsize(f) > 64]
+  assert files
+  for f in files:
+    with open(f, 'r+b') as fh:
+      fh.truncate(os.path.getsize(f) // 3)
+  cfg = tiny_config(glide, 'base64')
+  trainer = loop.build_trainer(cfg, workdir)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  with caplog.at_level(logging.ERROR):
+    state, step = checkpointer.restore_latest(trainer.abstract_state)
+  assert step == 3, 'must fall back to the previous intact checkpoint'
+  assert any('step 6' in r.getMessage() and 'unreadable' in r.getMessage() for r in caplog.records)
+  _, expected, _ = _restore_raw(trained_workdir, 3)
+  _assert_identical(_as_dict(state), expected, 'fallback state')
+
+
+def test_restore_onto_another_mesh(tmp_path, trained_workdir):
+  cfg = tiny_config(glide, 'base64')
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 4, 1
+  trainer = loop.build_trainer(cfg, str(tmp_path))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(trained_workdir, 'checkpoints'))
+  state, step = checkpointer.restore_latest(trainer.abstract_state)
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.sharding.mesh.shape == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  _, expected, _ = _restore_raw(trained_workdir, step)
+  _assert_identical(_as_dict(state), expected, 'state restored on (2,4,1)')
+
+
+def test_shape_mismatch_names_the_key(tmp_path, trained_workdir):
+  cfg = tiny_config(glide, 'base64')
+  cfg.model.model_channels = cfg.model.model_channels * 2
+  trainer = loop.build_trainer(cfg, str(tmp_path))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(trained_workdir, 'checkpoints'))
+  with pytest.raises(ckpt_lib.CheckpointShapeError, match=r"params/.*has shape"):
+    checkpointer.restore_latest(trainer.abstract_state)
+
+
+@pytest.mark.parametrize('module,stage', [(imagen, 'base64'), (glide, 'base64'),
+                                          (unclip, 'prior')])
+def test_loss_decreases_on_shapes(tmp_path, module, stage):
+  cfg = tiny_config(module, stage, total_steps=40, ckpt_steps=1000, log_steps=40)
+  cfg.input.batch_size = 16
+  cfg.optimizer.lr = 3e-3
+  trainer = loop.build_trainer(cfg, str(tmp_path))
+  from diffusion_jax.data import pipeline
+  data = pipeline.make_train_iterator(cfg.input, tokenizer=trainer.tokenizer, seed=123)
+  fixed = parallel.shard_batch(next(data), trainer.mesh)
+  state = loop.init_state(trainer)
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    eval_loss = jax.jit(lambda s, b: trainer.train_step.loss_and_grads(s, b, trainer.frozen_params)[0])
+    before = float(eval_loss(state, fixed))
+  metrics = loop.train(cfg, str(tmp_path))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(str(tmp_path), 'checkpoints'))
+  trained, _ = checkpointer.restore_latest(trainer.abstract_state)
+  trained = trained.replace(rng=state.rng)  # same draws as `before`
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    after = float(eval_loss(trained, fixed))
+  assert metrics['step'] == 40
+  assert after < 0.8 * before, f'{module.__name__}:{stage} did not learn: {before} -> {after}'
