@@ -219,3 +219,18 @@ def test_unet_cross_attention_variant_reads_text():
   drop = dict(cond, drop_text=jnp.ones((B,), bool))
   assert _same(fwd(drop), fwd(dict(drop, text_tokens=-tokens))), (
       'cross-attention U-Net still reads dropped text')
+
+
+def test_bfloat16_forward_tracks_float32():
+  """bf16 compute with the same float32 params stays close to the float32 forward."""
+  cfg = config('glide', 'base64')
+  f32 = models.build(cfg.model)
+  cfg.model.dtype = 'bfloat16'
+  bf16 = models.build(cfg.model)
+  params = net_fixtures.random_params(f32, cfg.model)
+  x, t, cond = net_fixtures.random_inputs(cfg.model)
+  a = jax.jit(lambda p: f32.apply({'params': p}, x, t, cond))(params)
+  b = jax.jit(lambda p: bf16.apply({'params': p}, x, t, cond))(params)
+  assert b.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+  assert 1e-6 < rel < 5e-2, f'bf16 forward differs from float32 by {rel:.2e} (relative L2)'
