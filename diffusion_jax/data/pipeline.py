@@ -13,9 +13,11 @@ logging. Turn a batch into global jax.Arrays with `diffusion_jax.parallel.shard_
 
 Order. Indices 0..N-1 of the source are shuffled with `seed` (grain's index shuffle; every
 epoch gets a new permutation), repeated for `num_epochs` (forever by default) and numbered
-by their global stream position `pos`. Process p of P takes positions p, p+P, p+2P, ...; so
-the processes' examples are disjoint and together cover every epoch, and with equal local
-batches the global batch k holds stream positions [k*B, (k+1)*B) whatever P is. Every random
+by their global stream position `pos`. With local batch b, process p of P takes positions
+[k*P*b + p*b, k*P*b + (p+1)*b) of global batch k (`block` = b); so
+the processes' examples are disjoint and together cover every epoch, and the global batch k
+holds stream positions [k*B, (k+1)*B) in that order whatever P is (so a multi-host run sees
+the very batches of a single-host one). Every random
 choice for an example (crop, caption, degradation) is seeded by (seed, pos), so a batch is
 a pure function of (seed, position) and does not depend on threads or timing.
 
@@ -415,7 +417,7 @@ def source_from_config(input_cfg):
 
 def make_dataset(source, spec: ExampleSpec, *, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+                 process_count: int = 1, block: int = 1) -> grain.MapDataset:
   """The per-process stream of processed (or skip-marked) examples as a grain MapDataset."""
   if len(source) == 0:
     raise DatasetEmptyError(f'{source!r} has no examples')
@@ -424,7 +426,12 @@ def make_dataset(source, spec: ExampleSpec, *, seed: int, shuffle: bool = True,
     ds = ds.shuffle(seed=int(seed) % 2**32)
   ds = ds.repeat(num_epochs)  # reseeds the shuffle every epoch
   ds = ds.map_with_index(lambda pos, index: (pos, index))
-  ds = ds[process_index::process_count]
+  if process_count > 1:
+    # Process p reads rows [p*b, (p+1)*b) of every global batch of P*b positions, so the
+    # global array assembled from the processes' local batches has the single-process order.
+    full, span = ds, block * process_count
+    ds = grain.MapDataset.range(len(full) // span * block).map(
+        lambda i: full[(i // block) * span + process_index * block + i % block])
   return ds.map(_Processor(source, spec, seed))
 
 
@@ -460,7 +467,8 @@ def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
   num_epochs = _cfg_get(input_cfg, 'num_epochs')
   ds = make_dataset(source, spec, seed=seed, shuffle=bool(_cfg_get(input_cfg, 'shuffle')),
                     num_epochs=int(num_epochs) if num_epochs else None,
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count,
+                    block=global_batch // process_count)
   read_options = grain.ReadOptions(
       num_threads=int(_cfg_get(input_cfg, 'num_threads')),
       prefetch_buffer_size=int(_cfg_get(input_cfg, 'prefetch_buffer_size')))

@@ -3,9 +3,9 @@ r"""Trains one stage of a cascade.
   python -m diffusion_jax.train --config=configs/imagen.py:stage=base64,size=tiny \
       --workdir=/tmp/run/base64 [--config.total_steps=100]
 
-Multi-host: launch one process per host with the same flags and --distributed (or
-JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set by the launcher); each process
-feeds its share of the global batch.
+Multi-host: launch one process per host with the same flags and --distributed (on TPU VMs
+and SLURM, jax finds its peers itself), or with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+and JAX_PROCESS_ID set by the launcher; each process feeds its share of the global batch.
 """
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _DISTRIBUTED.value or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+    env = os.environ.get
+    jax.distributed.initialize(
+        coordinator_address=env('JAX_COORDINATOR_ADDRESS'),
+        num_processes=int(env('JAX_NUM_PROCESSES')) if env('JAX_NUM_PROCESSES') else None,
+        process_id=int(env('JAX_PROCESS_ID')) if env('JAX_PROCESS_ID') else None)
   logging.getLogger().setLevel(logging.INFO)
   workdir = os.path.abspath(_WORKDIR.value)
   cache = _CACHE.value or os.path.join(os.path.dirname(workdir), '.jax_cache')
