@@ -85,9 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, stage='base64', size='tiny')
   common.check_choice('stage', a.stage, STAGES)
   common.check_choice('size', a.size, common.SIZES)
-  if a.stage in ('noised_clip', 'cascade'):
-    raise ValueError(f'configs/glide.py:stage={a.stage} is added by later work (the noised CLIP '
-                     'and the sampling cascade); available now: ' + ', '.join(MODEL_STAGES))
+  if a.stage == 'cascade':
+    raise ValueError('configs/glide.py:stage=cascade (the sampling cascade) is added by the '
+                     'pipelines work; available now: ' + ', '.join(MODEL_STAGES + ('noised_clip',)))
+  if a.stage == 'noised_clip':
+    return _noised_clip_config(a.size)
   stage, size = a.stage, a.size
   paper = size == 'paper'
   kind = 'up' if stage.endswith('256') else 'base'
@@ -151,4 +153,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 2000)
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
+  return c
+
+
+_NOISED_CLIP_PRESET = {'tiny': 'tiny', 'shapes': 'small', 'paper': 'glide'}
+
+
+def _noised_clip_config(size: str) -> ml_collections.ConfigDict:
+  """GLIDE's noised CLIP for CLIP guidance: trained contrastively on images noised with the
+  base model's schedule, by the same trainer as every other stage.
+
+    python -m diffusion_jax.train --config=configs/glide.py:stage=noised_clip,size=tiny --workdir=/tmp/run/noised_clip
+  """
+  from diffusion_jax.models import clip  # the presets are the single source of the sizes
+  c = get_config(f'stage=base64,size={size}')
+  preset = clip.NOISED_PRESETS[_NOISED_CLIP_PRESET[size]]
+  c.stage = 'noised_clip'
+  c.objective = 'noised_clip'
+  c.model = ml_collections.ConfigDict({
+      'name': 'noised_clip', 'text': dict(preset['text']), 'vision': dict(preset['vision']),
+      'embed_dim': preset['embed_dim'],
+      'dtype': 'bfloat16' if size == 'paper' else 'float32', 'param_dtype': 'float32'})
+  c.input.image_size = preset['vision']['image_size']
+  c.input.low_res_size = None
+  c.input.text_max_len = preset['text']['max_length']
+  c.text_encoder.max_length = c.input.text_max_len
+  c.text_encoder.vocab_size = preset['text']['vocab_size']
+  c.diffusion.cond_drop_text = 0.0
+  c.diffusion.learned_variance = False
+  c.sampler.guidance_scale = 1.0
   return c

@@ -247,9 +247,12 @@ def test_shape_mismatch_names_the_key(tmp_path, trained_workdir):
     checkpointer.restore_latest(trainer.abstract_state)
 
 
-@pytest.mark.parametrize('module,stage', [(imagen, 'base64'), (glide, 'base64'),
-                                          (unclip, 'prior')])
-def test_loss_decreases_on_shapes(tmp_path, module, stage):
+@pytest.mark.parametrize('module,stage,factor', [(imagen, 'base64', 0.8), (glide, 'base64', 0.8),
+                                                 (glide, 'noised_clip', 0.95),
+                                                 (unclip, 'prior', 0.8)])
+def test_loss_decreases_on_shapes(tmp_path, module, stage, factor):
+  # The noised CLIP (trained by this same trainer) sees mostly heavily noised images at
+  # random t, so its contrastive loss falls more slowly than a denoiser's.
   cfg = tiny_config(module, stage, total_steps=40, ckpt_steps=1000, log_steps=40)
   cfg.input.batch_size = 16
   cfg.optimizer.lr = 3e-3
@@ -268,7 +271,7 @@ def test_loss_decreases_on_shapes(tmp_path, module, stage):
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
     after = float(eval_loss(trained, fixed))
   assert metrics['step'] == 40
-  assert after < 0.8 * before, f'{module.__name__}:{stage} did not learn: {before} -> {after}'
+  assert after < factor * before, f'{module.__name__}:{stage} did not learn: {before} -> {after}'
 
 
 def _free_port():

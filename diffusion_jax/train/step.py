@@ -136,7 +136,7 @@ class Conditioner:
     self.schedule = schedules.from_config(config.diffusion)
 
   def _image_embed(self, frozen, images):
-    return _l2_scaled(self.encoder._image_forward(frozen, images, False))
+    return _l2_scaled(self.encoder.image_forward(frozen, images, False))
 
   def __call__(self, batch, frozen, rng):
     k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
@@ -144,7 +144,7 @@ class Conditioner:
     n = image.shape[0]
     cond: dict[str, Any] = {}
     if {'text_tokens', 'text_embed'} & self.keys:
-      tokens, pooled = self.encoder._text_forward(frozen, batch['text_ids'], batch['text_mask'])
+      tokens, pooled = self.encoder.text_forward(frozen, batch['text_ids'], batch['text_mask'])
       if 'text_tokens' in self.keys:
         cond['text_tokens'] = tokens
         cond['text_mask'] = batch['text_mask']
