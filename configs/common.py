@@ -99,5 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.ckpt_steps = 500
   c.log_steps = 50
+  c.sample_steps = 0          # write a sample grid every N steps (0: never)
+  c.keep_checkpoints = 3      # the last N checkpoints are kept ...
+  c.keep_every_steps = 0      # ... plus every K-th step (0: none)
+  c.max_nonfinite_steps = 20  # stop after this many consecutive non-finite steps
+  c.parallelism = 'gspmd'     # or 'shard_map' (pure data parallelism, explicit psum)
   c.mesh = mesh_config()
   return c

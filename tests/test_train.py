@@ -180,11 +180,24 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
-  """6 steps of the tiny GLIDE base with checkpoints at 3 and 6 (in-process)."""
+  """6 steps of the tiny GLIDE base with checkpoints at 3 and 6 and a sample grid at 6."""
   workdir = str(tmp_path_factory.mktemp('glide_base'))
-  metrics = loop.train(tiny_config(glide, 'base64'), workdir)
+  metrics = loop.train(tiny_config(glide, 'base64', sample_steps=6), workdir)
   assert metrics['step'] == 6
   return workdir
+
+
+def test_sample_grid_written_with_ema_params(trained_workdir):
+  from PIL import Image
+  import json
+  path = os.path.join(trained_workdir, 'samples', 'step_00000006.png')
+  assert os.path.exists(path), 'no sample grid at step 6'
+  grid = np.asarray(Image.open(path))
+  # 8 tiny 16 px samples in a 3 x 3 grid with 2 px padding.
+  assert grid.shape == (3 * 18 + 2, 3 * 18 + 2, 3)
+  assert grid[2:18, 2:18].std() > 0, 'the first sample is blank'
+  captions = json.load(open(os.path.join(trained_workdir, 'samples', 'captions.json')))
+  assert len(captions) == 8 and all(isinstance(c, str) and c for c in captions)
 
 
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, trained_workdir):

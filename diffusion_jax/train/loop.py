@@ -185,7 +185,7 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
                                            seed=int(config.seed))
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), max_to_keep=int(_get(config, 'keep_checkpoints', 3)),
-      keep_period=_get(config, 'keep_every_steps'))
+      keep_period=int(_get(config, 'keep_every_steps', 0)) or None)
   restored = checkpointer.restore_latest(trainer.abstract_state, data)
   if restored is None:
     state = init_state(trainer)
@@ -208,6 +208,11 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   kill_at = int(os.environ.get(KILL_AT_STEP_ENV, '0') or 0)
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=log_steps)
+  sample_steps = int(_get(config, 'sample_steps', 0))
+  sample_grid = None
+  if sample_steps > 0:
+    from diffusion_jax.train import sampling
+    sample_grid = sampling.SampleGrid(trainer, seed=int(config.seed))
 
   batch_shardings = None
   step_fn = None
@@ -234,6 +239,10 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
             'learning rate or check the data, then resume.')
       for hook in hooks:
         hook(step, state, trainer)
+      if sample_grid is not None and (step % sample_steps == 0 or step == total):
+        grid = sample_grid(step, state)
+        if grid is not None:
+          writer.write_images(step, {'samples': grid[None]})
       report(step)
       if step % log_steps == 0 or step == total:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
