@@ -1,0 +1,268 @@
+r"""Ahead-of-time compile of a stage's real train step for a TPU topology, on any host.
+
+  python -m diffusion_jax.tools.aot --config=configs/imagen.py:stage=base64,size=paper \
+      --topology=v4:8x8x4 [--batch=2048] [--remat=POLICY] [--mesh=DATA,FSDP,TENSOR] [--mfu=0.4]
+
+`--topology` is `GEN:AxBxC` (v4, v5p: 3-d chip grids; v5e, v6e: 2-d), compiled with libtpu
+through `jax.experimental.topologies` (no TPU needed: `pip install -e '.[tpu]'`), or `cpu:N`
+for N local CPU devices (the same code path, runnable anywhere). Nothing is allocated: the
+train state, the batch and the frozen encoder's weights are ShapeDtypeStructs carrying their
+NamedShardings on the topology's mesh, and the train step is `jax.jit(...).lower().compile()`d
+exactly as the trainer jits it (same in/out shardings, state donated).
+
+Printed: per-chip argument / output / temp memory from `compiled.memory_analysis()` and
+whether it fits the chip's HBM; XLA's FLOPs (`cost_analysis()`, which counts a scanned
+layer stack's body once) and the analytic count (`diffusion_jax.flops`: matmuls and
+convolutions of the whole step's jaxpr, backward and remat recomputation included); a step
+time PROJECTED from the analytic FLOPs at an assumed MFU (not a measurement). The last line
+is one JSON object.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: int
+  peak_bf16_flops: float  # per chip, dense
+  chip_config: str        # libtpu's chip_config_name: one device per chip
+
+
+# Public spec sheets (bf16 dense peak per chip).
+CHIPS = {
+    'v4': Chip(32 * GIB, 275e12, 'megacore'),
+    'v5p': Chip(95 * GIB, 459e12, 'megacore'),
+    'v5e': Chip(16 * GIB, 197e12, 'default'),
+    'v6e': Chip(32 * GIB, 918e12, 'default'),
+}
+
+
+def _get(cfg, key, default=None):
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def load_config(spec: str):
+  """`configs/imagen.py:stage=base64,size=paper` -> ConfigDict (as ml_collections would)."""
+  path, _, arg = spec.partition(':')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  family = os.path.splitext(os.path.basename(path))[0]
+  return importlib.import_module(f'configs.{family}').get_config(arg or None)
+
+
+def topology_devices(topology: str):
+  """(devices, chip spec or None) of 'v4:8x8x4' (compile-only TPU devices) or 'cpu:8'."""
+  import jax
+  gen, _, shape = topology.partition(':')
+  if gen == 'cpu':
+    n = int(shape) if shape else len(jax.devices('cpu'))
+    devices = jax.devices('cpu')
+    if len(devices) < n:
+      raise ValueError(f'topology {topology!r}: only {len(devices)} CPU devices (set XLA_FLAGS='
+                       f'--xla_force_host_platform_device_count={n})')
+    return devices[:n], None
+  if gen not in CHIPS:
+    raise ValueError(f'topology {topology!r}: generation must be one of {sorted(CHIPS)} or cpu')
+  # libtpu takes a host-wide lock unless told otherwise; compile-only use needs no TPU, so
+  # several compiles (or a test beside a CLI run) may share the host.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies
+  dims = [int(d) for d in shape.split('x')]
+  host = tuple(min(d, 2) for d in dims) + (1,) * (3 - len(dims))  # 4 chips per host
+  try:
+    topo = topologies.get_topology_desc(
+        platform='tpu', topology_name=topology, chip_config_name=CHIPS[gen].chip_config,
+        chips_per_host_bounds=host, num_slices=1)
+  except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: say what to do.
+    raise RuntimeError(f'libtpu could not describe topology {topology!r} ({type(e).__name__}: '
+                       f"{e}); install it with pip install -e '.[tpu]'") from e
+  return list(topo.devices), CHIPS[gen]
+
+
+def apply_overrides(config, *, batch=None, remat=None, mesh=None):
+  config = config.copy_and_resolve_references()
+  if batch:
+    config.input.batch_size = int(batch)
+  if remat:
+    config.model.remat_policy = remat
+  if mesh:
+    sizes = [int(s) for s in mesh.split(',')]
+    if len(sizes) != 3:
+      raise ValueError(f'--mesh={mesh!r}: give DATA,FSDP,TENSOR sizes, e.g. 1,-1,1')
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  return config
+
+
+def _abstract_encoder(config, mesh, rules):
+  """The stage's frozen encoder without weights: (encoder, abstract sharded params) or
+  (None, None). Only the architecture is read (the preset), never a weights file."""
+  from diffusion_jax import encoders, parallel
+  import flax.linen as nn
+  import jax
+  te = _get(config, 'text_encoder')
+  if te is None or not _get(te, 'name'):
+    return None, None
+  cfg = encoders.encoder_config(te.name, _get(te, 'preset', 'tiny'), None,
+                                dtype=_get(te, 'dtype', 'float32'))
+  name, module, _, abstract = encoders._module_and_params(cfg)  # noqa: SLF001
+  cls = encoders.TextEncoder if name == 't5' else encoders.CLIPEncoder
+  # The pure forwards read only the module (and CLIP's normalisation constants).
+  enc = object.__new__(cls)
+  enc.name, enc.module = name, module
+  enc.image_mean, enc.image_std = encoders.CLIP_MEAN, encoders.CLIP_STD
+  shardings = parallel.logical_shardings(abstract, mesh, rules)
+  unboxed = nn.meta.unbox(abstract)
+  return enc, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           unboxed, shardings)
+
+
+def _abstract_batch(config, mesh):
+  import jax
+  import jax.numpy as jnp
+  from diffusion_jax import parallel
+  inp = config.input
+  b, s, length = int(inp.batch_size), int(inp.image_size), int(inp.text_max_len)
+  shapes = {'image': ((b, s, s, 3), jnp.float32), 'text_ids': ((b, length), jnp.int32),
+            'text_mask': ((b, length), jnp.bool_)}
+  if _get(inp, 'low_res_size'):
+    r = int(inp.low_res_size)
+    shapes['low_res'] = ((b, r, r, 3), jnp.float32)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def _first(cost):
+  return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+
+
+def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
+                       hbm_bytes: int | None = None) -> dict[str, Any]:
+  """Lowers and compiles the stage's train step for `topology`; returns the report dict."""
+  import flax.linen as nn
+  import jax
+  from diffusion_jax import flops as flops_lib
+  from diffusion_jax import models, parallel
+  from diffusion_jax.train import step as step_lib
+
+  devices, chip = topology_devices(topology)
+  mesh = parallel.create_mesh(config.mesh, devices)
+  rules = parallel.logical_rules(config.mesh)
+  model = models.build(config.model)
+  encoder, frozen = _abstract_encoder(config, mesh, rules)
+  train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
+  _, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(0))
+  parallelism = _get(config, 'parallelism', 'gspmd')
+  state_sh = step_lib.state_shardings(abstract, mesh, rules, parallelism)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       nn.meta.unbox(abstract), state_sh)
+  batch = _abstract_batch(config, mesh)
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+  frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+  step_fn = step_lib.jit_train_step(train_step, state_sh, batch_sh, frozen_sh, mesh)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(state, batch, frozen)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    analytic = flops_lib.count_flops(train_step, state, batch, frozen)
+
+  mem = compiled.memory_analysis()
+  arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+  alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+  code = int(mem.generated_code_size_in_bytes)
+  # Donated state: outputs that alias arguments take no extra memory.
+  hbm = arg + out - alias + temp + code
+  n = len(devices)
+  if hbm_bytes is None:
+    hbm_bytes = chip.hbm_bytes if chip else (os.sysconf('SC_PAGE_SIZE') *
+                                             os.sysconf('SC_PHYS_PAGES')) // n
+  xla_per_chip = float(_first(compiled.cost_analysis()).get('flops', -1.0))
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+  report = {
+      'family': config.family, 'stage': config.stage, 'size': config.size,
+      'topology': topology, 'chips': n, 'device_kind': devices[0].device_kind,
+      'mesh': dict(zip(parallel.MESH_AXES, (int(s) for s in mesh.devices.shape))),
+      'batch': int(config.input.batch_size), 'remat': _get(config.model, 'remat_policy', 'none'),
+      'dtype': _get(config.model, 'dtype', 'float32'), 'params': int(params),
+      'argument_bytes_per_chip': arg, 'output_bytes_per_chip': out, 'alias_bytes_per_chip': alias,
+      'temp_bytes_per_chip': temp, 'code_bytes_per_chip': code, 'hbm_bytes_per_chip': hbm,
+      'hbm_capacity_bytes': int(hbm_bytes), 'fits_hbm': bool(hbm <= hbm_bytes),
+      'flops_per_chip_xla': xla_per_chip, 'flops_per_step_xla': xla_per_chip * n,
+      'flops_per_step_analytic': int(analytic),
+      'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2),
+  }
+  if chip is not None:
+    report['assumed_mfu'] = mfu
+    report['projected_step_s'] = analytic / (n * chip.peak_bf16_flops * mfu)
+  return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+  g = lambda b: f'{b / GIB:8.2f} GiB'
+  lines = [
+      f"{r['family']} {r['stage']} ({r['size']}): {r['params'] / 1e6:.1f}M params, batch "
+      f"{r['batch']}, {r['dtype']}, remat={r['remat']}",
+      f"topology {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}",
+      f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
+      'per-chip memory (compiled.memory_analysis):',
+      f"  arguments {g(r['argument_bytes_per_chip'])}",
+      f"  outputs   {g(r['output_bytes_per_chip'])}  (aliased to donated arguments: "
+      f"{g(r['alias_bytes_per_chip']).strip()})",
+      f"  temp      {g(r['temp_bytes_per_chip'])}",
+      f"  total     {g(r['hbm_bytes_per_chip'])}  of {g(r['hbm_capacity_bytes']).strip()}: "
+      f"{'FITS' if r['fits_hbm'] else 'DOES NOT FIT'}",
+      f"FLOPs per step: XLA cost_analysis {r['flops_per_step_xla']:.3e} (scanned bodies once), "
+      f"analytic {r['flops_per_step_analytic']:.3e} (matmul + conv, fwd + bwd + remat)",
+  ]
+  if 'projected_step_s' in r:
+    lines.append(f"PROJECTION (not measured): {r['projected_step_s']:.3f} s/step at an assumed "
+                 f"MFU of {r['assumed_mfu']:.0%} of the bf16 peak")
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', required=True, help='FILE:ARG, e.g. configs/imagen.py:stage=base64,size=paper')
+  p.add_argument('--topology', default='v4:8x8x4', help="e.g. v4:8x8x4, v5e:16x16, cpu:8")
+  p.add_argument('--batch', type=int, default=None, help='global batch (default: the config\'s)')
+  p.add_argument('--remat', default=None, help='model.remat_policy, e.g. nothing_saveable')
+  p.add_argument('--mesh', default=None, help='DATA,FSDP,TENSOR sizes (-1 fills), e.g. 1,-1,1')
+  p.add_argument('--mfu', type=float, default=0.4, help='assumed MFU of the projected step time')
+  args = p.parse_args(argv)
+  if args.topology.startswith('cpu'):
+    n = args.topology.partition(':')[2] or '8'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={n}').strip()
+  # Compile-only TPU devices need no TPU backend: keep jax's own backend on the CPU.
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  import jax
+  jax.config.update('jax_threefry_partitionable', True)
+  config = apply_overrides(load_config(args.config), batch=args.batch, remat=args.remat,
+                           mesh=args.mesh)
+  report = compile_train_step(config, args.topology, mfu=args.mfu)
+  print(format_report(report), flush=True)
+  print(json.dumps(report), flush=True)
+
+
+if __name__ == '__main__':
+  main()
