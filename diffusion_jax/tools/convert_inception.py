@@ -1,0 +1,74 @@
+"""Converts pytorch-fid's Inception weights (.pth) to safetensors, once.
+
+    python -m diffusion_jax.tools.convert_inception \
+        --src=pt_inception-2015-12-05-6726825d.pth --out=pt_inception-2015-12-05.safetensors
+
+This is the only place in the library that unpickles anything. It calls
+`torch.load(..., weights_only=True)`, which restricts unpickling to tensors and plain
+containers (no arbitrary code), and it still should only be run on a file you trust, e.g.
+the one pytorch-fid publishes as its `FID_WEIGHTS_URL` release asset. The file is never
+downloaded here: fetch it yourself.
+
+The state dict is written unchanged (torch names and layouts, float32) so that
+`diffusion_jax.models.inception.load` maps it name by name. The output's sha256 is printed;
+every evaluation result records it, since FIDs from different weights are not comparable.
+When the source name carries torch hub's hash prefix (`...-6726825d.pth`), the source
+file's sha256 is checked against it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+
+from absl import app, flags
+
+_SRC = flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth", required=True)
+_OUT = flags.DEFINE_string('out', None, 'output .safetensors file', required=True)
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def convert(src: str, out: str) -> str:
+  """Writes `out` from `src`; returns the sha256 of `out`."""
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415 - only this tool needs torch
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  from diffusion_jax.models import inception  # noqa: PLC0415
+
+  src_sha = _sha256(src)
+  m = re.search(r'-([0-9a-f]{8,})\.pth?$', os.path.basename(src))
+  if m and not src_sha.startswith(m.group(1)):
+    raise ValueError(f'{src}: sha256 {src_sha} does not start with the {m.group(1)} in its '
+                     'name: the file is corrupt or not the published one')
+  print(f'loading {src} with torch.load(weights_only=True): tensors only, no code runs',
+        file=sys.stderr)
+  state = torch.load(src, map_location='cpu', weights_only=True)
+  if isinstance(state, dict) and 'state_dict' in state:
+    state = state['state_dict']
+  tensors = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in state.items()
+             if isinstance(v, torch.Tensor)}
+  tensors = {k: v.astype(np.float32) if v.dtype.kind == 'f' else v for k, v in tensors.items()}
+  save_file(tensors, out, metadata={'format': 'pytorch-fid FID InceptionV3 state dict',
+                                    'source': os.path.basename(src), 'source_sha256': src_sha})
+  inception.load(out)  # Every tensor the FID graph needs is there, with the right shape.
+  return _sha256(out)
+
+
+def main(argv):
+  del argv
+  digest = convert(_SRC.value, _OUT.value)
+  print(f'wrote {_OUT.value}')
+  print(f'sha256 {digest}')
+
+
+if __name__ == '__main__':
+  app.run(main)
