@@ -141,7 +141,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.cond_drop_text = 0.1
   c.diffusion.cond_drop_image = 0.0
   c.diffusion.noise_aug = stage != 'base64'
-  c.diffusion.low_res_corruption = 'none'
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.name = 'ddpm'

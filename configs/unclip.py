@@ -141,6 +141,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input.batch_size = {'tiny': 8, 'shapes': 16}.get(
       size, {'prior': 4096, 'decoder64': 2048, 'up256': 1024, 'up1024': 512}[stage])
   c.input.dataset = 'shapes'
+  # Corruption of the SR stages' low-res input: Gaussian blur (64->256), BSR (256->1024).
+  c.input.low_res_degradation = {'up256': 'blur', 'up1024': 'bsr'}.get(stage, 'none')
   c.input.text_max_len = c.model.get('text_len', clip_len)
 
   c.text_encoder = ml_collections.ConfigDict()
@@ -167,7 +169,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.cond_drop_image = 0.1 if stage == 'decoder64' else 0.0
   c.diffusion.noise_aug = False
   # the upsamplers are trained on corrupted low-res inputs (Sec. 2.1)
-  c.diffusion.low_res_corruption = {'up256': 'blur', 'up1024': 'bsr'}.get(stage, 'none')
 
   c.sampler = ml_collections.ConfigDict()
   # Table 3: prior 64 steps, decoder 250, upsamplers 27 and 15 (DDIM for the upsamplers).
