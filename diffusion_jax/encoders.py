@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import parallel
+from diffusion_jax import config_util, parallel
 from diffusion_jax.models import clip as clip_lib
 from diffusion_jax.models import t5 as t5_lib
 from diffusion_jax.tokenizer import DEFAULT_MAX_LENGTH, Tokenizer, load_tokenizer
@@ -63,14 +63,6 @@ def encoder_config(name: str = 't5', preset: str = 'tiny', path: str | None = No
   if kw:
     raise ValueError(f'encoder_config: unknown fields {sorted(kw)}')
   return c
-
-
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
 
 
 def default_mesh() -> Mesh:
@@ -279,15 +271,15 @@ class CLIPEncoder(TextEncoder):
 
 
 def _module_and_params(cfg):
-  name, path = _get(cfg, 'name', 't5'), _get(cfg, 'path')
-  dtype = _DTYPES[_get(cfg, 'dtype', 'float32')]
+  name, path = config_util.get(cfg, 'name', 't5'), config_util.get(cfg, 'path')
+  dtype = _DTYPES[config_util.get(cfg, 'dtype', 'float32')]
   lib = {'t5': t5_lib, 'clip': clip_lib}.get(name)
   if lib is None:
     raise ValueError(f"encoder name must be 't5' or 'clip', got {name!r}")
   if path:
     module, params = lib.load_hf(path, dtype=dtype)
   else:
-    module = lib.make(_get(cfg, 'preset', 'tiny'), dtype=dtype)
+    module = lib.make(config_util.get(cfg, 'preset', 'tiny'), dtype=dtype)
     params = None
   abstract = lib.abstract_params(module, boxed=True)
   return name, module, params, abstract
@@ -316,8 +308,8 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
   name, module, params, abstract = _module_and_params(cfg)
   mesh = default_mesh() if mesh is None else mesh
   rules = _default_rules() if rules is None else rules
-  tok_path = _get(cfg, 'tokenizer_path') or _get(cfg, 'path')
-  max_length = _get(cfg, 'max_length')
+  tok_path = config_util.get(cfg, 'tokenizer_path') or config_util.get(cfg, 'path')
+  max_length = config_util.get(cfg, 'max_length')
   if max_length is None:
     max_length = DEFAULT_MAX_LENGTH[name]
     if name == 'clip':
@@ -344,16 +336,16 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
           k, jnp.zeros((1, vision['image_size'], vision['image_size'], 3)),
           jnp.zeros((1, text['max_length']), jnp.int32))
     params = jax.jit(lambda k: nn.meta.unbox(init(k))['params'], out_shardings=shardings)(
-        jax.random.PRNGKey(int(_get(cfg, 'seed', 0))))
-  meta = dict(name=name, preset=_get(cfg, 'preset', ''), path=_get(cfg, 'path', ''),
-              seed=int(_get(cfg, 'seed', 0)))
+        jax.random.PRNGKey(int(config_util.get(cfg, 'seed', 0))))
+  meta = dict(name=name, preset=config_util.get(cfg, 'preset', ''), path=config_util.get(cfg, 'path', ''),
+              seed=int(config_util.get(cfg, 'seed', 0)))
   kw = dict(abstract_boxed=abstract, mesh=mesh, rules=rules,
-            batch_size=int(_get(cfg, 'batch_size', 32)), max_length=max_length, meta=meta)
+            batch_size=int(config_util.get(cfg, 'batch_size', 32)), max_length=max_length, meta=meta)
   if name == 't5':
     return TextEncoder('t5', module, params, tokenizer, **kw)
   mean, std = CLIP_MEAN, CLIP_STD
-  pre = os.path.join(_get(cfg, 'path') or '', 'preprocessor_config.json')
-  if _get(cfg, 'path') and os.path.isfile(pre):
+  pre = os.path.join(config_util.get(cfg, 'path') or '', 'preprocessor_config.json')
+  if config_util.get(cfg, 'path') and os.path.isfile(pre):
     with open(pre) as f:
       p = json.load(f)
     mean, std = p.get('image_mean', mean), p.get('image_std', std)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import encoders, models, parallel
+from diffusion_jax import config_util, encoders, models, parallel
 from diffusion_jax import tokenizer as tokenizer_lib
 from diffusion_jax.train import step as step_lib
 
@@ -41,25 +41,17 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
-
-
 # Building blocks ------------------------------------------------------------------------------
 
 def build_encoder(config, mesh, rules):
   """The stage's frozen encoder (T5 or CLIP), or None when the stage needs none."""
-  te = _get(config, 'text_encoder')
-  if te is None or not _get(te, 'name'):
+  te = config_util.get(config, 'text_encoder')
+  if te is None or not config_util.get(te, 'name'):
     return None
   cfg = encoders.encoder_config(
-      te.name, _get(te, 'preset', 'tiny'), _get(te, 'path'),
-      tokenizer_path=_get(te, 'tokenizer_path'), seed=int(_get(te, 'seed', config.seed)),
-      dtype=_get(te, 'dtype', 'float32'))
+      te.name, config_util.get(te, 'preset', 'tiny'), config_util.get(te, 'path'),
+      tokenizer_path=config_util.get(te, 'tokenizer_path'), seed=int(config_util.get(te, 'seed', config.seed)),
+      dtype=config_util.get(te, 'dtype', 'float32'))
   return encoders.build_encoder(cfg, mesh, rules)
 
 
@@ -68,17 +60,17 @@ def build_tokenizer(config, encoder, workdir: str):
   a directory, else `text_encoder.tokenizer_path`, else (offline, on Shapes) a word-level
   tokenizer of the Shapes vocabulary written into the workdir."""
   max_len = int(config.input.text_max_len)
-  te = _get(config, 'text_encoder')
-  path = _get(te, 'tokenizer_path') if te is not None else None
+  te = config_util.get(config, 'text_encoder')
+  path = config_util.get(te, 'tokenizer_path') if te is not None else None
   if path:
     return tokenizer_lib.load_tokenizer(path, max_len)
   if encoder is not None and encoder.tokenizer is not None:
-    return tokenizer_lib.load_tokenizer(_get(te, 'path'), max_len)
-  if _get(config.input, 'dataset', 'shapes') != 'shapes':
+    return tokenizer_lib.load_tokenizer(config_util.get(te, 'path'), max_len)
+  if config_util.get(config.input, 'dataset', 'shapes') != 'shapes':
     raise ValueError('no tokenizer: set config.text_encoder.tokenizer_path (or text_encoder.path)'
                      ' to a local transformers tokenizer directory')
   from diffusion_jax.data import shapes
-  style = 'clip' if te is not None and _get(te, 'name') == 'clip' else 't5'
+  style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
   out = os.path.join(workdir, 'tokenizer')
   if jax.process_index() == 0 and not os.path.exists(os.path.join(out, 'tokenizer.json')):
     tokenizer_lib.build_word_tokenizer(shapes.VOCABULARY, out, style=style)
@@ -126,7 +118,7 @@ def build_trainer(config, workdir: str) -> Trainer:
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
   shardings = step_lib.state_shardings(abstract, mesh, rules,
-                                       _get(config, 'parallelism', 'gspmd'))
+                                       config_util.get(config, 'parallelism', 'gspmd'))
   unboxed = nn.meta.unbox(abstract)
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
@@ -184,8 +176,8 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
                                            seed=int(config.seed))
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), max_to_keep=int(_get(config, 'keep_checkpoints', 3)),
-      keep_period=int(_get(config, 'keep_every_steps', 0)) or None)
+      os.path.join(workdir, 'checkpoints'), max_to_keep=int(config_util.get(config, 'keep_checkpoints', 3)),
+      keep_period=int(config_util.get(config, 'keep_every_steps', 0)) or None)
   restored = checkpointer.restore_latest(trainer.abstract_state, data)
   if restored is None:
     state = init_state(trainer)
@@ -202,13 +194,13 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
 
   total = int(config.total_steps)
-  log_steps = max(int(_get(config, 'log_steps', 50)), 1)
-  ckpt_steps = max(int(_get(config, 'ckpt_steps', 500)), 1)
-  max_nonfinite = int(_get(config, 'max_nonfinite_steps', 20))
+  log_steps = max(int(config_util.get(config, 'log_steps', 50)), 1)
+  ckpt_steps = max(int(config_util.get(config, 'ckpt_steps', 500)), 1)
+  max_nonfinite = int(config_util.get(config, 'max_nonfinite_steps', 20))
   kill_at = int(os.environ.get(KILL_AT_STEP_ENV, '0') or 0)
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=log_steps)
-  sample_steps = int(_get(config, 'sample_steps', 0))
+  sample_steps = int(config_util.get(config, 'sample_steps', 0))
   sample_grid = None
   if sample_steps > 0:
     from diffusion_jax.train import sampling

@@ -17,17 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import parallel
+from diffusion_jax import config_util, parallel
 from diffusion_jax.diffusion import guidance, samplers, schedules
 from diffusion_jax.train import step as step_lib
-
-
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
 
 
 def to_uint8(x_BHWC) -> np.ndarray:
@@ -53,8 +45,8 @@ class SampleGrid:
     from diffusion_jax.data import pipeline as data_pipeline
     config = trainer.config
     self.trainer = trainer
-    self.enabled = (_get(config, 'target', 'image') == 'image' and
-                    _get(config, 'objective', 'diffusion') == 'diffusion')
+    self.enabled = (config_util.get(config, 'target', 'image') == 'image' and
+                    config_util.get(config, 'objective', 'diffusion') == 'diffusion')
     if not self.enabled:
       return
     # Conditioning exactly as in training, without dropout; the noise augmentation of SR
@@ -81,27 +73,27 @@ class SampleGrid:
     schedule = schedules.from_config(diffusion_cfg)
     k_cond, k_aug, k_x, k_run = jax.random.split(key, 4)
     x0, cond = self.conditioner(batch, frozen, k_cond)
-    if 'low_res' in cond and _get(diffusion_cfg, 'noise_aug', False):
+    if 'low_res' in cond and config_util.get(diffusion_cfg, 'noise_aug', False):
       cond['low_res'], aug_t = guidance.noise_augment(
           batch['low_res'].astype(jnp.float32), k_aug, schedule,
-          float(_get(sampler_cfg, 'aug_level', 0.0)))
+          float(config_util.get(sampler_cfg, 'aug_level', 0.0)))
       if 'aug_t' in cond:
         cond['aug_t'] = aug_t
-    learned_variance = bool(_get(diffusion_cfg, 'learned_variance', False))
+    learned_variance = bool(config_util.get(diffusion_cfg, 'learned_variance', False))
 
     def denoise(x_t, t_B, c):
       return model.apply({'params': ema_params}, x_t, t_B, c, train=False)
 
-    scale = float(_get(sampler_cfg, 'guidance_scale', 1.0))
+    scale = float(config_util.get(sampler_cfg, 'guidance_scale', 1.0))
     if scale != 1.0 and ({'drop_text', 'drop_image'} & set(cond)):
       denoise = guidance.classifier_free(denoise, scale, learned_variance=learned_variance)
     x_T = jax.random.normal(k_x, x0.shape, jnp.float32)
     return samplers.sample(
         denoise, x_T, k_run, schedule=schedule, sampler=sampler_cfg.name,
-        num_steps=int(sampler_cfg.num_steps), eta=float(_get(sampler_cfg, 'eta', 0.0)), cond=cond,
-        parameterization=_get(diffusion_cfg, 'parameterization', 'eps'),
-        learned_variance=learned_variance, threshold=_get(sampler_cfg, 'threshold', 'none'),
-        percentile=float(_get(sampler_cfg, 'percentile', 99.5)))
+        num_steps=int(sampler_cfg.num_steps), eta=float(config_util.get(sampler_cfg, 'eta', 0.0)), cond=cond,
+        parameterization=config_util.get(diffusion_cfg, 'parameterization', 'eps'),
+        learned_variance=learned_variance, threshold=config_util.get(sampler_cfg, 'threshold', 'none'),
+        percentile=float(config_util.get(sampler_cfg, 'percentile', 99.5)))
 
   def __call__(self, step: int, state) -> np.ndarray | None:
     """Samples, writes WORKDIR/samples/step_<step>.png (+ captions) and returns the grid."""
