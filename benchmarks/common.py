@@ -1,0 +1,138 @@
+"""Shared pieces of the benchmarks: the machine's measured matmul peak, timing, peak RSS,
+the models (`matched_imagen_unet` or any `CONFIG:ARG`) and the one-line JSON result.
+
+Conventions (docs and DESIGN section 8): float32 on CPU, the median of >= 10 timed
+iterations after warm-up, compile time reported separately, FLOP/s counted analytically
+(`diffusion_jax.flops`) and compared with a matmul peak measured on this machine in the
+same run. Timings on a shared machine are noisy: run the peer in the same process/run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+MATCHED = 'matched_imagen_unet'
+# imagen-pytorch: Unet(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
+#   layer_attns=(False, True, True), layer_cross_attns=(False, True, True), text_embed_dim=128)
+# at 64 px, batch 8, 16 text tokens (attn_heads=8, attn_dim_head=64, ff_mult=2, attention in
+# the middle: the peer's defaults).
+MATCHED_PEER_KW = dict(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
+                       layer_attns=(False, True, True), layer_cross_attns=(False, True, True),
+                       text_embed_dim=128)
+MATCHED_BATCH, MATCHED_TEXT_LEN, MATCHED_TEXT_DIM, MATCHED_SIZE = 8, 16, 128, 64
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+  """Measured float32 matmul throughput of this machine (GFLOP/s, median of `reps`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 2) -> list[float]:
+  """Wall times (s) of `steps` calls after `warmup` untimed ones; fn blocks until done."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def load_config(spec: str):
+  """`configs/imagen.py:stage=base64,size=shapes` -> ConfigDict."""
+  from diffusion_jax.tools import aot
+  return aot.load_config(spec)
+
+
+def matched_config():
+  """Our ADM U-Net laid out like the imagen-pytorch Unet above, as an Imagen base config."""
+  cfg = load_config('configs/imagen.py:stage=base64,size=tiny')
+  m = cfg.model
+  m.update(image_size=MATCHED_SIZE, model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2,
+           attention_resolutions=(32, 16), mid_attention=True, text_attention='cross',
+           ff_mult=2, num_heads=8, head_channels=64, text_len=MATCHED_TEXT_LEN,
+           text_dim=MATCHED_TEXT_DIM, context_dim=MATCHED_TEXT_DIM, dtype='float32',
+           remat_policy='none')
+  cfg.input.image_size = MATCHED_SIZE
+  cfg.input.batch_size = MATCHED_BATCH
+  cfg.input.text_max_len = MATCHED_TEXT_LEN
+  cfg.optimizer.warmup_steps = 0
+  # The peer takes precomputed text embeddings: so does this benchmark (see TokenTable).
+  cfg.text_encoder.name = ''
+  return cfg
+
+
+class TokenTable:
+  """Stand-in frozen encoder: precomputed token embeddings looked up by id (the peer is
+  given text embeddings directly; a table lookup costs nothing measurable)."""
+
+  def __init__(self, vocab: int, dim: int):
+    self.vocab, self.dim = vocab, dim
+
+  def params(self):
+    return {'table': jax.random.normal(jax.random.key(7), (self.vocab, self.dim), jnp.float32)}
+
+  def text_forward(self, params, ids_BL, mask_BL):
+    tokens = params['table'][ids_BL] * mask_BL[..., None].astype(jnp.float32)
+    return tokens, jnp.mean(tokens, axis=1)
+
+
+def model_config(spec: str, batch: int | None):
+  cfg = matched_config() if spec == MATCHED else load_config(spec)
+  cfg = cfg.copy_and_resolve_references()
+  if batch:
+    cfg.input.batch_size = int(batch)
+  cfg.model.dtype = 'float32'  # fp32 on CPU: the peer and the matmul peak are fp32 too
+  if 'text_encoder' in cfg and cfg.text_encoder.get('name'):
+    cfg.text_encoder.dtype = 'float32'
+  return cfg
+
+
+def random_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  inp = cfg.input
+  b, s, length = int(inp.batch_size), int(inp.image_size), int(inp.text_max_len)
+  batch = {'image': rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
+           'text_ids': rng.integers(1, 20, (b, length)).astype(np.int32),
+           'text_mask': np.ones((b, length), bool)}
+  if inp.get('low_res_size'):
+    r = int(inp.low_res_size)
+    batch['low_res'] = rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)
+  return batch
+
+
+def machine() -> dict[str, Any]:
+  return {'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+          'backend': jax.default_backend(), 'devices': jax.device_count()}
+
+
+def emit(result: dict[str, Any]):
+  """The benchmark's last line: one JSON object."""
+  print(json.dumps(result), flush=True)

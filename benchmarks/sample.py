@@ -1,0 +1,163 @@
+r"""Sampler throughput: images/s of a guided DDIM chain (default 50 steps), compile time,
+peak RSS and achieved GFLOP/s.
+
+  python benchmarks/sample.py [--model=matched_imagen_unet | --model=CONFIG:ARG]
+      [--batch=8] [--steps=10] [--num_steps=50] [--guidance=5.0] [--peer]
+
+One timed iteration is one whole chain: `--num_steps` denoiser calls, each a single batched
+forward pass over the conditional and unconditional rows (classifier-free guidance), with
+dynamic thresholding, inside one jitted `lax.scan` (no host round trip between steps).
+The conditioning (text token states, low-res input, ...) is random and fixed, as if the
+prompts had been encoded once. float32 on CPU. With imagen-pytorch importable the peer's
+Unet runs the same number of guided calls (`forward_with_cond_scale`, which evaluates the
+conditional and null branches) plus the DDIM update, in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def random_cond(model_cfg, batch: int, seed: int = 0):
+  from diffusion_jax import models
+  _, _, cond = models.example_inputs(model_cfg, batch)
+  rng = np.random.default_rng(seed)
+
+  def fill(x):
+    if x.dtype == jnp.float32:
+      return jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    if x.dtype == jnp.int32:
+      return jnp.asarray(rng.integers(1, 20, x.shape), jnp.int32)
+    return x  # masks all visible, drop flags off
+  cond = {k: fill(v) for k, v in cond.items()}
+  if 'low_res' in cond:
+    cond['low_res'] = jnp.clip(cond['low_res'], -1, 1)
+  return cond
+
+
+def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float) -> dict:
+  from diffusion_jax import flops, models
+  from diffusion_jax.diffusion import guidance, samplers, schedules
+  model = models.build(cfg.model)
+  b = int(cfg.input.batch_size)
+  x, t, _ = models.example_inputs(cfg.model, 1)
+  params = jax.jit(lambda k: model.init(k, x, t, random_cond(cfg.model, 1))['params'])(
+      jax.random.PRNGKey(0))
+  schedule = schedules.from_config(cfg.diffusion)
+  learned = bool(cfg.model.get('learned_variance', False))
+  cond = random_cond(cfg.model, b)
+  shape = (b,) + tuple(x.shape[1:])
+
+  def chain(params, x_T, rng, cond):
+    denoise = lambda x_t, t_B, c: model.apply({'params': params}, x_t, t_B, c)
+    guided = guidance.classifier_free(denoise, guidance_scale, learned_variance=learned)
+    return samplers.sample(guided, x_T, rng, schedule=schedule, sampler='ddim',
+                           num_steps=num_steps, eta=0.0, cond=cond,
+                           parameterization=cfg.diffusion.parameterization,
+                           learned_variance=learned, threshold='dynamic')
+
+  x_T = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+  rng = jax.random.key(2)
+  t0 = time.perf_counter()
+  compiled = jax.jit(chain).lower(params, x_T, rng, cond).compile()
+  compile_s = time.perf_counter() - t0
+  chain_flops = flops.count_flops(chain, params, x_T, rng, cond)
+  out = {}
+
+  def one():
+    out['x'] = compiled(params, x_T, rng, cond)
+    out['x'].block_until_ready()
+
+  times = common.time_calls(one, steps, warmup)
+  median = statistics.median(times)
+  return {'chain_ms_median': median * 1e3, 'step_ms_median': median * 1e3 / num_steps,
+          'chain_ms_min': min(times) * 1e3, 'chain_ms_max': max(times) * 1e3,
+          'compile_s': compile_s, 'images_per_sec': b / median,
+          'flops_per_chain': chain_flops, 'achieved_gflops': chain_flops / median / 1e9,
+          'output_finite': bool(np.isfinite(np.asarray(out['x'])).all())}
+
+
+def run_peer(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: float):
+  """imagen-pytorch's Unet: `num_steps` guided calls with a DDIM (eta = 0) update."""
+  try:
+    import torch
+    from imagen_pytorch import Unet
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  unet = Unet(**common.MATCHED_PEER_KW).eval()
+  s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
+  text = torch.randn(batch, length, dim)
+  mask = torch.ones(batch, length, dtype=torch.bool)
+  times_grid = torch.linspace(1.0, 0.0, num_steps + 1)
+
+  def alpha_sigma(t):  # cosine schedule, as ours
+    return torch.cos(t * torch.pi / 2), torch.sin(t * torch.pi / 2)
+
+  @torch.no_grad()
+  def one():
+    x = torch.randn(batch, 3, s, s)
+    for i in range(num_steps):
+      t, t_next = times_grid[i], times_grid[i + 1]
+      eps = unet.forward_with_cond_scale(x, t.expand(batch), text_embeds=text, text_mask=mask,
+                                         cond_scale=guidance_scale)
+      a, sg = alpha_sigma(t)
+      a2, s2 = alpha_sigma(t_next)
+      x0 = ((x - sg * eps) / a.clamp(min=1e-4)).clamp(-1, 1)
+      x = a2 * x0 + s2 * eps
+
+  times = common.time_calls(one, steps, warmup)
+  median = statistics.median(times)
+  return {'peer': 'imagen-pytorch', 'peer_chain_ms_median': median * 1e3,
+          'peer_images_per_sec': batch / median}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default=common.MATCHED)
+  p.add_argument('--batch', type=int, default=None)
+  p.add_argument('--steps', type=int, default=10, help='timed chains (median reported)')
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--num_steps', type=int, default=50, help='DDIM steps per chain')
+  p.add_argument('--guidance', type=float, default=5.0)
+  p.add_argument('--peer', default='auto', choices=('auto', 'yes', 'no'))
+  args = p.parse_args(argv)
+  matched = args.model == common.MATCHED
+  cfg = common.model_config(args.model, args.batch)
+  peak = common.matmul_peak_gflops()
+  result = {'benchmark': 'sample', 'model': args.model, 'batch': int(cfg.input.batch_size),
+            'image_size': int(cfg.model.get('image_size', 0)), 'sampler': 'ddim',
+            'num_steps': args.num_steps, 'guidance': args.guidance, 'dtype': 'float32',
+            'steps': args.steps, **common.machine(), 'matmul_peak_gflops': peak}
+  result.update(run_ours(cfg, args.steps, args.warmup, args.num_steps, args.guidance))
+  result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
+  if args.peer == 'yes' or (args.peer == 'auto' and matched):
+    peer = run_peer(int(cfg.input.batch_size), args.steps, args.warmup, args.num_steps,
+                    args.guidance)
+    if peer is None:
+      result['peer'] = 'imagen-pytorch not importable'
+    else:
+      result.update(peer)
+      result['speedup_vs_peer'] = result['images_per_sec'] / peer['peer_images_per_sec']
+  result['peak_rss_mb'] = common.peak_rss_mb()
+  print(f"{args.model}: {result['images_per_sec']:.3f} images/s ({args.num_steps}-step guided "
+        f"DDIM, chain {result['chain_ms_median'] / 1e3:.2f} s median of {args.steps}), compile "
+        f"{result['compile_s']:.1f} s, {result['achieved_gflops']:.1f} GFLOP/s = "
+        f"{result['fraction_of_matmul_peak']:.0%} of the measured matmul peak, peak RSS "
+        f"{result['peak_rss_mb']:.0f} MB", flush=True)
+  common.emit(result)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,148 @@
+r"""Train-step throughput: images/s, step time, compile time, peak RSS, achieved GFLOP/s.
+
+  python benchmarks/train_step.py [--model=matched_imagen_unet | --model=CONFIG:ARG]
+      [--batch=8] [--steps=10] [--warmup=2] [--peer]
+
+`matched_imagen_unet` is our U-Net laid out like imagen-pytorch's
+`Unet(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2, layer_attns=(False, True, True),
+layer_cross_attns=(False, True, True), text_embed_dim=128)` at 64 px, batch 8, 16 text
+tokens, given precomputed text embeddings as the peer is. Any `CONFIG:ARG` (e.g.
+`configs/glide.py:stage=base64,size=shapes`) runs that stage's full train step, frozen
+encoder included. float32 on CPU; one device unless XLA_FLAGS asks for more.
+
+The whole trainer step is timed (conditioning, loss, gradients, optimizer, EMA, non-finite
+guard) with the state donated, as `diffusion_jax.train` runs it. With imagen-pytorch
+importable (`--peer`, on by default for the matched model) its Unet runs the same step
+(MSE on eps, Adam) in the same process, and the ratio is printed. The last line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def build(cfg, matched: bool):
+  from diffusion_jax import models, parallel
+  from diffusion_jax.train import loop, step as step_lib
+  mesh = parallel.create_mesh(cfg.mesh)
+  rules = parallel.logical_rules(cfg.mesh)
+  model = models.build(cfg.model)
+  if matched:
+    table = common.TokenTable(64, cfg.model.text_dim)
+    encoder, frozen = table, table.params()
+  else:
+    encoder = loop.build_encoder(cfg, mesh, rules)
+    frozen = None if encoder is None else encoder.params
+  train_step, tx = step_lib.make_train_step(cfg, model, encoder, mesh=mesh, rules=rules)
+  state, state_sh = step_lib.init_state(cfg, model, tx, mesh, rules, jax.random.PRNGKey(0))
+  batch = parallel.shard_batch(common.random_batch(cfg), mesh)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
+  step_fn = step_lib.jit_train_step(train_step, state_sh,
+                                    step_lib.batch_shardings(batch, mesh), frozen_sh, mesh)
+  return mesh, rules, train_step, step_fn, state, batch, frozen
+
+
+def run_ours(cfg, matched: bool, steps: int, warmup: int) -> dict:
+  from diffusion_jax import flops
+  mesh, rules, train_step, step_fn, state, batch, frozen = build(cfg, matched)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, frozen).compile()
+    compile_s = time.perf_counter() - t0
+    step_flops = flops.count_flops(train_step, state, batch, frozen)
+  holder = {'state': state}
+
+  def one():
+    holder['state'], metrics = compiled(holder['state'], batch, frozen)
+    jax.block_until_ready(metrics['loss'])
+
+  times = common.time_calls(one, steps, warmup)
+  loss = float(jax.device_get(compiled(holder['state'], batch, frozen)[1]['loss']))
+  median = statistics.median(times)
+  return {'step_ms_median': median * 1e3, 'step_ms_min': min(times) * 1e3,
+          'step_ms_max': max(times) * 1e3, 'compile_s': compile_s,
+          'images_per_sec': int(cfg.input.batch_size) / median,
+          'flops_per_step': step_flops, 'achieved_gflops': step_flops / median / 1e9,
+          'loss_finite': bool(np.isfinite(loss))}
+
+
+def run_peer(batch: int, steps: int, warmup: int) -> dict | None:
+  """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
+  try:
+    import torch
+    from imagen_pytorch import Unet
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  unet = Unet(**common.MATCHED_PEER_KW)
+  opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+  s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
+  x = torch.randn(batch, 3, s, s)
+  noise = torch.randn_like(x)
+  text = torch.randn(batch, length, dim)
+  mask = torch.ones(batch, length, dtype=torch.bool)
+
+  def one():
+    t = torch.rand(batch)
+    out = unet(x, t, text_embeds=text, text_mask=mask, cond_drop_prob=0.1)
+    loss = torch.nn.functional.mse_loss(out, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  times = common.time_calls(one, steps, warmup)
+  median = statistics.median(times)
+  return {'peer': 'imagen-pytorch', 'peer_step_ms_median': median * 1e3,
+          'peer_images_per_sec': batch / median,
+          'peer_params': sum(p.numel() for p in unet.parameters()),
+          'peer_torch_threads': torch.get_num_threads()}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default=common.MATCHED)
+  p.add_argument('--batch', type=int, default=None, help='default: 8 (matched) or the config\'s')
+  p.add_argument('--steps', type=int, default=10, help='timed steps (median reported)')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--peer', default='auto', choices=('auto', 'yes', 'no'),
+                 help='also run imagen-pytorch (auto: for the matched model, when importable)')
+  args = p.parse_args(argv)
+  matched = args.model == common.MATCHED
+  cfg = common.model_config(args.model, args.batch)
+  from diffusion_jax.tools import param_count
+  peak = common.matmul_peak_gflops()
+  result = {'benchmark': 'train_step', 'model': args.model, 'batch': int(cfg.input.batch_size),
+            'image_size': int(cfg.input.image_size), 'dtype': 'float32', 'steps': args.steps,
+            'params': param_count.count_params(cfg.model), **common.machine(),
+            'matmul_peak_gflops': peak}
+  result.update(run_ours(cfg, matched, args.steps, args.warmup))
+  result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
+  if args.peer == 'yes' or (args.peer == 'auto' and matched):
+    peer = run_peer(int(cfg.input.batch_size), args.steps, args.warmup)
+    if peer is None:
+      result['peer'] = 'imagen-pytorch not importable'
+    else:
+      result.update(peer)
+      result['speedup_vs_peer'] = result['images_per_sec'] / peer['peer_images_per_sec']
+  result['peak_rss_mb'] = common.peak_rss_mb()
+  print(f"{args.model}: {result['images_per_sec']:.2f} images/s, step "
+        f"{result['step_ms_median']:.1f} ms (median of {args.steps}), compile "
+        f"{result['compile_s']:.1f} s, {result['achieved_gflops']:.1f} GFLOP/s = "
+        f"{result['fraction_of_matmul_peak']:.0%} of the measured matmul peak "
+        f"{peak:.1f} GFLOP/s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+  common.emit(result)
+
+
+if __name__ == '__main__':
+  main()
