@@ -96,3 +96,19 @@ def test_heldout_captions_avoid_the_training_set():
   assert first in train, 'training_captions must list the dataset\'s captions'
   with pytest.raises(ValueError, match='held-out'):
     alignment.heldout_captions(5, seed=1, train_seed=0, train_examples=100_000, max_tries=200)
+
+
+def test_alignment_evaluate_generates_one_image_per_caption():
+  import jax  # noqa: PLC0415
+  rng = np.random.default_rng(2)
+  caps = [shapes.random_caption(rng) for _ in range(5)]
+  seen = []
+
+  def perfect(prompts, key):  # renders exactly what it is asked for
+    seen.append((list(prompts), np.asarray(jax.random.key_data(key)).tolist()))
+    return np.stack([shapes.render(p, 64, seed=1) for p in prompts])
+
+  out = alignment.evaluate(perfect, caps, jax.random.PRNGKey(0), batch_size=2)
+  assert [p for b, _ in seen for p in b] == caps, 'every caption generated once, in order'
+  assert len({str(k) for _, k in seen}) == 3, 'each batch needs its own key'
+  assert out['all'] == 1.0 and out['n'] == 5, out
