@@ -127,7 +127,8 @@ def test_fid30k_protocol_end_to_end_with_resume(mock_coco, tmp_path, monkeypatch
               'inception_weights_sha256', 'reference_stats_sha256', 'captions_sha256',
               'sample_stats_sha256', 'reference_preprocess', 'caption_seed'):
     assert saved.get(key) is not None, f'result field {key} missing: {saved}'
-  bad = [k for k, v in saved.items() if v is None or (isinstance(v, float) and not math.isfinite(v))]
+  bad = [k for k, v in saved.items()
+         if v is None or (isinstance(v, float) and not math.isfinite(v))]
   assert not bad, f'empty or non-finite result fields: {bad}'
   assert saved['num_samples'] == 8 and saved['num_reference'] == sum(SPLIT_SIZES.values())
   assert (saved['guidance'], saved['sampler'], saved['steps']) == (3.0, 'ddim', 4)
@@ -163,4 +164,5 @@ def test_fid30k_protocol_end_to_end_with_resume(mock_coco, tmp_path, monkeypatch
   assert len(distances) == 1
   (mu1, s1, mu2, s2), value = distances[0]
   assert value == saved['fid']
-  assert fid.stats_hash(mu1, s1) == sample_stats['sha256'] and fid.stats_hash(mu2, s2) == ref['sha256']
+  assert fid.stats_hash(mu1, s1) == sample_stats['sha256'], 'FID not taken from the samples'
+  assert fid.stats_hash(mu2, s2) == ref['sha256'], 'FID not taken against the reference'

@@ -24,7 +24,8 @@ import sys
 
 from absl import app, flags
 
-_SRC = flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth", required=True)
+_SRC = flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth",
+                           required=True)
 _OUT = flags.DEFINE_string('out', None, 'output .safetensors file', required=True)
 
 
