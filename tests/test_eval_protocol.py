@@ -166,3 +166,20 @@ def test_fid30k_protocol_end_to_end_with_resume(mock_coco, tmp_path, monkeypatch
   assert value == saved['fid']
   assert fid.stats_hash(mu1, s1) == sample_stats['sha256'], 'FID not taken from the samples'
   assert fid.stats_hash(mu2, s2) == ref['sha256'], 'FID not taken against the reference'
+
+
+def test_compare_table_and_tradeoff_plot(tmp_path):
+  results = [{'name': 'imagen', 'guidance': 1.0, 'sampler': 'ddim', 'steps': 50, 'fid': 12.5,
+              'alignment_all': 0.4},
+             {'name': 'imagen', 'guidance': 5.0, 'sampler': 'ddim', 'steps': 50, 'fid': 9.25,
+              'alignment_all': 0.7, 'clip_score': 27.0}]
+  table = protocol.compare_table(results)
+  rows = table.strip().split('\n')
+  assert len(rows) == 4 and rows[0].startswith('| name | guidance')
+  assert '| imagen | 5.000 | ddim | 50 | – | 9.250 | 27.000 | 0.700 |' == rows[3], rows[3]
+  path = protocol.plot_tradeoff(results, str(tmp_path / 'tradeoff.png'))
+  img = np.asarray(Image.open(path).convert('RGB'))
+  assert img.shape == (800, 640, 3)
+  red = (img[..., 0] > 150) & (img[..., 1] < 80)
+  blue = (img[..., 2] > 150) & (img[..., 0] < 80)
+  assert red[:400].sum() > 50 and blue[400:].sum() > 50, 'each metric needs its own curve'

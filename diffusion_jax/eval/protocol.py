@@ -316,3 +316,63 @@ def _local_range(n: int) -> slice:
   per = -(-n // jax.process_count())
   p = jax.process_index()
   return slice(p * per, (p + 1) * per)
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+COMPARE_COLUMNS = ('name', 'guidance', 'sampler', 'steps', 'num_samples', 'fid', 'clip_score',
+                   'alignment_all')
+
+
+def _cell(v) -> str:
+  if v is None or (isinstance(v, float) and not np.isfinite(v)):
+    return '–'
+  if isinstance(v, float):
+    return f'{v:.3f}'
+  if isinstance(v, dict):
+    return ', '.join(f'{k}={_cell(x)}' for k, x in v.items())
+  return str(v)
+
+
+def compare_table(results: Sequence[dict], columns: Sequence[str] = COMPARE_COLUMNS) -> str:
+  """A markdown table of result dicts (one row each, in the given order); absent fields: –."""
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  for r in results:
+    lines.append('| ' + ' | '.join(_cell(r.get(c)) for c in columns) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_tradeoff(results: Sequence[dict], path: str, *, x: str = 'guidance',
+                  ys: Sequence[str] = ('fid', 'alignment_all'), size=(640, 400)) -> str:
+  """A PNG line plot of each metric in `ys` against `x` (one panel per metric, own scale).
+
+  Drawn with PIL (no plotting library needed); points are sorted by `x`.
+  """
+  from PIL import Image, ImageDraw  # noqa: PLC0415
+  w, h = size
+  im = Image.new('RGB', (w, h * len(ys)), 'white')
+  draw = ImageDraw.Draw(im)
+  colors = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 170)]
+  for k, metric in enumerate(ys):
+    pts = sorted((float(r[x]), float(r[metric])) for r in results
+                 if r.get(x) is not None and r.get(metric) is not None
+                 and np.isfinite(float(r[metric])))
+    top, left, right, bottom = k * h + 30, 70, w - 20, (k + 1) * h - 40
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text((left, top - 22), f'{metric} vs {x}', fill=(0, 0, 0))
+    if not pts:
+      draw.text((left + 10, top + 10), 'no data', fill=(0, 0, 0))
+      continue
+    xs, vs = np.asarray([p[0] for p in pts]), np.asarray([p[1] for p in pts])
+    x0, x1 = xs.min(), xs.max() if xs.max() > xs.min() else xs.min() + 1.0
+    y0, y1 = vs.min(), vs.max() if vs.max() > vs.min() else vs.min() + 1.0
+    px = left + 10 + (xs - x0) / (x1 - x0) * (right - left - 20)
+    py = bottom - 10 - (vs - y0) / (y1 - y0) * (bottom - top - 20)
+    color = colors[k % len(colors)]
+    draw.line(list(zip(px.tolist(), py.tolist())), fill=color, width=2)
+    for a, b, xv, yv in zip(px, py, xs, vs):
+      draw.ellipse([a - 4, b - 4, a + 4, b + 4], fill=color)
+      draw.text((a + 5, b - 14), f'{yv:.3g}', fill=(0, 0, 0))
+      draw.text((a - 8, bottom + 4), f'{xv:g}', fill=(0, 0, 0))
+  im.save(path, format='PNG')
+  return path
