@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import models, parallel
+from diffusion_jax import config_util, models, parallel
 from diffusion_jax.diffusion import contrastive, guidance, losses, process, schedules
 from diffusion_jax.train import state as state_lib
 
@@ -38,26 +38,18 @@ PARALLELISMS = ('gspmd', 'shard_map')
 _NEVER = 2**30
 
 
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
-
-
 # Optimizer -----------------------------------------------------------------------------------
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup to `lr`, then 'constant' (default) or 'cosine' decay to `final_lr_frac`."""
   lr = float(opt_cfg.lr)
-  warmup = int(_get(opt_cfg, 'warmup_steps', 0))
-  decay = _get(opt_cfg, 'decay', 'constant')
+  warmup = int(config_util.get(opt_cfg, 'warmup_steps', 0))
+  decay = config_util.get(opt_cfg, 'decay', 'constant')
   if decay == 'constant':
     after = optax.constant_schedule(lr)
   elif decay == 'cosine':
     after = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1),
-                                        alpha=float(_get(opt_cfg, 'final_lr_frac', 0.0)))
+                                        alpha=float(config_util.get(opt_cfg, 'final_lr_frac', 0.0)))
   else:
     raise ValueError(f"optimizer.decay={decay!r}: choose 'constant' or 'cosine'")
   if warmup <= 0:
@@ -76,32 +68,35 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   name = opt_cfg.name
   if name == 'adamw':
     inner = optax.adamw(lr, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
-                        eps=float(_get(opt_cfg, 'eps', 1e-8)),
-                        weight_decay=float(_get(opt_cfg, 'weight_decay', 0.0)))
+                        eps=float(config_util.get(opt_cfg, 'eps', 1e-8)),
+                        weight_decay=float(config_util.get(opt_cfg, 'weight_decay', 0.0)))
   elif name == 'adafactor':
-    inner = optax.adafactor(lr, weight_decay_rate=float(_get(opt_cfg, 'weight_decay', 0.0)) or None)
+    inner = optax.adafactor(lr, weight_decay_rate=float(config_util.get(opt_cfg, 'weight_decay', 0.0)) or None)
   else:
     raise ValueError(f"optimizer.name={name!r}: choose 'adamw' or 'adafactor'")
-  clip = float(_get(opt_cfg, 'grad_clip', 0.0))
+  clip = float(config_util.get(opt_cfg, 'grad_clip', 0.0))
   chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
   return optax.apply_if_finite(optax.chain(*chain, inner), max_consecutive_errors=_NEVER)
 
 
 def ema_decay_at(opt_cfg, step):
   """EMA decay; before `ema_start_step` the EMA simply tracks the parameters."""
-  decay = float(_get(opt_cfg, 'ema_decay', 0.9999))
-  start = int(_get(opt_cfg, 'ema_start_step', 0))
+  decay = float(config_util.get(opt_cfg, 'ema_decay', 0.9999))
+  start = int(config_util.get(opt_cfg, 'ema_start_step', 0))
   return jnp.where(step >= start, decay, 0.0)
 
 
 # Conditioning ---------------------------------------------------------------------------------
 
-def _l2_scaled(e_BD):
+def l2_scaled(e_BD):
   """Unit-normalised embedding scaled by sqrt(D): unit variance per dimension, so the prior
   diffuses it like data (DALLE2-pytorch's image_embed_scale)."""
   e_BD = e_BD.astype(jnp.float32)
   norm = jnp.sqrt(jnp.maximum(jnp.sum(e_BD * e_BD, -1, keepdims=True), 1e-12))
   return e_BD / norm * math.sqrt(e_BD.shape[-1])
+
+
+_l2_scaled = l2_scaled
 
 
 def random_box_masks(rng, batch: int, size: int):
@@ -125,7 +120,7 @@ class Conditioner:
     self.encoder = encoder
     _, _, example_cond = models.example_inputs(config.model, 1)
     self.keys = frozenset(example_cond)
-    self.target = _get(config, 'target', 'image')
+    self.target = config_util.get(config, 'target', 'image')
     if self.target not in TARGETS:
       raise ValueError(f'config.target={self.target!r} is not one of {TARGETS}')
     needs_encoder = ('text_tokens' in self.keys or 'text_embed' in self.keys or
@@ -135,49 +130,66 @@ class Conditioner:
     self.diffusion = config.diffusion
     self.schedule = schedules.from_config(config.diffusion)
 
-  def _image_embed(self, frozen, images):
+  def image_embed(self, frozen, images):
+    """The frozen CLIP image embedding of images in [-1, 1], as the networks consume it."""
     return _l2_scaled(self.encoder.image_forward(frozen, images, False))
+
+  _image_embed = image_embed
+
+  def text_cond(self, frozen, text_ids, text_mask) -> dict[str, Any]:
+    """The text entries of cond: frozen-encoder tokens and pooled embedding, or the raw ids of
+    a network that owns its text encoder. Shared with the sampling pipelines."""
+    cond: dict[str, Any] = {}
+    if {'text_tokens', 'text_embed'} & self.keys:
+      tokens, pooled = self.encoder.text_forward(frozen, text_ids, text_mask)
+      if 'text_tokens' in self.keys:
+        cond['text_tokens'] = tokens
+        cond['text_mask'] = text_mask
+      if 'text_embed' in self.keys:
+        cond['text_embed'] = _l2_scaled(pooled)
+    if 'text_ids' in self.keys:
+      cond['text_ids'] = text_ids
+      cond['text_mask'] = text_mask
+    return cond
+
+  def low_res_cond(self, low_res, rng, aug_t_B=None) -> dict[str, Any]:
+    """`low_res` (noise-augmented when the stage trains so) and `aug_t`. Training draws the
+    level (aug_t_B None); sampling passes the fixed level, and level 0 means clean."""
+    low_res = low_res.astype(jnp.float32)
+    n = low_res.shape[0]
+    fixed_zero = isinstance(aug_t_B, (int, float)) and aug_t_B <= 0
+    if config_util.get(self.diffusion, 'noise_aug', False) and not fixed_zero:
+      low_res, aug_t = guidance.noise_augment(
+          low_res, rng, self.schedule, aug_t_B,
+          max_level=float(config_util.get(self.diffusion, 'noise_aug_max', 1.0)))
+    else:
+      aug_t = jnp.zeros((n,), jnp.float32)
+    cond = {'low_res': low_res}
+    if 'aug_t' in self.keys:
+      cond['aug_t'] = aug_t
+    return cond
 
   def __call__(self, batch, frozen, rng):
     k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
     image = batch['image'].astype(jnp.float32)
     n = image.shape[0]
-    cond: dict[str, Any] = {}
-    if {'text_tokens', 'text_embed'} & self.keys:
-      tokens, pooled = self.encoder.text_forward(frozen, batch['text_ids'], batch['text_mask'])
-      if 'text_tokens' in self.keys:
-        cond['text_tokens'] = tokens
-        cond['text_mask'] = batch['text_mask']
-      if 'text_embed' in self.keys:
-        cond['text_embed'] = _l2_scaled(pooled)
-    if 'text_ids' in self.keys:
-      cond['text_ids'] = batch['text_ids']
-      cond['text_mask'] = batch['text_mask']
+    cond: dict[str, Any] = self.text_cond(frozen, batch.get('text_ids'), batch.get('text_mask'))
     if 'image_embed' in self.keys:
-      cond['image_embed'] = self._image_embed(frozen, image)
+      cond['image_embed'] = self.image_embed(frozen, image)
     if 'drop_text' in self.keys:
-      p = float(_get(self.diffusion, 'cond_drop_text', 0.0))
+      p = float(config_util.get(self.diffusion, 'cond_drop_text', 0.0))
       cond['drop_text'] = jax.random.bernoulli(k_text, p, (n,))
     if 'drop_image' in self.keys:
-      p = float(_get(self.diffusion, 'cond_drop_image', 0.0))
+      p = float(config_util.get(self.diffusion, 'cond_drop_image', 0.0))
       cond['drop_image'] = jax.random.bernoulli(k_image, p, (n,))
     if 'low_res' in self.keys:
-      low_res = batch['low_res'].astype(jnp.float32)
-      if _get(self.diffusion, 'noise_aug', False):
-        low_res, aug_t = guidance.noise_augment(
-            low_res, k_aug, self.schedule,
-            max_level=float(_get(self.diffusion, 'noise_aug_max', 1.0)))
-      else:
-        aug_t = jnp.zeros((n,), jnp.float32)
-      cond['low_res'] = low_res
-      if 'aug_t' in self.keys:
-        cond['aug_t'] = aug_t
+      cond.update(self.low_res_cond(batch['low_res'], k_aug))
     if 'inpaint_mask' in self.keys:
       mask = random_box_masks(k_mask, n, image.shape[1])
       cond['inpaint_mask'] = mask
       cond['inpaint_image'] = image * mask
     if self.target == 'image_embed':
-      x0 = self._image_embed(frozen, image)
+      x0 = self.image_embed(frozen, image)
     else:
       x0 = image
     return x0, cond
@@ -199,11 +211,11 @@ def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=
   """
   tx = make_optimizer(config.optimizer, int(config.total_steps))
   conditioner = Conditioner(config, encoder)
-  objective_name = _get(config, 'objective', 'diffusion')
+  objective_name = config_util.get(config, 'objective', 'diffusion')
   if objective_name not in OBJECTIVES:
     raise ValueError(f'config.objective={objective_name!r} is not one of {sorted(OBJECTIVES)}')
   objective = OBJECTIVES[objective_name]
-  parallelism = _get(config, 'parallelism', 'gspmd')
+  parallelism = config_util.get(config, 'parallelism', 'gspmd')
   if parallelism not in PARALLELISMS:
     raise ValueError(f'config.parallelism={parallelism!r} is not one of {PARALLELISMS}')
   if parallelism == 'shard_map':
@@ -301,7 +313,7 @@ def state_shardings(abstract_boxed_state, mesh, rules, parallelism: str = 'gspmd
 def init_state(config, model: nn.Module, tx, mesh, rules, rng):
   """A fresh TrainState initialised directly into its shardings. Returns (state, shardings)."""
   init, abstract = abstract_state(config, model, tx, rng)
-  shardings = state_shardings(abstract, mesh, rules, _get(config, 'parallelism', 'gspmd'))
+  shardings = state_shardings(abstract, mesh, rules, config_util.get(config, 'parallelism', 'gspmd'))
   # out_shardings places the parameters; no activation constraints are needed to initialise.
   state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(rng)
   return state, shardings
