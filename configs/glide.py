@@ -82,12 +82,11 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, stage='base64', size='tiny')
+  a = common.parse_arg(arg, upto='', stage='base64', size='tiny')
   common.check_choice('stage', a.stage, STAGES)
   common.check_choice('size', a.size, common.SIZES)
   if a.stage == 'cascade':
-    raise ValueError('configs/glide.py:stage=cascade (the sampling cascade) is added by the '
-                     'pipelines work; available now: ' + ', '.join(MODEL_STAGES + ('noised_clip',)))
+    return _cascade_config(a)
   if a.stage == 'noised_clip':
     return _noised_clip_config(a.size)
   stage, size = a.stage, a.size
@@ -182,3 +181,16 @@ def _noised_clip_config(size: str) -> ml_collections.ConfigDict:
   c.diffusion.learned_variance = False
   c.sampler.guidance_scale = 1.0
   return c
+
+
+def _cascade_config(a) -> ml_collections.ConfigDict:
+  """The sampling cascade (diffusion_jax.pipelines): each stage's config arg, its directory
+  under ROOT and its sampler settings. `upto=` adds the optional last stage at tiny/shapes.
+
+    python -m diffusion_jax.sample --config=configs/glide.py:stage=cascade,size=tiny \
+        --workdir=ROOT --prompt="a red circle"
+  """
+  from diffusion_jax.pipelines import cascade_config
+  size = a.size
+  return cascade_config.make('glide', size, get_config, ('base64', 'up256'),
+                             extra=('inpaint64', 'inpaint256', 'noised_clip'))

@@ -114,12 +114,11 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, stage='prior', size='tiny')
+  a = common.parse_arg(arg, upto='', stage='prior', size='tiny')
   common.check_choice('stage', a.stage, STAGES)
   common.check_choice('size', a.size, common.SIZES)
   if a.stage == 'cascade':
-    raise ValueError('configs/unclip.py:stage=cascade (the sampling cascade) is added by the '
-                     'pipelines work; available now: ' + ', '.join(MODEL_STAGES))
+    return _cascade_config(a)
   stage, size = a.stage, a.size
   paper = size == 'paper'
   c = common.base_config()
@@ -198,3 +197,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 2000))
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
   return c
+
+
+def _cascade_config(a) -> ml_collections.ConfigDict:
+  """The sampling cascade (diffusion_jax.pipelines): each stage's config arg, its directory
+  under ROOT and its sampler settings. `upto=` adds the optional last stage at tiny/shapes.
+
+    python -m diffusion_jax.sample --config=configs/unclip.py:stage=cascade,size=tiny \
+        --workdir=ROOT --prompt="a red circle"
+  """
+  from diffusion_jax.pipelines import cascade_config
+  size = a.size
+  optional = ('up1024',) if a.upto == 'up1024' or size == 'paper' else ()
+  return cascade_config.make('unclip', size, get_config, ('prior', 'decoder64', 'up256') + optional)

@@ -1,0 +1,507 @@
+"""What every cascade shares: loading a trained stage, building its conditioning exactly as
+training does (`train.step.Conditioner`), and running its sampling loop as one jitted
+`samplers.sample` call with the batch sharded over all devices.
+
+A stage's sampling program is compiled once per (shapes, sampler, steps, thresholding, CFG
+on/off); the guidance scale, eta and the augmentation level are traced, so changing them
+does not recompile. Progress reaches the host from inside the loop through an unordered
+`jax.debug.callback` in the denoiser (ordered effects are refused on more than one device).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax import checkpoint as ckpt_lib
+from diffusion_jax import models, parallel
+from diffusion_jax.diffusion import guidance, samplers, schedules
+from diffusion_jax.train import loop, step as step_lib
+from diffusion_jax.pipelines import cascade_config
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """A stage of the cascade has no checkpoint under ROOT."""
+
+
+class UnknownStageError(ValueError):
+  """A stage name that the cascade config does not define."""
+
+
+def _get(cfg, key, default=None):
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+# Arrays -----------------------------------------------------------------------------------------
+
+def to_uint8(x_BHWC) -> np.ndarray:
+  return np.asarray(np.clip(np.round((np.asarray(x_BHWC, np.float32) + 1.0) * 127.5), 0, 255),
+                    np.uint8)
+
+
+def to_float(images) -> np.ndarray:
+  """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  return images.astype(np.float32)
+
+
+def resize(x_BHWC, size: int):
+  """Resizes square images to `size` (antialiased bicubic down, bicubic up), clipped to [-1, 1]."""
+  b, h, w, c = x_BHWC.shape
+  if h == size and w == size:
+    return x_BHWC
+  out = jax.image.resize(x_BHWC, (b, size, size, c), 'bicubic', antialias=True)
+  return jnp.clip(out, -1.0, 1.0)
+
+
+def slerp(a, b, w):
+  """Spherical interpolation along the last axis, w in [0, 1] broadcast over the leading axes.
+
+  Between vectors of equal norm every point keeps that norm (the norm is interpolated
+  linearly otherwise); nearly parallel vectors fall back to linear interpolation.
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  w = jnp.asarray(w, jnp.float32)[..., None]
+  na = jnp.linalg.norm(a, axis=-1, keepdims=True)
+  nb = jnp.linalg.norm(b, axis=-1, keepdims=True)
+  ua, ub = a / jnp.maximum(na, 1e-12), b / jnp.maximum(nb, 1e-12)
+  cos = jnp.clip(jnp.sum(ua * ub, -1, keepdims=True), -1.0, 1.0)
+  omega = jnp.arccos(cos)
+  so = jnp.sin(omega)
+  safe = so > 1e-6
+  so_ = jnp.where(safe, so, 1.0)
+  ca = jnp.where(safe, jnp.sin((1.0 - w) * omega) / so_, 1.0 - w)
+  cb = jnp.where(safe, jnp.sin(w * omega) / so_, w)
+  direction = ca * ua + cb * ub
+  direction = direction / jnp.maximum(jnp.linalg.norm(direction, axis=-1, keepdims=True), 1e-12)
+  return direction * ((1.0 - w) * na + w * nb)
+
+
+def slerp_flat(a, b, w):
+  """`slerp` over everything but the leading axis (e.g. the inverted latents x_T)."""
+  shape = a.shape
+  out = slerp(a.reshape(shape[0], -1), b.reshape(shape[0], -1), w)
+  return out.reshape(shape)
+
+
+# Progress ---------------------------------------------------------------------------------------
+
+class Progress:
+  """Host-side receiver of the in-loop callbacks; `listener(stage, step, num_steps)`.
+
+  One object per pipeline, so the callback a compiled program holds never changes; what it
+  reports to is swapped on the host.
+  """
+
+  def __init__(self):
+    self.listener: Callable | None = None
+    self.stage = ''
+    self.num_steps = 0
+    self.count = 0
+    self._lock = threading.Lock()
+
+  def start(self, stage: str, num_steps: int):
+    self.stage, self.num_steps, self.count = stage, num_steps, 0
+
+  def __call__(self, t):
+    del t
+    with self._lock:
+      self.count += 1
+      count = self.count
+    if self.listener is not None:
+      self.listener(self.stage, min(count, self.num_steps), self.num_steps)
+
+
+# Stages -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How a stage samples (the cascade config's per-stage entry, with call-time overrides)."""
+  sampler: str = 'ddim'
+  num_steps: int = 16
+  eta: float = 0.0
+  guidance_scale: float = 1.0
+  threshold: str = 'none'
+  percentile: float = 99.5
+  aug_level: float = 0.0
+  best_of: int = 1
+
+  @classmethod
+  def from_entry(cls, entry) -> 'Settings':
+    return cls(**{k: entry[k] for k in cascade_config.SETTINGS if k in entry})
+
+  def replace(self, **kw) -> 'Settings':
+    unknown = sorted(set(kw) - set(cascade_config.SETTINGS))
+    if unknown:
+      raise ValueError(f'unknown sampler setting(s) {unknown}; known: {cascade_config.SETTINGS}')
+    return dataclasses.replace(self, **kw)
+
+
+def load_stage_config(entry):
+  """The stage's own config from `config_file` ('configs/imagen.py') and `config_arg`."""
+  stem = os.path.splitext(os.path.basename(entry.config_file))[0]
+  module = importlib.import_module(f'configs.{stem}')
+  return module.get_config(entry.config_arg)
+
+
+def train_command(entry, stage_dir: str) -> str:
+  return (f'python -m diffusion_jax.train --config={entry.config_file}:{entry.config_arg} '
+          f'--workdir={stage_dir}')
+
+
+def check_checkpoint(name: str, entry, stage_dir: str) -> str:
+  """The stage's checkpoint directory, or a MissingCheckpointError with the train command."""
+  ckpt_dir = os.path.join(stage_dir, 'checkpoints')
+  steps = []
+  if os.path.isdir(ckpt_dir):
+    steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()]
+  if not steps:
+    raise MissingCheckpointError(
+        f'stage {name!r}: no checkpoint in {ckpt_dir}; train it first: '
+        f'{train_command(entry, stage_dir)}')
+  return ckpt_dir
+
+
+class Stage:
+  """One trained stage: network, EMA (or raw) parameters, frozen encoder, tokenizer,
+  conditioner, schedule and its jitted sampling program."""
+
+  def __init__(self, name: str, entry, root: str, progress: Progress, encoders: dict):
+    self.name = name
+    self.entry = entry
+    self.dir = os.path.join(root, entry.dir)
+    ckpt_dir = check_checkpoint(name, entry, self.dir)
+    config = load_stage_config(entry)
+    self.config = config
+    self.mesh = parallel.create_mesh(config.mesh)
+    self.rules = parallel.logical_rules(config.mesh)
+    self.model = models.build(config.model)
+    # Stages with identical encoder sections share one frozen encoder (T5/CLIP built once).
+    te = _get(config, 'text_encoder')
+    key = None if te is None or not _get(te, 'name') else repr(sorted(te.items()))
+    if key is not None and key not in encoders:
+      encoders[key] = loop.build_encoder(config, self.mesh, self.rules)
+    self.encoder = encoders.get(key)
+    self.tokenizer = None
+    if os.path.isdir(os.path.join(self.dir, 'tokenizer')) or self.encoder is not None:
+      self.tokenizer = loop.build_tokenizer(config, self.encoder, self.dir)
+    abstract = _abstract_state(config, self.model, self.mesh, self.rules)
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None)
+    restored = checkpointer.restore_latest(abstract)
+    checkpointer.close()
+    if restored is None:
+      raise MissingCheckpointError(f'stage {name!r}: no checkpoint in {ckpt_dir}; train it '
+                                   f'first: {train_command(entry, self.dir)}')
+    state, self.step = restored
+    self.params = state.ema_params if bool(_get(entry, 'use_ema', True)) else state.params
+    del state
+    self.settings = Settings.from_entry(entry)
+    self.schedule = schedules.from_config(config.diffusion)
+    self.parameterization = _get(config.diffusion, 'parameterization', 'eps')
+    self.learned_variance = bool(_get(config.diffusion, 'learned_variance', False))
+    self.objective = _get(config, 'objective', 'diffusion')
+    if self.objective == 'diffusion':
+      self.conditioner = step_lib.Conditioner(config, self.encoder)
+      self.keys = self.conditioner.keys
+    else:
+      self.conditioner, self.keys = None, frozenset()
+    self.progress = progress
+    self.frozen = None if self.encoder is None else self.encoder.params
+    self._sample_jit = jax.jit(self._sample_program, static_argnames=(
+        'sampler', 'num_steps', 'threshold', 'percentile', 'use_cfg', 'report', 'extra'))
+    self._invert_jit = jax.jit(self._invert_program, static_argnames=('num_steps', 'report'))
+    self._cond_jit = jax.jit(self._cond_program, static_argnames=('aug_level',))
+
+  # Inputs --------------------------------------------------------------------------------------
+
+  @property
+  def shards(self) -> int:
+    return parallel._mesh_axes_size(self.mesh, parallel.BATCH_AXES)
+
+  def padded(self, n: int) -> int:
+    return -(-n // self.shards) * self.shards
+
+  def put(self, tree, n_pad: int):
+    """Pads the leading axis to n_pad rows (repeating the last) and shards it over the batch."""
+    def one(x):
+      x = jnp.asarray(x)
+      if x.shape[0] != n_pad:
+        reps = jnp.repeat(x[-1:], n_pad - x.shape[0], axis=0)
+        x = jnp.concatenate([x, reps], axis=0)
+      return jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+    return jax.tree.map(one, tree)
+
+  def tokenize(self, prompts):
+    if self.tokenizer is None:
+      raise ValueError(f'stage {self.name!r} has no tokenizer')
+    return self.tokenizer(list(prompts))
+
+  def context(self):
+    return _Context(self.mesh, self.rules)
+
+  # Conditioning ---------------------------------------------------------------------------------
+
+  def _cond_program(self, frozen, inputs, rng, aug_level):
+    """cond for sampling from host inputs: text, low_res (+ fixed-level augmentation), image
+    embedding, inpainting; no dropout (guidance sets the drop flags itself)."""
+    cond: dict[str, Any] = {}
+    if 'text_ids' in inputs:
+      cond.update(self.conditioner.text_cond(frozen, inputs['text_ids'], inputs['text_mask']))
+    if 'low_res' in self.keys:
+      size = self.config.model.low_res_size
+      # A fixed level of 0 is a clean input (the conditioner skips the augmentation).
+      cond.update(self.conditioner.low_res_cond(resize(inputs['low_res'], size), rng,
+                                                aug_level))
+    if 'image_embed' in self.keys:
+      cond['image_embed'] = inputs['image_embed']
+    for k in ('inpaint_image', 'inpaint_mask'):
+      if k in self.keys:
+        cond[k] = inputs[k]
+    for flag in ('drop_text', 'drop_image'):
+      if flag in self.keys:
+        n = jax.tree.leaves(inputs)[0].shape[0]
+        cond[flag] = inputs.get(flag, jnp.zeros((n,), bool))
+    return cond
+
+  def build_cond(self, inputs: Mapping[str, Any], rng, aug_level: float | None = None):
+    """Host inputs (already padded and sharded) -> the network's cond dict."""
+    level = float(self.settings.aug_level if aug_level is None else aug_level)
+    with self.context():
+      return self._cond_jit(self.frozen, dict(inputs), rng, aug_level=level)
+
+  # Sampling ------------------------------------------------------------------------------------
+
+  def denoise_fn(self, params, report: bool):
+    model = self.model
+
+    def denoise(x_t, t_B, cond):
+      return model.apply({'params': params}, x_t, t_B, cond, train=False)
+    return denoise
+
+  def _reporting(self, fn, report: bool):
+    if not report:
+      return fn
+    progress = self.progress
+
+    def wrapped(x_t, t_B, cond):
+      jax.debug.callback(progress, t_B[0], ordered=False)
+      return fn(x_t, t_B, cond)
+    return wrapped
+
+  def uncond_flags(self):
+    return tuple(f for f in guidance.DEFAULT_UNCOND_FLAGS if f in self.keys)
+
+  def _sample_program(self, params, cond, x_T, rng, scale, eta, extra_args, *, sampler,
+                      num_steps, threshold, percentile, use_cfg, report, extra):
+    denoise = self.denoise_fn(params, report)
+    if use_cfg:
+      denoise = guidance.classifier_free(denoise, scale, learned_variance=self.learned_variance,
+                                         uncond_flags=self.uncond_flags())
+    grad_fn = None
+    if extra is not None:
+      denoise, grad_fn = extra(self, denoise, extra_args)
+    denoise = self._reporting(denoise, report)
+    return samplers.sample(
+        denoise, x_T, rng, schedule=self.schedule, sampler=sampler, num_steps=num_steps,
+        eta=eta, cond=cond, parameterization=self.parameterization,
+        learned_variance=self.learned_variance, threshold=threshold, percentile=percentile,
+        grad_guidance_fn=grad_fn)
+
+  def sample(self, cond, x_T, rng, settings: Settings | None = None, *,
+             extra: Callable | None = None, extra_args=None):
+    """One jitted sampling loop. `extra(stage, denoise, extra_args) -> (denoise, grad_fn)`
+    composes further guidance (inpainting, CLIP guidance); it must be a stable callable."""
+    s = settings or self.settings
+    use_cfg = bool(self.uncond_flags()) and float(s.guidance_scale) != 1.0
+    report = self.progress.listener is not None
+    self.progress.start(self.name, int(s.num_steps))
+    with self.context():
+      out = self._sample_jit(
+          self.params, cond, x_T, rng, jnp.float32(s.guidance_scale), jnp.float32(s.eta),
+          extra_args, sampler=s.sampler, num_steps=int(s.num_steps),
+          threshold=s.threshold, percentile=float(s.percentile), use_cfg=use_cfg,
+          report=report, extra=extra)
+      out = jax.block_until_ready(out)
+    if report:
+      jax.effects_barrier()
+    return out
+
+  def _invert_program(self, params, cond, x0, *, num_steps, report):
+    denoise = self._reporting(self.denoise_fn(params, report), report)
+    return samplers.ddim_invert(denoise, x0, schedule=self.schedule, num_steps=num_steps,
+                                cond=cond, parameterization=self.parameterization,
+                                learned_variance=self.learned_variance)
+
+  def invert(self, cond, x0, num_steps: int):
+    """DDIM inversion x_0 -> x_T with the conditional model (no guidance, no thresholding:
+    neither is invertible)."""
+    report = self.progress.listener is not None
+    self.progress.start(self.name + ' (inversion)', int(num_steps))
+    with self.context():
+      out = jax.block_until_ready(self._invert_jit(self.params, cond, x0,
+                                                   num_steps=int(num_steps), report=report))
+    if report:
+      jax.effects_barrier()
+    return out
+
+  def noise(self, rng, n_pad: int):
+    """x_T of this stage's output shape, sharded over the batch."""
+    x, _, _ = _example_x(self.config.model)
+    shape = (n_pad,) + tuple(x.shape[1:])
+    sharding = parallel.batch_sharding(self.mesh, len(shape))
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32),
+                   out_shardings=sharding)(rng)
+
+
+def _example_x(model_cfg):
+  from diffusion_jax import models
+  return models.example_inputs(model_cfg, 1)
+
+
+class _Context:
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+    self._stack = []
+
+  def __enter__(self):
+    a, b = jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)
+    a.__enter__()
+    b.__enter__()
+    self._stack = [b, a]
+    return self
+
+  def __exit__(self, *exc):
+    for cm in self._stack:
+      cm.__exit__(*exc)
+
+
+def _abstract_state(config, model, mesh, rules):
+  """The TrainState's shapes and shardings, to restore a checkpoint into (as the trainer
+  lays it out)."""
+  tx = step_lib.make_optimizer(config.optimizer, int(config.total_steps))
+  _, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(0))
+  shardings = step_lib.state_shardings(abstract, mesh, rules, _get(config, 'parallelism', 'gspmd'))
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                      nn.meta.unbox(abstract), shardings)
+
+
+# Cascades ---------------------------------------------------------------------------------------
+
+class Cascade:
+  """Base of the three pipelines: stages loaded lazily by name from the cascade config."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.root = workdir
+    self.progress = Progress()
+    self._encoders: dict = {}
+    self._stages: dict[str, Stage] = {}
+    self.timings: dict[str, float] = {}
+    self.order = tuple(config.order)
+    # Fail fast, with every missing stage named, before anything is built.
+    for name in self.order:
+      check_checkpoint(name, self._entry(name), os.path.join(workdir, self._entry(name).dir))
+
+  def _entry(self, name: str):
+    if name not in self.config.stages:
+      raise UnknownStageError(f'unknown stage {name!r} in the {self.config.family} cascade; '
+                              f'known: {", ".join(self.config.stages.keys())}')
+    return self.config.stages[name]
+
+  def stage(self, name: str) -> Stage:
+    if name not in self._stages:
+      self._stages[name] = Stage(name, self._entry(name), self.root, self.progress,
+                                 self._encoders)
+    return self._stages[name]
+
+  def settings(self, name: str, overrides: Mapping[str, Any]) -> Settings:
+    """A stage's settings with overrides: `key=value` for every stage, `<stage>={...}` for one."""
+    s = self.stage(name).settings
+    common = {k: v for k, v in overrides.items() if k in cascade_config.SETTINGS}
+    s = s.replace(**common)
+    per = overrides.get(name)
+    if per:
+      s = s.replace(**dict(per))
+    return s
+
+  def check_overrides(self, overrides: Mapping[str, Any], allowed=()):
+    known = set(cascade_config.SETTINGS) | set(self.config.stages.keys()) | set(allowed)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise ValueError(f'unknown override(s) {unknown}; pass sampler settings '
+                       f'{cascade_config.SETTINGS} or a stage name with a dict of them')
+
+  def timed(self, name: str, fn, *args, **kw):
+    start = time.perf_counter()
+    out = fn(*args, **kw)
+    self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+    return out
+
+  def text_inputs(self, stage: Stage, prompts, n_pad: int):
+    if not ({'text_ids', 'text_tokens', 'text_embed'} & stage.keys):
+      return {}
+    ids, mask = stage.tokenize(prompts)
+    return stage.put({'text_ids': ids, 'text_mask': mask}, n_pad)
+
+  def image_chain(self, names, prompts, rng, overrides, *, first_low_res=None,
+                  first_inputs=None, collect=None):
+    """Runs image stages in order; each output (resized, noise-augmented at the stage's
+    aug_level) is the next stage's low_res. Returns float images [N, H, W, 3] in [-1, 1]."""
+    n = len(prompts)
+    x = first_low_res
+    for i, name in enumerate(names):
+      stage = self.stage(name)
+      s = self.settings(name, overrides)
+      n_pad = stage.padded(n)
+      rng, k_cond, k_noise, k_run = jax.random.split(rng, 4)
+      inputs = dict(self.text_inputs(stage, prompts, n_pad))
+      if i == 0 and first_inputs:
+        inputs.update(stage.put(first_inputs, n_pad))
+      if 'low_res' in stage.keys:
+        if x is None:
+          raise ValueError(f'stage {name!r} needs a low-resolution input')
+        inputs['low_res'] = stage.put(x, n_pad)
+      cond = stage.build_cond(inputs, k_cond, s.aug_level)
+      x_T = stage.noise(k_noise, n_pad)
+      out = self.timed(name, stage.sample, cond, x_T, k_run, s)
+      x = out[:n]
+      if collect is not None:
+        collect[name] = x
+    return x
+
+
+def check_prompts(prompts) -> list[str]:
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = [str(p) for p in prompts]
+  if not prompts:
+    raise ValueError('no prompts given')
+  return prompts
+
+
+def uint8_result(x, collect, return_stages: bool):
+  images = to_uint8(jax.device_get(x))
+  if not return_stages:
+    return images
+  return images, {k: to_uint8(jax.device_get(v)) for k, v in collect.items()}
+
+
+def sqrt_dim(d: int) -> float:
+  return math.sqrt(d)

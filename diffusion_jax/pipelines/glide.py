@@ -1,0 +1,162 @@
+"""GLIDE: text transformer inside each U-Net -> base 64 px -> upsampler 256, with
+classifier-free guidance; CLIP guidance with the noised CLIP; inpainting with the inpainting
+models."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.diffusion import process
+from diffusion_jax.pipelines import common
+
+
+def known_region_output(x_t, t_B, image, mask, output, *, schedule, parameterization,
+                        learned_variance):
+  """The model output with its known region replaced so that x0_hat = image there."""
+  channels = x_t.shape[-1]
+  mean = output[..., :channels] if learned_variance else output
+  alpha, sigma = schedule.alpha_sigma(t_B)
+  if parameterization == 'eps':
+    target = process.eps_from_x0(x_t, image, alpha, sigma)
+  elif parameterization == 'x0':
+    target = image
+  else:
+    target = process.v_from_x0_eps(image, process.eps_from_x0(x_t, image, alpha, sigma),
+                                   alpha, sigma)
+  mean = mask * target + (1.0 - mask) * mean
+  if learned_variance:
+    return jnp.concatenate([mean, output[..., channels:]], axis=-1)
+  return mean
+
+
+def _inpaint_extra(stage, denoise, args):
+  """Inpainting around any denoiser: the model sees the known region as the forward-noised
+  original at the current t (fresh noise each step), and its prediction of x0 there is the
+  original itself (GLIDE's released sampler), so the known pixels survive to t = 0."""
+  image, mask, key = args
+
+  def wrapped(x_t, t_B, cond):
+    step_key = jax.random.fold_in(key, jnp.round(t_B[0] * 1e6).astype(jnp.int32))
+    noise = jax.random.normal(step_key, x_t.shape, jnp.float32)
+    known = process.q_sample(image, t_B, noise, stage.schedule)
+    out = denoise(mask * known + (1.0 - mask) * x_t, t_B, cond)
+    return known_region_output(x_t, t_B, image, mask, out, schedule=stage.schedule,
+                               parameterization=stage.parameterization,
+                               learned_variance=stage.learned_variance)
+  return wrapped, None
+
+
+def _clip_guidance_extra(clip_module, stage, denoise, args):
+  """CLIP guidance (GLIDE sec. 2.4): grad_x of the noised CLIP's image-text dot product at
+  (x_t, t), scaled by the guidance weight; the sampler turns it into a mean shift by the
+  step's variance (eps - sigma * grad)."""
+  del stage
+  params, ids, mask, scale = args
+  text = clip_module.apply({'params': params}, ids, mask, method='encode_text')
+  text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+
+  def grad_fn(x_t, t_B, cond):
+    del cond
+
+    def score(x):
+      img = clip_module.apply({'params': params}, x, t_B, method='encode_image')
+      img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+      return jnp.sum(img * text)
+    return scale * jax.grad(score)(x_t)
+  return denoise, grad_fn
+
+
+class GlidePipeline(common.Cascade):
+  """`generate(prompts, rng, **overrides)`; `inpaint(image, mask, prompt, rng)`."""
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    self._clip_extra = None
+
+  def generate(self, prompts, rng, *, clip_guidance_scale: float = 0.0,
+               return_stages: bool = False, **overrides):
+    """Text -> images. With `clip_guidance_scale` > 0 the base stage is guided by the noised
+    CLIP (stage `noised_clip`) instead of classifier-free guidance."""
+    prompts = common.check_prompts(prompts)
+    self.check_overrides(overrides)
+    collect: dict = {}
+    names = self.order
+    if clip_guidance_scale > 0:
+      x = self._clip_guided_base(prompts, rng, clip_guidance_scale, overrides)
+      collect[names[0]] = x
+      rng = jax.random.fold_in(rng, 1)
+      x = self.image_chain(names[1:], prompts, rng, overrides, first_low_res=x, collect=collect)
+    else:
+      x = self.image_chain(names, prompts, rng, overrides, collect=collect)
+    return common.uint8_result(x, collect, return_stages)
+
+  def _clip_guided_base(self, prompts, rng, scale, overrides):
+    base = self.stage(self.order[0])
+    clip = self.stage('noised_clip')
+    if self._clip_extra is None:
+      self._clip_extra = functools.partial(_clip_guidance_extra, clip.model)
+    n = len(prompts)
+    n_pad = base.padded(n)
+    k_cond, k_noise, k_run = jax.random.split(rng, 3)
+    cond = base.build_cond(self.text_inputs(base, prompts, n_pad), k_cond, 0.0)
+    ids, mask = clip.tokenize(prompts)
+    clip_text = clip.put({'ids': ids, 'mask': mask}, n_pad)
+    # CLIP guidance replaces classifier-free guidance (GLIDE compares the two).
+    s = self.settings(self.order[0], overrides).replace(guidance_scale=1.0)
+    x_T = base.noise(k_noise, n_pad)
+    args = (clip.params, clip_text['ids'], clip_text['mask'], jnp.float32(scale))
+    out = self.timed(self.order[0], base.sample, cond, x_T, k_run, s, extra=self._clip_extra,
+                     extra_args=args)
+    return out[:n]
+
+  def inpaint(self, image, mask, prompt, rng, *, return_stages: bool = False, **overrides):
+    """Fills the unknown region of `image` (uint8 or [-1, 1] float, [N, H, W, 3] or [H, W, 3])
+    where `mask` ([N, H, W], [N, H, W, 1] or [H, W]) is 0; pixels where it is 1 are kept.
+
+    Runs the inpainting stages named in the cascade config (`inpaint64`, then `inpaint256`
+    when configured), each at its own resolution, the second conditioned on the first's
+    output as its low-res input. Returns uint8 images at the last stage's resolution.
+    """
+    self.check_overrides(overrides)
+    image = common.to_float(image)
+    if image.ndim == 3:
+      image = image[None]
+    mask = np.asarray(mask, np.float32)
+    if mask.ndim == 2:
+      mask = mask[None]
+    if mask.ndim == 3:
+      mask = mask[..., None]
+    mask = np.broadcast_to(mask, image.shape[:3] + (1,))
+    n = image.shape[0]
+    prompts = [prompt] * n if isinstance(prompt, str) else common.check_prompts(prompt)
+    if len(prompts) != n:
+      raise ValueError(f'{len(prompts)} prompts for {n} images')
+    names = [s for s in self.config.extra if s.startswith('inpaint')]
+    if not names:
+      raise ValueError('the cascade config names no inpainting stage (config.extra)')
+    collect: dict = {}
+    x = None
+    for name in names:
+      stage = self.stage(name)
+      s = self.settings(name, overrides)
+      size = stage.config.model.image_size
+      n_pad = stage.padded(n)
+      rng, k_cond, k_noise, k_run, k_inp = jax.random.split(rng, 5)
+      img = common.resize(jnp.asarray(image), size)
+      # Nearest resize keeps the mask binary.
+      msk = jax.image.resize(jnp.asarray(mask), (n, size, size, 1), 'nearest')
+      inputs = dict(self.text_inputs(stage, prompts, n_pad))
+      inputs.update(stage.put({'inpaint_image': img * msk, 'inpaint_mask': msk}, n_pad))
+      if 'low_res' in stage.keys:
+        inputs['low_res'] = stage.put(x, n_pad)
+      cond = stage.build_cond(inputs, k_cond, s.aug_level)
+      x_T = stage.noise(k_noise, n_pad)
+      args = (stage.put(img, n_pad), stage.put(msk, n_pad), k_inp)
+      out = self.timed(name, stage.sample, cond, x_T, k_run, s, extra=_inpaint_extra,
+                       extra_args=args)
+      x = out[:n]
+      collect[name] = x
+    return common.uint8_result(x, collect, return_stages)

@@ -1,0 +1,22 @@
+"""Imagen: frozen T5 -> base 64 px -> SR 256 (-> SR 1024), per-stage classifier-free guidance
+and dynamic thresholding (the stages' `threshold: dynamic`), noise-conditioning augmentation
+of every SR input at the stage's `aug_level`."""
+from __future__ import annotations
+
+from diffusion_jax.pipelines import common
+
+
+class ImagenPipeline(common.Cascade):
+  """`generate(prompts, rng, **overrides) -> uint8 [N, H, W, 3]`."""
+
+  def generate(self, prompts, rng, *, return_stages: bool = False, **overrides):
+    """Samples every stage of `config.order` in turn.
+
+    overrides: sampler settings for every stage (`num_steps=8`, `guidance_scale=3.0`) or for
+    one (`sr256={'aug_level': 0.1}`). With `return_stages`, also returns {stage: uint8}.
+    """
+    prompts = common.check_prompts(prompts)
+    self.check_overrides(overrides)
+    collect: dict = {}
+    x = self.image_chain(self.order, prompts, rng, overrides, collect=collect)
+    return common.uint8_result(x, collect, return_stages)
