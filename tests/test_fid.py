@@ -192,3 +192,56 @@ def test_sharded_and_single_device_features_give_the_same_fid(inception_net, num
   assert f1 > 0
   with pytest.raises(TypeError, match='uint8'):
     single(a.astype(np.float32))
+
+
+_TWO_PROCESS_SCRIPT = '''
+import sys
+import jax
+import numpy as np
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from diffusion_jax.eval import fid
+from diffusion_jax.models import inception
+module = inception.InceptionV3(resize_size=75)
+images = np.random.default_rng(0).integers(0, 256, (11, 40, 48, 3), dtype=np.uint8)
+mine = images[:6] if jax.process_index() == 0 else images[6:]  # uneven: 6 and 5 images
+extractor = fid.InceptionFeatures(module, inception.random_params(0), batch_size=8)
+stats = extractor.statistics([mine[:4], mine[4:]])
+if jax.process_index() == 0:
+  np.savez(sys.argv[3], n=stats.n, mu=stats.mu, sigma=stats.sigma)
+'''
+
+
+def test_two_processes_merge_to_the_single_process_statistics(tmp_path):
+  # 2 processes x 4 CPU devices on loopback: per-process feature blocks, uneven image
+  # counts (the shorter process joins the last step with padding only), statistics merged
+  # bit-exactly across processes.
+  import os
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  out = str(tmp_path / 'stats.npz')
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+    procs.append(subprocess.Popen(
+        [sys.executable, '-c', _TWO_PROCESS_SCRIPT, f'127.0.0.1:{port}', str(pid), out],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  module = inception.InceptionV3(resize_size=75)
+  images = np.random.default_rng(0).integers(0, 256, (11, 40, 48, 3), dtype=np.uint8)
+  one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), parallel.MESH_AXES)
+  feats = fid.InceptionFeatures(module, inception.random_params(0), mesh=one, batch_size=4)(images)
+  ref = fid.RunningStats.from_features(feats)
+  with np.load(out) as got:
+    assert int(got['n']) == 11, f'merged count {int(got["n"])}, expected 11'
+    np.testing.assert_allclose(got['mu'], ref.mu, rtol=1e-5, atol=1e-5 * np.abs(ref.mu).max(),
+                               err_msg='2-process mean differs from the 1-process one')
+    np.testing.assert_allclose(got['sigma'], ref.sigma, rtol=1e-4,
+                               atol=1e-5 * np.abs(ref.sigma).max(),
+                               err_msg='2-process covariance differs from the 1-process one')
