@@ -183,3 +183,55 @@ def test_compare_table_and_tradeoff_plot(tmp_path):
   red = (img[..., 0] > 150) & (img[..., 1] < 80)
   blue = (img[..., 2] > 150) & (img[..., 0] < 80)
   assert red[:400].sum() > 50 and blue[400:].sum() > 50, 'each metric needs its own curve'
+
+
+class _FakePipeline:
+  """Renders each prompt exactly (Shapes) at `size`; records the guidance it was asked for."""
+
+  def __init__(self, size):
+    self.size, self.guidance = size, []
+
+  def generate(self, prompts, rng, **overrides):
+    del rng
+    self.guidance.append(overrides.get('guidance_scale'))
+    from diffusion_jax.data import shapes  # noqa: PLC0415
+    return np.stack([shapes.render(p, self.size, seed=0) for p in prompts])
+
+
+def test_evaluate_binary_wires_pipelines_to_the_metrics(tmp_path, monkeypatch):
+  from configs import imagen  # noqa: PLC0415
+  from diffusion_jax import evaluate, pipelines  # noqa: PLC0415
+  config = imagen.get_config('stage=cascade,size=tiny')
+  fake = _FakePipeline(64)
+  monkeypatch.setattr(pipelines, 'load', lambda cfg, root: fake)
+  runs = []
+
+  def fake_run(generate_fn, **kw):  # protocol.run itself is tested end to end above
+    runs.append(kw)
+    images = generate_fn(['a red circle'], jax.random.PRNGKey(0))
+    assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)
+    return {'fid': 1.5, **kw['sampling'], 'inception_weights_sha256': 'x'}
+
+  monkeypatch.setattr(protocol, 'run', fake_run)
+  root = str(tmp_path / 'root')
+  results = evaluate.evaluate(config, root, metrics=['fid', 'shapes'], guidance=[1.0, 4.0],
+                              random_inception_seed=0, shapes_samples=6, shapes_train_examples=300,
+                              batch_size=4)
+  assert sorted(results) == ['fid_g1', 'fid_g4', 'shapes_g1', 'shapes_g4']
+  assert [r['sampling']['guidance'] for r in runs] == [1.0, 4.0]
+  assert runs[0]['sampling']['steps'] == {s: int(config.stages[s].num_steps) for s in config.order}
+  assert os.path.isfile(runs[0]['inception_path']), 'random weights must be written for the run'
+  assert set(fake.guidance) == {1.0, 4.0}, 'the guidance scale must reach the pipeline'
+  shapes_result = results['shapes_g4']
+  assert shapes_result['alignment_all'] == 1.0 and shapes_result['heldout'] is True
+  assert shapes_result['num_samples'] == 6
+  with open(os.path.join(root, 'eval', 'fid_g4', 'result.json')) as f:
+    assert json.load(f)['inception_random'] is True
+  # --compare: a table and a plot over every result written above.
+  out = str(tmp_path / 'cmp' / 'compare')
+  compared = evaluate.compare([os.path.join(root, 'eval', '*', 'result.json')], out)
+  assert len(compared) == 4
+  with open(out + '.md') as f:
+    table = f.read()
+  assert 'fid_g4' in table and 'shapes_g1' in table
+  assert Image.open(out + '.png').size == (640, 800)

@@ -1,0 +1,188 @@
+"""CLI: evaluate a cascade: zero-shot COCO FID-30K (+ CLIP score), Shapes alignment; compare.
+
+    python -m diffusion_jax.evaluate --config=configs/imagen.py:stage=cascade,size=tiny \
+        --workdir=ROOT --inception_weights=pt_inception-2015-12-05.safetensors \
+        --metrics=fid,shapes --guidance=1,3,5
+
+    python -m diffusion_jax.evaluate --compare='ROOT/eval/*/result.json' --out=ROOT/eval/compare
+
+Every guidance scale is evaluated in its own directory, ROOT/eval/<metric>_g<scale>/, whose
+result.json records the settings beside the number; FID runs resume from the sample shards
+already written (`diffusion_jax.eval.protocol`). `--random_inception_seed=S` stands in for the
+weights file in smoke tests: random weights are written to ROOT/eval/ and the result says
+`inception_random: true` (such an FID is not comparable to anything).
+
+Shapes alignment uses captions held out from the first stage's training set when the
+template space leaves any (`alignment.heldout_captions`); otherwise it uses fresh random
+captions and records `heldout: false`. `--compare` writes a markdown table (.md) and the
+FID / alignment trade-off over guidance (.png) from result files.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'a stage=cascade config')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)')
+_WEIGHTS = flags.DEFINE_string('inception_weights', None,
+                               'FID Inception .safetensors (tools/convert_inception)')
+_RANDOM = flags.DEFINE_integer('random_inception_seed', -1,
+                               'smoke tests only: random Inception weights from this seed')
+_METRICS = flags.DEFINE_list('metrics', ['fid'], 'any of: fid, shapes')
+_GUIDANCE = flags.DEFINE_list('guidance', [], "guidance scales (default: the config's)")
+_N = flags.DEFINE_integer('num_samples', 30_000, 'FID: captions / samples')
+_CAPTION_SEED = flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
+_SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, 'seed of the samples')
+_SIZE = flags.DEFINE_integer('image_size', 256, 'generated and reference resolution')
+_SHARD = flags.DEFINE_integer('shard_size', 1000, 'FID: captions per saved shard')
+_BATCH = flags.DEFINE_integer('batch_size', 50, 'prompts per generate call')
+_REF = flags.DEFINE_integer('reference_images', None, 'FID: reference images (default all)')
+_TFDS = flags.DEFINE_string('tfds_data_dir', None, 'TFDS data dir holding coco_captions')
+_CLIP = flags.DEFINE_string('clip_path', None, 'transformers CLIP directory: adds CLIP score')
+_SHAPES_N = flags.DEFINE_integer('shapes_samples', 500, 'Shapes: captions to score')
+_SHAPES_SEED = flags.DEFINE_integer('shapes_train_seed', 0, "Shapes: the training set's seed")
+_SHAPES_EX = flags.DEFINE_integer('shapes_train_examples', 100_000,
+                                  "Shapes: the training set's number of examples")
+_COMPARE = flags.DEFINE_list('compare', [], 'result.json files or globs to compare')
+_OUT = flags.DEFINE_string('out', None, 'compare: output path prefix (.md, .png)')
+
+
+def sampling_info(config, guidance: float) -> dict[str, Any]:
+  """What produced the samples, for the result JSON."""
+  order = list(config.order)
+  return {'guidance': float(guidance),
+          'sampler': '/'.join(str(config.stages[s].sampler) for s in order),
+          'steps': {s: int(config.stages[s].num_steps) for s in order},
+          'cascade': f'{config.family}:{config.size}', 'order': order}
+
+
+def compare(patterns: Sequence[str], out: str) -> list[dict]:
+  from diffusion_jax.eval import protocol  # noqa: PLC0415
+  files = sorted({f for pat in patterns for f in glob.glob(pat)})
+  if not files:
+    raise FileNotFoundError(f'--compare: no result files match {list(patterns)}')
+  results = []
+  for f in files:
+    with open(f) as fh:
+      r = json.load(fh)
+    r.setdefault('name', os.path.basename(os.path.dirname(os.path.abspath(f))))
+    results.append(r)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + '.md', 'w') as fh:
+    fh.write(protocol.compare_table(results))
+  protocol.plot_tradeoff(results, out + '.png')
+  return results
+
+
+def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
+             guidance: Sequence[float] = (), inception_weights: str | None = None,
+             random_inception_seed: int = -1, protocol_config=None, clip_path: str | None = None,
+             shapes_samples: int = 500, shapes_train_seed: int = 0,
+             shapes_train_examples: int = 100_000, sample_seed: int = 0, batch_size: int = 50,
+             caption_seed: int = 0) -> dict[str, dict]:
+  """Runs the metrics for each guidance scale; returns {directory name: result}."""
+  import jax  # noqa: PLC0415
+  from diffusion_jax import encoders, pipelines  # noqa: PLC0415
+  from diffusion_jax.eval import alignment, protocol  # noqa: PLC0415
+  from diffusion_jax.models import inception  # noqa: PLC0415
+  unknown = set(metrics) - {'fid', 'shapes'}
+  if unknown:
+    raise ValueError(f'unknown metrics {sorted(unknown)}; choose from fid, shapes')
+  pipe = pipelines.load(config, workdir)
+  first = config.order[0]
+  scales = [float(g) for g in guidance] or [float(config.stages[first].guidance_scale)]
+  eval_root = os.path.join(workdir, 'eval')
+  os.makedirs(eval_root, exist_ok=True)
+  weights, random_weights = inception_weights, False
+  if 'fid' in metrics and not weights:
+    if random_inception_seed < 0:
+      raise ValueError('FID needs --inception_weights (pytorch-fid weights converted with '
+                       'diffusion_jax.tools.convert_inception), or --random_inception_seed '
+                       'for a smoke test')
+    weights = os.path.join(eval_root, f'inception_random_seed{random_inception_seed}.safetensors')
+    if not os.path.isfile(weights):
+      inception.save(weights, inception.random_params(random_inception_seed))
+    random_weights = True
+  clip = (encoders.build_encoder(encoders.encoder_config('clip', path=clip_path))
+          if clip_path else None)
+  results: dict[str, dict] = {}
+  for g in scales:
+    generate = lambda prompts, rng, g=g: pipe.generate(prompts, rng, guidance_scale=g)
+    sampling = sampling_info(config, g)
+    if 'fid' in metrics:
+      name = f'fid_g{g:g}'
+      result = protocol.run(generate, workdir=os.path.join(eval_root, name),
+                            inception_path=weights, config=protocol_config, sampling=sampling,
+                            clip_encoder=clip, log=logging.info)
+      result['inception_random'] = random_weights
+      _write(os.path.join(eval_root, name, 'result.json'), result)
+      results[name] = result
+    if 'shapes' in metrics:
+      name = f'shapes_g{g:g}'
+      try:
+        captions = alignment.heldout_captions(shapes_samples, seed=caption_seed,
+                                              train_seed=shapes_train_seed,
+                                              train_examples=shapes_train_examples)
+        heldout = True
+      except ValueError as e:
+        logging.warning('Shapes alignment on captions that training may have seen: %s', e)
+        import numpy as np  # noqa: PLC0415
+        from diffusion_jax.data import shapes  # noqa: PLC0415
+        rng = np.random.default_rng([caption_seed, 1])
+        captions = [shapes.random_caption(rng) for _ in range(shapes_samples)]
+        heldout = False
+      rates = alignment.evaluate(generate, captions, jax.random.PRNGKey(sample_seed),
+                                 batch_size=batch_size)
+      result = {**sampling, 'metric': 'shapes_alignment', 'heldout': heldout,
+                'caption_seed': caption_seed, 'sample_seed': sample_seed,
+                'num_samples': rates['n'],
+                **{f'alignment_{k}': v for k, v in rates.items() if k != 'n'}}
+      _write(os.path.join(eval_root, name, 'result.json'), result)
+      results[name] = result
+  return results
+
+
+def _write(path: str, result: dict) -> None:
+  import jax  # noqa: PLC0415
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if _COMPARE.value:
+    out = _OUT.value or 'compare'
+    results = compare(_COMPARE.value, out)
+    print(f'wrote {out}.md and {out}.png ({len(results)} results)')
+    return
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError('--config and --workdir are required (or --compare)')
+  from diffusion_jax.eval import protocol  # noqa: PLC0415
+  cfg = protocol.ProtocolConfig(num_samples=_N.value, caption_seed=_CAPTION_SEED.value,
+                                sample_seed=_SAMPLE_SEED.value, image_size=_SIZE.value,
+                                shard_size=_SHARD.value, batch_size=_BATCH.value,
+                                reference_images=_REF.value, data_dir=_TFDS.value)
+  results = evaluate(_CONFIG.value, _WORKDIR.value, metrics=_METRICS.value,
+                     guidance=[float(g) for g in _GUIDANCE.value],
+                     inception_weights=_WEIGHTS.value, random_inception_seed=_RANDOM.value,
+                     protocol_config=cfg, clip_path=_CLIP.value,
+                     shapes_samples=_SHAPES_N.value, shapes_train_seed=_SHAPES_SEED.value,
+                     shapes_train_examples=_SHAPES_EX.value, sample_seed=_SAMPLE_SEED.value,
+                     batch_size=_BATCH.value, caption_seed=_CAPTION_SEED.value)
+  for name, r in results.items():
+    print(json.dumps({'run': name, **{k: r[k] for k in ('fid', 'alignment_all', 'clip_score')
+                                      if k in r}}))
+
+
+if __name__ == '__main__':
+  app.run(main)
