@@ -123,8 +123,6 @@ def test_bad_arguments_are_refused(fam):
     mod.get_config(f'stage={mod.MODEL_STAGES[0]},size=huge')
   with pytest.raises(ValueError, match='unknown config arg'):
     mod.get_config('stgae=base64')
-  with pytest.raises(ValueError, match='cascade'):
-    mod.get_config('stage=cascade')
 
 
 @pytest.mark.parametrize('fam', FAMILIES)
