@@ -9,8 +9,8 @@ EMA parameters by default, and sampled with its cascade-config settings; see
 """
 from __future__ import annotations
 
-from diffusion_jax.pipelines.common import (MissingCheckpointError, UnknownStageError, slerp,
-                                            to_uint8)
+# Light on purpose: configs import `pipelines.cascade_config`, which runs this file first.
+from diffusion_jax.pipelines.cascade_config import MissingCheckpointError, UnknownStageError
 
 
 def load(config, workdir: str):
@@ -28,6 +28,13 @@ def load(config, workdir: str):
   else:
     raise ValueError(f'unknown family {family!r}; choose imagen, glide or unclip')
   return cls(config, workdir)
+
+
+def __getattr__(name):
+  if name in ('slerp', 'to_uint8'):
+    from diffusion_jax.pipelines import common
+    return getattr(common, name)
+  raise AttributeError(name)
 
 
 __all__ = ['load', 'MissingCheckpointError', 'UnknownStageError', 'slerp', 'to_uint8']

@@ -15,6 +15,14 @@ from __future__ import annotations
 
 import ml_collections
 
+class MissingCheckpointError(FileNotFoundError):
+  """A stage of the cascade has no checkpoint under ROOT."""
+
+
+class UnknownStageError(ValueError):
+  """A stage name that the cascade config does not define."""
+
+
 SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold', 'percentile',
             'aug_level', 'best_of')
 

@@ -30,12 +30,8 @@ from diffusion_jax.train import loop, step as step_lib
 from diffusion_jax.pipelines import cascade_config
 
 
-class MissingCheckpointError(FileNotFoundError):
-  """A stage of the cascade has no checkpoint under ROOT."""
-
-
-class UnknownStageError(ValueError):
-  """A stage name that the cascade config does not define."""
+MissingCheckpointError = cascade_config.MissingCheckpointError
+UnknownStageError = cascade_config.UnknownStageError
 
 
 def _get(cfg, key, default=None):
@@ -295,6 +291,15 @@ class Stage:
       return model.apply({'params': params}, x_t, t_B, cond, train=False)
     return denoise
 
+  def guided_denoise_fn(self, params, scale, use_cfg: bool = True):
+    """The denoiser the sampler sees: classifier-free guidance over every drop flag the
+    network has, cond and uncond rows in one batched forward pass."""
+    denoise = self.denoise_fn(params, False)
+    if not use_cfg:
+      return denoise
+    return guidance.classifier_free(denoise, scale, learned_variance=self.learned_variance,
+                                    uncond_flags=self.uncond_flags())
+
   def _reporting(self, fn, report: bool):
     if not report:
       return fn
@@ -310,10 +315,7 @@ class Stage:
 
   def _sample_program(self, params, cond, x_T, rng, scale, eta, extra_args, *, sampler,
                       num_steps, threshold, percentile, use_cfg, report, extra):
-    denoise = self.denoise_fn(params, report)
-    if use_cfg:
-      denoise = guidance.classifier_free(denoise, scale, learned_variance=self.learned_variance,
-                                         uncond_flags=self.uncond_flags())
+    denoise = self.guided_denoise_fn(params, scale, use_cfg)
     grad_fn = None
     if extra is not None:
       denoise, grad_fn = extra(self, denoise, extra_args)

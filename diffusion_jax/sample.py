@@ -1,0 +1,234 @@
+"""Sample a trained cascade:
+
+  python -m diffusion_jax.sample --config=configs/imagen.py:stage=cascade,size=tiny \
+      --workdir=ROOT --prompt="a red circle" --num_images=4 --seed=0 --out=DIR
+
+Writes DIR/<index>.png, DIR/grid.png and DIR/captions.json, with progress over stages and
+steps (reported from inside the jitted loops) and per-stage timing on stderr. Prompts come
+from --prompt (repeatable) and/or --prompts_file (one per line); each is sampled
+--num_images times. Applications:
+
+  --mode=inpaint --image=IMG --mask=MASK (GLIDE; white = keep)
+  --mode=variations --image=IMG [--eta=1.0]           (unCLIP)
+  --mode=interpolate --image=A --image_b=B --num=5    (unCLIP)
+  --mode=text_diff --image=IMG --prompt=OLD --new_prompt=NEW --weights=0,0.25,0.5 (unCLIP)
+
+Per-stage sampler settings: `--config.stages.base64.num_steps=32` and so on. Errors (a
+missing checkpoint, an unknown stage, an empty prompt file) are one line on stderr and exit
+status 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'cascade config: FILE:stage=cascade,...')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'ROOT holding one directory per stage')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'a prompt (repeatable)')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'a text file, one prompt per line')
+_NUM = flags.DEFINE_integer('num_images', 1, 'images per prompt')
+_SEED = flags.DEFINE_integer('seed', 0, 'random seed')
+_OUT = flags.DEFINE_string('out', 'samples', 'output directory')
+_STAGES = flags.DEFINE_list('stages', None, 'run only these stages of the chain, in order '
+                            '(default: the config\'s order)')
+_MODE = flags.DEFINE_enum('mode', 'generate', ['generate', 'inpaint', 'variations',
+                                               'interpolate', 'text_diff'], 'what to do')
+_IMAGE = flags.DEFINE_string('image', None, 'input image (inpaint, variations, text_diff, '
+                             'interpolate)')
+_IMAGE_B = flags.DEFINE_string('image_b', None, 'second image (interpolate)')
+_MASK = flags.DEFINE_string('mask', None, 'inpainting mask image: white = keep, black = fill')
+_ETA = flags.DEFINE_float('eta', 1.0, 'DDIM eta of variations')
+_NUM_INTERP = flags.DEFINE_integer('num', 5, 'interpolation frames')
+_NEW_PROMPT = flags.DEFINE_string('new_prompt', None, 'text_diff target caption')
+_WEIGHTS = flags.DEFINE_list('weights', ['0', '0.25', '0.5', '0.75'], 'text_diff slerp weights')
+_CLIP_GUIDANCE = flags.DEFINE_float('clip_guidance_scale', 0.0,
+                                    'GLIDE: CLIP guidance with the noised CLIP instead of CFG')
+_QUIET = flags.DEFINE_bool('quiet', False, 'no progress bar')
+
+
+class CLIError(Exception):
+  """Reported as one line, exit status 1."""
+
+
+def read_prompts(prompts, prompts_file) -> list[str]:
+  out = [p for p in prompts]
+  if prompts_file:
+    if not os.path.isfile(prompts_file):
+      raise CLIError(f'--prompts_file={prompts_file}: no such file')
+    with open(prompts_file) as f:
+      lines = [line.strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines:
+      raise CLIError(f'--prompts_file={prompts_file} is empty: write one prompt per line')
+    out.extend(lines)
+  return out
+
+
+class ProgressBar:
+  """One line per stage on stderr, redrawn as the jitted loop reports its steps."""
+
+  def __init__(self, stream=sys.stderr, enabled: bool = True):
+    self.stream, self.enabled = stream, enabled
+    self.current = None
+    self.start = 0.0
+
+  def __call__(self, stage: str, step: int, total: int):
+    if not self.enabled:
+      return
+    if stage != self.current:
+      if self.current is not None:
+        self.stream.write('\n')
+      self.current, self.start = stage, time.perf_counter()
+    width = 30
+    filled = int(width * step / max(total, 1))
+    elapsed = time.perf_counter() - self.start
+    self.stream.write(f'\r{stage:>22s} [{"#" * filled}{"." * (width - filled)}] '
+                      f'{step}/{total} {elapsed:6.1f}s')
+    self.stream.flush()
+
+  def close(self):
+    if self.enabled and self.current is not None:
+      self.stream.write('\n')
+      self.stream.flush()
+    self.current = None
+
+
+def _load_image(path):
+  import numpy as np
+  from PIL import Image
+  if not path or not os.path.isfile(path):
+    raise CLIError(f'image {path!r}: no such file')
+  return np.asarray(Image.open(path).convert('RGB'))
+
+
+def write_outputs(out_dir: str, images, captions, meta) -> None:
+  import numpy as np
+  from PIL import Image
+  from diffusion_jax.train.sampling import make_grid
+  os.makedirs(out_dir, exist_ok=True)
+  names = []
+  for i, image in enumerate(np.asarray(images)):
+    name = f'{i:05d}.png'
+    Image.fromarray(image).save(os.path.join(out_dir, name))
+    names.append(name)
+  Image.fromarray(make_grid(np.asarray(images))).save(os.path.join(out_dir, 'grid.png'))
+  with open(os.path.join(out_dir, 'captions.json'), 'w') as f:
+    json.dump({'images': [{'file': n, 'caption': c} for n, c in zip(names, captions)],
+               **meta}, f, indent=1)
+
+
+def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: int = 0,
+        out: str = 'samples', stages=None, mode: str = 'generate', progress: bool = True):
+  import jax
+  import numpy as np
+  from diffusion_jax import pipelines
+  if config is None:
+    raise CLIError('--config is required, e.g. --config=configs/imagen.py:stage=cascade,size=tiny')
+  if not workdir:
+    raise CLIError('--workdir is required: the ROOT that holds one directory per stage')
+  if config.get('stage') != 'cascade':
+    raise CLIError(f'--config must be a cascade (stage=cascade), got stage={config.get("stage")!r}')
+  if stages:
+    for name in stages:
+      if name not in config.stages:
+        raise CLIError(f'unknown stage {name!r}; the {config.family} cascade has '
+                       f'{", ".join(config.stages.keys())}')
+    config.order = tuple(stages)
+  if mode == 'generate' and not prompts:
+    raise CLIError('no prompts: pass --prompt="..." or --prompts_file=FILE')
+  try:
+    pipe = pipelines.load(config, workdir)
+  except pipelines.MissingCheckpointError as e:
+    raise CLIError(str(e)) from None
+  bar = ProgressBar(enabled=progress)
+  pipe.progress.listener = bar
+  rng = jax.random.PRNGKey(seed)
+  captions = []
+  start = time.perf_counter()
+  try:
+    if mode == 'generate':
+      rows = [p for p in prompts for _ in range(num_images)]
+      extra = {}
+      if _CLIP_GUIDANCE.present and _CLIP_GUIDANCE.value > 0:
+        extra['clip_guidance_scale'] = _CLIP_GUIDANCE.value
+      images = pipe.generate(rows, rng, **extra)
+      captions = rows
+    elif mode == 'inpaint':
+      if not hasattr(pipe, 'inpaint'):
+        raise CLIError(f'--mode=inpaint needs the GLIDE cascade, not {config.family}')
+      image, mask = _load_image(_IMAGE.value), _load_image(_MASK.value)
+      mask = (mask.mean(-1) > 127).astype(np.float32)
+      prompt = prompts[0] if prompts else ''
+      images = pipe.inpaint(np.repeat(image[None], num_images, 0), mask, prompt, rng)
+      captions = [prompt] * num_images
+    elif mode == 'variations':
+      _need(pipe, 'variations')
+      image = _load_image(_IMAGE.value)
+      images = pipe.variations(np.repeat(image[None], num_images, 0), rng, _ETA.value)
+      captions = [f'variation {i} (eta={_ETA.value})' for i in range(num_images)]
+    elif mode == 'interpolate':
+      _need(pipe, 'interpolate')
+      images = pipe.interpolate(_load_image(_IMAGE.value), _load_image(_IMAGE_B.value),
+                                _NUM_INTERP.value, rng)
+      captions = [f'interpolation {i}/{_NUM_INTERP.value - 1}' for i in range(_NUM_INTERP.value)]
+    else:
+      _need(pipe, 'text_diff')
+      if not prompts or not _NEW_PROMPT.value:
+        raise CLIError('--mode=text_diff needs --prompt (the caption) and --new_prompt')
+      weights = [float(w) for w in _WEIGHTS.value]
+      images = pipe.text_diff(_load_image(_IMAGE.value), prompts[0], _NEW_PROMPT.value,
+                              weights, rng)
+      captions = [f'{prompts[0]} -> {_NEW_PROMPT.value} ({w})' for w in weights]
+  except pipelines.MissingCheckpointError as e:
+    raise CLIError(str(e)) from None
+  except pipelines.UnknownStageError as e:
+    raise CLIError(str(e)) from None
+  finally:
+    bar.close()
+  total = time.perf_counter() - start
+  timings = {k: round(v, 3) for k, v in pipe.timings.items()}
+  for name, seconds in timings.items():
+    print(f'stage {name}: {seconds:.2f}s', file=sys.stderr)
+  print(f'total: {total:.2f}s for {len(images)} images', file=sys.stderr)
+  write_outputs(out, images, captions, {'seed': seed, 'mode': mode, 'family': config.family,
+                                        'stage_seconds': timings, 'workdir': workdir})
+  print(f'wrote {len(images)} images, grid.png and captions.json to {out}')
+  return images
+
+
+def _need(pipe, method: str):
+  if not hasattr(pipe, method):
+    raise CLIError(f'--mode={method} needs the unCLIP cascade')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+    run(_CONFIG.value, _WORKDIR.value, prompts, num_images=_NUM.value, seed=_SEED.value,
+        out=_OUT.value, stages=_STAGES.value, mode=_MODE.value, progress=not _QUIET.value)
+  except CLIError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad --config (e.g. an unknown stage) as one line and status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if 'Error: ' in line), lines[-1] if lines
+                  else repr(e))
+    print(f'error: {reason.split("Error: ", 1)[-1]}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
