@@ -27,30 +27,6 @@ from typing import Any, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'a stage=cascade config')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)')
-_WEIGHTS = flags.DEFINE_string('inception_weights', None,
-                               'FID Inception .safetensors (tools/convert_inception)')
-_RANDOM = flags.DEFINE_integer('random_inception_seed', -1,
-                               'smoke tests only: random Inception weights from this seed')
-_METRICS = flags.DEFINE_list('metrics', ['fid'], 'any of: fid, shapes')
-_GUIDANCE = flags.DEFINE_list('guidance', [], "guidance scales (default: the config's)")
-_N = flags.DEFINE_integer('num_samples', 30_000, 'FID: captions / samples')
-_CAPTION_SEED = flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
-_SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, 'seed of the samples')
-_SIZE = flags.DEFINE_integer('image_size', 256, 'generated and reference resolution')
-_SHARD = flags.DEFINE_integer('shard_size', 1000, 'FID: captions per saved shard')
-_BATCH = flags.DEFINE_integer('batch_size', 50, 'prompts per generate call')
-_REF = flags.DEFINE_integer('reference_images', None, 'FID: reference images (default all)')
-_TFDS = flags.DEFINE_string('tfds_data_dir', None, 'TFDS data dir holding coco_captions')
-_CLIP = flags.DEFINE_string('clip_path', None, 'transformers CLIP directory: adds CLIP score')
-_SHAPES_N = flags.DEFINE_integer('shapes_samples', 500, 'Shapes: captions to score')
-_SHAPES_SEED = flags.DEFINE_integer('shapes_train_seed', 0, "Shapes: the training set's seed")
-_SHAPES_EX = flags.DEFINE_integer('shapes_train_examples', 100_000,
-                                  "Shapes: the training set's number of examples")
-_COMPARE = flags.DEFINE_list('compare', [], 'result.json files or globs to compare')
-_OUT = flags.DEFINE_string('out', None, 'compare: output path prefix (.md, .png)')
-
 
 def sampling_info(config, guidance: float) -> dict[str, Any]:
   """What produced the samples, for the result JSON."""
@@ -158,31 +134,62 @@ def _write(path: str, result: dict) -> None:
 
 
 def main(argv):
+  F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if _COMPARE.value:
-    out = _OUT.value or 'compare'
-    results = compare(_COMPARE.value, out)
+  if F.compare:
+    out = F.out or 'compare'
+    results = compare(F.compare, out)
     print(f'wrote {out}.md and {out}.png ({len(results)} results)')
     return
-  if _CONFIG.value is None or not _WORKDIR.value:
+  if F.config is None or not F.workdir:
     raise app.UsageError('--config and --workdir are required (or --compare)')
   from diffusion_jax.eval import protocol  # noqa: PLC0415
-  cfg = protocol.ProtocolConfig(num_samples=_N.value, caption_seed=_CAPTION_SEED.value,
-                                sample_seed=_SAMPLE_SEED.value, image_size=_SIZE.value,
-                                shard_size=_SHARD.value, batch_size=_BATCH.value,
-                                reference_images=_REF.value, data_dir=_TFDS.value)
-  results = evaluate(_CONFIG.value, _WORKDIR.value, metrics=_METRICS.value,
-                     guidance=[float(g) for g in _GUIDANCE.value],
-                     inception_weights=_WEIGHTS.value, random_inception_seed=_RANDOM.value,
-                     protocol_config=cfg, clip_path=_CLIP.value,
-                     shapes_samples=_SHAPES_N.value, shapes_train_seed=_SHAPES_SEED.value,
-                     shapes_train_examples=_SHAPES_EX.value, sample_seed=_SAMPLE_SEED.value,
-                     batch_size=_BATCH.value, caption_seed=_CAPTION_SEED.value)
+  cfg = protocol.ProtocolConfig(num_samples=F.num_samples, caption_seed=F.caption_seed,
+                                sample_seed=F.sample_seed, image_size=F.image_size,
+                                shard_size=F.shard_size, batch_size=F.batch_size,
+                                reference_images=F.reference_images, data_dir=F.tfds_data_dir)
+  results = evaluate(F.config, F.workdir, metrics=F.metrics,
+                     guidance=[float(g) for g in F.guidance],
+                     inception_weights=F.inception_weights,
+                     random_inception_seed=F.random_inception_seed,
+                     protocol_config=cfg, clip_path=F.clip_path,
+                     shapes_samples=F.shapes_samples, shapes_train_seed=F.shapes_train_seed,
+                     shapes_train_examples=F.shapes_train_examples, sample_seed=F.sample_seed,
+                     batch_size=F.batch_size, caption_seed=F.caption_seed)
   for name, r in results.items():
     print(json.dumps({'run': name, **{k: r[k] for k in ('fid', 'alignment_all', 'clip_score')
                                       if k in r}}))
 
 
+def define_flags() -> None:
+  """Flags exist only when run as a program (importing `evaluate` for its functions defines
+  none, so it coexists with the other CLIs in one process)."""
+  config_flags.DEFINE_config_file('config', None, 'a stage=cascade config')
+  flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)')
+  flags.DEFINE_string('inception_weights', None,
+                       'FID Inception .safetensors (tools/convert_inception)')
+  flags.DEFINE_integer('random_inception_seed', -1,
+                       'smoke tests only: random Inception weights from this seed')
+  flags.DEFINE_list('metrics', ['fid'], 'any of: fid, shapes')
+  flags.DEFINE_list('guidance', [], "guidance scales (default: the config's)")
+  flags.DEFINE_integer('num_samples', 30_000, 'FID: captions / samples')
+  flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
+  flags.DEFINE_integer('sample_seed', 0, 'seed of the samples')
+  flags.DEFINE_integer('image_size', 256, 'generated and reference resolution')
+  flags.DEFINE_integer('shard_size', 1000, 'FID: captions per saved shard')
+  flags.DEFINE_integer('batch_size', 50, 'prompts per generate call')
+  flags.DEFINE_integer('reference_images', None, 'FID: reference images (default all)')
+  flags.DEFINE_string('tfds_data_dir', None, 'TFDS data dir holding coco_captions')
+  flags.DEFINE_string('clip_path', None, 'transformers CLIP directory: adds CLIP score')
+  flags.DEFINE_integer('shapes_samples', 500, 'Shapes: captions to score')
+  flags.DEFINE_integer('shapes_train_seed', 0, "Shapes: the training set's seed")
+  flags.DEFINE_integer('shapes_train_examples', 100_000,
+                       "Shapes: the training set's number of examples")
+  flags.DEFINE_list('compare', [], 'result.json files or globs to compare')
+  flags.DEFINE_string('out', None, 'compare: output path prefix (.md, .png)')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

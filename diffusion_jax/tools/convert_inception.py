@@ -24,9 +24,6 @@ import sys
 
 from absl import app, flags
 
-_SRC = flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth",
-                           required=True)
-_OUT = flags.DEFINE_string('out', None, 'output .safetensors file', required=True)
 
 
 def _sha256(path: str) -> str:
@@ -66,10 +63,17 @@ def convert(src: str, out: str) -> str:
 
 def main(argv):
   del argv
-  digest = convert(_SRC.value, _OUT.value)
-  print(f'wrote {_OUT.value}')
+  digest = convert(flags.FLAGS.src, flags.FLAGS.out)
+  print(f'wrote {flags.FLAGS.out}')
   print(f'sha256 {digest}')
 
 
+def define_flags() -> None:
+  """Flags exist only when run as a program, so importing `convert` defines none."""
+  flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth", required=True)
+  flags.DEFINE_string('out', None, 'output .safetensors file', required=True)
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
