@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import os
 import threading
 import time
@@ -21,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import checkpoint as ckpt_lib
 from diffusion_jax import models, parallel
@@ -195,8 +193,9 @@ class Stage:
     if key is not None and key not in encoders:
       encoders[key] = loop.build_encoder(config, self.mesh, self.rules)
     self.encoder = encoders.get(key)
+    # The tokenizer the stage was trained with (ROOT/<stage>/tokenizer when built offline).
     self.tokenizer = None
-    if os.path.isdir(os.path.join(self.dir, 'tokenizer')) or self.encoder is not None:
+    if _reads_text(config):
       self.tokenizer = loop.build_tokenizer(config, self.encoder, self.dir)
     abstract = _abstract_state(config, self.model, self.mesh, self.rules)
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None)
@@ -372,6 +371,13 @@ class Stage:
                    out_shardings=sharding)(rng)
 
 
+def _reads_text(config) -> bool:
+  if _get(config, 'objective', 'diffusion') != 'diffusion':
+    return True  # the noised CLIP's text tower
+  _, _, cond = _example_x(config.model)
+  return bool({'text_ids', 'text_tokens', 'text_embed'} & set(cond))
+
+
 def _example_x(model_cfg):
   from diffusion_jax import models
   return models.example_inputs(model_cfg, 1)
@@ -503,7 +509,3 @@ def uint8_result(x, collect, return_stages: bool):
   if not return_stages:
     return images
   return images, {k: to_uint8(jax.device_get(v)) for k, v in collect.items()}
-
-
-def sqrt_dim(d: int) -> float:
-  return math.sqrt(d)

@@ -172,13 +172,17 @@ class UnCLIPPipeline(common.Cascade):
     inverted latent, held fixed (DDIM, eta 0)."""
     self.check_overrides(overrides)
     embed, x_T = self.invert(_batch1(image), **overrides)
+    embeds = self.text_diff_embeddings(embed[0], caption, new_caption, etas)
+    latents = jnp.broadcast_to(x_T[0], (len(embeds),) + x_T.shape[1:])
+    return self.decode(embeds, latents, rng, eta=0.0, return_stages=return_stages, **overrides)
+
+  def text_diff_embeddings(self, image_embed_D, caption: str, new_caption: str, etas):
+    """[len(etas), D]: slerp(image_embed, z_d, w) for each weight w in `etas`."""
     z_d = self.text_direction(caption, new_caption)
     etas = jnp.asarray(list(etas), jnp.float32)
     num = etas.shape[0]
-    embeds = common.slerp(jnp.broadcast_to(embed[0], (num,) + embed.shape[1:]),
-                          jnp.broadcast_to(z_d, (num,) + z_d.shape), etas)
-    latents = jnp.broadcast_to(x_T[0], (num,) + x_T.shape[1:])
-    return self.decode(embeds, latents, rng, eta=0.0, return_stages=return_stages, **overrides)
+    return common.slerp(jnp.broadcast_to(image_embed_D, (num,) + image_embed_D.shape),
+                        jnp.broadcast_to(z_d, (num,) + z_d.shape), etas)
 
   def text_embed(self, captions):
     """CLIP text embeddings (l2-scaled) through the prior's frozen CLIP."""

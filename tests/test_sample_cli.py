@@ -1,0 +1,83 @@
+"""The sample CLI on a tiny trained Imagen cascade: images, grid, captions, progress and
+timing; one-line errors for a missing checkpoint, an unknown stage and an empty prompt file."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline_fixtures as pf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = '--config=configs/imagen.py:stage=cascade,size=tiny'
+FAST = ['--config.stages.base64.num_steps=4', '--config.stages.sr256.num_steps=4']
+
+
+def _run(*args, timeout=300):
+  proc = subprocess.run([sys.executable, '-m', 'diffusion_jax.sample', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+@pytest.fixture(scope='module')
+def root():
+  return pf.trained_root('imagen', ('base64', 'sr256'))
+
+
+def test_writes_images_grid_and_captions(root, tmp_path):
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a blue square\n\n')
+  out = tmp_path / 'out'
+  rc, stdout, stderr = _run(CONFIG, f'--workdir={root}', '--prompt=a red circle',
+                            f'--prompts_file={prompts}', '--num_images=2', '--seed=3',
+                            f'--out={out}', *FAST)
+  assert rc == 0, stderr[-3000:]
+  files = sorted(f for f in os.listdir(out) if f[0].isdigit())
+  assert len(files) == 4, f'2 prompts x 2 images, got {files}'
+  first = np.asarray(Image.open(out / files[0]))
+  assert first.shape == (32, 32, 3), f'final stage is 32 px at tiny size, got {first.shape}'
+  grid = np.asarray(Image.open(out / 'grid.png'))
+  assert grid.shape == (2 * 34 + 2, 2 * 34 + 2, 3), f'2x2 grid of 32 px, got {grid.shape}'
+  np.testing.assert_array_equal(grid[2:34, 2:34], first, 'grid does not hold the images')
+  caps = json.load(open(out / 'captions.json'))
+  assert [c['caption'] for c in caps['images']] == ['a red circle'] * 2 + ['a blue square'] * 2
+  assert set(caps['stage_seconds']) == {'base64', 'sr256'}
+  # Progress comes from inside the jitted loops: every stage reaches its last step.
+  assert 'base64' in stderr and '4/4' in stderr, f'no progress bar in stderr: {stderr[-2000:]}'
+  assert 'stage sr256:' in stderr, 'no per-stage timing'
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+  rc, _, stderr = _run(CONFIG, f'--workdir={tmp_path}', '--prompt=a red circle')
+  errors = _error_lines(stderr)
+  assert rc == 1 and len(errors) == 1, stderr[-2000:]
+  assert str(tmp_path / 'base64' / 'checkpoints') in errors[0]
+  assert 'python -m diffusion_jax.train --config=configs/imagen.py:stage=base64' in errors[0]
+  assert 'Traceback' not in stderr
+
+
+def test_unknown_stage_is_one_line(tmp_path):
+  rc, _, stderr = _run('--config=configs/imagen.py:stage=sr512,size=tiny',
+                       f'--workdir={tmp_path}', '--prompt=x')
+  assert rc == 1 and 'Traceback' not in stderr, stderr[-2000:]
+  assert _error_lines(stderr) == [
+      "error: stage='sr512' is not one of base64, sr256, sr1024, cascade"], stderr[-2000:]
+  rc, _, stderr = _run(CONFIG, f'--workdir={tmp_path}', '--prompt=x', '--stages=base64,sr512')
+  assert rc == 1 and len(_error_lines(stderr)) == 1, stderr[-2000:]
+  assert "unknown stage 'sr512'" in stderr
+
+
+def test_empty_prompt_file_is_one_line(tmp_path):
+  empty = tmp_path / 'empty.txt'
+  empty.write_text('\n  \n')
+  rc, _, stderr = _run(CONFIG, f'--workdir={tmp_path}', f'--prompts_file={empty}')
+  assert rc == 1, stderr[-2000:]
+  assert _error_lines(stderr) == [f'error: --prompts_file={empty} is empty: write one prompt '
+                                  'per line'], stderr[-2000:]
