@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'cascade config: FILE:stage=cascade,...')
@@ -209,6 +209,8 @@ def _need(pipe, method: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # keep checkpoint-library chatter off the bar
   try:
     prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
     run(_CONFIG.value, _WORKDIR.value, prompts, num_images=_NUM.value, seed=_SEED.value,
