@@ -170,7 +170,7 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', n
     # The final step lands on t = 0: return the prediction itself, without noise.
     x_s = jnp.where(s <= 0.0, x0_hat, x_s)
     if progress_fn is not None:
-      jax.debug.callback(progress_fn, index, ordered=True)
+      jax.debug.callback(progress_fn, index)  # unordered: ordered effects need 1 device
     return (x_s, x0_hat, t), (x0_hat if return_x0_trajectory else None)
 
   keys = jax.random.split(rng, num_steps)
@@ -210,7 +210,7 @@ def ddim_invert(denoise_fn: Callable, x0, *, schedule, num_steps: int, spacing: 
     alpha_t, sigma_t = schedule.alpha_sigma(t_B)
     x_t = process.bcast(alpha_t, x_s) * x0_hat + process.bcast(sigma_t, x_s) * eps_hat
     if progress_fn is not None:
-      jax.debug.callback(progress_fn, index, ordered=True)
+      jax.debug.callback(progress_fn, index)  # unordered: ordered effects need 1 device
     return x_t, None
 
   inputs = (jnp.arange(num_steps), times[:-1], times[1:])
