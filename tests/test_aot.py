@@ -87,3 +87,19 @@ def test_tpu_topology_compiles_on_a_cpu_host():
   assert report['projected_step_s'] > 0 and report['assumed_mfu'] == 0.4
   for key in KEYS:
     assert key in report
+
+
+def test_compiler_hbm_refusal_becomes_a_report(num_devices, monkeypatch):
+  """libtpu stops a compile whose temporaries exceed HBM; the tool reports it as not fitting."""
+  import jax.stages
+
+  def refuse(self):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required '
+                       'for HLO temporaries (67.40G) exceeds available HBM (30.75G).')
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', refuse)
+  report = aot.compile_train_step(_tiny(), f'cpu:{num_devices}')
+  assert report['compiled'] is False and report['fits_hbm'] is False
+  assert report['temp_bytes_per_chip'] == int(67.40 * 1024**3)
+  assert report['argument_bytes_per_chip'] > 4 * 4 * report['params'] * 0.9  # replicated state
+  assert report['flops_per_step_xla'] < 0 and report['flops_per_step_analytic'] > 0
+  assert 'REFUSED' in aot.format_report(report)

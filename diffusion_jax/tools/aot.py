@@ -24,6 +24,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -146,6 +147,19 @@ def _abstract_batch(config, mesh):
           for k, (shape, dtype) in shapes.items()}
 
 
+_UNITS = {'': 1, 'K': 1024, 'M': 1024**2, 'G': 1024**3, 'T': 1024**4}
+# libtpu refuses to finish a compile whose temporaries exceed the chip's HBM.
+_HBM_REFUSAL = re.compile(r'HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM '
+                          r'\(([\d.]+)([KMGT]?)\)')
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  import numpy as np
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in __import__('jax').tree.leaves(tree)))
+
+
 def _first(cost):
   return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
@@ -180,21 +194,36 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
     lowered = step_fn.lower(state, batch, frozen)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    refused = None
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only libtpu's out-of-HBM refusal is a result
+      refused = _HBM_REFUSAL.search(str(e))
+      if refused is None:
+        raise
+      compiled = None
     compile_s = time.perf_counter() - t0
     analytic = flops_lib.count_flops(train_step, state, batch, frozen)
 
-  mem = compiled.memory_analysis()
-  arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
-  alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
-  code = int(mem.generated_code_size_in_bytes)
-  # Donated state: outputs that alias arguments take no extra memory.
-  hbm = arg + out - alias + temp + code
   n = len(devices)
   if hbm_bytes is None:
     hbm_bytes = chip.hbm_bytes if chip else (os.sysconf('SC_PAGE_SIZE') *
                                              os.sysconf('SC_PHYS_PAGES')) // n
-  xla_per_chip = float(_first(compiled.cost_analysis()).get('flops', -1.0))
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+    code = int(mem.generated_code_size_in_bytes)
+    xla_per_chip = float(_first(compiled.cost_analysis()).get('flops', -1.0))
+  else:
+    # The compiler stopped at its HBM check: temporaries from its message, arguments from
+    # the shardings; the (donated) outputs alias the state; XLA's FLOPs are unknown (-1).
+    arg = _shard_bytes((state, batch, frozen))
+    out = alias = _shard_bytes(state)
+    temp = int(float(refused.group(1)) * _UNITS[refused.group(2)])
+    code, xla_per_chip = 0, -1.0
+  # Donated state: outputs that alias arguments take no extra memory.
+  hbm = arg + out - alias + temp + code
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   report = {
       'family': config.family, 'stage': config.stage, 'size': config.size,
@@ -208,7 +237,11 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
       'flops_per_chip_xla': xla_per_chip, 'flops_per_step_xla': xla_per_chip * n,
       'flops_per_step_analytic': int(analytic),
       'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2),
+      'compiled': compiled is not None,
   }
+  if refused is not None:
+    report['compile_error'] = refused.group(0)
+    report['fits_hbm'] = False
   if chip is not None:
     report['assumed_mfu'] = mfu
     report['projected_step_s'] = analytic / (n * chip.peak_bf16_flops * mfu)
@@ -221,7 +254,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['family']} {r['stage']} ({r['size']}): {r['params'] / 1e6:.1f}M params, batch "
       f"{r['batch']}, {r['dtype']}, remat={r['remat']}",
       f"topology {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}",
-      f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
+      f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s" +
+      ('' if r.get('compiled', True) else f"  -- REFUSED by the compiler: {r['compile_error']}"),
       'per-chip memory (compiled.memory_analysis):',
       f"  arguments {g(r['argument_bytes_per_chip'])}",
       f"  outputs   {g(r['output_bytes_per_chip'])}  (aliased to donated arguments: "
