@@ -195,6 +195,11 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     refused = None
+    # Compile-only TPU executables cannot be loaded back from a persistent cache on this
+    # host: keep them out of a shared cache (jax would warn on every later read).
+    cache_was = jax.config.jax_enable_compilation_cache
+    if chip is not None:
+      jax.config.update('jax_enable_compilation_cache', False)
     try:
       compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only libtpu's out-of-HBM refusal is a result
@@ -202,6 +207,8 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
       if refused is None:
         raise
       compiled = None
+    finally:
+      jax.config.update('jax_enable_compilation_cache', cache_was)
     compile_s = time.perf_counter() - t0
     analytic = flops_lib.count_flops(train_step, state, batch, frozen)
 
