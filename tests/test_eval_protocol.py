@@ -235,3 +235,29 @@ def test_evaluate_binary_wires_pipelines_to_the_metrics(tmp_path, monkeypatch):
     table = f.read()
   assert 'fid_g4' in table and 'shapes_g1' in table
   assert Image.open(out + '.png').size == (640, 800)
+
+
+def test_evaluate_binary_on_a_real_tiny_cascade(mock_coco, tmp_path):
+  """The evaluate entry point end to end: tiny Imagen stages trained by the real trainer,
+  random Inception weights, TFDS mock COCO; every field of both result files filled."""
+  from diffusion_jax import evaluate
+  import pipeline_fixtures  # the same module (and trained roots) the pipeline tests use
+  root = pipeline_fixtures.trained_root('imagen', ('base64', 'sr256'))
+  config = pipeline_fixtures.cascade_config('imagen', num_steps=2)
+  cfg = protocol.ProtocolConfig(num_samples=4, caption_seed=1, sample_seed=2, image_size=32,
+                                shard_size=4, batch_size=4, feature_batch_size=8)
+  results = evaluate.evaluate(config, root, metrics=('fid', 'shapes'), random_inception_seed=0,
+                              protocol_config=cfg, shapes_samples=8, batch_size=8)
+  fid_result = results[next(k for k in results if k.startswith('fid_'))]
+  shapes_result = results[next(k for k in results if k.startswith('shapes_'))]
+  assert math.isfinite(fid_result['fid']) and fid_result['fid'] > 0
+  assert fid_result['num_samples'] == 4 and fid_result['inception_random'] is True
+  for key in ('guidance', 'sampler', 'steps', 'resize', 'inception_weights_sha256',
+              'reference_stats_sha256'):
+    assert fid_result.get(key) is not None, f'FID result field {key} missing'
+  assert shapes_result['num_samples'] == 8
+  for key in ('alignment_all', 'alignment_color', 'alignment_shape', 'alignment_count'):
+    assert 0.0 <= shapes_result[key] <= 1.0, f'{key} = {shapes_result.get(key)}'
+  with open(os.path.join(root, 'eval', next(k for k in results if k.startswith('fid_')),
+                         'result.json')) as f:
+    assert json.load(f)['fid'] == fid_result['fid']
