@@ -152,7 +152,11 @@ def load_stage_config(entry):
   """The stage's own config from `config_file` ('configs/imagen.py') and `config_arg`."""
   stem = os.path.splitext(os.path.basename(entry.config_file))[0]
   module = importlib.import_module(f'configs.{stem}')
-  return module.get_config(entry.config_arg)
+  config = module.get_config(entry.config_arg)
+  path = _get(entry, 'text_encoder_path')
+  if path and _get(config, 'text_encoder') is not None:
+    config.text_encoder.path = path
+  return config
 
 
 def train_command(entry, stage_dir: str) -> str:
