@@ -1,0 +1,437 @@
+r"""The embedded default: train a small text-to-image cascade on Shapes on a CPU, sample it
+for held-out captions and measure with the Shapes oracle what it learned.
+
+  python -m diffusion_jax.demo --workdir=/tmp/demo                   # Imagen: base 32 px + SR 64 px
+  python -m diffusion_jax.demo --workdir=/tmp/demo_glide --family=glide
+
+No download and no pretrained weight: Imagen's frozen T5 (`small` preset) is randomly
+initialised and frozen, so its token states are a fixed random embedding of the caption
+words; `--text_encoder_path=DIR` points it at a converted transformers T5 directory instead
+(its own tokenizer is used then). GLIDE trains its text transformer jointly.
+
+WORKDIR holds one directory per stage (the layout `diffusion_jax.sample` and `evaluate` read):
+
+  WORKDIR/<stage>/checkpoints/   orbax checkpoints; a killed run resumes from the last one
+  WORKDIR/samples/*.png          one cascade sample per held-out caption (guided)
+  WORKDIR/samples/captions.json  file name -> caption
+  WORKDIR/samples/grid.png       the samples with their captions
+  WORKDIR/alignment.json         oracle rates per caption kind, with and without guidance
+  WORKDIR/demo_cache/*.npz       sampled images per setting (re-running reuses them)
+
+Captions are scored by `diffusion_jax.data.shapes.score`: an object is right when its colour
+and shape are, `all` when every object (and the relation, if any) is. Multi-object captions
+(conjunctions, relations) are drawn from those the training set (`--train_examples` scenes)
+never shows; the 24 single-object captions (6 colours x 4 shapes) and the 48 counted ones are
+all in any training set of useful size, so for them only the layouts are new.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from diffusion_jax.data import shapes
+
+log = logging.getLogger(__name__)
+
+KINDS = ('single', 'count', 'conjunction', 'relation')
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the demo trains and how it samples (all of it goes into the cache keys)."""
+  family: str
+  stages: tuple[tuple[str, int], ...]   # (stage, train steps), in training order
+  order: tuple[str, ...]                # the cascade's sampling chain
+  size: str = 'shapes'                  # config size preset ('tiny' in tests)
+  train_examples: int = 5000
+  batch_size: int = 16
+  lr: float = 1e-3
+  per_kind: dict = dataclasses.field(default_factory=lambda: {
+      'single': 48, 'count': 24, 'conjunction': 24, 'relation': 48})
+  sampler: str = 'ddim'
+  sample_steps: int = 32
+  guidance_scale: float = 4.0
+  seed: int = 0
+  text_encoder_path: str | None = None
+
+
+# Steps per stage on a 2-core CPU (about 20 minutes for the whole Imagen demo).
+DEFAULT_STEPS = {
+    'imagen': (('base64', 2000), ('sr256', 600)),
+    'glide': (('base64', 2000), ('up256', 600)),
+}
+
+
+def default_plan(family: str = 'imagen', **overrides) -> Plan:
+  if family not in DEFAULT_STEPS:
+    raise ValueError(f'--family={family!r}: choose one of {", ".join(DEFAULT_STEPS)}')
+  stages = DEFAULT_STEPS[family]
+  plan = Plan(family=family, stages=stages, order=tuple(s for s, _ in stages))
+  return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# Captions ---------------------------------------------------------------------------------------
+
+def caption_kind(caption: str) -> str:
+  scene = shapes.parse(caption)
+  if scene.relation is not None:
+    return 'relation'
+  if len(scene.groups) > 1:
+    return 'conjunction'
+  return 'count' if scene.groups[0].count > 1 else 'single'
+
+
+def closed_captions(kind: str) -> list[str]:
+  """Every caption of a small kind: 'single' (6 colours x 4 shapes) or 'count' (x 2, 3)."""
+  counts = (1,) if kind == 'single' else (2, 3)
+  return [shapes.caption_of(shapes.Scene((shapes.Group(n, c, s),)))
+          for n in counts for c in shapes.COLORS for s in shapes.SHAPES]
+
+
+def eval_captions(per_kind: dict, *, train_seed: int, train_examples: int,
+                  seed: int = 1234) -> list[str]:
+  """The fixed evaluation captions, grouped by kind in KINDS order.
+
+  single, count: the 24 (48) captions of the kind, cycled; any training set of useful size
+  shows them all, so only their layouts are new. conjunction, relation: distinct captions
+  that no training example shows.
+  """
+  from diffusion_jax.eval import alignment
+  seen = alignment.training_captions(train_seed, train_examples)
+  out = []
+  for kind in ('single', 'count'):
+    every = closed_captions(kind)
+    order = np.random.default_rng([int(seed), KINDS.index(kind)]).permutation(len(every))
+    out += [every[order[i % len(every)]] for i in range(int(per_kind.get(kind, 0)))]
+  rng = np.random.default_rng([int(seed), 0xDE30])
+  for kind in ('conjunction', 'relation'):
+    want = int(per_kind.get(kind, 0))
+    picked: list[str] = []
+    for _ in range(200_000):
+      if len(picked) == want:
+        break
+      c = shapes.random_caption(rng)
+      if caption_kind(c) == kind and c not in seen and c not in picked:
+        picked.append(c)
+    if len(picked) < want:
+      raise ValueError(f'only {len(picked)} held-out {kind} captions for {train_examples} '
+                       'training examples: lower --train_examples')
+    out += picked
+  return out
+
+
+def rates_by_kind(images_NHWC, captions: Sequence[str]) -> dict[str, Any]:
+  """Oracle rates overall and per caption kind (each with the verdicts' counts)."""
+  from diffusion_jax.eval import alignment
+  verdicts = alignment.score_pairs(images_NHWC, captions)
+  out = {'overall': _no_nan(alignment.rates(verdicts))}
+  for kind in KINDS:
+    mine = [v for v, c in zip(verdicts, captions) if caption_kind(c) == kind]
+    if mine:
+      out[kind] = _no_nan(alignment.rates(mine))
+  return out
+
+
+def _no_nan(rates: dict) -> dict:
+  # A rate over no pairs (relation on single objects) is None: strict JSON has no NaN.
+  return {k: None if isinstance(v, float) and v != v else v for k, v in rates.items()}
+
+
+# Outputs ----------------------------------------------------------------------------------------
+
+def captioned_grid(images_NHWC, captions: Sequence[str], *, columns: int = 8,
+                   scale: int = 2) -> np.ndarray:
+  """uint8 grid: each image enlarged `scale` times (nearest) above its wrapped caption."""
+  from PIL import Image, ImageDraw, ImageFont
+  images = np.asarray(images_NHWC)
+  n, h, w, _ = images.shape
+  cw, ch = w * scale, h * scale
+  font = ImageFont.load_default()
+  line_h = 11
+  chars = max(8, cw // 6)
+  wrapped = [_wrap(c, chars) for c in captions]
+  text_h = line_h * max(len(lines) for lines in wrapped) + 4
+  columns = min(columns, n)
+  rows = -(-n // columns)
+  pad = 4
+  canvas = Image.new('RGB', (columns * (cw + pad) + pad, rows * (ch + text_h + pad) + pad),
+                     (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  for i, (image, lines) in enumerate(zip(images, wrapped)):
+    r, c = divmod(i, columns)
+    x, y = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
+    canvas.paste(Image.fromarray(image).resize((cw, ch), Image.NEAREST), (x, y))
+    draw.rectangle([x - 1, y - 1, x + cw, y + ch], outline=(200, 200, 200))
+    for k, line in enumerate(lines):
+      draw.text((x, y + ch + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
+  return np.asarray(canvas)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+  lines, line = [], ''
+  for word in text.split():
+    if line and len(line) + 1 + len(word) > width:
+      lines.append(line)
+      line = word
+    else:
+      line = f'{line} {word}'.strip()
+  return lines + [line] if line else lines
+
+
+def write_samples(out_dir: str, images_NHWC, captions: Sequence[str]) -> None:
+  from PIL import Image
+  os.makedirs(out_dir, exist_ok=True)
+  names = {}
+  for i, (image, caption) in enumerate(zip(np.asarray(images_NHWC), captions)):
+    name = f'{i:04d}.png'
+    Image.fromarray(image).save(os.path.join(out_dir, name))
+    names[name] = caption
+  with open(os.path.join(out_dir, 'captions.json'), 'w') as f:
+    json.dump(names, f, indent=1)
+  Image.fromarray(captioned_grid(images_NHWC, captions)).save(os.path.join(out_dir, 'grid.png'))
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, allow_nan=False)
+  os.replace(tmp, path)
+
+
+# The run ----------------------------------------------------------------------------------------
+
+def stage_config(plan: Plan, stage: str, steps: int):
+  """The stage's `shapes` config with the demo's training budget and data."""
+  import importlib
+  module = importlib.import_module(f'configs.{plan.family}')
+  c = module.get_config(f'stage={stage},size={plan.size}')
+  c.total_steps = int(steps)
+  c.ckpt_steps = max(50, int(steps) // 8)
+  c.log_steps = 50
+  c.keep_checkpoints = 2
+  c.seed = plan.seed
+  c.input.batch_size = plan.batch_size
+  c.input.shapes_num_examples = plan.train_examples
+  c.input.shapes_seed = plan.seed
+  c.optimizer.lr = plan.lr
+  c.optimizer.warmup_steps = min(int(c.optimizer.warmup_steps), max(1, int(steps) // 10))
+  if plan.text_encoder_path and 'text_encoder' in c and c.text_encoder.name == 't5':
+    c.text_encoder.path = plan.text_encoder_path
+  return c
+
+
+def cascade_config(plan: Plan):
+  """The family's `stage=cascade,size=shapes` config with the demo's sampler settings."""
+  import importlib
+  module = importlib.import_module(f'configs.{plan.family}')
+  c = module.get_config(f'stage=cascade,size={plan.size}')
+  c.order = plan.order
+  for name in plan.order:
+    e = c.stages[name]
+    e.sampler = plan.sampler
+    e.num_steps = plan.sample_steps
+    e.eta = 0.0
+    if plan.text_encoder_path and plan.family == 'imagen':
+      e.text_encoder_path = plan.text_encoder_path
+  return c
+
+
+def train_stages(plan: Plan, root: str) -> dict[str, float]:
+  """Trains (or resumes, or skips when finished) every stage; returns seconds per stage."""
+  from diffusion_jax.train import loop
+  seconds = {}
+  for i, (stage, steps) in enumerate(plan.stages):
+    config = stage_config(plan, stage, steps)
+    print(f'[{i + 1}/{len(plan.stages)}] {plan.family} {stage}: {steps} steps, batch '
+          f'{plan.batch_size}, {config.input.image_size} px -> {os.path.join(root, stage)}',
+          flush=True)
+    start = time.perf_counter()
+    metrics = loop.train(config, os.path.join(root, stage), hooks=(_Printer(stage, steps),))
+    seconds[stage] = time.perf_counter() - start
+    loss = metrics.get('loss')
+    print(f'    {stage} done at step {metrics.get("step")}'
+          + (f', loss {loss:.4f}' if loss is not None else '') + f' ({seconds[stage]:.0f} s)',
+          flush=True)
+  return seconds
+
+
+class _Printer:
+  """Progress on stdout: steps/s, ETA and the loss, every 50 steps."""
+
+  def __init__(self, stage: str, total: int, every: int = 50):
+    self.stage, self.total, self.every = stage, total, every
+    self.first = None
+
+  def __call__(self, step, state, trainer):
+    del state, trainer
+    now = time.perf_counter()
+    if self.first is None:
+      self.first = (step, now)  # the first step includes compilation: rates start after it
+      return
+    if step % self.every and step != self.total:
+      return
+    done = step - self.first[0]
+    rate = done / max(now - self.first[1], 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    print(f'    {self.stage} step {step}/{self.total}  {rate:.2f} steps/s  '
+          f'ETA {eta / 60:.1f} min', flush=True)
+
+
+def sample_setting(pipe, plan: Plan, captions: Sequence[str], guidance: float, cache_dir: str,
+                   batch: int = 48) -> np.ndarray:
+  """One cascade sample per caption at a guidance scale; cached per (plan, scale, captions)."""
+  import jax
+  key = _hash({'plan': dataclasses.asdict(plan), 'captions': list(captions), 'g': guidance})
+  path = os.path.join(cache_dir, f'samples_g{guidance:g}_{key}.npz')
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as f:
+      return f['images']
+  os.makedirs(cache_dir, exist_ok=True)
+  out = []
+  rng = jax.random.PRNGKey(plan.seed + 1)
+  start = time.perf_counter()
+  for i, lo in enumerate(range(0, len(captions), batch)):
+    part = list(captions[lo:lo + batch])
+    out.append(pipe.generate(part, jax.random.fold_in(rng, i), guidance_scale=guidance))
+    done = lo + len(part)
+    rate = done / (time.perf_counter() - start)
+    print(f'    guidance {guidance:g}: {done}/{len(captions)} images  '
+          f'({rate:.2f} images/s)', flush=True)
+  images = np.concatenate(out)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, images=images)
+  os.replace(tmp, path)
+  return images
+
+
+def run(root: str, plan: Plan) -> dict[str, Any]:
+  """The whole demo; returns what it writes to ROOT/alignment.json."""
+  root = os.path.abspath(root)
+  os.makedirs(root, exist_ok=True)
+  result_path = os.path.join(root, 'alignment.json')
+  plan_hash = _hash(dataclasses.asdict(plan))
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      previous = json.load(f)
+    if previous.get('plan_hash') == plan_hash and os.path.exists(
+        os.path.join(root, 'samples', 'captions.json')):
+      print(f'already finished (plan {plan_hash}): {result_path}')
+      print_summary(previous)
+      return previous
+  started = time.perf_counter()
+  train_seconds = train_stages(plan, root)
+
+  captions = eval_captions(plan.per_kind, train_seed=plan.seed,
+                           train_examples=plan.train_examples)
+  print(f'sampling {len(captions)} held-out captions through {" -> ".join(plan.order)} '
+        f'({plan.sampler}, {plan.sample_steps} steps per stage), with and without guidance',
+        flush=True)
+  from diffusion_jax import pipelines
+  pipe = pipelines.load(cascade_config(plan), root)
+  cache = os.path.join(root, 'demo_cache')
+  scales = (1.0, float(plan.guidance_scale))
+  results = {}
+  sample_seconds = {}
+  guided = None
+  for scale in scales:
+    start = time.perf_counter()
+    images = sample_setting(pipe, plan, captions, scale, cache)
+    sample_seconds[f'{scale:g}'] = time.perf_counter() - start
+    results[f'guidance_{scale:g}'] = rates_by_kind(images, captions)
+    guided = images
+  write_samples(os.path.join(root, 'samples'), guided, captions)
+  result = {
+      'family': plan.family,
+      'cascade': list(plan.order),
+      'image_size': int(guided.shape[1]),
+      'guidance_scales': list(scales),
+      'samples_guidance_scale': float(plan.guidance_scale),
+      'rates': results,
+      'goal': {'single_all': 0.8, 'relation_all': 0.5},
+      'plan': dataclasses.asdict(plan),
+      'plan_hash': plan_hash,
+      'seconds': {'train': train_seconds, 'sample': sample_seconds,
+                  'total_this_run': time.perf_counter() - started},
+      'text_encoder': (plan.text_encoder_path or
+                       'random init, frozen (no pretrained weights offline)')
+                      if plan.family == 'imagen' else 'trained jointly',
+  }
+  _atomic_json(result_path, result)
+  result = json.loads(json.dumps(result))  # as a re-run reads it back (lists, not tuples)
+  print_summary(result)
+  print(f'wrote {os.path.join(root, "samples")}/ (*.png, captions.json, grid.png) and '
+        f'{result_path}')
+  return result
+
+
+def print_summary(result: dict) -> None:
+  cols = ('color', 'shape', 'count', 'relation', 'all')
+  print(f'Shapes oracle on {result["family"]} samples ({" -> ".join(result["cascade"])}, '
+        f'{result["image_size"]} px):')
+  print(f'  {"guidance":>8}  {"kind":<12} {"n":>4}  ' + '  '.join(f'{c:>8}' for c in cols))
+  for setting, by_kind in result['rates'].items():
+    for kind in KINDS + ('overall',):
+      if kind not in by_kind:
+        continue
+      r = by_kind[kind]
+      vals = '  '.join('     n/a' if r[c] is None else f'{r[c]:8.3f}' for c in cols)
+      print(f'  {setting.split("_")[1]:>8}  {kind:<12} {r["n"]:>4}  {vals}')
+
+
+# CLI ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog='python -m diffusion_jax.demo',
+      description='Train a small text-to-image cascade on Shapes on the CPU, sample held-out '
+                  'captions and score them with the Shapes oracle.')
+  parser.add_argument('--workdir', required=True, help='root of the run (one dir per stage)')
+  parser.add_argument('--family', default='imagen', choices=sorted(DEFAULT_STEPS))
+  parser.add_argument('--base_steps', type=int, help='train steps of the base stage')
+  parser.add_argument('--sr_steps', type=int, help='train steps of the super-resolution stage')
+  parser.add_argument('--train_examples', type=int, help='Shapes training-set size')
+  parser.add_argument('--sample_steps', type=int, help='sampler steps per stage')
+  parser.add_argument('--guidance_scale', type=float, help='classifier-free guidance scale')
+  parser.add_argument('--per_kind', type=int,
+                      help='evaluation captions per kind (single, count, conjunction, relation)')
+  parser.add_argument('--text_encoder_path', help='a converted transformers T5 directory')
+  parser.add_argument('--seed', type=int)
+  parser.add_argument('-v', '--verbose', action='store_true', help='library logs too')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('absl', 'orbax', 'jax', 'tensorflow'):
+    logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
+  overrides: dict[str, Any] = dict(train_examples=args.train_examples,
+                                   sample_steps=args.sample_steps,
+                                   guidance_scale=args.guidance_scale, seed=args.seed,
+                                   text_encoder_path=args.text_encoder_path)
+  plan = default_plan(args.family, **overrides)
+  if args.base_steps or args.sr_steps:
+    (b, bs), (s, ss) = plan.stages
+    plan = dataclasses.replace(plan, stages=((b, args.base_steps or bs), (s, args.sr_steps or ss)))
+  if args.per_kind:
+    plan = dataclasses.replace(plan, per_kind={k: args.per_kind for k in KINDS})
+  try:
+    run(args.workdir, plan)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,144 @@
+"""The embedded default (diffusion_jax.demo): captions, scoring, outputs, resume and re-run."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax import demo
+from diffusion_jax.data import shapes
+from diffusion_jax.eval import alignment
+
+
+def test_caption_kinds_and_closed_sets():
+  assert demo.caption_kind('a red circle') == 'single'
+  assert demo.caption_kind('three blue squares') == 'count'
+  assert demo.caption_kind('a red circle and two cyan diamonds') == 'conjunction'
+  assert demo.caption_kind('a yellow square to the left of a purple circle') == 'relation'
+  singles = demo.closed_captions('single')
+  assert len(set(singles)) == 24 and all(demo.caption_kind(c) == 'single' for c in singles)
+  counts = demo.closed_captions('count')
+  assert len(set(counts)) == 48 and all(demo.caption_kind(c) == 'count' for c in counts)
+
+
+def test_eval_captions_hold_out_multi_object_captions():
+  per_kind = {'single': 24, 'count': 6, 'conjunction': 10, 'relation': 10}
+  caps = demo.eval_captions(per_kind, train_seed=0, train_examples=2000)
+  assert caps == demo.eval_captions(per_kind, train_seed=0, train_examples=2000), \
+      'the evaluation captions must be a fixed set'
+  kinds = [demo.caption_kind(c) for c in caps]
+  assert kinds == sorted(kinds, key=demo.KINDS.index), 'captions must come grouped by kind'
+  assert {k: kinds.count(k) for k in demo.KINDS} == per_kind
+  assert set(caps[:24]) == set(demo.closed_captions('single')), \
+      '24 single-object captions must cover every colour x shape once'
+  seen = alignment.training_captions(0, 2000)
+  multi = [c for c in caps if demo.caption_kind(c) in ('conjunction', 'relation')]
+  assert len(set(multi)) == len(multi), 'held-out captions must be distinct'
+  assert not set(multi) & seen, 'a held-out caption appears in the training set'
+
+
+def test_rates_by_kind_on_ground_truth_and_on_wrong_captions():
+  caps = demo.eval_captions({'single': 8, 'count': 4, 'conjunction': 4, 'relation': 8},
+                            train_seed=0, train_examples=1000)
+  images = np.stack([shapes.render(c, 64, seed=i) for i, c in enumerate(caps)])
+  right = demo.rates_by_kind(images, caps)
+  for kind in demo.KINDS:
+    assert right[kind]['all'] == 1.0, f'oracle misjudges rendered {kind} captions: {right[kind]}'
+  assert right['relation']['n_relation'] == 8 and right['single']['n_relation'] == 0
+  assert right['single']['relation'] is None, 'no relation rate without relations (no NaN)'
+  assert right['overall']['n'] == len(caps)
+  # Every image scored against a caption of another colour: nothing may pass.
+  colors = list(shapes.COLORS)
+  wrong = []
+  for c in caps:
+    scene = shapes.parse(c)
+    g = scene.groups[0]
+    other = colors[(colors.index(g.color) + 1) % len(colors)]
+    others = [x.color for x in scene.groups]
+    while other in others:
+      other = colors[(colors.index(other) + 1) % len(colors)]
+    groups = (dataclasses.replace(g, color=other),) + scene.groups[1:]
+    wrong.append(shapes.caption_of(dataclasses.replace(scene, groups=groups)))
+  bad = demo.rates_by_kind(images, wrong)
+  assert bad['overall']['all'] == 0.0 and bad['overall']['color'] == 0.0, bad['overall']
+
+
+def test_captioned_grid_layout():
+  images = np.zeros((5, 16, 16, 3), np.uint8)
+  grid = demo.captioned_grid(images, ['a red circle'] * 5, columns=4, scale=2)
+  assert grid.dtype == np.uint8 and grid.shape[2] == 3
+  assert grid.shape[1] == 4 * (32 + 4) + 4, 'four columns of 2x-enlarged images'
+  # Two rows, each an image and at least one caption line.
+  assert grid.shape[0] >= 2 * (32 + 11 + 4)
+  assert (grid == 0).sum() >= 5 * 32 * 32 * 3, 'every enlarged image is on the grid'
+
+
+def _tiny_plan(**kw):
+  return demo.default_plan(
+      'imagen', size='tiny', stages=(('base64', 3), ('sr256', 2)), train_examples=500,
+      batch_size=8, per_kind={'single': 3, 'count': 1, 'conjunction': 1, 'relation': 3},
+      sample_steps=2, guidance_scale=3.0, **kw)
+
+
+@pytest.fixture(scope='module')
+def tiny_demo(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('demo'))
+  plan = _tiny_plan()
+  return root, plan, demo.run(root, plan)
+
+
+def test_demo_writes_samples_captions_and_alignment(tiny_demo):
+  root, plan, result = tiny_demo
+  with open(os.path.join(root, 'alignment.json')) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(result))
+  assert set(saved['rates']) == {'guidance_1', 'guidance_3'}, 'with and without guidance'
+  for rates in saved['rates'].values():
+    assert rates['overall']['n'] == 8 and rates['relation']['n'] == 3
+  with open(os.path.join(root, 'samples', 'captions.json')) as f:
+    captions = json.load(f)
+  assert len(captions) == 8
+  assert list(captions.values()) == demo.eval_captions(
+      plan.per_kind, train_seed=plan.seed, train_examples=plan.train_examples)
+  from PIL import Image
+  images = np.stack([np.asarray(Image.open(os.path.join(root, 'samples', n)))
+                     for n in captions])
+  assert images.shape == (8, 32, 32, 3), 'the cascade output of the tiny SR stage is 32 px'
+  # The written samples are the guided ones, and the saved rates are theirs.
+  rescored = demo.rates_by_kind(images, list(captions.values()))
+  assert rescored == json.loads(json.dumps(saved['rates']['guidance_3']))
+  for stage, steps in plan.stages:
+    assert sorted(os.listdir(os.path.join(root, stage, 'checkpoints')))[-1] == str(steps)
+  assert os.path.exists(os.path.join(root, 'samples', 'grid.png'))
+
+
+def test_demo_rerun_is_cached_and_a_longer_plan_resumes(tiny_demo, monkeypatch, capsys):
+  root, plan, result = tiny_demo
+  from diffusion_jax.train import loop
+
+  def no_training(*a, **k):
+    raise AssertionError('a finished demo must not train again')
+  monkeypatch.setattr(loop, 'train', no_training)
+  assert demo.run(root, plan) == result
+  assert 'already finished' in capsys.readouterr().out
+  monkeypatch.undo()
+  # One more base step: the base stage resumes from its checkpoint (not from scratch).
+  calls = []
+  real_train = loop.train
+
+  def spy(config, workdir, **kw):
+    calls.append((os.path.basename(workdir), int(config.total_steps)))
+    return real_train(config, workdir, **kw)
+  monkeypatch.setattr(loop, 'train', spy)
+  longer = dataclasses.replace(plan, stages=(('base64', 4), ('sr256', 2)))
+  out = demo.run(root, longer)
+  assert calls == [('base64', 4), ('sr256', 2)]
+  assert out['plan_hash'] != result['plan_hash']
+  assert sorted(os.listdir(os.path.join(root, 'base64', 'checkpoints')))[-1] == '4'
+
+
+def test_demo_cli_refuses_unknown_family(capsys):
+  with pytest.raises(SystemExit):
+    demo.main(['--workdir=/nonexistent', '--family=dalle'])
+  assert 'invalid choice' in capsys.readouterr().err
