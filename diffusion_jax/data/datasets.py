@@ -11,8 +11,9 @@ Decoding, caption checks and everything that may fail on bad data happen later i
 pipeline, where a bad record is skipped and counted instead of crashing a run.
 
 - `coco_captions`: the TFDS catalog builder (COCO 2014, Karpathy splits). Prepare it once
-  with `tfds build coco_captions --data_dir=...` (downloads ~20 GB); this module only reads
-  what is in the data dir and never downloads.
+  with `tfds build coco_captions --file_format=array_record --data_dir=...` (downloads
+  ~20 GB; grain reads array_record by index); this module only reads what is in the data
+  dir and never downloads.
 - `captioned_folder`: a builder for a local folder of images with captions, either a
   `captions.jsonl` ({"file": ..., "caption": ...} or {"file": ..., "captions": [...]}) or
   one `.txt` per image (one caption per non-empty line). Image bytes are stored verbatim
@@ -338,7 +339,8 @@ def get_source(dataset: str, *, data_dir: str | None = None, split: str = 'train
     except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not prepared".
       raise DatasetEmptyError(
           f'coco_captions split {split!r} is not prepared in {where} '
-          f'(run `tfds build coco_captions --data_dir=...` once): {type(e).__name__}') from None
+          '(run `tfds build coco_captions --file_format=array_record --data_dir=...` once): '
+          f'{type(e).__name__}') from None
     source = RecordSource(raw, f'coco_captions[{split}] in {where}', _convert_coco)
   else:
     cls = folder_builder_class() if dataset == 'folder' else shapes_builder_class()
