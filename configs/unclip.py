@@ -7,6 +7,14 @@ Run a stage:
   python -m diffusion_jax.train --config=configs/unclip.py:stage=up256,size=tiny --workdir=/tmp/run/up256
   python -m diffusion_jax.train --config=configs/unclip.py:stage=up1024,size=tiny --workdir=/tmp/run/up1024
 
+Without a pretrained CLIP (offline, tiny/shapes), train one first and point the prior and
+decoder at its export (stage 1 of the recipe; see `_clip_config`):
+  python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=tiny --workdir=/tmp/run/clip
+  python -m diffusion_jax.tools.export_clip --config=configs/unclip.py:stage=clip,size=tiny \
+      --workdir=/tmp/run/clip --out=/tmp/run/clip/export
+  python -m diffusion_jax.train --config=configs/unclip.py:stage=prior,size=tiny \
+      --config.text_encoder.path=/tmp/run/clip/export --workdir=/tmp/run/prior
+
 Sizes: `tiny` (unit tests, < 1M parameters, 16-64 px), `shapes` (the CPU demo, decoder at 32
 px), `paper` (published: prior 1B, decoder 3.5B, upsamplers 700M and 300M; hyperparameters of
 the paper's Table 3, Appendix C).
@@ -17,7 +25,7 @@ import ml_collections
 
 from configs import common
 
-STAGES = ('prior', 'decoder64', 'up256', 'up1024', 'cascade')
+STAGES = ('clip', 'prior', 'decoder64', 'up256', 'up1024', 'cascade')
 MODEL_STAGES = ('prior', 'decoder64', 'up256', 'up1024')
 
 _RES = {
@@ -119,6 +127,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   common.check_choice('size', a.size, common.SIZES)
   if a.stage == 'cascade':
     return _cascade_config(a)
+  if a.stage == 'clip':
+    return _clip_config(a.size)
   stage, size = a.stage, a.size
   paper = size == 'paper'
   c = common.base_config()
@@ -196,6 +206,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,
                     'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 2000))
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
+  return c
+
+
+def _clip_config(size: str) -> ml_collections.ConfigDict:
+  """Stage 1 of unCLIP where no pretrained CLIP is at hand: the CLIP that the prior and the
+  decoder use (`_CLIP[size]`'s preset), trained from scratch with CLIP's contrastive loss on
+  clean images and their captions, by the same trainer as every other stage. Export it with
+  `diffusion_jax.tools.export_clip` and set the other stages' `text_encoder.path` to it.
+
+    python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=shapes --workdir=/tmp/run/clip
+  """
+  if size == 'paper':
+    raise ValueError('stage=clip trains a small CLIP for size=tiny/shapes only; at paper size '
+                     'use a pretrained CLIP: --config.text_encoder.path=DIR (a transformers '
+                     'CLIPModel directory)')
+  from diffusion_jax.models import clip  # the presets are the single source of the sizes
+  # The decoder's config carries the image size, data and optimizer of this size.
+  c = get_config(f'stage=decoder64,size={size}')
+  preset = clip.PRESETS[_CLIP[size][0]]
+  c.stage = 'clip'
+  c.objective = 'clip'
+  c.target = 'image'
+  c.model = ml_collections.ConfigDict({
+      'name': 'clip', 'text': dict(preset['text']), 'vision': dict(preset['vision']),
+      'embed_dim': preset['embed_dim'], 'dtype': 'float32', 'param_dtype': 'float32'})
+  c.input.image_size = preset['vision']['image_size']
+  c.input.low_res_size = None
+  c.input.text_max_len = preset['text']['max_length']
+  # The CLIP is what this stage trains, not a frozen encoder; its captions are tokenized in
+  # CLIP's conventions (bos ... eos, padded with eos) like those of the stages that use it.
+  c.text_encoder.name = None
+  c.text_encoder.preset = None
+  c.text_encoder.max_length = c.input.text_max_len
+  c.text_encoder.tokenizer_style = 'clip'
+  c.diffusion.cond_drop_text = 0.0
+  c.diffusion.cond_drop_image = 0.0
+  c.diffusion.learned_variance = False
+  c.diffusion.vlb_weight = 0.0
+  c.sampler.guidance_scale = 1.0
   return c
 
 

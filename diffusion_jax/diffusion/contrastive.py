@@ -1,4 +1,5 @@
-"""Contrastive objectives: CLIP's symmetric InfoNCE and GLIDE's noised-CLIP training loss.
+"""Contrastive objectives: CLIP's symmetric InfoNCE, GLIDE's noised-CLIP training loss and
+the same loss on clean images (unCLIP's own CLIP when no pretrained one is at hand).
 
 GLIDE guides sampling with a CLIP whose image tower reads noised images x_t and their time
 t; it is trained like CLIP, on images noised with the diffusion's own schedule, so that its
@@ -65,7 +66,23 @@ def noised_clip_loss(apply_fn: Callable, params, batch, rng,
   bshape = (-1,) + (1,) * (x0.ndim - 1)
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
   x_t = alpha_B.reshape(bshape) * x0 + sigma_B.reshape(bshape) * noise
-  img, txt, logit_scale = apply_fn(params, x_t, t_B, batch.get('cond', {}), rng_model)
+  return _contrastive_forward(apply_fn, params, x_t, t_B, batch.get('cond', {}), rng_model)
+
+
+def clip_loss(apply_fn: Callable, params, batch, rng, cfg) -> tuple[jax.Array, dict[str, Any]]:
+  """CLIP's own objective on clean images (unCLIP's stage 1, a CLIP trained from scratch):
+  the noised-CLIP loss at noise level zero, i.e. x0 itself with t = 0.
+
+  Same arguments and results as `noised_clip_loss`; `cfg` (the schedule) is not used.
+  """
+  del cfg
+  x0 = batch['x0'].astype(jnp.float32)
+  t_B = jnp.zeros((x0.shape[0],), jnp.float32)
+  return _contrastive_forward(apply_fn, params, x0, t_B, batch.get('cond', {}), rng)
+
+
+def _contrastive_forward(apply_fn, params, x, t_B, cond, rng):
+  img, txt, logit_scale = apply_fn(params, x, t_B, cond, rng)
   loss = clip_contrastive_loss(img, txt, logit_scale)
   logits = contrastive_logits(img, txt, logit_scale)
   acc = jnp.mean((jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])).astype(jnp.float32))

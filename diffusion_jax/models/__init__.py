@@ -120,6 +120,7 @@ def _register_builtins():
   register('efficient_unet', EfficientUNet, _image_example_inputs)
   register('prior', Prior, _prior_example_inputs)
   register('noised_clip', clip.NoisedCLIP, clip.noised_clip_example_inputs)
+  register('clip', clip.ContrastiveCLIP, clip.noised_clip_example_inputs)
 
 
 _register_builtins()

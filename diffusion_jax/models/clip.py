@@ -378,6 +378,7 @@ class NoisedCLIP(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  time_conditioned: bool = True  # False: a plain CLIP that ignores t (`ContrastiveCLIP`)
 
   def __post_init__(self):
     # Tower fields arrive as dicts; frozen, the module stays hashable (jit static args, clone).
@@ -387,8 +388,8 @@ class NoisedCLIP(nn.Module):
 
   def setup(self):
     self.clip = CLIP(self.text, self.vision, self.embed_dim, self.logit_scale_init,
-                     time_conditioned=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                     remat=self.remat)
+                     time_conditioned=self.time_conditioned, dtype=self.dtype,
+                     param_dtype=self.param_dtype, remat=self.remat)
 
   def encode_image(self, x_BHWC, t_B):
     return self.clip.encode_image(x_BHWC, t_B)
@@ -402,6 +403,18 @@ class NoisedCLIP(nn.Module):
       if key not in cond:
         raise KeyError(f'noised CLIP needs cond[{key!r}]')
     return self.clip(x_BHWC, cond['text_ids'], cond['text_mask'], t_B)
+
+
+class ContrastiveCLIP(NoisedCLIP):
+  """A plain CLIP in the trainer's calling convention: unCLIP's own CLIP (stage `clip` of
+  configs/unclip.py), trained from scratch on clean images by the shared trainer.
+
+  It is a `NoisedCLIP` without the time input, so one module, one example-inputs function
+  and one contrastive loss serve both; t_B is accepted and ignored. Its parameters under
+  'clip' form exactly a `CLIP` tree, which `convert.export_clip` writes as a transformers
+  CLIPModel directory for `encoders.build_encoder` to load as a frozen encoder.
+  """
+  time_conditioned: bool = False
 
 
 def make(preset: str = 'tiny', **overrides) -> CLIP:
@@ -437,6 +450,40 @@ def config_from_hf(cfg: dict) -> dict[str, Any]:
   _activation(vision['act'])
   return dict(text=text, vision=vision, embed_dim=cfg.get('projection_dim', 512),
               logit_scale_init=cfg.get('logit_scale_init_value', 2.6592))
+
+
+def config_to_hf(fields: dict[str, Any], *, bos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> dict[str, Any]:
+  """A transformers `CLIPModel` config.json dict from `CLIP` fields: the inverse of
+  `config_from_hf` (`config_from_hf(config_to_hf(f)) == f` for every field it reads).
+
+  transformers pools the text tower at `eos_token_id`, so a tower that pools at the last
+  unpadded token (`eos_token_id=None`) must be given the id its tokenizer ends prompts with
+  first (see `convert.export_clip`).
+  """
+  text, vision = dict(fields['text']), dict(fields['vision'])
+  if text.get('eos_token_id') is None:
+    raise ValueError('CLIP text eos_token_id is None (pools at the last unpadded token), which '
+                     'a transformers config cannot express: set it to the tokenizer\'s eos id')
+  embed_dim = int(fields['embed_dim'])
+  text_cfg = dict(
+      model_type='clip_text_model', vocab_size=text['vocab_size'], hidden_size=text['width'],
+      num_hidden_layers=text['layers'], num_attention_heads=text['heads'],
+      intermediate_size=text['mlp'], max_position_embeddings=text['max_length'],
+      hidden_act=text['act'], layer_norm_eps=text['layer_norm_eps'],
+      eos_token_id=text['eos_token_id'], projection_dim=embed_dim)
+  text_cfg.update({k: v for k, v in (('bos_token_id', bos_token_id),
+                                     ('pad_token_id', pad_token_id)) if v is not None})
+  vision_cfg = dict(
+      model_type='clip_vision_model', image_size=vision['image_size'],
+      patch_size=vision['patch_size'], hidden_size=vision['width'],
+      num_hidden_layers=vision['layers'], num_attention_heads=vision['heads'],
+      intermediate_size=vision['mlp'], hidden_act=vision['act'],
+      num_channels=vision.get('channels', 3), layer_norm_eps=vision['layer_norm_eps'],
+      projection_dim=embed_dim)
+  return dict(architectures=['CLIPModel'], model_type='clip', projection_dim=embed_dim,
+              logit_scale_init_value=float(fields.get('logit_scale_init', 2.6592)),
+              text_config=text_cfg, vision_config=vision_cfg, torch_dtype='float32')
 
 
 def abstract_params(module, boxed: bool = False):

@@ -70,7 +70,9 @@ def build_tokenizer(config, encoder, workdir: str):
     raise ValueError('no tokenizer: set config.text_encoder.tokenizer_path (or text_encoder.path)'
                      ' to a local transformers tokenizer directory')
   from diffusion_jax.data import shapes
-  style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
+  style = config_util.get(te, 'tokenizer_style') if te is not None else None
+  if not style:  # the conventions of the frozen encoder that reads the ids
+    style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
   out = os.path.join(workdir, 'tokenizer')
   if jax.process_index() == 0 and not os.path.exists(os.path.join(out, 'tokenizer.json')):
     tokenizer_lib.build_word_tokenizer(shapes.VOCABULARY, out, style=style)

@@ -31,6 +31,7 @@ from diffusion_jax.train import state as state_lib
 OBJECTIVES: dict[str, Callable] = {
     'diffusion': losses.diffusion_loss,
     'noised_clip': contrastive.noised_clip_loss,
+    'clip': contrastive.clip_loss,
 }
 TARGETS = ('image', 'image_embed')
 PARALLELISMS = ('gspmd', 'shard_map')
