@@ -1,4 +1,4 @@
-"""Weight import from safetensors into flax parameter trees.
+"""Weight import from safetensors into flax parameter trees, and CLIP export back to them.
 
 Reads a local directory in the transformers layout (config.json plus `model.safetensors`, or
 shards listed in `model.safetensors.index.json`), maps the transformers names to our tree,
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -259,6 +260,64 @@ def assemble(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
   return traverse_util.unflatten_dict(flat)
 
 
+def _untransform(rule: Rule, a: np.ndarray) -> np.ndarray:
+  """The inverse of `_transform`: one flax array back to its transformers layout."""
+  a = np.asarray(a)
+  if rule.kind == 'same':
+    out = a
+  elif rule.kind == 'flat':
+    out = a.reshape(-1)
+  elif rule.kind == 'linear':
+    out = a.reshape(math.prod(a.shape[:rule.n_in]), math.prod(a.shape[rule.n_in:])).T
+  elif rule.kind == 'conv':
+    out = a.transpose(3, 2, 0, 1)
+  else:
+    raise ValueError(f'unknown rule kind {rule.kind!r}')
+  return np.array(out, order='C')  # not ascontiguousarray: it turns a 0-d scalar into 1-d
+
+
+def disassemble(params: Mapping, rules: Iterable[Rule], *,
+                what: str = 'params') -> dict[str, np.ndarray]:
+  """The inverse of `assemble`: transformers-named numpy tensors from a nested params dict.
+
+  Each parameter goes under its rule's first source name (the canonical one; the others are
+  aliases that `assemble` also accepts), a stacked one once per layer. Every parameter must
+  have a rule and every rule its parameter, so nothing is dropped or invented silently.
+  """
+  from flax.core import unfreeze
+  flat = traverse_util.flatten_dict(unfreeze(params))
+  rules = list(rules)
+  unmapped = sorted('/'.join(p) for p in set(flat) - {r.target for r in rules})
+  absent = sorted('/'.join(r.target) for r in rules if r.target not in flat)
+  if unmapped or absent:
+    raise ValueError(f'{what}: parameters without a transformers name {unmapped}, rules '
+                     f'without a parameter {absent} (not the tree this mapping is for?)')
+  out: dict[str, np.ndarray] = {}
+  for rule in rules:
+    value = np.asarray(flat[rule.target])
+    parts = list(enumerate(value)) if rule.stacked else [(None, value)]
+    for i, part in parts:
+      out[rule.sources[0].format(i=i)] = _untransform(rule, part)
+  return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> str:
+  """Writes `path` atomically; 'format: pt' metadata so that transformers reads it too."""
+  from safetensors.numpy import save_file
+  tmp = f'{path}.tmp{os.getpid()}'
+  save_file({k: np.array(v, order='C') for k, v in tensors.items()}, tmp,
+            metadata={'format': 'pt'})
+  os.replace(tmp, path)
+  return path
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
 # --- T5 ------------------------------------------------------------------------------------------
 
 
@@ -357,6 +416,84 @@ def load_clip(path: str, *, strict: bool = True, **overrides):
   params = assemble(read_weights(path), clip_rules(), template, ignore=CLIP_IGNORE,
                     strict=strict, what=f'CLIP weights in {path}')
   return module, params
+
+
+def _clip_fields(module_config) -> dict[str, Any]:
+  """`CLIP` constructor fields from a CLIP module or a model config / dict with them."""
+  get = ((lambda k, d=None: getattr(module_config, k, d)) if hasattr(module_config, 'apply')
+         else (lambda k, d=None: module_config.get(k, d)))
+  if get('text') is None or get('vision') is None or get('embed_dim') is None:
+    raise ValueError('export_clip: module_config needs text, vision and embed_dim (a CLIP '
+                     'module or its model config)')
+  return dict(text=dict(get('text')), vision=dict(get('vision')),
+              embed_dim=int(get('embed_dim')),
+              logit_scale_init=float(get('logit_scale_init', 2.6592)))
+
+
+def _image_processor_config(size: int, mean, std) -> dict[str, Any]:
+  """transformers' CLIPImageProcessor settings; `encoders` reads the mean and std."""
+  return dict(image_processor_type='CLIPImageProcessor', do_resize=True,
+              size={'shortest_edge': int(size)}, resample=3, do_center_crop=True,
+              crop_size={'height': int(size), 'width': int(size)}, do_rescale=True,
+              rescale_factor=1 / 255, do_normalize=True, image_mean=[float(v) for v in mean],
+              image_std=[float(v) for v in std], do_convert_rgb=True)
+
+
+def export_clip(params: Mapping, module_config, out_dir: str, *,
+                tokenizer_dir: str | None = None, image_mean=None, image_std=None) -> str:
+  """Writes CLIP params as a transformers CLIPModel directory that `load_clip` (and so
+  `encoders.build_encoder`) and transformers' `CLIPModel.from_pretrained` read back exactly:
+  the inverse of `load_clip`, through the same `clip_rules`.
+
+  Args:
+    params: a `CLIP` parameter tree (for a trained `ContrastiveCLIP`, its params['clip']).
+    module_config: the `CLIP` module or its fields (text, vision, embed_dim).
+    out_dir: created if needed; config.json, model.safetensors and the rest are replaced.
+    tokenizer_dir: the tokenizer the model was trained with; its files are copied, and its
+      end-of-text id becomes the config's `eos_token_id` when the tower pools at the last
+      unpadded token (eos_token_id None): transformers can only pool at an id, and for the
+      tokenizer's own prompts (ending with eos, right-padded) it is the same token.
+    image_mean, image_std: the pixel statistics the image tower was trained with, written to
+      preprocessor_config.json (omitted: readers assume OpenAI CLIP's).
+
+  Returns out_dir.
+  """
+  fields = _clip_fields(module_config)
+  if 'clip' in params and len(params) == 1:
+    raise ValueError("export_clip: pass the CLIP tree itself (params['clip'] of a "
+                     'ContrastiveCLIP / NoisedCLIP), not its wrapper')
+  from diffusion_jax.models import clip
+  text = {**clip._TEXT_DEFAULTS, **fields['text']}
+  bos = pad = None
+  if tokenizer_dir:
+    from diffusion_jax import tokenizer as tokenizer_lib
+    tok = tokenizer_lib.load_tokenizer(tokenizer_dir, int(text['max_length']))
+    bos, pad = tok.hf.bos_token_id, tok.pad_id
+    if tok.vocab_size > int(text['vocab_size']):
+      raise ValueError(f'export_clip: tokenizer at {tokenizer_dir} has {tok.vocab_size} tokens '
+                       f'but the CLIP embeds only {text["vocab_size"]}')
+    if text['eos_token_id'] is None:
+      text['eos_token_id'] = tok.eos_id
+  if text['eos_token_id'] is None:
+    raise ValueError('export_clip: the text tower pools at the last unpadded token; give the '
+                     'tokenizer_dir it was trained with (its eos id is what transformers pools at)')
+  fields['text'] = text
+  tensors = disassemble(params, clip_rules(), what='export_clip')
+  os.makedirs(out_dir, exist_ok=True)
+  if tokenizer_dir:
+    for name in sorted(os.listdir(tokenizer_dir)):
+      src = os.path.join(tokenizer_dir, name)
+      if os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(out_dir, name))
+  if image_mean is not None or image_std is not None:
+    if image_mean is None or image_std is None:
+      raise ValueError('export_clip: give both image_mean and image_std, or neither')
+    _write_json(os.path.join(out_dir, 'preprocessor_config.json'), _image_processor_config(
+        fields['vision']['image_size'], image_mean, image_std))
+  write_safetensors(tensors, os.path.join(out_dir, 'model.safetensors'))
+  _write_json(os.path.join(out_dir, 'config.json'),
+              clip.config_to_hf(fields, bos_token_id=bos, pad_token_id=pad))
+  return out_dir
 
 
 def clip_to_noised_clip(clip_params: Mapping, noised_module, rng) -> dict:
