@@ -3,11 +3,15 @@ for held-out captions and measure with the Shapes oracle what it learned.
 
   python -m diffusion_jax.demo --workdir=/tmp/demo                   # Imagen: base 32 px + SR 64 px
   python -m diffusion_jax.demo --workdir=/tmp/demo_glide --family=glide
+  python -m diffusion_jax.demo --workdir=/tmp/demo_unclip --family=unclip
 
 No download and no pretrained weight: Imagen's frozen T5 (`small` preset) is randomly
 initialised and frozen, so its token states are a fixed random embedding of the caption
 words; `--text_encoder_path=DIR` points it at a converted transformers T5 directory instead
-(its own tokenizer is used then). GLIDE trains its text transformer jointly.
+(its own tokenizer is used then). GLIDE trains its text transformer jointly. unCLIP first
+trains its own small CLIP on Shapes (stage `clip`, CLIP's contrastive loss), exports it to
+WORKDIR/clip/export (transformers layout) and trains the prior and the decoder on its frozen
+embeddings; only prior -> decoder is sampled.
 
 WORKDIR holds one directory per stage (the layout `diffusion_jax.sample` and `evaluate` read):
 
@@ -63,18 +67,25 @@ class Plan:
   text_encoder_path: str | None = None
 
 
-# Steps per stage on a 2-core CPU (about 20 minutes for the whole Imagen demo).
+# Steps per stage on a 2-core CPU (about 20 minutes for the whole Imagen demo). unCLIP,
+# measured at batch 16 beside another job: clip 8.7-9.8 steps/s, prior 6.0-8.9, decoder64
+# 2.2-2.9, ~2 min compiling and ~2.3 min sampling: 18-21 min. The CLIP's held-out
+# contrastive loss barely moves after 600 steps (0.66 -> 0.65 at 800).
 DEFAULT_STEPS = {
     'imagen': (('base64', 2000), ('sr256', 600)),
     'glide': (('base64', 2000), ('up256', 600)),
+    'unclip': (('clip', 600), ('prior', 1000), ('decoder64', 1500)),
 }
+# The sampled chain where it is not every trained stage (unCLIP's CLIP is an encoder).
+CASCADE_ORDER = {'unclip': ('prior', 'decoder64')}
 
 
 def default_plan(family: str = 'imagen', **overrides) -> Plan:
   if family not in DEFAULT_STEPS:
     raise ValueError(f'--family={family!r}: choose one of {", ".join(DEFAULT_STEPS)}')
   stages = DEFAULT_STEPS[family]
-  plan = Plan(family=family, stages=stages, order=tuple(s for s, _ in stages))
+  plan = Plan(family=family, stages=stages,
+              order=CASCADE_ORDER.get(family, tuple(s for s, _ in stages)))
   return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -212,8 +223,22 @@ def _atomic_json(path: str, obj) -> None:
 
 # The run ----------------------------------------------------------------------------------------
 
-def stage_config(plan: Plan, stage: str, steps: int):
-  """The stage's `shapes` config with the demo's training budget and data."""
+def own_clip_dir(plan: Plan, root: str | None) -> str | None:
+  """ROOT/clip/export, where the plan's own trained CLIP is exported; None without one."""
+  if 'clip' not in dict(plan.stages):
+    return None
+  if root is None:
+    raise ValueError('this plan trains its own CLIP: give the root it is exported under')
+  return os.path.join(os.path.abspath(root), 'clip', 'export')
+
+
+def _uses_clip(config) -> bool:
+  return 'text_encoder' in config and config.text_encoder.get('name') == 'clip'
+
+
+def stage_config(plan: Plan, stage: str, steps: int, root: str | None = None):
+  """The stage's `shapes` config with the demo's training budget and data. Stages with a
+  frozen CLIP read the plan's own one (`own_clip_dir(plan, root)`) when it trains one."""
   import importlib
   module = importlib.import_module(f'configs.{plan.family}')
   c = module.get_config(f'stage={stage},size={plan.size}')
@@ -229,11 +254,14 @@ def stage_config(plan: Plan, stage: str, steps: int):
   c.optimizer.warmup_steps = min(int(c.optimizer.warmup_steps), max(1, int(steps) // 10))
   if plan.text_encoder_path and 'text_encoder' in c and c.text_encoder.name == 't5':
     c.text_encoder.path = plan.text_encoder_path
+  if 'clip' in dict(plan.stages) and _uses_clip(c):
+    c.text_encoder.path = own_clip_dir(plan, root)
   return c
 
 
-def cascade_config(plan: Plan):
-  """The family's `stage=cascade,size=shapes` config with the demo's sampler settings."""
+def cascade_config(plan: Plan, root: str | None = None):
+  """The family's `stage=cascade,size=shapes` config with the demo's sampler settings (and
+  the plan's own CLIP for the stages that read one, as they were trained)."""
   import importlib
   module = importlib.import_module(f'configs.{plan.family}')
   c = module.get_config(f'stage=cascade,size={plan.size}')
@@ -245,7 +273,18 @@ def cascade_config(plan: Plan):
     e.eta = 0.0
     if plan.text_encoder_path and plan.family == 'imagen':
       e.text_encoder_path = plan.text_encoder_path
+    if 'clip' in dict(plan.stages) and _uses_clip(module.get_config(e.config_arg)):
+      e.text_encoder_path = own_clip_dir(plan, root)
   return c
+
+
+def export_own_clip(config, root: str) -> None:
+  """After the clip stage: its EMA parameters as a transformers CLIP in ROOT/clip/export
+  (nothing is written when that checkpoint is exported already)."""
+  from diffusion_jax.tools import export_clip
+  out = os.path.join(root, 'clip', 'export')
+  info = export_clip.export_stage(config, os.path.join(root, 'clip'), out)
+  print(f'    CLIP of step {info["step"]} ({info["params"]} params) -> {out}', flush=True)
 
 
 def train_stages(plan: Plan, root: str) -> dict[str, float]:
@@ -253,7 +292,7 @@ def train_stages(plan: Plan, root: str) -> dict[str, float]:
   from diffusion_jax.train import loop
   seconds = {}
   for i, (stage, steps) in enumerate(plan.stages):
-    config = stage_config(plan, stage, steps)
+    config = stage_config(plan, stage, steps, root)
     print(f'[{i + 1}/{len(plan.stages)}] {plan.family} {stage}: {steps} steps, batch '
           f'{plan.batch_size}, {config.input.image_size} px -> {os.path.join(root, stage)}',
           flush=True)
@@ -264,6 +303,8 @@ def train_stages(plan: Plan, root: str) -> dict[str, float]:
     print(f'    {stage} done at step {metrics.get("step")}'
           + (f', loss {loss:.4f}' if loss is not None else '') + f' ({seconds[stage]:.0f} s)',
           flush=True)
+    if stage == 'clip':
+      export_own_clip(config, root)
   return seconds
 
 
@@ -339,7 +380,7 @@ def run(root: str, plan: Plan) -> dict[str, Any]:
         f'({plan.sampler}, {plan.sample_steps} steps per stage), with and without guidance',
         flush=True)
   from diffusion_jax import pipelines
-  pipe = pipelines.load(cascade_config(plan), root)
+  pipe = pipelines.load(cascade_config(plan, root), root)
   cache = os.path.join(root, 'demo_cache')
   scales = (1.0, float(plan.guidance_scale))
   results = {}
@@ -364,9 +405,7 @@ def run(root: str, plan: Plan) -> dict[str, Any]:
       'plan_hash': plan_hash,
       'seconds': {'train': train_seconds, 'sample': sample_seconds,
                   'total_this_run': time.perf_counter() - started},
-      'text_encoder': (plan.text_encoder_path or
-                       'random init, frozen (no pretrained weights offline)')
-                      if plan.family == 'imagen' else 'trained jointly',
+      'text_encoder': text_encoder_note(plan),
   }
   _atomic_json(result_path, result)
   result = json.loads(json.dumps(result))  # as a re-run reads it back (lists, not tuples)
@@ -374,6 +413,14 @@ def run(root: str, plan: Plan) -> dict[str, Any]:
   print(f'wrote {os.path.join(root, "samples")}/ (*.png, captions.json, grid.png) and '
         f'{result_path}')
   return result
+
+
+def text_encoder_note(plan: Plan) -> str:
+  if plan.family == 'imagen':
+    return plan.text_encoder_path or 'random init, frozen (no pretrained weights offline)'
+  if 'clip' in dict(plan.stages):
+    return 'CLIP trained on Shapes by the clip stage, frozen (clip/export)'
+  return 'trained jointly'
 
 
 def print_summary(result: dict) -> None:
@@ -392,6 +439,35 @@ def print_summary(result: dict) -> None:
 
 # CLI ----------------------------------------------------------------------------------------------
 
+def parse_steps(spec: str) -> dict[str, int]:
+  """'clip:600,prior:1500' -> {'clip': 600, 'prior': 1500}."""
+  out = {}
+  for item in filter(None, (p.strip() for p in spec.split(','))):
+    name, _, n = item.partition(':')
+    if not name or not n.isdigit() or int(n) < 1:
+      raise ValueError(f'--steps: {item!r} is not STAGE:N with N >= 1')
+    out[name] = int(n)
+  return out
+
+
+def with_steps(plan: Plan, base: int | None, sr: int | None, steps: dict[str, int]) -> Plan:
+  """The plan with train steps overridden: --base_steps/--sr_steps for a two-stage (base +
+  super-resolution) family, --steps=stage:N for any stage."""
+  names = [s for s, _ in plan.stages]
+  new = dict(plan.stages)
+  if base or sr:
+    if len(names) != 2:
+      raise ValueError(f'--base_steps/--sr_steps name the two stages of imagen/glide; for '
+                       f'{plan.family} use --steps={",".join(f"{n}:N" for n in names)}')
+    new.update({k: v for k, v in zip(names, (base, sr)) if v})
+  unknown = sorted(set(steps) - set(names))
+  if unknown:
+    raise ValueError(f'--steps: {plan.family} has no stage {", ".join(unknown)} '
+                     f'(its stages: {", ".join(names)})')
+  new.update(steps)
+  return dataclasses.replace(plan, stages=tuple((n, new[n]) for n in names))
+
+
 def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(
@@ -402,6 +478,8 @@ def main(argv=None) -> int:
   parser.add_argument('--family', default='imagen', choices=sorted(DEFAULT_STEPS))
   parser.add_argument('--base_steps', type=int, help='train steps of the base stage')
   parser.add_argument('--sr_steps', type=int, help='train steps of the super-resolution stage')
+  parser.add_argument('--steps',
+                      help='train steps per stage, e.g. clip:600,prior:1000,decoder64:1500')
   parser.add_argument('--train_examples', type=int, help='Shapes training-set size')
   parser.add_argument('--sample_steps', type=int, help='sampler steps per stage')
   parser.add_argument('--guidance_scale', type=float, help='classifier-free guidance scale')
@@ -420,9 +498,10 @@ def main(argv=None) -> int:
                                    guidance_scale=args.guidance_scale, seed=args.seed,
                                    text_encoder_path=args.text_encoder_path)
   plan = default_plan(args.family, **overrides)
-  if args.base_steps or args.sr_steps:
-    (b, bs), (s, ss) = plan.stages
-    plan = dataclasses.replace(plan, stages=((b, args.base_steps or bs), (s, args.sr_steps or ss)))
+  try:
+    plan = with_steps(plan, args.base_steps, args.sr_steps, parse_steps(args.steps or ''))
+  except ValueError as e:
+    parser.error(str(e))
   if args.per_kind:
     plan = dataclasses.replace(plan, per_kind={k: args.per_kind for k in KINDS})
   try:
