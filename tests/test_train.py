@@ -322,3 +322,16 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5,
                                err_msg='2 processes x 4 devices differ from 1 process x 8')
   assert int(multi_state['step']) == 3
+
+
+def test_ema_decay_warms_up_after_the_start_step():
+  from diffusion_jax.train.step import ema_decay_at
+  cfg = {'ema_decay': 0.995, 'ema_start_step': 5}
+  got = [float(ema_decay_at(cfg, s)) for s in (0, 4, 5, 6, 95, 10_000)]
+  want = [0.0, 0.0, 0.1, 2 / 11, 91 / 100, 0.995]
+  np.testing.assert_allclose(got, want, rtol=1e-6,
+                             err_msg='EMA decay must be 0 before the start, then (1+n)/(10+n) '
+                                     'capped at ema_decay')
+  # After 300 updates the initial parameters' weight in the EMA is the product of the decays.
+  init_weight = np.prod([float(ema_decay_at(cfg, s)) for s in range(5, 305)])
+  assert init_weight < 1e-3, f'the initialisation still weighs {init_weight:.3g} in the EMA'
