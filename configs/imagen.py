@@ -133,7 +133,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.schedule = 'cosine'  # continuous-time cosine log-SNR
   c.diffusion.shift = 1.0
   c.diffusion.num_timesteps = 0    # continuous time
-  c.diffusion.parameterization = 'eps'
+  # The CPU-sized super-resolution stages predict v: with a few hundred steps an eps-model
+  # still ignores much of its low-res input (wrong colours, blobs), a v-model already follows
+  # it (Salimans & Ho 2022; Imagen Video's choice).
+  c.diffusion.parameterization = 'v' if (size == 'shapes' and stage != 'base64') else 'eps'
   c.diffusion.learned_variance = False
   c.diffusion.vlb_weight = 0.0
   c.diffusion.loss_weighting = 'none'
