@@ -201,6 +201,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 6.0e-2 if stage == 'prior' else 0.0
   c.optimizer.grad_clip = 1.0
   c.optimizer.ema_decay = 0.9999 if paper else 0.995
+  c.optimizer.ema_warmup = True  # decay min(ema_decay, (1+n)/(10+n)); False: constant
   c.optimizer.ema_start_step = 0
 
   c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,

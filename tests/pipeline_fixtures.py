@@ -21,6 +21,9 @@ def tiny_stage_config(family: str, stage: str):
   cfg.log_steps = 1
   cfg.input.batch_size = 8
   cfg.optimizer.warmup_steps = 0
+  # A plain EMA keeps these one-step stages at (almost) their initialisation, whose zero-init
+  # output layers make DDIM inversion and guidance behave in closed form.
+  cfg.optimizer.ema_warmup = False
   return cfg
 
 

@@ -87,10 +87,12 @@ def ema_decay_at(opt_cfg, step):
   The warm-up (TensorFlow's ExponentialMovingAverage with num_updates, diffusers' EMAModel)
   keeps the random initialisation out of the average: with a fixed 0.995 the EMA still
   holds 0.995^300 = 22% of the initial weights after 300 steps, which short runs sample as
-  noise.
+  noise. `ema_warmup: False` gives the plain EMA (constant decay from the start step).
   """
   decay = float(config_util.get(opt_cfg, 'ema_decay', 0.9999))
   start = int(config_util.get(opt_cfg, 'ema_start_step', 0))
+  if not bool(config_util.get(opt_cfg, 'ema_warmup', True)):  # a plain EMA
+    return jnp.where(step >= start, decay, 0.0)
   n = jnp.maximum(jnp.asarray(step, jnp.float32) - start, 0.0)
   return jnp.where(step >= start, jnp.minimum(decay, (1.0 + n) / (10.0 + n)), 0.0)
 
