@@ -10,6 +10,8 @@ from diffusion_jax import demo
 from diffusion_jax.data import shapes
 from diffusion_jax.eval import alignment
 
+import demo_fixtures
+
 
 def test_caption_kinds_and_closed_sets():
   assert demo.caption_kind('a red circle') == 'single'
@@ -75,17 +77,12 @@ def test_captioned_grid_layout():
 
 
 def _tiny_plan(**kw):
-  return demo.default_plan(
-      'imagen', size='tiny', stages=(('base64', 3), ('sr256', 2)), train_examples=500,
-      batch_size=8, per_kind={'single': 3, 'count': 1, 'conjunction': 1, 'relation': 3},
-      sample_steps=2, guidance_scale=3.0, **kw)
+  return demo_fixtures.tiny_plan('imagen', (('base64', 3), ('sr256', 2)), **kw)
 
 
 @pytest.fixture(scope='module')
 def tiny_demo(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('demo'))
-  plan = _tiny_plan()
-  return root, plan, demo.run(root, plan)
+  return demo_fixtures.run_tiny_demo(tmp_path_factory, 'demo', _tiny_plan())
 
 
 def test_demo_writes_samples_captions_and_alignment(tiny_demo):

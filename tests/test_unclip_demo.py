@@ -18,6 +18,8 @@ from diffusion_jax.models import clip
 from diffusion_jax.tools import export_clip
 from diffusion_jax.train import loop
 
+import demo_fixtures
+
 PROMPTS = ['a red circle', 'two blue squares and a green triangle', '']
 
 
@@ -130,18 +132,13 @@ CLIP_STEPS = 120  # past the ~50 steps at chance level with which contrastive tr
 
 
 def _tiny_plan(**kw):
-  return demo.default_plan(
-      'unclip', size='tiny', stages=(('clip', CLIP_STEPS), ('prior', 2), ('decoder64', 2)),
-      train_examples=500, batch_size=8,
-      per_kind={'single': 3, 'count': 1, 'conjunction': 1, 'relation': 3},
-      sample_steps=2, guidance_scale=3.0, **kw)
+  return demo_fixtures.tiny_plan(
+      'unclip', (('clip', CLIP_STEPS), ('prior', 2), ('decoder64', 2)), **kw)
 
 
 @pytest.fixture(scope='module')
 def tiny_demo(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('unclip_demo'))
-  plan = _tiny_plan()
-  return root, plan, demo.run(root, plan)
+  return demo_fixtures.run_tiny_demo(tmp_path_factory, 'unclip_demo', _tiny_plan())
 
 
 def test_unclip_demo_end_to_end(tiny_demo):
