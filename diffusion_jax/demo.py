@@ -470,6 +470,14 @@ def with_steps(plan: Plan, base: int | None, sr: int | None, steps: dict[str, in
   return dataclasses.replace(plan, stages=tuple((n, new[n]) for n in names))
 
 
+def configure_logging(verbose: bool) -> None:
+  """The demo CLIs' logging: our progress lines only, or every library's logs (`-v`)."""
+  logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                      format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('absl', 'orbax', 'jax', 'tensorflow'):
+    logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(
@@ -491,10 +499,7 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int)
   parser.add_argument('-v', '--verbose', action='store_true', help='library logs too')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                      format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('absl', 'orbax', 'jax', 'tensorflow'):
-    logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
+  configure_logging(args.verbose)
   overrides: dict[str, Any] = dict(train_examples=args.train_examples,
                                    sample_steps=args.sample_steps,
                                    guidance_scale=args.guidance_scale, seed=args.seed,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -302,9 +301,7 @@ def main(argv=None) -> int:
   parser.add_argument('--seeds', type=int, default=3, help='samples per caption for diversity')
   parser.add_argument('--noaug_steps', type=int, help='train steps of the no-augmentation SR')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING)
-  for noisy in ('absl', 'orbax', 'jax', 'tensorflow'):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+  demo.configure_logging(False)
   r = run(args.workdir, args.out, captions_per_kind=args.captions_per_kind, seeds=args.seeds,
           noaug_steps=args.noaug_steps)
   print(f'wrote {args.out}/claims.md, claims.json and figures ({r["seconds"]:.0f} s)')
