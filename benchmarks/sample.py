@@ -91,8 +91,10 @@ def run_peer(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale
   """imagen-pytorch's Unet: `num_steps` guided calls with a DDIM (eta = 0) update."""
   try:
     import torch
-    from imagen_pytorch import Unet
   except ImportError:
+    return None
+  Unet = common.import_peer_unet()
+  if Unet is None:
     return None
   torch.manual_seed(0)
   unet = Unet(**common.MATCHED_PEER_KW).eval()

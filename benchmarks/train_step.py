@@ -80,8 +80,10 @@ def run_peer(batch: int, steps: int, warmup: int) -> dict | None:
   """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
   try:
     import torch
-    from imagen_pytorch import Unet
   except ImportError:
+    return None
+  Unet = common.import_peer_unet()
+  if Unet is None:
     return None
   torch.manual_seed(0)
   unet = Unet(**common.MATCHED_PEER_KW)
