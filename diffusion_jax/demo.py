@@ -69,12 +69,14 @@ class Plan:
   text_encoder_path: str | None = None
 
 
-# Steps per stage on a 2-core CPU (about 20 minutes for the whole Imagen demo). unCLIP,
+# Steps per stage on a 2-core CPU. Imagen, measured alone: base 2.4 steps/s, SR 1.5, 20.7 min
+# in all with sampling (the base's 16x16 attention costs a quarter more per step than 8x8
+# alone, so it trains 1500 steps, not 2000). unCLIP,
 # measured at batch 16 beside another job: clip 8.7-9.8 steps/s, prior 6.0-8.9, decoder64
 # 2.2-2.9, ~2 min compiling and ~2.3 min sampling: 18-21 min. The CLIP's held-out
 # contrastive loss barely moves after 600 steps (0.66 -> 0.65 at 800).
 DEFAULT_STEPS = {
-    'imagen': (('base64', 2000), ('sr256', 400)),
+    'imagen': (('base64', 1500), ('sr256', 400)),
     'glide': (('base64', 2000), ('up256', 400)),
     'unclip': (('clip', 600), ('prior', 1000), ('decoder64', 1500)),
 }
