@@ -92,6 +92,22 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 2) -> list[float
   return times
 
 
+def run_peer(kind: str, **flags) -> dict | None:
+  """imagen-pytorch's numbers from `benchmarks/peer.py` in a child process (same machine, run
+  right after ours); None when the peer is not importable or its process fails."""
+  import subprocess
+  cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peer.py'),
+         f'--kind={kind}'] + [f'--{k}={v}' for k, v in flags.items()]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    print(f'peer process failed (exit {proc.returncode}): {tail}', file=sys.stderr)
+    return None
+  out = json.loads(lines[-1])
+  return out if 'peer_images_per_sec' in out else None
+
+
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 

@@ -87,43 +87,6 @@ def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float
           'output_finite': bool(np.isfinite(np.asarray(out['x'])).all())}
 
 
-def run_peer(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: float):
-  """imagen-pytorch's Unet: `num_steps` guided calls with a DDIM (eta = 0) update."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  Unet = common.import_peer_unet()
-  if Unet is None:
-    return None
-  torch.manual_seed(0)
-  unet = Unet(**common.MATCHED_PEER_KW).eval()
-  s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
-  text = torch.randn(batch, length, dim)
-  mask = torch.ones(batch, length, dtype=torch.bool)
-  times_grid = torch.linspace(1.0, 0.0, num_steps + 1)
-
-  def alpha_sigma(t):  # cosine schedule, as ours
-    return torch.cos(t * torch.pi / 2), torch.sin(t * torch.pi / 2)
-
-  @torch.no_grad()
-  def one():
-    x = torch.randn(batch, 3, s, s)
-    for i in range(num_steps):
-      t, t_next = times_grid[i], times_grid[i + 1]
-      eps = unet.forward_with_cond_scale(x, t.expand(batch), text_embeds=text, text_mask=mask,
-                                         cond_scale=guidance_scale)
-      a, sg = alpha_sigma(t)
-      a2, s2 = alpha_sigma(t_next)
-      x0 = ((x - sg * eps) / a.clamp(min=1e-4)).clamp(-1, 1)
-      x = a2 * x0 + s2 * eps
-
-  times = common.time_calls(one, steps, warmup)
-  median = statistics.median(times)
-  return {'peer': 'imagen-pytorch', 'peer_chain_ms_median': median * 1e3,
-          'peer_images_per_sec': batch / median}
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,8 +108,9 @@ def main(argv=None):
   result.update(run_ours(cfg, args.steps, args.warmup, args.num_steps, args.guidance))
   result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
   if args.peer == 'yes' or (args.peer == 'auto' and matched):
-    peer = run_peer(int(cfg.input.batch_size), args.steps, args.warmup, args.num_steps,
-                    args.guidance)
+    peer = common.run_peer('sample', batch=int(cfg.input.batch_size), steps=args.steps,
+                           warmup=args.warmup, num_steps=args.num_steps,
+                           guidance=args.guidance)
     if peer is None:
       result['peer'] = 'imagen-pytorch not importable'
     else:

@@ -76,40 +76,6 @@ def run_ours(cfg, matched: bool, steps: int, warmup: int) -> dict:
           'loss_finite': bool(np.isfinite(loss))}
 
 
-def run_peer(batch: int, steps: int, warmup: int) -> dict | None:
-  """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  Unet = common.import_peer_unet()
-  if Unet is None:
-    return None
-  torch.manual_seed(0)
-  unet = Unet(**common.MATCHED_PEER_KW)
-  opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
-  s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
-  x = torch.randn(batch, 3, s, s)
-  noise = torch.randn_like(x)
-  text = torch.randn(batch, length, dim)
-  mask = torch.ones(batch, length, dtype=torch.bool)
-
-  def one():
-    t = torch.rand(batch)
-    out = unet(x, t, text_embeds=text, text_mask=mask, cond_drop_prob=0.1)
-    loss = torch.nn.functional.mse_loss(out, noise)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-  times = common.time_calls(one, steps, warmup)
-  median = statistics.median(times)
-  return {'peer': 'imagen-pytorch', 'peer_step_ms_median': median * 1e3,
-          'peer_images_per_sec': batch / median,
-          'peer_params': sum(p.numel() for p in unet.parameters()),
-          'peer_torch_threads': torch.get_num_threads()}
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +97,8 @@ def main(argv=None):
   result.update(run_ours(cfg, matched, args.steps, args.warmup))
   result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
   if args.peer == 'yes' or (args.peer == 'auto' and matched):
-    peer = run_peer(int(cfg.input.batch_size), args.steps, args.warmup)
+    peer = common.run_peer('train', batch=int(cfg.input.batch_size), steps=args.steps,
+                           warmup=args.warmup)
     if peer is None:
       result['peer'] = 'imagen-pytorch not importable'
     else:

@@ -1,0 +1,110 @@
+r"""The peer, imagen-pytorch, timed in a process of its own (run by train_step.py and sample.py).
+
+  python benchmarks/peer.py --kind=train|sample --batch=8 --steps=10 --warmup=2
+      [--num_steps=50 --guidance=5.0]
+
+Its own process, because importing torchvision beside TensorFlow (which the library's data
+side loads) crashes the interpreter, and so that torch's and XLA's thread pools never share
+a process. Prints one JSON line (`{"peer": "imagen-pytorch not importable"}` without it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def train_step(batch: int, steps: int, warmup: int) -> dict | None:
+  """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  Unet = common.import_peer_unet()
+  if Unet is None:
+    return None
+  torch.manual_seed(0)
+  unet = Unet(**common.MATCHED_PEER_KW)
+  opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+  s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
+  x = torch.randn(batch, 3, s, s)
+  noise = torch.randn_like(x)
+  text = torch.randn(batch, length, dim)
+  mask = torch.ones(batch, length, dtype=torch.bool)
+
+  def one():
+    t = torch.rand(batch)
+    out = unet(x, t, text_embeds=text, text_mask=mask, cond_drop_prob=0.1)
+    loss = torch.nn.functional.mse_loss(out, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  times = common.time_calls(one, steps, warmup)
+  median = statistics.median(times)
+  return {'peer': 'imagen-pytorch', 'peer_step_ms_median': median * 1e3,
+          'peer_images_per_sec': batch / median,
+          'peer_params': sum(p.numel() for p in unet.parameters()),
+          'peer_torch_threads': torch.get_num_threads()}
+
+
+def sample(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: float):
+  """imagen-pytorch's Unet: `num_steps` guided calls with a DDIM (eta = 0) update."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  Unet = common.import_peer_unet()
+  if Unet is None:
+    return None
+  torch.manual_seed(0)
+  unet = Unet(**common.MATCHED_PEER_KW).eval()
+  s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
+  text = torch.randn(batch, length, dim)
+  mask = torch.ones(batch, length, dtype=torch.bool)
+  times_grid = torch.linspace(1.0, 0.0, num_steps + 1)
+
+  def alpha_sigma(t):  # cosine schedule, as ours
+    return torch.cos(t * torch.pi / 2), torch.sin(t * torch.pi / 2)
+
+  @torch.no_grad()
+  def one():
+    x = torch.randn(batch, 3, s, s)
+    for i in range(num_steps):
+      t, t_next = times_grid[i], times_grid[i + 1]
+      eps = unet.forward_with_cond_scale(x, t.expand(batch), text_embeds=text, text_mask=mask,
+                                         cond_scale=guidance_scale)
+      a, sg = alpha_sigma(t)
+      a2, s2 = alpha_sigma(t_next)
+      x0 = ((x - sg * eps) / a.clamp(min=1e-4)).clamp(-1, 1)
+      x = a2 * x0 + s2 * eps
+
+  times = common.time_calls(one, steps, warmup)
+  median = statistics.median(times)
+  return {'peer': 'imagen-pytorch', 'peer_chain_ms_median': median * 1e3,
+          'peer_images_per_sec': batch / median}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--kind', required=True, choices=('train', 'sample'))
+  p.add_argument('--batch', type=int, default=common.MATCHED_BATCH)
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--num_steps', type=int, default=50)
+  p.add_argument('--guidance', type=float, default=5.0)
+  a = p.parse_args(argv)
+  if a.kind == 'train':
+    out = train_step(a.batch, a.steps, a.warmup)
+  else:
+    out = sample(a.batch, a.steps, a.warmup, a.num_steps, a.guidance)
+  print(json.dumps(out or {'peer': 'imagen-pytorch not importable'}))
+
+
+if __name__ == '__main__':
+  main()
