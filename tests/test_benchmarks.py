@@ -39,3 +39,12 @@ def test_benchmark_json(script, extra, finite):
   assert result['matmul_peak_gflops'] > 0 and result['dtype'] == 'float32'
   assert result['fraction_of_matmul_peak'] == pytest.approx(
       result['achieved_gflops'] / result['matmul_peak_gflops'])
+
+
+def test_peer_process_answers_with_one_json_line():
+  # Without imagen-pytorch (as in CI) the peer says so; with it, it times one step.
+  result = _run('peer.py', '--kind=train', '--steps=1', '--warmup=0', '--batch=1')
+  if 'peer_images_per_sec' in result:
+    assert result['peer_images_per_sec'] > 0 and result['peer'] == 'imagen-pytorch'
+  else:
+    assert result == {'peer': 'imagen-pytorch not importable'}, result
