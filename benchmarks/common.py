@@ -35,37 +35,6 @@ MATCHED_PEER_KW = dict(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
 MATCHED_BATCH, MATCHED_TEXT_LEN, MATCHED_TEXT_DIM, MATCHED_SIZE = 8, 16, 128, 64
 
 
-def import_peer_unet():
-  """imagen-pytorch's `Unet` class, or None when the package is not importable.
-
-  Importing imagen-pytorch asks the model hub for t5-v1_1-base's config, only to set a
-  default text width that the matched benchmark overrides (text_embed_dim=128). Nothing may
-  download here, so that lookup is answered with the published shape of t5-v1_1-base.
-  """
-  try:
-    import transformers
-  except ImportError:
-    return None
-  cls = transformers.T5Config
-  own = cls.__dict__.get('from_pretrained')
-
-  def published_t5_v1_1_base(name, *args, **kwargs):
-    del name, args, kwargs
-    return cls(d_model=768, d_ff=2048, d_kv=64, num_layers=12, num_heads=12,
-               feed_forward_proj='gated-gelu')
-  cls.from_pretrained = published_t5_v1_1_base
-  try:
-    from imagen_pytorch import Unet
-  except ImportError:
-    return None
-  finally:
-    if own is None:
-      del cls.from_pretrained
-    else:
-      cls.from_pretrained = own
-  return Unet
-
-
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
   """Measured float32 matmul throughput of this machine (GFLOP/s, median of `reps`)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)

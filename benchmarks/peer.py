@@ -19,17 +19,54 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def train_step(batch: int, steps: int, warmup: int) -> dict | None:
-  """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
+def _import_peer_unet():
+  """imagen-pytorch's `Unet` class, or None when the package is not importable.
+
+  Importing imagen-pytorch asks the model hub for t5-v1_1-base's config, only to set a
+  default text width that the matched benchmark overrides (text_embed_dim=128). Nothing may
+  download here, so that lookup is answered with the published shape of t5-v1_1-base.
+  """
   try:
-    import torch
+    import transformers
   except ImportError:
     return None
-  Unet = common.import_peer_unet()
+  cls = transformers.T5Config
+  own = cls.__dict__.get('from_pretrained')
+
+  def published_t5_v1_1_base(name, *args, **kwargs):
+    del name, args, kwargs
+    return cls(d_model=768, d_ff=2048, d_kv=64, num_layers=12, num_heads=12,
+               feed_forward_proj='gated-gelu')
+  cls.from_pretrained = published_t5_v1_1_base
+  try:
+    from imagen_pytorch import Unet
+  except ImportError:
+    return None
+  finally:
+    if own is None:
+      del cls.from_pretrained
+    else:
+      cls.from_pretrained = own
+  return Unet
+
+
+def _matched_unet():
+  """(torch, imagen-pytorch's Unet laid out as `common.MATCHED_PEER_KW`, seeded 0), or None
+  when imagen-pytorch is not importable."""
+  Unet = _import_peer_unet()
   if Unet is None:
     return None
+  import torch  # imported by imagen-pytorch already
   torch.manual_seed(0)
-  unet = Unet(**common.MATCHED_PEER_KW)
+  return torch, Unet(**common.MATCHED_PEER_KW)
+
+
+def train_step(batch: int, steps: int, warmup: int) -> dict | None:
+  """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
+  peer = _matched_unet()
+  if peer is None:
+    return None
+  torch, unet = peer
   opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
   s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
   x = torch.randn(batch, 3, s, s)
@@ -55,15 +92,11 @@ def train_step(batch: int, steps: int, warmup: int) -> dict | None:
 
 def sample(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: float):
   """imagen-pytorch's Unet: `num_steps` guided calls with a DDIM (eta = 0) update."""
-  try:
-    import torch
-  except ImportError:
+  peer = _matched_unet()
+  if peer is None:
     return None
-  Unet = common.import_peer_unet()
-  if Unet is None:
-    return None
-  torch.manual_seed(0)
-  unet = Unet(**common.MATCHED_PEER_KW).eval()
+  torch, unet = peer
+  unet.eval()
   s, length, dim = common.MATCHED_SIZE, common.MATCHED_TEXT_LEN, common.MATCHED_TEXT_DIM
   text = torch.randn(batch, length, dim)
   mask = torch.ones(batch, length, dtype=torch.bool)
