@@ -117,7 +117,7 @@ def test_demo_rerun_is_cached_and_a_longer_plan_resumes(tiny_demo, monkeypatch, 
   def no_training(*a, **k):
     raise AssertionError('a finished demo must not train again')
   monkeypatch.setattr(loop, 'train', no_training)
-  assert demo.run(root, plan) == result
+  assert demo.run(root, plan, parallel=1) == result
   assert 'already finished' in capsys.readouterr().out
   monkeypatch.undo()
   # One more base step: the base stage resumes from its checkpoint (not from scratch).
@@ -129,7 +129,9 @@ def test_demo_rerun_is_cached_and_a_longer_plan_resumes(tiny_demo, monkeypatch, 
     return real_train(config, workdir, **kw)
   monkeypatch.setattr(loop, 'train', spy)
   longer = dataclasses.replace(plan, stages=(('base64', 4), ('sr256', 2)))
-  out = demo.run(root, longer)
+  # In this process (parallel=1), so the spy sees the calls; the fixture's run trained both
+  # stages at once in worker processes, and their checkpoints are what resumes here.
+  out = demo.run(root, longer, parallel=1)
   assert calls == [('base64', 4), ('sr256', 2)]
   assert out['plan_hash'] != result['plan_hash']
   assert sorted(os.listdir(os.path.join(root, 'base64', 'checkpoints')))[-1] == '4'
@@ -139,3 +141,10 @@ def test_demo_cli_refuses_unknown_family(capsys):
   with pytest.raises(SystemExit):
     demo.main(['--workdir=/nonexistent', '--family=dalle'])
   assert 'invalid choice' in capsys.readouterr().err
+
+
+def test_stage_waves_train_clip_before_its_readers():
+  imagen = demo.default_plan('imagen')
+  assert demo.stage_waves(imagen) == [imagen.stages], 'base and SR depend on nothing'
+  unclip = demo.default_plan('unclip')
+  assert demo.stage_waves(unclip) == [(('clip', 600),), (('prior', 1000), ('decoder64', 1500))]

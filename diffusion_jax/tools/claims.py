@@ -173,7 +173,8 @@ def run(root: str, out: str, *, captions_per_kind: int = 12, seeds: int = 3,
                                 train_examples=plan.train_examples)
   rng = jax.random.PRNGKey(plan.seed + 7)
   result: dict = {'plan': dataclasses.asdict(plan), 'captions': len(captions), 'seeds': seeds,
-                  'stage_sampler': {'sampler': plan.sampler, 'num_steps': plan.sample_steps}}
+                  'stage_sampler': {'sampler': plan.sampler, 'num_steps': plan.sample_steps,
+                                    'sr_num_steps': plan.sr_sample_steps}}
   start = time.perf_counter()
 
   # (a) guidance vs alignment and diversity (base stage, several seeds per caption).
