@@ -11,6 +11,7 @@ import pytest
 
 from configs import common
 from diffusion_jax import models
+from diffusion_jax.diffusion import losses
 
 FAMILIES = ('imagen', 'glide', 'unclip')
 SCHEDULES = ('cosine', 'shifted_cosine', 'linear', 'squaredcos_cap_v2')
@@ -41,7 +42,7 @@ def test_config_sections_and_consistency(fam, stage, size):
   m, d = c.model, c.diffusion
   assert d.schedule in SCHEDULES, f'unknown schedule {d.schedule}'
   assert d.parameterization in ('eps', 'x0', 'v')
-  assert d.loss_weighting in ('none', 'min_snr', 'p2')
+  assert d.loss_weighting in losses.WEIGHTINGS
   assert c.sampler.name in ('ddpm', 'ddim', 'dpmpp_2m')
   assert c.sampler.threshold in ('none', 'static', 'dynamic')
   assert c.optimizer.name in ('adamw', 'adafactor')

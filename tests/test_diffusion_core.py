@@ -276,10 +276,11 @@ def test_weightings_agree_across_parameterizations():
       return {'eps': eps, 'x0': x0, 'v': process.v_from_x0_eps(x0, eps, alpha, sigma)}[param]
     return apply_fn
 
-  for weighting in ('min_snr', 'p2'):
+  for weighting, offset in (('min_snr', 0.0), ('min_snr', 0.5), ('p2', 0.0)):
     values = [float(losses.diffusion_loss(apply_in(p), None, batch, rng,
                                           {'schedule': 'cosine', 'parameterization': p,
-                                           'loss_weighting': weighting})[0])
+                                           'loss_weighting': weighting,
+                                           'min_snr_offset': offset})[0])
               for p in process.PARAMETERIZATIONS]
     np.testing.assert_allclose(values, values[0], rtol=2e-3,
                                err_msg=f'{weighting} weighting depends on the parameterisation')
@@ -288,6 +289,14 @@ def test_weightings_agree_across_parameterizations():
                              jnp.minimum(snr, 5.0), rtol=1e-5)
   np.testing.assert_allclose(losses.loss_weight(jnp.log(snr), 'eps', 'min_snr'),
                              jnp.minimum(snr, 5.0) / snr, rtol=1e-5)
+  # An offset c keeps v-MSE weight (snr + c) / (snr + 1) below gamma: c = 1 is the v-MSE
+  # itself up to snr = gamma - 1, then gamma / (1 + snr).
+  np.testing.assert_allclose(
+      losses.loss_weight(jnp.log(snr), 'v', 'min_snr', min_snr_offset=0.25),
+      [0.35 / 1.1, 5.0 / 6.0, 5.0 / 51.0], rtol=1e-5, err_msg='min_snr_offset on v is wrong')
+  np.testing.assert_allclose(
+      losses.loss_weight(jnp.log(snr), 'v', 'min_snr', min_snr_offset=1.0),
+      [1.0, 5.0 / 6.0, 5.0 / 51.0], rtol=1e-5, err_msg='offset 1 is not the capped v-MSE')
 
 
 def test_vlb_zero_for_exact_model_and_mean_gets_no_vlb_gradient():

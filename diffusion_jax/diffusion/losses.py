@@ -37,11 +37,15 @@ def _eps_mse_ratio(snr_B, parameterization: str):
 
 
 def loss_weight(logsnr_B, parameterization: str, weighting: str = 'none', *,
-                min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0):
+                min_snr_gamma: float = 5.0, min_snr_offset: float = 0.0, p2_gamma: float = 1.0,
+                p2_k: float = 1.0):
   """Per-example weight on the parameterisation's MSE.
 
   - 'none': L_simple of the parameterisation.
-  - 'min_snr': Min-SNR-gamma (Hang et al. 2023): eps-equivalent weight min(snr, gamma)/snr.
+  - 'min_snr': Min-SNR-gamma (Hang et al. 2023): eps-equivalent weight min(snr, gamma)/snr;
+    with `min_snr_offset` c, min(snr + c, gamma)/snr. For v-prediction that is a v-MSE weight
+    (snr + c)/(snr + 1) below gamma: the noisiest levels keep weight c instead of none (c = 1:
+    the v-MSE itself, capped above snr = gamma - 1).
   - 'p2': perception-prioritised weighting (Choi et al. 2022): eps-equivalent weight
     1 / (k + snr)^gamma.
   Both are defined on the eps-MSE and converted, so they mean the same thing whatever the
@@ -52,7 +56,7 @@ def loss_weight(logsnr_B, parameterization: str, weighting: str = 'none', *,
     return jnp.ones_like(logsnr_B)
   snr = jnp.exp(logsnr_B)
   if weighting == 'min_snr':
-    w_eps = jnp.minimum(snr, min_snr_gamma) / snr
+    w_eps = jnp.minimum(snr + min_snr_offset, min_snr_gamma) / snr
   elif weighting == 'p2':
     w_eps = 1.0 / (p2_k + snr)**p2_gamma
   else:
@@ -160,6 +164,7 @@ def diffusion_loss(apply_fn: Callable, params, batch, rng, cfg) -> tuple[jax.Arr
   weight_B = loss_weight(
       schedule.logsnr(t_B), parameterization, _cfg_get(cfg, 'loss_weighting', 'none'),
       min_snr_gamma=float(_cfg_get(cfg, 'min_snr_gamma', 5.0)),
+      min_snr_offset=float(_cfg_get(cfg, 'min_snr_offset', 0.0)),
       p2_gamma=float(_cfg_get(cfg, 'p2_gamma', 1.0)), p2_k=float(_cfg_get(cfg, 'p2_k', 1.0)))
   loss_B = weight_B * mse_B
   aux = {'mse': jnp.mean(mse_B), 't_mean': jnp.mean(t_B)}
