@@ -72,9 +72,11 @@ class Plan:
   text_encoder_path: str | None = None
 
 
-# Steps per stage on a 2-core CPU. Imagen, measured alone: base 2.4 steps/s, SR 1.5, 20.7 min
-# in all with sampling (the base's 16x16 attention costs a quarter more per step than 8x8
-# alone, so it trains 1500 steps, not 2000). unCLIP,
+# Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side take
+# 899 s and 458 s (base 1.5 steps/s while the SR trains, 1.9 after), 17.8 min in all with
+# sampling; one after the other (before the base's cross-attention) they took 691 s + 320 s.
+# The base's 16x16 attention costs a quarter more per step than 8x8 alone, so it trains 1500
+# steps, not 2000. unCLIP,
 # measured at batch 16 beside another job: clip 8.7-9.8 steps/s, prior 6.0-8.9, decoder64
 # 2.2-2.9, ~2 min compiling and ~2.3 min sampling: 18-21 min. The CLIP's held-out
 # contrastive loss barely moves after 600 steps (0.66 -> 0.65 at 800).
@@ -340,9 +342,9 @@ def train_stages(plan: Plan, root: str, parallel: int = 2) -> dict[str, float]:
 def _train_stage(plan: Plan, stage: str, steps: int, root: str,
                  verbose: bool | None = None) -> float:
   """One stage to its last step (in a worker process when `verbose` is given); seconds."""
-  from diffusion_jax.train import loop
-  if verbose is not None:
+  if verbose is not None:  # before the imports below, which log as they load
     configure_logging(verbose)
+  from diffusion_jax.train import loop
   config = stage_config(plan, stage, steps, root)
   start = time.perf_counter()
   metrics = loop.train(config, os.path.join(root, stage), hooks=(_Printer(stage, steps),))
