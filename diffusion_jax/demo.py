@@ -302,11 +302,9 @@ def stage_waves(plan: Plan) -> list[tuple[tuple[str, int], ...]]:
   """The stages in groups that can train at once: a stage that reads the plan's own CLIP
   waits for the clip stage; the others depend on nothing (each SR stage trains on
   ground-truth low-res images, not on the stage before)."""
-  if 'clip' not in dict(plan.stages):
-    return [plan.stages]
   clip = tuple(s for s in plan.stages if s[0] == 'clip')
   rest = tuple(s for s in plan.stages if s[0] != 'clip')
-  return [clip] + ([rest] if rest else [])
+  return [wave for wave in (clip, rest) if wave]
 
 
 def train_stages(plan: Plan, root: str, parallel: int = 2) -> dict[str, float]:
@@ -320,32 +318,34 @@ def train_stages(plan: Plan, root: str, parallel: int = 2) -> dict[str, float]:
   index = {stage: i for i, (stage, _) in enumerate(plan.stages)}
   verbose = logging.getLogger().isEnabledFor(logging.INFO)
   for wave in stage_waves(plan):
+    configs = {}
     for stage, steps in wave:
+      configs[stage] = stage_config(plan, stage, steps, root)
       print(f'[{index[stage] + 1}/{n}] {plan.family} {stage}: {steps} steps, batch '
-            f'{plan.batch_size}, {stage_config(plan, stage, steps, root).input.image_size} px '
+            f'{plan.batch_size}, {configs[stage].input.image_size} px '
             f'-> {os.path.join(root, stage)}', flush=True)
     if parallel > 1 and len(wave) > 1:
       import concurrent.futures
       import multiprocessing
       with concurrent.futures.ProcessPoolExecutor(
           min(parallel, len(wave)), mp_context=multiprocessing.get_context('spawn')) as pool:
-        futures = [pool.submit(_train_stage, plan, stage, steps, root, verbose)
+        futures = [pool.submit(_train_stage, configs[stage], stage, steps, root, verbose)
                    for stage, steps in wave]
         for (stage, _), future in zip(wave, futures):
           seconds[stage] = future.result()
     else:
       for stage, steps in wave:
-        seconds[stage] = _train_stage(plan, stage, steps, root)
+        seconds[stage] = _train_stage(configs[stage], stage, steps, root)
   return seconds
 
 
-def _train_stage(plan: Plan, stage: str, steps: int, root: str,
+def _train_stage(config, stage: str, steps: int, root: str,
                  verbose: bool | None = None) -> float:
-  """One stage to its last step (in a worker process when `verbose` is given); seconds."""
+  """One stage's `stage_config` to its last step (in a worker process when `verbose` is
+  given); seconds."""
   if verbose is not None:  # before the imports below, which log as they load
     configure_logging(verbose)
   from diffusion_jax.train import loop
-  config = stage_config(plan, stage, steps, root)
   start = time.perf_counter()
   metrics = loop.train(config, os.path.join(root, stage), hooks=(_Printer(stage, steps),))
   took = time.perf_counter() - start
