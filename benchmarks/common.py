@@ -77,6 +77,16 @@ def run_peer(kind: str, **flags) -> dict | None:
   return out if 'peer_images_per_sec' in out else None
 
 
+def add_peer(result: dict, kind: str, **flags) -> None:
+  """Runs the peer (`run_peer`) and adds its numbers and our speed-up over it to `result`."""
+  peer = run_peer(kind, **flags)
+  if peer is None:
+    result['peer'] = 'imagen-pytorch not importable'
+  else:
+    result.update(peer)
+    result['speedup_vs_peer'] = result['images_per_sec'] / peer['peer_images_per_sec']
+
+
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 

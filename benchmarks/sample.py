@@ -108,14 +108,8 @@ def main(argv=None):
   result.update(run_ours(cfg, args.steps, args.warmup, args.num_steps, args.guidance))
   result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
   if args.peer == 'yes' or (args.peer == 'auto' and matched):
-    peer = common.run_peer('sample', batch=int(cfg.input.batch_size), steps=args.steps,
-                           warmup=args.warmup, num_steps=args.num_steps,
-                           guidance=args.guidance)
-    if peer is None:
-      result['peer'] = 'imagen-pytorch not importable'
-    else:
-      result.update(peer)
-      result['speedup_vs_peer'] = result['images_per_sec'] / peer['peer_images_per_sec']
+    common.add_peer(result, 'sample', batch=int(cfg.input.batch_size), steps=args.steps,
+                    warmup=args.warmup, num_steps=args.num_steps, guidance=args.guidance)
   result['peak_rss_mb'] = common.peak_rss_mb()
   print(f"{args.model}: {result['images_per_sec']:.3f} images/s ({args.num_steps}-step guided "
         f"DDIM, chain {result['chain_ms_median'] / 1e3:.2f} s median of {args.steps}), compile "

@@ -97,13 +97,8 @@ def main(argv=None):
   result.update(run_ours(cfg, matched, args.steps, args.warmup))
   result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
   if args.peer == 'yes' or (args.peer == 'auto' and matched):
-    peer = common.run_peer('train', batch=int(cfg.input.batch_size), steps=args.steps,
-                           warmup=args.warmup)
-    if peer is None:
-      result['peer'] = 'imagen-pytorch not importable'
-    else:
-      result.update(peer)
-      result['speedup_vs_peer'] = result['images_per_sec'] / peer['peer_images_per_sec']
+    common.add_peer(result, 'train', batch=int(cfg.input.batch_size), steps=args.steps,
+                    warmup=args.warmup)
   result['peak_rss_mb'] = common.peak_rss_mb()
   print(f"{args.model}: {result['images_per_sec']:.2f} images/s, step "
         f"{result['step_ms_median']:.1f} ms (median of {args.steps}), compile "
