@@ -118,6 +118,10 @@ def test_nonfinite_batch_is_skipped_and_counted():
   assert not same(state3.params, state2.params), 'training must resume after a bad batch'
 
 
+def _checkpoint_steps(workdir) -> list[int]:
+  """The steps checkpointed under WORKDIR/checkpoints, read from the directory names."""
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+
 
 def test_run_of_nonfinite_steps_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
   # Batches from the third on carry a NaN: steps 3, 4, 5 are skipped, and the third of them
@@ -134,7 +138,7 @@ def test_run_of_nonfinite_steps_stops_with_the_last_checkpoint_intact(tmp_path, 
   cfg = tiny_config(glide, 'base64', total_steps=10, ckpt_steps=2, max_nonfinite_steps=3)
   with pytest.raises(loop.NonFiniteError, match='3 consecutive steps.*step 5'):
     loop.train(cfg, str(tmp_path))
-  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  steps = _checkpoint_steps(tmp_path)
   assert steps == [2, 4], f'checkpoints {steps}: the stop must come at step 5, after 4 saved'
   _, at2, _ = _restore_raw(str(tmp_path), 2)
   _, at4, _ = _restore_raw(str(tmp_path), 4)
@@ -145,15 +149,16 @@ def test_keep_every_k_keeps_multiples_beside_the_last_n(tmp_path):
   cfg = tiny_config(glide, 'base64', total_steps=5, ckpt_steps=1, keep_checkpoints=1,
                     keep_every_steps=2)
   loop.train(cfg, str(tmp_path))
-  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  steps = _checkpoint_steps(tmp_path)
   assert steps == [2, 4, 5], f'checkpoints {steps}: want every 2nd step plus the last one'
+
 
 def _restore_raw(workdir, step=None):
   """(step, state as a dict of numpy arrays, data-iterator JSONs) of a checkpoint, read with
   plain orbax (no library code, any topology)."""
   root = os.path.join(workdir, 'checkpoints')
   if step is None:
-    step = max(int(d) for d in os.listdir(root) if d.isdigit())
+    step = _checkpoint_steps(workdir)[-1]
   path = os.path.join(root, str(step), 'state')
   ckptr = ocp.PyTreeCheckpointer()
   tree = ckptr.metadata(path).item_metadata.tree
