@@ -61,6 +61,16 @@ def _matched_unet():
   return torch, Unet(**common.MATCHED_PEER_KW)
 
 
+def counted_flops(fn) -> int:
+  """Matmul and convolution FLOPs of one untimed call, counted by torch as ours are counted
+  from the jaxpr (elementwise work left out), so that FLOP/s compare like for like."""
+  from torch.utils.flop_counter import FlopCounterMode
+  counter = FlopCounterMode(display=False)
+  with counter:
+    fn()
+  return int(counter.get_total_flops())
+
+
 def train_step(batch: int, steps: int, warmup: int) -> dict | None:
   """imagen-pytorch's Unet, same layout and step (eps MSE + Adam), fp32 on CPU."""
   peer = _matched_unet()
@@ -84,8 +94,10 @@ def train_step(batch: int, steps: int, warmup: int) -> dict | None:
 
   times = common.time_calls(one, steps, warmup)
   median = statistics.median(times)
+  step_flops = counted_flops(one)
   return {'peer': 'imagen-pytorch', 'peer_step_ms_median': median * 1e3,
           'peer_images_per_sec': batch / median,
+          'peer_flops_per_step': step_flops, 'peer_achieved_gflops': step_flops / median / 1e9,
           'peer_params': sum(p.numel() for p in unet.parameters()),
           'peer_torch_threads': torch.get_num_threads()}
 
@@ -119,8 +131,14 @@ def sample(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: 
 
   times = common.time_calls(one, steps, warmup)
   median = statistics.median(times)
+  # One guided call counted, times the chain's steps: counting the whole chain would double
+  # the peer's run (the DDIM update's FLOPs are elementwise).
+  chain_flops = num_steps * counted_flops(torch.no_grad()(lambda: unet.forward_with_cond_scale(
+      torch.randn(batch, 3, s, s), times_grid[0].expand(batch), text_embeds=text,
+      text_mask=mask, cond_scale=guidance_scale)))
   return {'peer': 'imagen-pytorch', 'peer_chain_ms_median': median * 1e3,
-          'peer_images_per_sec': batch / median}
+          'peer_images_per_sec': batch / median,
+          'peer_flops_per_chain': chain_flops, 'peer_achieved_gflops': chain_flops / median / 1e9}
 
 
 def main(argv=None):

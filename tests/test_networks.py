@@ -128,6 +128,27 @@ def test_imagen_sr1024_has_no_self_attention_but_cross_attention():
   assert [k for k in sr256 if k.endswith('_attn')], 'sr256 lost its self-attention'
 
 
+def test_unet_attention_per_level_attends_after_each_levels_last_block():
+  """attention_per='level' (imagen-pytorch's layer_attns): one attention per level and
+  direction, after the last residual block; 'block' (ADM) attends after every block."""
+  def attended(per):
+    cfg = config('imagen', 'base64')
+    cfg.model.update(num_res_blocks=2, attention_per=per)
+    module = models.build(cfg.model)
+    x, t, cond = models.example_inputs(cfg.model, B)
+    params = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+    return sorted(k[:-len('_attn')] for k in params if k.endswith('_attn'))
+  # tiny base: levels 0 (16 px) and 1 (8 px), attention at 8 px; 2 blocks down, 3 up.
+  assert attended('level') == ['down1_1', 'mid', 'up1_2'], attended('level')
+  assert attended('block') == ['down1_0', 'down1_1', 'mid', 'up1_0', 'up1_1', 'up1_2'], (
+      attended('block'))
+  cfg = config('imagen', 'base64')
+  cfg.model.attention_per = 'resolution'
+  module = models.build(cfg.model)
+  with pytest.raises(ValueError, match='attention_per'):
+    jax.eval_shape(module.init, jax.random.key(0), *models.example_inputs(cfg.model, B))
+
+
 # --- GLIDE -----------------------------------------------------------------------------
 
 def test_glide_base_reads_token_ids_and_drops_them(net):

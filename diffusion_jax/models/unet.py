@@ -204,6 +204,9 @@ class UNet(ConditionedUNetBase):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = True
   ff_mult: int = 0                   # > 0: channel MLP after each attention ('cross' mode)
+  # 'block': attention after every residual block at an attention resolution (ADM, GLIDE);
+  # 'level': once per level, after its last residual block (imagen-pytorch's layer_attns).
+  attention_per: str = 'block'
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
@@ -212,6 +215,8 @@ class UNet(ConditionedUNetBase):
     if H != self.image_size or W != self.image_size or C != self.in_channels:
       raise ValueError(f'UNet expects [B, {self.image_size}, {self.image_size}, '
                        f'{self.in_channels}] inputs, got {x_BHWC.shape}')
+    if self.attention_per not in ('block', 'level'):
+      raise ValueError(f"attention_per={self.attention_per!r}: use 'block' or 'level'")
     det = not train
     emb, ctx, ctx_mask = self.conditioning(t_B, cond, B, det)
     res_block = layers.maybe_remat(layers.ResBlock, self.remat_policy)
@@ -233,6 +238,9 @@ class UNet(ConditionedUNetBase):
         h = layers.FeedForward2d(self.ff_mult, self.norm_groups, name=f'{tag}_ff', **kw)(h)
       return h
 
+    def attends_after(i, n):
+      return res in self.attention_resolutions and (self.attention_per == 'block' or i == n - 1)
+
     h = layers.conv(self.model_channels, 3, name='in_conv', **kw)(self.prepare_input(x_BHWC,
                                                                                     cond))
     hs, res = [h], self.image_size
@@ -240,7 +248,7 @@ class UNet(ConditionedUNetBase):
     for level, mult in enumerate(self.channel_mult):
       for i in range(nblocks[level]):
         h = res_block(mult * self.model_channels, **rb_kw, name=f'down{level}_res{i}')(h, emb)
-        if res in self.attention_resolutions:
+        if attends_after(i, nblocks[level]):
           h = attend(h, f'down{level}_{i}')
         hs.append(h)
       if level != len(self.channel_mult) - 1:
@@ -263,7 +271,7 @@ class UNet(ConditionedUNetBase):
       for i in range(nblocks[level] + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_block(ch, **rb_kw, name=f'up{level}_res{i}')(h, emb)
-        if res in self.attention_resolutions:
+        if attends_after(i, nblocks[level] + 1):
           h = attend(h, f'up{level}_{i}')
       if level:
         if self.resblock_updown:
