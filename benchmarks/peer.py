@@ -118,12 +118,16 @@ def sample(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: 
     return torch.cos(t * torch.pi / 2), torch.sin(t * torch.pi / 2)
 
   @torch.no_grad()
+  def guided_eps(x, t):
+    return unet.forward_with_cond_scale(x, t.expand(batch), text_embeds=text, text_mask=mask,
+                                        cond_scale=guidance_scale)
+
+  @torch.no_grad()
   def one():
     x = torch.randn(batch, 3, s, s)
     for i in range(num_steps):
       t, t_next = times_grid[i], times_grid[i + 1]
-      eps = unet.forward_with_cond_scale(x, t.expand(batch), text_embeds=text, text_mask=mask,
-                                         cond_scale=guidance_scale)
+      eps = guided_eps(x, t)
       a, sg = alpha_sigma(t)
       a2, s2 = alpha_sigma(t_next)
       x0 = ((x - sg * eps) / a.clamp(min=1e-4)).clamp(-1, 1)
@@ -133,9 +137,8 @@ def sample(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: 
   median = statistics.median(times)
   # One guided call counted, times the chain's steps: counting the whole chain would double
   # the peer's run (the DDIM update's FLOPs are elementwise).
-  chain_flops = num_steps * counted_flops(torch.no_grad()(lambda: unet.forward_with_cond_scale(
-      torch.randn(batch, 3, s, s), times_grid[0].expand(batch), text_embeds=text,
-      text_mask=mask, cond_scale=guidance_scale)))
+  chain_flops = num_steps * counted_flops(
+      lambda: guided_eps(torch.randn(batch, 3, s, s), times_grid[0]))
   return {'peer': 'imagen-pytorch', 'peer_chain_ms_median': median * 1e3,
           'peer_images_per_sec': batch / median,
           'peer_flops_per_chain': chain_flops, 'peer_achieved_gflops': chain_flops / median / 1e9}
