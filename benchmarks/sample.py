@@ -2,14 +2,15 @@ r"""Sampler throughput: images/s of a guided DDIM chain (default 50 steps), comp
 peak RSS and achieved GFLOP/s.
 
   python benchmarks/sample.py [--model=matched_imagen_unet | --model=CONFIG:ARG]
-      [--batch=8] [--steps=10] [--num_steps=50] [--guidance=5.0] [--peer]
+      [--batch=8] [--steps=10] [--num_steps=50] [--guidance=5.0] [--cpu_devices=auto] [--peer]
 
 One timed iteration is one whole chain: `--num_steps` denoiser calls, each a single batched
 forward pass over the conditional and unconditional rows (classifier-free guidance), with
 dynamic thresholding, inside one jitted `lax.scan` (no host round trip between steps).
 The conditioning (text token states, low-res input, ...) is random and fixed, as if the
-prompts had been encoded once. float32 on CPU. With imagen-pytorch importable the peer's
-Unet runs the same number of guided calls (`forward_with_cond_scale`, which evaluates the
+prompts had been encoded once. float32 on CPU, the batch sharded over one CPU device per
+core (`--cpu_devices`), as the pipelines shard it over every device. With imagen-pytorch
+importable the peer's Unet runs the same number of guided calls (`forward_with_cond_scale`, which evaluates the
 conditional and null branches) plus the DDIM update, in the same process.
 """
 from __future__ import annotations
@@ -46,8 +47,9 @@ def random_cond(model_cfg, batch: int, seed: int = 0):
 
 
 def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float) -> dict:
-  from diffusion_jax import flops, models
+  from diffusion_jax import flops, models, parallel
   from diffusion_jax.diffusion import guidance, samplers, schedules
+  mesh = parallel.create_mesh(cfg.mesh)
   model = models.build(cfg.model)
   b = int(cfg.input.batch_size)
   x, t, _ = models.example_inputs(cfg.model, 1)
@@ -55,7 +57,10 @@ def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float
       jax.random.PRNGKey(0))
   schedule = schedules.from_config(cfg.diffusion)
   learned = bool(cfg.model.get('learned_variance', False))
-  cond = random_cond(cfg.model, b)
+  # the batch over every device and the parameters replicated, as the pipelines sample
+  params = jax.device_put(params, parallel.replicated(mesh))
+  cond = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim))
+          for k, v in random_cond(cfg.model, b).items()}
   shape = (b,) + tuple(x.shape[1:])
 
   def chain(params, x_T, rng, cond):
@@ -66,7 +71,8 @@ def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float
                            parameterization=cfg.diffusion.parameterization,
                            learned_variance=learned, threshold='dynamic')
 
-  x_T = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+  x_T = jax.device_put(jax.random.normal(jax.random.key(1), shape, jnp.float32),
+                       parallel.batch_sharding(mesh, len(shape)))
   rng = jax.random.key(2)
   t0 = time.perf_counter()
   compiled = jax.jit(chain).lower(params, x_T, rng, cond).compile()
@@ -97,9 +103,11 @@ def main(argv=None):
   p.add_argument('--num_steps', type=int, default=50, help='DDIM steps per chain')
   p.add_argument('--guidance', type=float, default=5.0)
   p.add_argument('--peer', default='auto', choices=('auto', 'yes', 'no'))
+  common.add_cpu_devices_flag(p)
   args = p.parse_args(argv)
   matched = args.model == common.MATCHED
   cfg = common.model_config(args.model, args.batch)
+  common.set_cpu_devices(args.cpu_devices, int(cfg.input.batch_size))
   peak = common.matmul_peak_gflops()
   result = {'benchmark': 'sample', 'model': args.model, 'batch': int(cfg.input.batch_size),
             'image_size': int(cfg.model.get('image_size', 0)), 'sampler': 'ddim',

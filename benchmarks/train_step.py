@@ -1,14 +1,15 @@
 r"""Train-step throughput: images/s, step time, compile time, peak RSS, achieved GFLOP/s.
 
   python benchmarks/train_step.py [--model=matched_imagen_unet | --model=CONFIG:ARG]
-      [--batch=8] [--steps=10] [--warmup=2] [--peer]
+      [--batch=8] [--steps=10] [--warmup=2] [--cpu_devices=auto] [--peer]
 
 `matched_imagen_unet` is our U-Net laid out like imagen-pytorch's
 `Unet(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2, layer_attns=(False, True, True),
 layer_cross_attns=(False, True, True), text_embed_dim=128)` at 64 px, batch 8, 16 text
 tokens, given precomputed text embeddings as the peer is. Any `CONFIG:ARG` (e.g.
 `configs/glide.py:stage=base64,size=shapes`) runs that stage's full train step, frozen
-encoder included. float32 on CPU; one device unless XLA_FLAGS asks for more.
+encoder included. float32 on CPU, the batch sharded over one CPU device per core
+(`--cpu_devices`; see benchmarks/README.md for why).
 
 The whole trainer step is timed (conditioning, loss, gradients, optimizer, EMA, non-finite
 guard) with the state donated, as `diffusion_jax.train` runs it. With imagen-pytorch
@@ -39,7 +40,8 @@ def build(cfg, matched: bool):
   model = models.build(cfg.model)
   if matched:
     table = common.TokenTable(64, cfg.model.text_dim)
-    encoder, frozen = table, table.params()
+    # replicated over the mesh, as the trainer places a frozen encoder's parameters
+    encoder, frozen = table, jax.device_put(table.params(), parallel.replicated(mesh))
   else:
     encoder = loop.build_encoder(cfg, mesh, rules)
     frozen = None if encoder is None else encoder.params
@@ -85,9 +87,11 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--peer', default='auto', choices=('auto', 'yes', 'no'),
                  help='also run imagen-pytorch (auto: for the matched model, when importable)')
+  common.add_cpu_devices_flag(p)
   args = p.parse_args(argv)
   matched = args.model == common.MATCHED
   cfg = common.model_config(args.model, args.batch)
+  common.set_cpu_devices(args.cpu_devices, int(cfg.input.batch_size))
   from diffusion_jax.tools import param_count
   peak = common.matmul_peak_gflops()
   result = {'benchmark': 'train_step', 'model': args.model, 'batch': int(cfg.input.batch_size),

@@ -15,7 +15,8 @@ KEYS = ('images_per_sec', 'step_ms_median', 'compile_s', 'peak_rss_mb', 'achieve
 
 def _run(script, *args):
   env = dict(os.environ)
-  # One CPU device, as a user runs the benchmarks (conftest's 8 simulated devices are for tests).
+  # The CPU devices the benchmark chooses, as a user runs it (conftest's 8 simulated devices
+  # are for tests).
   env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
       '--xla_force_host_platform_device_count=8', '').strip()
   env['JAX_PLATFORMS'] = 'cpu'
@@ -25,17 +26,20 @@ def _run(script, *args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('script,extra,finite', [
-    ('train_step.py', ('--model=configs/imagen.py:stage=base64,size=tiny',), 'loss_finite'),
-    ('sample.py', ('--model=configs/glide.py:stage=up256,size=tiny', '--num_steps=3'),
-     'output_finite'),
+@pytest.mark.parametrize('script,extra,finite,devices', [
+    # auto: one CPU device per core, as many as divide the batch of 2
+    ('train_step.py', ('--model=configs/imagen.py:stage=base64,size=tiny',), 'loss_finite',
+     min(2, os.cpu_count() or 1)),
+    ('sample.py', ('--model=configs/glide.py:stage=up256,size=tiny', '--num_steps=3',
+                   '--cpu_devices=1'), 'output_finite', 1),
 ])
-def test_benchmark_json(script, extra, finite):
+def test_benchmark_json(script, extra, finite, devices):
   result = _run(script, *extra, '--steps=2', '--warmup=1', '--batch=2')
   for key in KEYS:
     assert key in result, key
     assert result[key] > 0, (key, result[key])
   assert result['batch'] == 2 and result['steps'] == 2 and result[finite] is True
+  assert result['devices'] == devices, f'--cpu_devices gave {result["devices"]} devices'
   assert result['matmul_peak_gflops'] > 0 and result['dtype'] == 'float32'
   assert result['fraction_of_matmul_peak'] == pytest.approx(
       result['achieved_gflops'] / result['matmul_peak_gflops'])
