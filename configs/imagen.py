@@ -162,6 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # steps, levels up to 1 teach the model to ignore its input (0.04-0.08 all-correct on
   # rendered low-res scenes, docs/claims); up to 0.3 keeps it following the input (0.73-0.94).
   c.diffusion.noise_aug_max = 0.3 if size == 'shapes' else 1.0
+  c.diffusion.low_res_blur_max = 0.0  # Gaussian-blur augmentation of low_res (0: none)
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.name = 'ddpm'

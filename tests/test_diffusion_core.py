@@ -236,6 +236,35 @@ def test_noise_augment_levels_and_moments():
   np.testing.assert_allclose(clean, low_res[:8], atol=5e-3)
 
 
+def test_gaussian_blur_matches_scipy_per_example_sigma():
+  from scipy import ndimage
+  x = np.random.default_rng(0).standard_normal((3, 16, 12, 3)).astype(np.float32)
+  sigma = np.array([0.0, 0.7, 1.5], np.float32)
+  out = np.asarray(guidance.gaussian_blur(jnp.asarray(x), sigma, max_sigma=1.5))
+  np.testing.assert_array_equal(out[0], x[0], err_msg='sigma 0 must leave the image as it is')
+  for i in (1, 2):  # jnp 'reflect' padding is scipy's 'mirror'; taps reach 3 * max_sigma
+    want = ndimage.gaussian_filter(x[i], (sigma[i], sigma[i], 0), mode='mirror',
+                                   truncate=3 * 1.5 / sigma[i])
+    np.testing.assert_allclose(out[i], want, atol=1e-5, err_msg=f'blur of sigma {sigma[i]}')
+  np.testing.assert_allclose(out.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=0.05,
+                             err_msg='a normalised blur keeps the mean colour')
+
+
+def test_blur_augment_draws_per_example_and_fixes_at_sampling():
+  edge = np.zeros((64, 16, 16, 3), np.float32)
+  edge[:, :, 8:] = 1.0  # a vertical step edge: its spread measures the blur
+  drawn = np.asarray(guidance.blur_augment(jnp.asarray(edge), jax.random.PRNGKey(0),
+                                           max_sigma=2.0))
+  # Values across the edge: one per example, 0.5 for no blur, up to ~0.6 at sigma 2.
+  width = (drawn[:, 8, :, 0] > 0.02).sum(-1) - (drawn[:, 8, :, 0] > 0.98).sum(-1)
+  assert width.min() <= 1 and width.max() >= 4, f'per-example sigmas not spread: {width}'
+  fixed = np.asarray(guidance.blur_augment(jnp.asarray(edge[:4]), jax.random.PRNGKey(1), 1.0,
+                                           max_sigma=1.0))
+  np.testing.assert_allclose(fixed, fixed[:1].repeat(4, 0), err_msg='a fixed sigma is random')
+  np.testing.assert_allclose(
+      fixed[0], guidance.gaussian_blur(jnp.asarray(edge[:1]), [1.0], max_sigma=1.0)[0])
+
+
 # Losses -------------------------------------------------------------------------------------
 
 def _gaussian_batch(n=4096, d=8, mean=0.5, std=0.3, seed=0):

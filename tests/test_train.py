@@ -374,3 +374,29 @@ def test_ema_decay_warms_up_after_the_start_step():
   np.testing.assert_allclose([float(ema_decay_at(plain, s)) for s in (4, 5, 6)],
                              [0.0, 0.995, 0.995], rtol=1e-6,
                              err_msg='ema_warmup=False must give the constant decay')
+
+
+def test_low_res_blur_is_drawn_in_training_fixed_at_sampling_and_off_by_default():
+  from diffusion_jax.diffusion import guidance, schedules
+  cfg = glide.get_config('stage=up256,size=tiny')
+  cfg.diffusion.noise_aug = True
+  low_res = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)), jnp.float32)
+  rng = jax.random.PRNGKey(3)
+  # Off (the default): the noise augmentation draws from the same key as before blur existed.
+  want, _ = guidance.noise_augment(low_res, rng, schedules.from_config(cfg.diffusion),
+                                   max_level=float(cfg.diffusion.get('noise_aug_max', 1.0)))
+  plain = step_lib.Conditioner(cfg).low_res_cond(low_res, rng)
+  np.testing.assert_array_equal(plain['low_res'], want, err_msg='no blur must change nothing')
+  cfg.diffusion.noise_aug = False
+  cfg.diffusion.low_res_blur_max = 1.5
+  cond = step_lib.Conditioner(cfg)
+  drawn = np.asarray(cond.low_res_cond(low_res, rng)['low_res'])
+  roughness = np.abs(np.diff(drawn, axis=1)).mean(axis=(1, 2, 3))
+  raw = np.abs(np.diff(np.asarray(low_res), axis=1)).mean(axis=(1, 2, 3))
+  assert np.all(roughness <= raw + 1e-6) and roughness.std() > 0.1, (
+      f'training must blur each example by its own sigma: {roughness} against {raw}')
+  fixed = cond.low_res_cond(low_res, rng, 0.0, 1.0)['low_res']
+  np.testing.assert_allclose(fixed, guidance.gaussian_blur(low_res, jnp.ones(8), max_sigma=1.0),
+                             atol=1e-6, err_msg='sampling must blur by the fixed sigma')
+  np.testing.assert_array_equal(cond.low_res_cond(low_res, rng, 0.0)['low_res'], low_res,
+                                err_msg='sampling without blur_sigma must not blur')

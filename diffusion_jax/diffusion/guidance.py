@@ -1,9 +1,10 @@
 """Guidance and thresholding: classifier-free guidance in one batched forward pass, a hook for
 gradient guidance (CLIP guidance), static and dynamic thresholding, and noise-conditioning
-augmentation of super-resolution inputs.
+augmentation (and Gaussian-blur augmentation) of super-resolution inputs.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import jax
@@ -104,3 +105,39 @@ def noise_augment(low_res, rng, schedule, aug_t_B=None, *, max_level: float = 1.
     aug_t_B = jnp.broadcast_to(jnp.asarray(aug_t_B, jnp.float32), (batch,))
   noise = jax.random.normal(rng_noise, low_res.shape, low_res.dtype)
   return process.q_sample(low_res, aug_t_B, noise, schedule), aug_t_B
+
+
+def gaussian_blur(images_BHWC, sigma_B, *, max_sigma: float):
+  """Blurs each image with its own isotropic Gaussian of std `sigma_B` (pixels; 0 leaves it
+  unchanged). Separable, reflect-padded; taps reach 3 * max_sigma, which bounds sigma_B."""
+  radius = max(1, int(math.ceil(3.0 * float(max_sigma))))
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  sigma_B = jnp.clip(jnp.asarray(sigma_B, jnp.float32), 1e-3, max(float(max_sigma), 1e-3))
+  taps_BK = jnp.exp(-0.5 * (offsets[None, :] / sigma_B[:, None]) ** 2)
+  taps_BK = taps_BK / jnp.sum(taps_BK, axis=1, keepdims=True)
+  x = images_BHWC.astype(jnp.float32)
+  for axis in (1, 2):
+    n = x.shape[axis]
+    if radius >= n:
+      raise ValueError(f'blur of up to sigma={max_sigma} needs images wider than {radius} px')
+    pad = [(0, 0)] * 4
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(x, pad, mode='reflect')
+    shape = [-1, 1, 1, 1]
+    x = sum(jax.lax.slice_in_dim(padded, k, k + n, axis=axis)
+            * taps_BK[:, k].reshape(shape) for k in range(2 * radius + 1))
+  return x.astype(images_BHWC.dtype)
+
+
+def blur_augment(low_res_BHWC, rng, sigma_B=None, *, max_sigma: float):
+  """Gaussian-blur conditioning augmentation (Ho et al. 2022, cascaded diffusion models): the
+  low-res input blurred with std drawn from U[0, max_sigma] low-res pixels per example when
+  `sigma_B` is None (training), or a fixed std at sampling. An SR stage trained so learns to
+  draw crisp shapes the caption names from a soft low-res input, as a briefly trained base
+  model produces."""
+  batch = low_res_BHWC.shape[0]
+  if sigma_B is None:
+    sigma_B = jax.random.uniform(rng, (batch,), minval=0.0, maxval=max_sigma)
+  else:
+    sigma_B = jnp.broadcast_to(jnp.asarray(sigma_B, jnp.float32), (batch,))
+  return gaussian_blur(low_res_BHWC, sigma_B, max_sigma=max_sigma)

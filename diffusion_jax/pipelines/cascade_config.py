@@ -5,7 +5,8 @@ stage's checkpoints live under ROOT, and how each stage samples.
     c.order             the text-to-image chain, e.g. ('base64', 'sr256')
     c.stages.<name>     config_file ('configs/imagen.py'), config_arg ('stage=base64,size=tiny'),
                         dir (ROOT/<dir>), use_ema, and the sampler settings: sampler, num_steps,
-                        eta, guidance_scale, threshold, percentile, aug_level, best_of,
+                        eta, guidance_scale, threshold, percentile, aug_level, blur_sigma,
+                        best_of,
                         text_encoder_path (a pretrained frozen encoder directory, or None)
     c.extra             stages loaded on demand (GLIDE inpainting, the noised CLIP)
 
@@ -25,7 +26,7 @@ class UnknownStageError(ValueError):
 
 
 SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold', 'percentile',
-            'aug_level', 'best_of')
+            'aug_level', 'blur_sigma', 'best_of')
 
 
 def stage_entry(family: str, stage: str, size: str, stage_config) -> ml_collections.ConfigDict:
@@ -42,6 +43,7 @@ def stage_entry(family: str, stage: str, size: str, stage_config) -> ml_collecti
   e.threshold = s.get('threshold', 'none') or 'none'
   e.percentile = float(s.get('percentile', 99.5))
   e.aug_level = float(s.get('aug_level', 0.0))
+  e.blur_sigma = float(s.get('blur_sigma', 0.0))
   e.best_of = int(s.get('best_of', 1))
   # A stage trained with --config.text_encoder.path=DIR samples with the same encoder.
   te = stage_config.get('text_encoder')

@@ -135,6 +135,7 @@ class Settings:
   threshold: str = 'none'
   percentile: float = 99.5
   aug_level: float = 0.0
+  blur_sigma: float = 0.0
   best_of: int = 1
 
   @classmethod
@@ -226,7 +227,7 @@ class Stage:
     self._sample_jit = jax.jit(self._sample_program, static_argnames=(
         'sampler', 'num_steps', 'threshold', 'percentile', 'use_cfg', 'report', 'extra'))
     self._invert_jit = jax.jit(self._invert_program, static_argnames=('num_steps', 'report'))
-    self._cond_jit = jax.jit(self._cond_program, static_argnames=('aug_level',))
+    self._cond_jit = jax.jit(self._cond_program, static_argnames=('aug_level', 'blur_sigma'))
 
   # Inputs --------------------------------------------------------------------------------------
 
@@ -257,8 +258,8 @@ class Stage:
 
   # Conditioning ---------------------------------------------------------------------------------
 
-  def _cond_program(self, frozen, inputs, rng, aug_level):
-    """cond for sampling from host inputs: text, low_res (+ fixed-level augmentation), image
+  def _cond_program(self, frozen, inputs, rng, aug_level, blur_sigma):
+    """cond for sampling from host inputs: text, low_res (+ fixed blur and augmentation), image
     embedding, inpainting; no dropout (guidance sets the drop flags itself)."""
     cond: dict[str, Any] = {}
     if 'text_ids' in inputs:
@@ -267,7 +268,7 @@ class Stage:
       size = self.config.model.low_res_size
       # A fixed level of 0 is a clean input (the conditioner skips the augmentation).
       cond.update(self.conditioner.low_res_cond(resize(inputs['low_res'], size), rng,
-                                                aug_level))
+                                                aug_level, blur_sigma))
     if 'image_embed' in self.keys:
       cond['image_embed'] = inputs['image_embed']
     for k in ('inpaint_image', 'inpaint_mask'):
@@ -279,11 +280,13 @@ class Stage:
         cond[flag] = inputs.get(flag, jnp.zeros((n,), bool))
     return cond
 
-  def build_cond(self, inputs: Mapping[str, Any], rng, aug_level: float | None = None):
+  def build_cond(self, inputs: Mapping[str, Any], rng, aug_level: float | None = None,
+                 blur_sigma: float | None = None):
     """Host inputs (already padded and sharded) -> the network's cond dict."""
     level = float(self.settings.aug_level if aug_level is None else aug_level)
+    blur = float(self.settings.blur_sigma if blur_sigma is None else blur_sigma)
     with self.context():
-      return self._cond_jit(self.frozen, dict(inputs), rng, aug_level=level)
+      return self._cond_jit(self.frozen, dict(inputs), rng, aug_level=level, blur_sigma=blur)
 
   # Sampling ------------------------------------------------------------------------------------
 
@@ -474,8 +477,8 @@ class Cascade:
 
   def image_chain(self, names, prompts, rng, overrides, *, first_low_res=None,
                   first_inputs=None, collect=None):
-    """Runs image stages in order; each output (resized, noise-augmented at the stage's
-    aug_level) is the next stage's low_res. Returns float images [N, H, W, 3] in [-1, 1]."""
+    """Runs image stages in order; each output (resized, blurred by the stage's blur_sigma
+    and noise-augmented at its aug_level) is the next stage's low_res. Returns float images [N, H, W, 3] in [-1, 1]."""
     n = len(prompts)
     x = first_low_res
     for i, name in enumerate(names):
@@ -490,7 +493,7 @@ class Cascade:
         if x is None:
           raise ValueError(f'stage {name!r} needs a low-resolution input')
         inputs['low_res'] = stage.put(x, n_pad)
-      cond = stage.build_cond(inputs, k_cond, s.aug_level)
+      cond = stage.build_cond(inputs, k_cond, s.aug_level, s.blur_sigma)
       x_T = stage.noise(k_noise, n_pad)
       out = self.timed(name, stage.sample, cond, x_T, k_run, s)
       x = out[:n]

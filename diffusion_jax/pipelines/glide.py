@@ -152,7 +152,7 @@ class GlidePipeline(common.Cascade):
       inputs.update(stage.put({'inpaint_image': img * msk, 'inpaint_mask': msk}, n_pad))
       if 'low_res' in stage.keys:
         inputs['low_res'] = stage.put(x, n_pad)
-      cond = stage.build_cond(inputs, k_cond, s.aug_level)
+      cond = stage.build_cond(inputs, k_cond, s.aug_level, s.blur_sigma)
       x_T = stage.noise(k_noise, n_pad)
       args = (stage.put(img, n_pad), stage.put(msk, n_pad), k_inp)
       out = self.timed(name, stage.sample, cond, x_T, k_run, s, extra=_inpaint_extra,

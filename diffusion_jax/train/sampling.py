@@ -73,12 +73,10 @@ class SampleGrid:
     schedule = schedules.from_config(diffusion_cfg)
     k_cond, k_aug, k_x, k_run = jax.random.split(key, 4)
     x0, cond = self.conditioner(batch, frozen, k_cond)
-    if 'low_res' in cond and config_util.get(diffusion_cfg, 'noise_aug', False):
-      cond['low_res'], aug_t = guidance.noise_augment(
-          batch['low_res'].astype(jnp.float32), k_aug, schedule,
-          float(config_util.get(sampler_cfg, 'aug_level', 0.0)))
-      if 'aug_t' in cond:
-        cond['aug_t'] = aug_t
+    if 'low_res' in cond:  # the sampler's fixed blur and augmentation level, as the pipelines
+      cond.update(self.conditioner.low_res_cond(
+          batch['low_res'], k_aug, float(config_util.get(sampler_cfg, 'aug_level', 0.0)),
+          float(config_util.get(sampler_cfg, 'blur_sigma', 0.0))))
     learned_variance = bool(config_util.get(diffusion_cfg, 'learned_variance', False))
 
     def denoise(x_t, t_B, c):

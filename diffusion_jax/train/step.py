@@ -163,11 +163,20 @@ class Conditioner:
       cond['text_mask'] = text_mask
     return cond
 
-  def low_res_cond(self, low_res, rng, aug_t_B=None) -> dict[str, Any]:
-    """`low_res` (noise-augmented when the stage trains so) and `aug_t`. Training draws the
-    level (aug_t_B None); sampling passes the fixed level, and level 0 means clean."""
+  def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None
+                   ) -> dict[str, Any]:
+    """`low_res` (blurred, then noise-augmented, when the stage trains so) and `aug_t`.
+    Training draws the blur and the level (aug_t_B None); sampling passes the fixed level
+    (0: clean) and `blur_sigma` (low-res pixels; 0 or None: no blur)."""
     low_res = low_res.astype(jnp.float32)
     n = low_res.shape[0]
+    k_blur = jax.random.fold_in(rng, 0xB1)  # rng itself stays the noise augmentation's
+    blur_max = float(config_util.get(self.diffusion, 'low_res_blur_max', 0.0))
+    if aug_t_B is None and blur_max > 0:
+      low_res = guidance.blur_augment(low_res, k_blur, max_sigma=blur_max)
+    elif aug_t_B is not None and blur_sigma:
+      low_res = guidance.blur_augment(low_res, k_blur, float(blur_sigma),
+                                      max_sigma=float(blur_sigma))
     fixed_zero = isinstance(aug_t_B, (int, float)) and aug_t_B <= 0
     if config_util.get(self.diffusion, 'noise_aug', False) and not fixed_zero:
       low_res, aug_t = guidance.noise_augment(
