@@ -143,6 +143,22 @@ def test_demo_cli_refuses_unknown_family(capsys):
   assert 'invalid choice' in capsys.readouterr().err
 
 
+def test_demo_process_samples_on_one_cpu_device_per_core_unless_xla_flags_say():
+  import subprocess
+  import sys
+  import jax
+  # Here conftest's XLA_FLAGS fixed 8 devices: the demo leaves them alone.
+  assert demo.use_cpu_devices(3) == -1 and jax.device_count() == 8
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
+      '--xla_force_host_platform_device_count=8', '')
+  code = ('from diffusion_jax import demo; import jax; n = demo.use_cpu_devices(3); '
+          'print(n, jax.device_count())')
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True, timeout=300)
+  assert out.stdout.split() == ['3', '3'], out.stdout + out.stderr[-2000:]
+
+
 def test_stage_waves_train_clip_before_its_readers():
   imagen = demo.default_plan('imagen')
   assert demo.stage_waves(imagen) == [imagen.stages], 'base and SR depend on nothing'
