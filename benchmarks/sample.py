@@ -10,8 +10,8 @@ dynamic thresholding, inside one jitted `lax.scan` (no host round trip between s
 The conditioning (text token states, low-res input, ...) is random and fixed, as if the
 prompts had been encoded once. float32 on CPU, the batch sharded over one CPU device per
 core (`--cpu_devices`), as the pipelines shard it over every device. With imagen-pytorch
-importable the peer's Unet runs the same number of guided calls (`forward_with_cond_scale`, which evaluates the
-conditional and null branches) plus the DDIM update, in the same process.
+importable the peer's Unet runs the same number of guided calls (`forward_with_cond_scale`,
+which evaluates the conditional and null branches) plus the DDIM update, in the same process.
 """
 from __future__ import annotations
 

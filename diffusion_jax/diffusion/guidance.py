@@ -132,9 +132,9 @@ def gaussian_blur(images_BHWC, sigma_B, *, max_sigma: float):
 def blur_augment(low_res_BHWC, rng, sigma_B=None, *, max_sigma: float):
   """Gaussian-blur conditioning augmentation (Ho et al. 2022, cascaded diffusion models): the
   low-res input blurred with std drawn from U[0, max_sigma] low-res pixels per example when
-  `sigma_B` is None (training), or a fixed std at sampling. An SR stage trained so learns to
-  draw crisp shapes the caption names from a soft low-res input, as a briefly trained base
-  model produces."""
+  `sigma_B` is None (training), or a fixed std at sampling. It teaches an SR stage not to
+  copy the softness of its input, as the stage before it may produce. (On the CPU Shapes
+  demo, 600 steps were too few for it to help: the stage kept its input's outlines.)"""
   batch = low_res_BHWC.shape[0]
   if sigma_B is None:
     sigma_B = jax.random.uniform(rng, (batch,), minval=0.0, maxval=max_sigma)

@@ -478,7 +478,8 @@ class Cascade:
   def image_chain(self, names, prompts, rng, overrides, *, first_low_res=None,
                   first_inputs=None, collect=None):
     """Runs image stages in order; each output (resized, blurred by the stage's blur_sigma
-    and noise-augmented at its aug_level) is the next stage's low_res. Returns float images [N, H, W, 3] in [-1, 1]."""
+    and noise-augmented at its aug_level) is the next stage's low_res. Returns float images
+    [N, H, W, 3] in [-1, 1]."""
     n = len(prompts)
     x = first_low_res
     for i, name in enumerate(names):
