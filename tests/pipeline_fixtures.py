@@ -1,12 +1,15 @@
 """Tiny trained cascades for the pipeline and sample-CLI tests.
 
 Each stage is trained for one step by the real trainer into ROOT/<stage>; a root is built
-once per test session (the function is cached) and shared by every test module that asks.
+once per test session (the function is cached), shared by every test module that asks and
+removed at exit.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 from configs import glide, imagen, unclip
@@ -31,6 +34,7 @@ def tiny_stage_config(family: str, stage: str):
 def trained_root(family: str, stages: tuple[str, ...]) -> str:
   from diffusion_jax.train import loop
   root = tempfile.mkdtemp(prefix=f'pipeline_{family}_')
+  atexit.register(shutil.rmtree, root, True)
   for stage in stages:
     loop.train(tiny_stage_config(family, stage), os.path.join(root, stage))
   return root
