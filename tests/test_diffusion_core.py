@@ -221,6 +221,30 @@ def test_classifier_free_guidance_learned_variance_keeps_cond_variance():
   np.testing.assert_allclose(guided[..., 2:], c_out[..., 2:], rtol=1e-6)
 
 
+def test_guidance_keeps_each_device_on_its_own_rows(num_devices):
+  import re
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  rows = NamedSharding(mesh, P('data'))
+
+  def model(x, t, cond):  # row-wise, so any movement of rows between devices is needless
+    drop = cond['drop_text'][:, None, None].astype(x.dtype)
+    return x * t[:, None, None] + (1 - drop) * cond['text'][:, :, None]
+  guided = guidance.classifier_free(model, 3.0)
+  n = 2 * num_devices
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, 4, 3))
+  t = jnp.linspace(0.1, 0.9, n)
+  cond = {'text': jax.random.normal(jax.random.PRNGKey(1), (n, 4)),
+          'drop_text': jnp.zeros((n,), bool)}
+  args = jax.device_put((x, t, cond), rows)
+  compiled = jax.jit(guided).lower(*args).compile()
+  found = re.findall(r'(all-to-all|collective-permute|all-gather|all-reduce)', compiled.as_text())
+  assert not found, f'guidance moves rows between devices: {sorted(set(found))}'
+  want = x * t[:, None, None] + 3.0 * cond['text'][:, :, None]
+  np.testing.assert_allclose(compiled(*args), want, rtol=1e-6,
+                             err_msg='uncond + 3 (cond - uncond)')
+
+
 def test_noise_augment_levels_and_moments():
   sched = SCHEDULES['cosine']
   low_res = jnp.full((4096, 4, 4, 3), 0.5)

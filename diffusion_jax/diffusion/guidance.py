@@ -22,9 +22,11 @@ def classifier_free(denoise_fn: Callable, guidance_scale, *, learned_variance: b
                     uncond_overrides: Mapping[str, jax.Array] | None = None) -> Callable:
   """Wraps `denoise_fn(x_t, t_B, cond)` into classifier-free guidance (Ho & Salimans 2021).
 
-  One forward pass over the concatenation [conditional rows; unconditional rows]; the
-  unconditional rows have every flag in `uncond_flags` set to True (and `uncond_overrides`
-  replacing cond entries), and the result is uncond + scale * (cond - uncond). A scale of 1
+  One forward pass over the conditional and unconditional rows interleaved (each example's
+  conditional row, then its unconditional one: with the batch sharded, every device keeps
+  both rows of its own examples and nothing moves between devices); the unconditional rows
+  have every flag in `uncond_flags` set to True (and `uncond_overrides` replacing cond
+  entries), and the result is uncond + scale * (cond - uncond). A scale of 1
   is the conditional model. The combination is linear in the output, so it is the same
   whether the model predicts eps, x0 or v. With a learned variance, only the first half of
   the channels is guided; the variance channels are the conditional rows' (as GLIDE).
@@ -38,9 +40,10 @@ def classifier_free(denoise_fn: Callable, guidance_scale, *, learned_variance: b
       cond[flag] = jnp.asarray(cond.get(flag, jnp.zeros((batch,), bool)), bool)
     if uncond_overrides:
       uncond.update(uncond_overrides)
-    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), cond, uncond)
-    out = denoise_fn(jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t_B, t_B], 0), both)
-    out_cond, out_uncond = out[:batch], out[batch:]
+    both = jax.tree.map(_interleave, cond, uncond)
+    out = denoise_fn(_interleave(x_t, x_t), _interleave(t_B, t_B), both)
+    pairs = out.reshape((batch, 2) + out.shape[1:])
+    out_cond, out_uncond = pairs[:, 0], pairs[:, 1]
     if learned_variance:
       channels = out.shape[-1] // 2
       mean_c, var_c = out_cond[..., :channels], out_cond[..., channels:]
@@ -49,6 +52,12 @@ def classifier_free(denoise_fn: Callable, guidance_scale, *, learned_variance: b
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
   return guided
+
+
+def _interleave(a, b):
+  """[a0, b0, a1, b1, ...] along the leading (batch) axis."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
 
 def static_threshold(x0):
