@@ -289,6 +289,20 @@ def test_blur_augment_draws_per_example_and_fixes_at_sampling():
       fixed[0], guidance.gaussian_blur(jnp.asarray(edge[:1]), [1.0], max_sigma=1.0)[0])
 
 
+def test_schedule_from_a_stage_config_for_every_continuous_name():
+  # A stage config carries num_timesteps (0: continuous time; the VLB's step count)
+  # whichever schedule it names.
+  cfg = {'num_timesteps': 0, 'shift': 2.0, 'logsnr_min': -15.0, 'logsnr_max': 15.0}
+  t = jnp.linspace(0.1, 0.9, 5)
+  plain = schedules.from_config(dict(cfg, schedule='cosine'))
+  shifted = schedules.from_config(dict(cfg, schedule='shifted_cosine'))
+  # (up to the endpoints' clipping, which the shift moves with it)
+  np.testing.assert_allclose(shifted.logsnr(t), plain.logsnr(t) - 2 * np.log(2.0), atol=0.01,
+                             err_msg='shift 2 lowers the log-SNR by 2 log 2')
+  assert np.isfinite(np.asarray(schedules.from_config(
+      dict(cfg, schedule='linear_logsnr')).logsnr(t))).all()
+
+
 # Losses -------------------------------------------------------------------------------------
 
 def _gaussian_batch(n=4096, d=8, mean=0.5, std=0.3, seed=0):

@@ -221,7 +221,7 @@ def from_config(diffusion_cfg) -> Schedule:
   kw = {k: diffusion_cfg[k] for k in _SCHEDULE_FIELDS
         if k in diffusion_cfg and diffusion_cfg[k] is not None}
   name = diffusion_cfg['schedule']
-  if name in ('cosine', 'linear_logsnr'):
+  if name in ('cosine', 'shifted_cosine', 'linear_logsnr'):
     kw.pop('num_timesteps', None)  # Continuous: a num_timesteps field is for the VLB only.
   if name != 'shifted_cosine':
     kw.pop('shift', None)
