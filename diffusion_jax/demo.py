@@ -531,22 +531,6 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def use_cpu_devices(count: int | None = None) -> int:
-  """Before JAX starts in this process: split the CPU into `count` devices (default one per
-  core) that the sampling pipelines shard their batch over. One device leaves much of a
-  second core idle; two sample the demo's cascade in 31 s where one takes 45 (48 captions,
-  2 cores), with the same images. Returns the count; XLA_FLAGS's
-  --xla_force_host_platform_device_count, when given, wins and the count is left alone."""
-  import jax
-  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return -1
-  count = int(count or os.cpu_count() or 1)
-  if count < 1:
-    raise ValueError(f'--cpu_devices={count}: give a positive device count')
-  jax.config.update('jax_num_cpu_devices', count)
-  return count
-
-
 def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(
@@ -577,8 +561,9 @@ def main(argv=None) -> int:
   parser.add_argument('-v', '--verbose', action='store_true', help='library logs too')
   args = parser.parse_args(argv)
   configure_logging(args.verbose)
+  from diffusion_jax import parallel
   try:
-    use_cpu_devices(args.cpu_devices)
+    parallel.use_cpu_devices(args.cpu_devices)
   except ValueError as e:
     parser.error(str(e))
   overrides: dict[str, Any] = dict(train_examples=args.train_examples,

@@ -147,12 +147,13 @@ def test_demo_process_samples_on_one_cpu_device_per_core_unless_xla_flags_say():
   import subprocess
   import sys
   import jax
+  from diffusion_jax import parallel
   # Here conftest's XLA_FLAGS fixed 8 devices: the demo leaves them alone.
-  assert demo.use_cpu_devices(3) == -1 and jax.device_count() == 8
+  assert parallel.use_cpu_devices(3) == -1 and jax.device_count() == 8
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
       '--xla_force_host_platform_device_count=8', '')
-  code = ('from diffusion_jax import demo; import jax; n = demo.use_cpu_devices(3); '
+  code = ('from diffusion_jax import parallel; import jax; n = parallel.use_cpu_devices(3); '
           'print(n, jax.device_count())')
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        check=True, timeout=300)
