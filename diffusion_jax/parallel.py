@@ -26,11 +26,11 @@ def use_cpu_devices(count: int | None = None) -> int:
   idle inside one device's step; one device per core fills it (on 2 cores: the demo's
   cascade samples in 31 s instead of 45, the same images). Returns the count; XLA_FLAGS's
   --xla_force_host_platform_device_count, when given, wins and -1 is returned."""
-  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return -1
-  count = int(count or os.cpu_count() or 1)
+  count = int(os.cpu_count() or 1) if count is None else int(count)
   if count < 1:
     raise ValueError(f'--cpu_devices={count}: give a positive device count')
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return -1
   jax.config.update('jax_num_cpu_devices', count)
   return count
 

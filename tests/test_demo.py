@@ -150,6 +150,9 @@ def test_demo_process_samples_on_one_cpu_device_per_core_unless_xla_flags_say():
   from diffusion_jax import parallel
   # Here conftest's XLA_FLAGS fixed 8 devices: the demo leaves them alone.
   assert parallel.use_cpu_devices(3) == -1 and jax.device_count() == 8
+  for bad in (0, -2):  # refused whatever XLA_FLAGS say, not read as "one per core"
+    with pytest.raises(ValueError, match='positive device count'):
+      parallel.use_cpu_devices(bad)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
       '--xla_force_host_platform_device_count=8', '')
