@@ -149,6 +149,30 @@ def test_unet_attention_per_level_attends_after_each_levels_last_block():
     jax.eval_shape(module.init, jax.random.key(0), *models.example_inputs(cfg.model, B))
 
 
+def _param_shapes(model_cfg):
+  module = models.build(model_cfg)
+  x, t, cond = models.example_inputs(model_cfg, B)
+  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+
+
+def test_unet_text_only_resolutions_drop_self_attention_there():
+  cfg = config('imagen', 'base64')
+  cfg.model.update(text_attention='cross', attention_resolutions=(16, 8))
+  both = _param_shapes(cfg.model)
+  cfg.model.text_only_resolutions = (16,)
+  params = _param_shapes(cfg.model)
+  assert 'down0_0_cross' in params and 'down0_0_attn' not in params, sorted(params)
+  assert 'down1_0_cross' in params and 'down1_0_attn' in params, sorted(params)
+  assert set(both) - set(params) == {'down0_0_attn', 'up0_0_attn', 'up0_1_attn'}, (
+      sorted(set(both) - set(params)))
+  cfg.model.text_only_resolutions = (4,)
+  with pytest.raises(ValueError, match='not attention_resolutions'):
+    _param_shapes(cfg.model)
+  cfg.model.update(text_only_resolutions=(16,), text_attention='concat_kv')
+  with pytest.raises(ValueError, match="text_attention='cross'"):
+    _param_shapes(cfg.model)
+
+
 # --- GLIDE -----------------------------------------------------------------------------
 
 def test_glide_base_reads_token_ids_and_drops_them(net):
