@@ -75,17 +75,20 @@ class Plan:
   text_encoder_path: str | None = None
 
 
-# Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side take
-# 934 s and 631 s (base 1.5 steps/s while the SR trains, 1.9 after), 18.3 min in all with
-# sampling. At 400 steps the SR stage leaves speckle that costs the cascade a third of its
-# all-correct samples (0.26 against the base's own 0.37, 96 single-object samples); at 600 it
-# scores 1.0 on rendered 32 px inputs and the cascade keeps the base's rate (0.40). The
-# base's 16x16 attention costs a quarter more per step than 8x8 alone, so it trains 1500
-# steps, not 2000. unCLIP, measured at batch 16 beside another job: clip 8.7-9.8 steps/s,
-# prior 6.0-8.9, decoder64 2.2-2.9, ~2 min compiling and ~2.3 min sampling: 18-21 min. The
-# CLIP's held-out contrastive loss barely moves after 600 steps (0.66 -> 0.65 at 800).
+# Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side,
+# the base at 2.2 steps/s while the SR trains (1.05 steps/s, 637 s) and 3.15 after; with
+# sampling, 2500 base steps took 19.2 min in all, so the default is 2250. The base is short
+# of steps, not of a trick: scored alone at 32 px (96 single-object samples, guidance 4), it
+# reaches 0.66 all-correct after 2250 and 2625 steps and 0.74 after 3000, where the former
+# base (self-attention at 16x16 too, 1.4x the step time) reached 0.37 in its 1500. At
+# 400 steps the SR stage leaves speckle that costs the cascade a third of its all-correct
+# samples (0.26 against the base's own 0.37); at 600 it scores 1.0 on rendered 32 px inputs
+# and the cascade keeps the base's rate. unCLIP, measured at batch 16 beside another job:
+# clip 8.7-9.8 steps/s, prior 6.0-8.9, decoder64 2.2-2.9, ~2 min compiling and ~2.3 min
+# sampling: 18-21 min. The CLIP's held-out contrastive loss barely moves after 600 steps
+# (0.66 -> 0.65 at 800).
 DEFAULT_STEPS = {
-    'imagen': (('base64', 1500), ('sr256', 600)),
+    'imagen': (('base64', 2250), ('sr256', 600)),
     'glide': (('base64', 2000), ('up256', 400)),
     'unclip': (('clip', 600), ('prior', 1000), ('decoder64', 1500)),
 }
