@@ -42,6 +42,13 @@ def _same(a, b, tol=1e-5):
   return float(jnp.abs(a - b).max()) <= tol
 
 
+def _param_shapes(model_cfg):
+  """The network's parameter shapes (jax.eval_shape: nothing is computed)."""
+  module = models.build(model_cfg)
+  x, t, cond = models.example_inputs(model_cfg, B)
+  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+
+
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('family,stage', STAGES)
@@ -115,16 +122,10 @@ def test_imagen_sr_reads_low_res_aug_level_and_text(net):
 
 
 def test_imagen_sr1024_has_no_self_attention_but_cross_attention():
-  cfg = config('imagen', 'sr1024')
-  module = models.build(cfg.model)
-  x, t, cond = models.example_inputs(cfg.model, B)
-  params = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
-  names = list(params)
+  names = list(_param_shapes(config('imagen', 'sr1024').model))
   assert not [k for k in names if k.endswith('_attn')], f'self-attention at 1024: {names}'
   assert [k for k in names if k.endswith('_cross')], 'sr1024 lost its text cross-attention'
-  sr256 = nn.meta.unbox(jax.eval_shape(
-      models.build(config('imagen', 'sr256').model).init, jax.random.key(0),
-      *models.example_inputs(config('imagen', 'sr256').model, B)))['params']
+  sr256 = _param_shapes(config('imagen', 'sr256').model)
   assert [k for k in sr256 if k.endswith('_attn')], 'sr256 lost its self-attention'
 
 
@@ -134,9 +135,7 @@ def test_unet_attention_per_level_attends_after_each_levels_last_block():
   def attended(per):
     cfg = config('imagen', 'base64')
     cfg.model.update(num_res_blocks=2, attention_per=per)
-    module = models.build(cfg.model)
-    x, t, cond = models.example_inputs(cfg.model, B)
-    params = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+    params = _param_shapes(cfg.model)
     return sorted(k[:-len('_attn')] for k in params if k.endswith('_attn'))
   # tiny base: levels 0 (16 px) and 1 (8 px), attention at 8 px; 2 blocks down, 3 up.
   assert attended('level') == ['down1_1', 'mid', 'up1_2'], attended('level')
@@ -144,15 +143,8 @@ def test_unet_attention_per_level_attends_after_each_levels_last_block():
       attended('block'))
   cfg = config('imagen', 'base64')
   cfg.model.attention_per = 'resolution'
-  module = models.build(cfg.model)
   with pytest.raises(ValueError, match='attention_per'):
-    jax.eval_shape(module.init, jax.random.key(0), *models.example_inputs(cfg.model, B))
-
-
-def _param_shapes(model_cfg):
-  module = models.build(model_cfg)
-  x, t, cond = models.example_inputs(model_cfg, B)
-  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, cond))['params']
+    _param_shapes(cfg.model)
 
 
 def test_unet_text_only_resolutions_drop_self_attention_there():
