@@ -174,15 +174,17 @@ def model_config(spec: str, batch: int | None):
 
 
 def random_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of the train step's shapes (SR stages at their training crop size)."""
+  from diffusion_jax.data import pipeline
   rng = np.random.default_rng(seed)
-  inp = cfg.input
-  b, s, length = int(inp.batch_size), int(inp.image_size), int(inp.text_max_len)
-  batch = {'image': rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
-           'text_ids': rng.integers(1, 20, (b, length)).astype(np.int32),
-           'text_mask': np.ones((b, length), bool)}
-  if inp.get('low_res_size'):
-    r = int(inp.low_res_size)
-    batch['low_res'] = rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)
+  batch = {}
+  for name, (shape, dtype) in pipeline.batch_shapes(cfg.input).items():
+    if name == 'text_ids':
+      batch[name] = rng.integers(1, 20, shape).astype(dtype)
+    elif name == 'text_mask':
+      batch[name] = np.ones(shape, dtype)
+    else:
+      batch[name] = rng.uniform(-1, 1, shape).astype(dtype)
   return batch
 
 

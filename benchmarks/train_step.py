@@ -95,7 +95,9 @@ def main(argv=None):
   from diffusion_jax.tools import param_count
   peak = common.matmul_peak_gflops()
   result = {'benchmark': 'train_step', 'model': args.model, 'batch': int(cfg.input.batch_size),
-            'image_size': int(cfg.input.image_size), 'dtype': 'float32', 'steps': args.steps,
+            'image_size': int(cfg.input.image_size),
+            'train_crop_size': cfg.input.get('train_crop_size'), 'dtype': 'float32',
+            'steps': args.steps,
             'params': param_count.count_params(cfg.model), **common.machine(),
             'matmul_peak_gflops': peak}
   result.update(run_ours(cfg, matched, args.steps, args.warmup))

@@ -152,6 +152,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input.dataset = 'shapes'
   # Corruption of the SR stages' low-res input: Gaussian blur (64->256), BSR (256->1024).
   c.input.low_res_degradation = {'up256': 'blur', 'up1024': 'bsr'}.get(stage, 'none')
+  # The 256->1024 upsampler trains on random crops a quarter of the target size (the
+  # unCLIP paper); convolutions only, it samples whole images.
+  c.input.train_crop_size = 256 if (paper and stage == 'up1024') else None
   c.input.text_max_len = c.model.get('text_len', clip_len)
 
   c.text_encoder = ml_collections.ConfigDict()

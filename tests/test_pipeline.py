@@ -175,6 +175,42 @@ def test_resize_crop_and_degradations():
                                                           np.random.default_rng(2)))
 
 
+def test_train_crops_are_aligned_windows_of_image_and_low_res():
+  """An SR training crop is a window of the whole example on the low-res grid, and its
+  low_res is the same region of the low-res image degraded from the whole image."""
+  record = {'image': shapes.render('a red circle to the left of a blue square', 32, 3),
+            'captions': ['a red circle to the left of a blue square']}
+  whole_spec = pipeline.ExampleSpec(image_size=32, low_res_size=8, low_res_degradation='blur')
+  whole = pipeline.process_example(record, whole_spec, np.random.default_rng(5))
+  offsets = set()
+  for seed in range(12):
+    spec = pipeline.ExampleSpec(image_size=32, low_res_size=8, low_res_degradation='blur',
+                                train_crop_size=16)
+    crop = pipeline.process_example(record, spec, np.random.default_rng([seed]))
+    ref = pipeline.process_example(record, whole_spec, np.random.default_rng([seed]))
+    assert crop['image'].shape == (16, 16, 3) and crop['low_res'].shape == (4, 4, 3)
+    found = [(t, l) for t in range(0, 17, 4) for l in range(0, 17, 4)
+             if np.array_equal(crop['image'], ref['image'][t:t + 16, l:l + 16])]
+    assert found, f'seed {seed}: the crop is not an aligned window of the whole image'
+    # (A window of bare background matches several offsets; one of them must fit low_res.)
+    aligned = [(t, l) for t, l in found if np.array_equal(
+        crop['low_res'], ref['low_res'][t // 4:t // 4 + 4, l // 4:l // 4 + 4])]
+    assert aligned, f'seed {seed}: low_res is not the window of the whole low-res image'
+    offsets.add(aligned[0])
+  assert len(offsets) > 3, f'crop windows barely move: {offsets}'
+  assert whole['image'].shape == (32, 32, 3), 'no crop without train_crop_size'
+  with pytest.raises(ValueError, match='multiple of image_size / low_res_size'):
+    pipeline.ExampleSpec(image_size=32, low_res_size=8, train_crop_size=18)
+  with pytest.raises(ValueError, match='must be in'):
+    pipeline.ExampleSpec(image_size=32, train_crop_size=48)
+  batch = next(make(low_res_size=8, train_crop_size=8))
+  assert batch['image'].shape == (4, 8, 8, 3) and batch['low_res'].shape == (4, 4, 4, 3), (
+      'input.train_crop_size does not reach the batches')
+  assert pipeline.batch_shapes(shapes_cfg(low_res_size=8, train_crop_size=8)) == {
+      k: (v.shape, v.dtype) for k, v in batch.items()}, (
+      'batch_shapes (what AOT compiles and benchmarks time) differs from the real batches')
+
+
 def test_caption_choice_and_tokenize_padding():
   record = {'image': np.zeros((8, 8, 3), np.uint8),
             'captions': ['a red circle', 'two blue squares']}

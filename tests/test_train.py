@@ -295,18 +295,21 @@ def test_shape_mismatch_names_the_key(tmp_path, trained_workdir):
     checkpointer.restore_latest(trainer.abstract_state)
 
 
-@pytest.mark.parametrize('module,stage,factor', [(imagen, 'base64', 0.8), (glide, 'base64', 0.8),
-                                                 (glide, 'noised_clip', 0.95),
-                                                 (unclip, 'prior', 0.8)])
-def test_loss_decreases_on_shapes(tmp_path, module, stage, factor):
+@pytest.mark.parametrize('module,stage,factor,crop', [
+    (imagen, 'base64', 0.8, None), (glide, 'base64', 0.8, None),
+    (glide, 'noised_clip', 0.95, None), (unclip, 'prior', 0.8, None),
+    (imagen, 'sr256', 0.8, 16)])
+def test_loss_decreases_on_shapes(tmp_path, module, stage, factor, crop):
   # The noised CLIP (trained by this same trainer) sees mostly heavily noised images at
-  # random t, so its contrastive loss falls more slowly than a denoiser's.
+  # random t, so its contrastive loss falls more slowly than a denoiser's. The SR stage
+  # trains on crops (Imagen's recipe) and is judged on whole images.
   cfg = tiny_config(module, stage, total_steps=40, ckpt_steps=1000, log_steps=40)
   cfg.input.batch_size = 16
   cfg.optimizer.lr = 3e-3
   trainer = loop.build_trainer(cfg, str(tmp_path))
   from diffusion_jax.data import pipeline
   data = pipeline.make_train_iterator(cfg.input, tokenizer=trainer.tokenizer, seed=123)
+  cfg.input.train_crop_size = crop
   fixed = parallel.shard_batch(next(data), trainer.mesh)
   state = loop.init_state(trainer)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
@@ -319,7 +322,31 @@ def test_loss_decreases_on_shapes(tmp_path, module, stage, factor):
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
     after = float(eval_loss(trained, fixed))
   assert metrics['step'] == 40
-  assert after < factor * before, f'{module.__name__}:{stage} did not learn: {before} -> {after}'
+  assert after < factor * before, (
+      f'{module.__name__}:{stage} (train crop {crop}) did not learn: {before} -> {after}')
+
+
+def test_train_crops_need_a_convolutional_model_and_matching_low_res():
+  cfg = tiny_config(imagen, 'base64')
+  cfg.input.train_crop_size = 8
+  with pytest.raises(ValueError, match='only super-resolution stages'):
+    loop.build_trainer(cfg, '/nonexistent')
+  from diffusion_jax import models
+  sr = tiny_config(imagen, 'sr256').model
+  model = models.build(sr)
+  x = jnp.zeros((1, 16, 16, 3))
+  cond = {'low_res': jnp.zeros((1, 16, 16, 3)), 'aug_t': jnp.zeros((1,)),
+          'text_tokens': jnp.zeros((1, 4, sr.text_dim)), 'text_mask': jnp.ones((1, 4), bool)}
+  with pytest.raises(ValueError, match='low-res input'):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), cond))
+  # The ADM U-Net of unCLIP's upsamplers takes crops too (the paper's 1024 px stage trains so).
+  up = models.build(tiny_config(unclip, 'up256').model)
+  out = jax.eval_shape(lambda: up.init_with_output(
+      jax.random.PRNGKey(0), x, jnp.zeros((1,)), {'low_res': jnp.zeros((1, 8, 8, 3))})[0])
+  assert out.shape == (1, 16, 16, 3), f'the U-Net maps a 16 px crop to {out.shape}'
+  with pytest.raises(ValueError, match='multiples of 2'):
+    jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), jnp.zeros((1, 15, 15, 3)),
+                                   jnp.zeros((1,)), {'low_res': jnp.zeros((1, 8, 8, 3))}))
 
 
 def _free_port():

@@ -49,6 +49,10 @@ Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
   num_epochs           [None: repeat forever; finite epochs drop the last partial batch and,
                        with several processes, may end one batch apart: train with None]
   random_crop          random instead of center crop after resizing the short side [False]
+  train_crop_size      SR stages: train on random train_crop_size^2 windows of the image
+                       and the aligned window of low_res (Imagen's and unCLIP's last
+                       upsamplers train on crops; the convolutional U-Net then samples
+                       whole images) [None: whole images]
   caption_choice       'random' | 'first' among an example's captions ['random']
   shapes_num_examples  epoch length of the procedural Shapes set [100_000]
   shapes_seed          content seed of the Shapes set (not the order seed) [0]
@@ -86,6 +90,7 @@ _DEFAULTS = {
     'shuffle': True,
     'num_epochs': None,
     'random_crop': False,
+    'train_crop_size': None,
     'caption_choice': 'random',
     'shapes_num_examples': 100_000,
     'shapes_seed': 0,
@@ -231,6 +236,20 @@ class ExampleSpec:
   low_res_degradation: str = 'none'
   random_crop: bool = False
   caption_choice: str = 'random'
+  train_crop_size: int | None = None
+
+  def __post_init__(self):
+    crop = self.train_crop_size
+    if crop is None:
+      return
+    if not 0 < crop <= self.image_size:
+      raise ValueError(f'input.train_crop_size={crop} must be in [1, image_size='
+                       f'{self.image_size}]')
+    if self.low_res_size and (self.image_size % self.low_res_size
+                              or crop % (self.image_size // self.low_res_size)):
+      raise ValueError(f'input.train_crop_size={crop} must be a multiple of image_size / '
+                       f'low_res_size = {self.image_size}/{self.low_res_size}, so that the '
+                       'low-res window is aligned with the image window')
 
 
 def process_example(record: Mapping[str, Any], spec: ExampleSpec,
@@ -245,11 +264,29 @@ def process_example(record: Mapping[str, Any], spec: ExampleSpec,
   crop_rng = rng.spawn(1)[0] if spec.random_crop else None
   degrade_rng = rng.spawn(1)[0]
   image = resize_and_crop(decode_image(record.get('image', b'')), spec.image_size, crop_rng)
+  low_res = (degrade(image, spec.low_res_size, spec.low_res_degradation, degrade_rng)
+             if spec.low_res_size else None)
+  if spec.train_crop_size:
+    image, low_res = _aligned_window(image, low_res, spec.train_crop_size, rng.spawn(1)[0])
   out = {'image': to_float(image), 'caption': caption}
-  if spec.low_res_size:
-    out['low_res'] = to_float(degrade(image, spec.low_res_size, spec.low_res_degradation,
-                                      degrade_rng))
+  if low_res is not None:
+    out['low_res'] = to_float(low_res)
   return out
+
+
+def _aligned_window(image_HW3: np.ndarray, low_res_hw3: np.ndarray | None, crop: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+  """A random crop x crop window of the image and the same region of its low-res input
+  (the low-res image is degraded from the whole image first, as at sampling time)."""
+  size = image_HW3.shape[0]
+  factor = size // low_res_hw3.shape[0] if low_res_hw3 is not None else 1
+  # Windows start on the low-res grid: top, left are multiples of the downscale factor.
+  top, left = (int(rng.integers((size - crop) // factor + 1)) * factor for _ in range(2))
+  image_HW3 = image_HW3[top:top + crop, left:left + crop]
+  if low_res_hw3 is not None:
+    t, l, c = top // factor, left // factor, crop // factor
+    low_res_hw3 = low_res_hw3[t:t + c, l:l + c]
+  return image_HW3, low_res_hw3
 
 
 class _Processor:
@@ -404,6 +441,22 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
+def batch_shapes(input_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Name -> (shape, dtype) of the arrays of one global training batch: what the train step
+  is compiled for (an SR stage's images and low-res inputs at its training crop size)."""
+  b, size = int(_cfg_get(input_cfg, 'batch_size')), int(_cfg_get(input_cfg, 'image_size'))
+  length = int(_cfg_get(input_cfg, 'text_max_len'))
+  crop = int(_cfg_get(input_cfg, 'train_crop_size') or 0) or size
+  shapes = {'image': ((b, crop, crop, 3), np.dtype(np.float32)),
+            'text_ids': ((b, length), np.dtype(np.int32)),
+            'text_mask': ((b, length), np.dtype(bool))}
+  low_res = _cfg_get(input_cfg, 'low_res_size')
+  if low_res:
+    r = int(low_res) * crop // size
+    shapes['low_res'] = ((b, r, r, 3), np.dtype(np.float32))
+  return shapes
+
+
 def source_from_config(input_cfg):
   dataset = _cfg_get(input_cfg, 'dataset')
   return datasets.get_source(
@@ -462,7 +515,8 @@ def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
       low_res_size=int(low_res) if low_res else None,
       low_res_degradation=degradation,
       random_crop=bool(_cfg_get(input_cfg, 'random_crop')),
-      caption_choice=caption_choice)
+      caption_choice=caption_choice,
+      train_crop_size=int(_cfg_get(input_cfg, 'train_crop_size') or 0) or None)
   source = source_from_config(input_cfg) if source is None else source
   num_epochs = _cfg_get(input_cfg, 'num_epochs')
   ds = make_dataset(source, spec, seed=seed, shuffle=bool(_cfg_get(input_cfg, 'shuffle')),

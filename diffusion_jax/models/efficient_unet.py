@@ -30,11 +30,9 @@ class EfficientUNet(ConditionedUNetBase):
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
     kw = self._kw()
-    B, H, W, C = x_BHWC.shape
-    if H != self.image_size or W != self.image_size or C != self.in_channels:
-      raise ValueError(f'EfficientUNet expects [B, {self.image_size}, {self.image_size}, '
-                       f'{self.in_channels}] inputs, got {x_BHWC.shape}')
+    B = x_BHWC.shape[0]
     L = len(self.channel_mult)
+    self.check_input(x_BHWC, cond)
     if len(self.self_attention) != L or len(self.cross_attention) != L:
       raise ValueError('self_attention and cross_attention need one entry per level')
     det = not train

@@ -92,6 +92,25 @@ class ConditionedUNetBase(nn.Module):
   def _kw(self):
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+  def check_input(self, x_BHWC, cond):
+    """Inputs are image_size squares; an SR stage also takes its training crops
+    (input.train_crop_size: Imagen's and unCLIP's last upsamplers train on crops), any sides
+    that the levels halve evenly, with the low-res window of the same region."""
+    name = type(self).__name__
+    _, H, W, C = x_BHWC.shape
+    unit = 2 ** (len(self.channel_mult) - 1)
+    whole = H == W == self.image_size
+    if C != self.in_channels or not (whole or (self.low_res_size and H % unit == W % unit == 0)):
+      raise ValueError(f'{name} expects [B, {self.image_size}, {self.image_size}, '
+                       f'{self.in_channels}] inputs (an SR stage also takes training crops '
+                       f'with sides multiples of {unit}), got {x_BHWC.shape}')
+    if self.low_res_size and 'low_res' in cond:
+      low_side = cond['low_res'].shape[1]
+      if low_side * self.image_size != H * self.low_res_size:
+        want = H * self.low_res_size // self.image_size
+        raise ValueError(f'{name}: a {H}x{W} input needs a {want} px low-res input '
+                         f'({self.low_res_size} -> {self.image_size} px), got {low_side} px')
+
   def prepare_input(self, x_BHWC, cond):
     """Concatenates the upsampled low-res image and the inpainting channels to x."""
     name = type(self).__name__
@@ -215,10 +234,8 @@ class UNet(ConditionedUNetBase):
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
     kw = self._kw()
-    B, H, W, C = x_BHWC.shape
-    if H != self.image_size or W != self.image_size or C != self.in_channels:
-      raise ValueError(f'UNet expects [B, {self.image_size}, {self.image_size}, '
-                       f'{self.in_channels}] inputs, got {x_BHWC.shape}')
+    B = x_BHWC.shape[0]
+    self.check_input(x_BHWC, cond)
     if self.attention_per not in ('block', 'level'):
       raise ValueError(f"attention_per={self.attention_per!r}: use 'block' or 'level'")
     if self.text_only_resolutions and self.text_attention != 'cross':

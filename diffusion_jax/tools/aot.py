@@ -134,17 +134,11 @@ def _abstract_encoder(config, mesh, rules):
 
 def _abstract_batch(config, mesh):
   import jax
-  import jax.numpy as jnp
   from diffusion_jax import parallel
-  inp = config.input
-  b, s, length = int(inp.batch_size), int(inp.image_size), int(inp.text_max_len)
-  shapes = {'image': ((b, s, s, 3), jnp.float32), 'text_ids': ((b, length), jnp.int32),
-            'text_mask': ((b, length), jnp.bool_)}
-  if _get(inp, 'low_res_size'):
-    r = int(inp.low_res_size)
-    shapes['low_res'] = ((b, r, r, 3), jnp.float32)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in shapes.items()}
+  from diffusion_jax.data import pipeline
+  return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=parallel.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in pipeline.batch_shapes(config.input).items()}
 
 
 _UNITS = {'': 1, 'K': 1024, 'M': 1024**2, 'G': 1024**3, 'T': 1024**4}

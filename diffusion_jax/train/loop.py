@@ -112,6 +112,11 @@ class Trainer:
 
 
 def build_trainer(config, workdir: str) -> Trainer:
+  crop = config_util.get(config.input, 'train_crop_size', None)
+  if crop and not config_util.get(config.input, 'low_res_size', None):
+    raise ValueError(f'input.train_crop_size={crop}: only super-resolution stages (with '
+                     'input.low_res_size) train on crops; a base stage learns whole scenes. '
+                     'Unset input.train_crop_size.')
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.logical_rules(config.mesh)
   model = models.build(config.model)
