@@ -70,28 +70,34 @@ class Plan:
   # Super-resolution stages follow their low-res input: 20 steps score as well as 40 on
   # rendered 32 px inputs (0.85 vs 0.81 all-correct, 48 captions) in half the time.
   sr_sample_steps: int = 20
-  guidance_scale: float = 4.0
+  guidance_scale: float = 4.0  # per family: GUIDANCE_SCALE
   seed: int = 0
   text_encoder_path: str | None = None
 
 
-# Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side,
-# the base at 2.2 steps/s while the SR trains (1.05 steps/s, 637 s) and 3.15 after; with
-# sampling, 2500 base steps took 19.2 min in all, so the default is 2250. The base is short
-# of steps, not of a trick: scored alone at 32 px (96 single-object samples, guidance 4), it
-# reaches 0.66 all-correct after 2250 and 2625 steps and 0.74 after 3000, where the former
-# base (self-attention at 16x16 too, 1.4x the step time) reached 0.37 in its 1500. At
-# 400 steps the SR stage leaves speckle that costs the cascade a third of its all-correct
-# samples (0.26 against the base's own 0.37); at 600 it scores 1.0 on rendered 32 px inputs
-# and the cascade keeps the base's rate. unCLIP, measured at batch 16 beside another job:
+# Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side, the
+# SR on 32 px crops (its config) at 3.35 steps/s for 600 steps (246 s), the base at ~2.2
+# steps/s beside it and ~3.3 after; with sampling, 2750 base steps took 18.0 min in all and
+# 3000 took 19.0 (cascade single-object all-correct 0.80 on 96 samples at guidance 3,
+# against 0.68), too close to the budget. The base is short of steps, not of a trick:
+# scored alone at 32 px (96 single-object samples, guidance 4), it reaches 0.66 all-correct
+# after 2250 and 2625 steps and 0.74 after 3000, where the former base (self-attention at
+# 16x16 too, 1.4x the step time) reached 0.37 in its 1500. At 400 whole-image steps the SR
+# stage left speckle that cost the cascade a third of its all-correct samples; at 600 (whole
+# or cropped) it scores 0.99 on rendered 32 px inputs. unCLIP, measured at batch 16 beside
+# another job:
 # clip 8.7-9.8 steps/s, prior 6.0-8.9, decoder64 2.2-2.9, ~2 min compiling and ~2.3 min
 # sampling: 18-21 min. The CLIP's held-out contrastive loss barely moves after 600 steps
 # (0.66 -> 0.65 at 800).
 DEFAULT_STEPS = {
-    'imagen': (('base64', 2250), ('sr256', 600)),
+    'imagen': (('base64', 2750), ('sr256', 600)),
     'glide': (('base64', 2000), ('up256', 400)),
     'unclip': (('clip', 600), ('prior', 1000), ('decoder64', 1500)),
 }
+# Guidance of the samples where not 4. Imagen demo cascade, single-object all-correct on 96
+# samples with the same seeds: 0.68 at scale 2, 0.72 at 3, 0.62 at 4 (2250 base steps);
+# 0.74 at 1, 0.78 at 2, 0.80 at 3 (3000 base steps).
+GUIDANCE_SCALE = {'imagen': 3.0}
 # The sampled chain where it is not every trained stage (unCLIP's CLIP is an encoder).
 CASCADE_ORDER = {'unclip': ('prior', 'decoder64')}
 
@@ -101,7 +107,8 @@ def default_plan(family: str = 'imagen', **overrides) -> Plan:
     raise ValueError(f'--family={family!r}: choose one of {", ".join(DEFAULT_STEPS)}')
   stages = DEFAULT_STEPS[family]
   plan = Plan(family=family, stages=stages,
-              order=CASCADE_ORDER.get(family, tuple(s for s, _ in stages)))
+              order=CASCADE_ORDER.get(family, tuple(s for s, _ in stages)),
+              guidance_scale=GUIDANCE_SCALE.get(family, 4.0))
   return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -328,9 +335,11 @@ def train_stages(plan: Plan, root: str, parallel: int = 2) -> dict[str, float]:
     configs = {}
     for stage, steps in wave:
       configs[stage] = stage_config(plan, stage, steps, root)
+      crop = configs[stage].input.get('train_crop_size')
       print(f'[{index[stage] + 1}/{n}] {plan.family} {stage}: {steps} steps, batch '
-            f'{plan.batch_size}, {configs[stage].input.image_size} px '
-            f'-> {os.path.join(root, stage)}', flush=True)
+            f'{plan.batch_size}, {configs[stage].input.image_size} px'
+            f'{f" ({crop} px crops)" if crop else ""} -> {os.path.join(root, stage)}',
+            flush=True)
     if parallel > 1 and len(wave) > 1:
       import concurrent.futures
       import multiprocessing
