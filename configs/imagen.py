@@ -195,6 +195,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.ema_decay = 0.9999 if paper else 0.995
   c.optimizer.ema_warmup = True  # decay min(ema_decay, (1+n)/(10+n)); False: constant
   c.optimizer.ema_start_step = 0
+  if size == 'shapes' and stage == 'base64':
+    # The CPU demo's base ends at a low learning rate rather than wherever a constant one
+    # leaves it: after 2750 steps its cascade scores 0.80 single-object all-correct (96
+    # samples, guidance 3) against 0.68 with lr 1e-3 held constant.
+    c.optimizer.lr = 1.5e-3
+    c.optimizer.decay = 'cosine'
 
   c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 2000)
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()

@@ -60,7 +60,7 @@ class Plan:
   size: str = 'shapes'                  # config size preset ('tiny' in tests)
   train_examples: int = 5000
   batch_size: int = 16
-  lr: float = 1e-3
+  lr: float | None = None  # None: each stage config's own learning rate and schedule
   per_kind: dict = dataclasses.field(default_factory=lambda: {
       'single': 24, 'count': 12, 'conjunction': 12, 'relation': 24})
   # Ancestral DDPM corrects the errors of a briefly trained model that DDIM's deterministic
@@ -273,7 +273,8 @@ def stage_config(plan: Plan, stage: str, steps: int, root: str | None = None):
   c.input.batch_size = plan.batch_size
   c.input.shapes_num_examples = plan.train_examples
   c.input.shapes_seed = plan.seed
-  c.optimizer.lr = plan.lr
+  if plan.lr is not None:
+    c.optimizer.lr = plan.lr
   c.optimizer.warmup_steps = min(int(c.optimizer.warmup_steps), max(1, int(steps) // 10))
   if plan.text_encoder_path and 'text_encoder' in c and c.text_encoder.name == 't5':
     c.text_encoder.path = plan.text_encoder_path
