@@ -60,6 +60,9 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'
   m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
   m.scan_layers = True
+  # Self-attention over more than 256 pixels in query chunks of 256: 1.6x faster on CPU at
+  # 1024 pixels (layers.attention). Not measured on accelerators, so off at paper size.
+  m.attention_query_chunk = 0 if size == 'paper' else 256
   if size == 'tiny':
     m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(8,) if kind == 'base' else (8,), num_heads=2,

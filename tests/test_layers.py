@@ -73,6 +73,45 @@ def test_resblock_shapes_and_zero_init_identity(up, down):
                              err_msg='fresh ResBlock is not the identity on its skip path')
 
 
+def _conv_ref(p, x, padding='SAME'):
+  return jax.lax.conv_general_dilated(x, p['kernel'], (1, 1), padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['bias'][None, None, None]
+
+
+def _nearest_up(x):
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+@pytest.mark.parametrize('kernel_size', [3, 1])
+def test_upsampled_conv_is_conv_of_nearest_upsampling(kernel_size):
+  """The sub-pixel form must equal the conv of the upsampled map, borders included, with
+  nn.Conv's parameters (a non-square map and a change of width)."""
+  x = _randn(4, (2, 5, 3, 6))
+  m = layers.UpsampledConv(10, kernel_size)
+  p = _perturb(_unboxed_init(m, x), 5, scale=0.3)
+  shapes = jax.tree.map(jnp.shape, p)
+  assert shapes == {'kernel': (kernel_size, kernel_size, 6, 10), 'bias': (10,)}, shapes
+  expected = _conv_ref(p, _nearest_up(x))
+  np.testing.assert_allclose(_apply(m)(p, x), expected, rtol=1e-5, atol=1e-5,
+                             err_msg='UpsampledConv differs from conv(nearest_upsample(x))')
+
+
+def test_resblock_up_is_resample_then_conv():
+  """BigGAN up block: GN-SiLU, upsample, conv ...; skip: upsample, 1x1 conv (C_in != C)."""
+  x = _randn(1, (2, 4, 6, 16))
+  emb = _randn(2, (2, 32))
+  m = layers.ResBlock(out_channels=8, up=True, norm_groups=4)
+  p = _perturb(_unboxed_init(m, x, emb), 6)
+  gn = lambda name, v: nn.GroupNorm(num_groups=4, epsilon=1e-5).apply({'params': p[name]}, v)
+  h = _conv_ref(p['Conv_0'], _nearest_up(nn.silu(gn('GroupNorm_0', x))))
+  e = nn.Dense(16).apply({'params': p['Dense_0']}, nn.silu(emb))[:, None, None, :]
+  h = gn('GroupNorm_1', h) * (1 + e[..., :8]) + e[..., 8:]
+  h = _conv_ref(p['Conv_1'], nn.silu(h))
+  expected = _conv_ref(p['Conv_2'], _nearest_up(x)) + h
+  np.testing.assert_allclose(_apply(m)(p, x, emb), expected, rtol=1e-4, atol=1e-5,
+                             err_msg='ResBlock(up=True) is not upsample-then-conv')
+
+
 def test_resblock_uses_embedding_scale_shift():
   x = _randn(1, (2, 8, 8, 16))
   emb = _randn(2, (2, 32))
@@ -83,6 +122,22 @@ def test_resblock_uses_embedding_scale_shift():
   b = apply(p, x, emb + 1.0)
   assert a.shape == (2, 8, 8, 24)
   assert float(jnp.abs(a - b).max()) > 1e-3, 'ResBlock output ignores the embedding'
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_query_chunked_attention_equals_whole(masked):
+  """Chunked queries give the whole attention's output and gradients (key mask or none)."""
+  q, k, v = (_randn(s, (2, 12, 2, 4)) for s in (1, 2, 3))
+  mask = layers.key_mask(jnp.arange(12)[None, :] < jnp.array([[12], [7]])) if masked else None
+  w_BTNH = _randn(4, (2, 12, 2, 4))  # a weighted loss: position-sensitive gradients
+
+  def out_and_grads(chunk):
+    f = lambda q, k, v: layers.attention(q, k, v, mask, chunk)
+    return f(q, k, v), jax.grad(lambda *a: jnp.sum(w_BTNH * f(*a)), (0, 1, 2))(q, k, v)
+  (whole, g_whole), (chunked, g_chunked) = out_and_grads(0), out_and_grads(4)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, err_msg='query chunks change the output')
+  for a, b in zip(g_chunked, g_whole):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg='query chunks change grads')
 
 
 def test_glide_attention_ignores_masked_text_tokens():

@@ -54,7 +54,8 @@ class EfficientUNet(ConditionedUNetBase):
 
     def self_attend(h, level, tag):
       if self.self_attention[level]:
-        h = attn_block(**at_kw, name=f'{tag}_attn')(h)
+        h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
+                       name=f'{tag}_attn')(h)
         h = layers.FeedForward2d(self.ff_mult, self.norm_groups, name=f'{tag}_ff', **kw)(h)
       return h
 

@@ -78,6 +78,7 @@ class ConditionedUNetBase(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = 'none'
   scan_layers: bool = True
+  attention_query_chunk: int = 0     # > 0: self-attention over pixels in query chunks
 
   @property
   def emb_dim(self) -> int:
@@ -257,11 +258,13 @@ class UNet(ConditionedUNetBase):
     def attend(h, tag):
       if self.text_attention == 'cross' or ctx is None:
         if ctx is None or res not in self.text_only_resolutions:
-          h = attn_block(**at_kw, name=f'{tag}_attn')(h)
+          h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
+                         name=f'{tag}_attn')(h)
         if ctx is not None:
           h = cross_block(**at_kw, name=f'{tag}_cross')(h, ctx, ctx_mask)
       else:
-        h = attn_block(**at_kw, name=f'{tag}_attn')(h, ctx, ctx_mask)
+        h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
+                       name=f'{tag}_attn')(h, ctx, ctx_mask)
       if self.ff_mult:
         h = layers.FeedForward2d(self.ff_mult, self.norm_groups, name=f'{tag}_ff', **kw)(h)
       return h
