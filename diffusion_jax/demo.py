@@ -77,9 +77,11 @@ class Plan:
 
 # Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side, the
 # SR on 32 px crops (its config) at 3.35 steps/s for 600 steps (246 s), the base at ~2.2
-# steps/s beside it and ~3.3 after; with sampling, 2750 base steps took 18.0 min in all and
-# 3000 took 19.0 (cascade single-object all-correct 0.80 on 96 samples at guidance 3,
-# against 0.68), too close to the budget. The base is short of steps, not of a trick:
+# steps/s beside it and ~3.3 after; with sampling, 2750 base steps took 18.0 min in all.
+# With the learning rate held at 1e-3, 3000 steps took 19.0 min (cascade single-object
+# all-correct 0.80 on 96 samples at guidance 3, against 0.68 after 2750); the cosine decay
+# reaches 0.80 at 2750. 2850 steps took 19.7 min on a slower day of the same host: too close
+# to the budget. The base is short of steps, not of a trick:
 # scored alone at 32 px (96 single-object samples, guidance 4), it reaches 0.66 all-correct
 # after 2250 and 2625 steps and 0.74 after 3000, where the former base (self-attention at
 # 16x16 too, 1.4x the step time) reached 0.37 in its 1500. At 400 whole-image steps the SR
@@ -96,7 +98,7 @@ DEFAULT_STEPS = {
 }
 # Guidance of the samples where not 4. Imagen demo cascade, single-object all-correct on 96
 # samples with the same seeds: 0.68 at scale 2, 0.72 at 3, 0.62 at 4 (2250 base steps);
-# 0.74 at 1, 0.78 at 2, 0.80 at 3 (3000 base steps).
+# 0.74 at 1, 0.78 at 2, 0.80 at 3 (3000 base steps at lr 1e-3 held constant).
 GUIDANCE_SCALE = {'imagen': 3.0}
 # The sampled chain where it is not every trained stage (unCLIP's CLIP is an encoder).
 CASCADE_ORDER = {'unclip': ('prior', 'decoder64')}
