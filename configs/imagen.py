@@ -193,6 +193,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 10_000 if paper else 100
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8  # Adam's epsilon (optax's default)
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip = 1.0
   c.optimizer.ema_decay = 0.9999 if paper else 0.995
