@@ -238,15 +238,16 @@ class UpsampledConv(nn.Module):
       y_BHWO = _resample(y_BHWO, up=True, down=False)
     else:
       taps_PTK = jnp.asarray(_PHASE_TAPS, self.dtype)
-      # [2 (row tap), 2 (col tap), C, 2 (row phase), 2 (col phase), O]
-      phase_kernel = jnp.einsum('ayi,bxj,ijco->yxcabo', taps_PTK, taps_PTK, kernel)
+      # [2 (row tap), 2 (col tap), C, O, 2 (row phase), 2 (col phase)]: the phases minor,
+      # so a conv_out sharding of O carries over to the merged output channels.
+      phase_kernel = jnp.einsum('ayi,bxj,ijco->yxcoab', taps_PTK, taps_PTK, kernel)
       x_pad = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      out = jax.lax.conv_general_dilated(x_pad, phase_kernel.reshape(2, 2, C, 4 * O), (1, 1),
+      out = jax.lax.conv_general_dilated(x_pad, phase_kernel.reshape(2, 2, C, O * 4), (1, 1),
                                          'VALID', dimension_numbers=dims)
-      out = out.reshape(B, H + 1, W + 1, 2, 2, O)
+      out = out.reshape(B, H + 1, W + 1, O, 2, 2)
       # Phase (a, b) of input pixel (i, j) is output pixel (2i + a, 2j + b); its window
       # starts a rows and b columns further into the padded input.
-      rows = [jnp.stack([out[:, a:a + H, b:b + W, a, b] for b in (0, 1)], axis=3)
+      rows = [jnp.stack([out[:, a:a + H, b:b + W, :, a, b] for b in (0, 1)], axis=3)
               for a in (0, 1)]
       y_BHWO = jnp.stack(rows, axis=2).reshape(B, 2 * H, 2 * W, O)
     return y_BHWO + bias.astype(self.dtype).reshape(1, 1, 1, O)
