@@ -56,13 +56,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.text_attention = 'concat_kv'  # text tokens join every attention layer's keys/values
   m.use_scale_shift_norm = True
   m.resblock_updown = True
-  m.dtype = 'float32' if size != 'paper' else 'bfloat16'
-  m.param_dtype = 'float32'
-  m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
-  m.scan_layers = True
-  # Self-attention over more than 256 pixels in query chunks of 256: 1.6x faster on CPU at
-  # 1024 pixels (layers.attention). Not measured on accelerators, so off at paper size.
-  m.attention_query_chunk = 0 if size == 'paper' else 256
+  common.model_numerics(m, size)
   if size == 'tiny':
     m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(8,) if kind == 'base' else (8,), num_heads=2,
@@ -141,18 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.percentile = 99.5
   c.sampler.aug_level = 0.0
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adamw'
-  c.optimizer.lr = 1.2e-4 if paper else 1e-3
-  c.optimizer.warmup_steps = 10_000 if paper else 100
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8  # Adam's epsilon (optax's default)
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.grad_clip = 1.0
-  c.optimizer.ema_decay = 0.9999 if paper else 0.995
-  c.optimizer.ema_warmup = True  # decay min(ema_decay, (1+n)/(10+n)); False: constant
-  c.optimizer.ema_start_step = 0
+  c.optimizer = common.optimizer_config(name='adamw', lr=1.2e-4 if paper else 1e-3, paper=paper)
 
   c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 2000)
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()

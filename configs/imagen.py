@@ -41,13 +41,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.text_dim = text_dim
   m.text_pool = 'attention'  # attention-pooled T5 tokens added to the time embedding
   m.dropout = 0.0
-  m.dtype = 'float32' if size != 'paper' else 'bfloat16'
-  m.param_dtype = 'float32'
-  m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
-  m.scan_layers = True
-  # Self-attention over more than 256 pixels in query chunks of 256: 1.6x faster on CPU at
-  # 1024 pixels (layers.attention). Not measured on accelerators, so off at paper size.
-  m.attention_query_chunk = 0 if size == 'paper' else 256
+  common.model_numerics(m, size)
   if stage == 'base64':
     m.name = 'unet'
     m.text_attention = 'concat_kv'
@@ -186,19 +180,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The demo's SR follows its input best with little augmentation at sampling time too.
   c.sampler.aug_level = 0.0 if stage == 'base64' else (0.1 if size == 'shapes' else 0.2)
 
-  c.optimizer = ml_collections.ConfigDict()
   # Adafactor for the base model, Adam for the super-resolution models (paper, Sec. 4.1).
-  c.optimizer.name = 'adafactor' if (paper and stage == 'base64') else 'adamw'
-  c.optimizer.lr = 1e-4 if paper else 1e-3
-  c.optimizer.warmup_steps = 10_000 if paper else 100
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8  # Adam's epsilon (optax's default)
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.grad_clip = 1.0
-  c.optimizer.ema_decay = 0.9999 if paper else 0.995
-  c.optimizer.ema_warmup = True  # decay min(ema_decay, (1+n)/(10+n)); False: constant
-  c.optimizer.ema_start_step = 0
+  c.optimizer = common.optimizer_config(
+      name='adafactor' if (paper and stage == 'base64') else 'adamw',
+      lr=1e-4 if paper else 1e-3, paper=paper)
   if size == 'shapes' and stage == 'base64':
     # The CPU demo's base ends at a low learning rate rather than wherever a constant one
     # leaves it: after 2750 steps its cascade scores 0.80 single-object all-correct (96

@@ -42,13 +42,6 @@ _XF = {'tiny': (64, 16, 32, 2, 2), 'shapes': (128, 32, 64, 2, 4),
        'paper': (50257, 256, 2048, 24, 32)}
 
 
-def _common_numerics(m, size):
-  m.dtype = 'float32' if size != 'paper' else 'bfloat16'
-  m.param_dtype = 'float32'
-  m.remat_policy = 'none' if size != 'paper' else 'dots_with_no_batch_dims_saveable'
-  m.scan_layers = True
-
-
 def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   _, clip_width, clip_dim, clip_len = _CLIP[size]
   m = ml_collections.ConfigDict()
@@ -68,7 +61,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
       m.update(width=2048, num_layers=20, num_heads=32)
     m.mlp_ratio = 4
     m.dropout = 0.0
-    _common_numerics(m, size)
+    common.model_numerics(m, size, image_attention=False)
     return m
 
   res, low = _RES[size][stage]
@@ -78,10 +71,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.out_channels = 3
   m.use_scale_shift_norm = True
   m.resblock_updown = True
-  _common_numerics(m, size)
-  # Self-attention over more than 256 pixels in query chunks of 256: 1.6x faster on CPU at
-  # 1024 pixels (layers.attention). Not measured on accelerators, so off at paper size.
-  m.attention_query_chunk = 0 if size == 'paper' else 256
+  common.model_numerics(m, size)
   if stage == 'decoder64':
     vocab, ctx, width, depth, heads = _XF[size]
     m.learned_variance = True
@@ -197,19 +187,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.aug_level = 0.0
   c.sampler.best_of = 2 if stage == 'prior' else 1  # prior: keep the larger dot product
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adamw'
-  c.optimizer.lr = ({'prior': 1.1e-4, 'decoder64': 1.2e-4, 'up256': 1.2e-4, 'up1024': 1e-4}[stage]
-                    if paper else 1e-3)
-  c.optimizer.warmup_steps = 10_000 if paper else 100
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.96 if stage == 'prior' else 0.999
-  c.optimizer.eps = 1e-8  # Adam's epsilon (optax's default)
-  c.optimizer.weight_decay = 6.0e-2 if stage == 'prior' else 0.0
-  c.optimizer.grad_clip = 1.0
-  c.optimizer.ema_decay = 0.9999 if paper else 0.995
-  c.optimizer.ema_warmup = True  # decay min(ema_decay, (1+n)/(10+n)); False: constant
-  c.optimizer.ema_start_step = 0
+  c.optimizer = common.optimizer_config(
+      name='adamw',
+      lr=({'prior': 1.1e-4, 'decoder64': 1.2e-4, 'up256': 1.2e-4, 'up1024': 1e-4}[stage]
+          if paper else 1e-3),
+      paper=paper,
+      b2=0.96 if stage == 'prior' else 0.999,
+      weight_decay=6.0e-2 if stage == 'prior' else 0.0)
 
   c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,
                     'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 2000))
