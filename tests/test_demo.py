@@ -163,6 +163,16 @@ def test_demo_process_samples_on_one_cpu_device_per_core_unless_xla_flags_say():
   assert out.stdout.split() == ['3', '3'], out.stdout + out.stderr[-2000:]
 
 
+def test_longest_stage_of_a_parallel_wave_trains_on_one_cpu_device_per_core():
+  imagen = demo.default_plan('imagen')
+  assert demo.worker_cpu_devices(imagen.stages, 16, cores=2) == {'base64': 2, 'sr256': 1}, \
+      'the base (most steps) shards its batch over both cores, the SR stage keeps one device'
+  wave = (('prior', 1000), ('decoder64', 1500))
+  assert demo.worker_cpu_devices(wave, 16, cores=4) == {'prior': 1, 'decoder64': 4}
+  assert demo.worker_cpu_devices(wave, 6, cores=4) == {'prior': 1, 'decoder64': 1}, \
+      'a batch the cores do not divide stays on one device'
+
+
 def test_stage_waves_train_clip_before_its_readers():
   imagen = demo.default_plan('imagen')
   assert demo.stage_waves(imagen) == [imagen.stages], 'base and SR depend on nothing'
