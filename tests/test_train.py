@@ -145,6 +145,26 @@ def test_run_of_nonfinite_steps_stops_with_the_last_checkpoint_intact(tmp_path, 
   _assert_identical(at2['params'], at4['params'], 'skipped steps changed the checkpointed params')
 
 
+def test_run_of_nonfinite_steps_ending_on_a_checkpoint_step_is_not_saved(tmp_path,
+                                                                          monkeypatch):
+  # The loop reads each step's non-finite count one step late (no wait per step), but
+  # before any save: steps 3 and 4 are non-finite, max 2, and step 4 would be checkpointed.
+  real_shard = loop.parallel.shard_batch
+  calls = []
+
+  def poisoned(batch, mesh):
+    calls.append(None)
+    if len(calls) >= 3:
+      batch = dict(batch, image=np.full_like(np.asarray(batch['image']), np.nan))
+    return real_shard(batch, mesh)
+  monkeypatch.setattr(loop.parallel, 'shard_batch', poisoned)
+  cfg = tiny_config(glide, 'base64', total_steps=10, ckpt_steps=2, max_nonfinite_steps=2)
+  with pytest.raises(loop.NonFiniteError, match='2 consecutive steps.*step 4'):
+    loop.train(cfg, str(tmp_path))
+  steps = _checkpoint_steps(tmp_path)
+  assert steps == [2], f'checkpoints {steps}: step 4 ended the run and must not be saved'
+
+
 def test_keep_every_k_keeps_multiples_beside_the_last_n(tmp_path):
   cfg = tiny_config(glide, 'base64', total_steps=5, ckpt_steps=1, keep_checkpoints=1,
                     keep_every_steps=2)

@@ -213,8 +213,18 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
     from diffusion_jax.train import sampling
     sample_grid = sampling.SampleGrid(trainer, seed=int(config.seed))
 
+  def check_finite(at_step: int, metrics_at_step) -> None:
+    consecutive = int(jax.device_get(metrics_at_step['nonfinite_consecutive']))
+    if consecutive >= max_nonfinite:
+      checkpointer.wait()
+      raise NonFiniteError(
+          f'{consecutive} consecutive steps had a non-finite loss or gradient (step '
+          f'{at_step}); the last good checkpoint in {checkpointer.directory} is intact. Lower '
+          'the learning rate or check the data, then resume.')
+
   batch_shardings = None
   step_fn = None
+  unchecked = None  # (step, metrics) whose non-finite count is not read yet
   metrics_host: dict[str, Any] = {}
   step = start_step
   with _Preemption() as preemption, jax.set_mesh(trainer.mesh), \
@@ -229,13 +239,12 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
                                           trainer.mesh)
       state, metrics = step_fn(state, global_batch, trainer.frozen_params)
       step += 1
-      consecutive = int(jax.device_get(metrics['nonfinite_consecutive']))
-      if consecutive >= max_nonfinite:
-        checkpointer.wait()
-        raise NonFiniteError(
-            f'{consecutive} consecutive steps had a non-finite loss or gradient (step {step}); '
-            f'the last good checkpoint in {checkpointer.directory} is intact. Lower the '
-            'learning rate or check the data, then resume.')
+      # The previous step's non-finite count is read with this step already queued, so the
+      # host never waits for the device between steps (on a 2-core CPU that wait cost the
+      # demo's base 27 ms of its 470 ms step).
+      if unchecked is not None:
+        check_finite(*unchecked)
+      unchecked = (step, metrics)
       for hook in hooks:
         hook(step, state, trainer)
       if sample_grid is not None and (step % sample_steps == 0 or step == total):
@@ -250,6 +259,8 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
         writer.write_scalars(step, metrics_host)
       stop = _any_process(preemption.requested) or checkpointer.reached_preemption(step)
       if step % ckpt_steps == 0 or step == total or stop:
+        check_finite(*unchecked)  # a step that ends the run is never saved
+        unchecked = None
         checkpointer.save(step, state, data, config, force=True)
       if stop:
         log.warning('preempted at step %d: checkpoint saved, exiting', step)
@@ -257,6 +268,8 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
       if kill_at and step == kill_at:
         checkpointer.wait()
         os.kill(os.getpid(), signal.SIGKILL)
+  if unchecked is not None:
+    check_finite(*unchecked)
   checkpointer.wait()
   checkpointer.close()
   writer.flush()
