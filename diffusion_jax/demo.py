@@ -82,7 +82,8 @@ class Plan:
 # With the learning rate held at 1e-3, 3000 steps took 19.0 min (cascade single-object
 # all-correct 0.80 on 96 samples at guidance 3, against 0.68 after 2750); the cosine decay
 # reaches 0.80 at 2750. 2850 steps took 19.7 min on a slower day of the same host: too close
-# to the budget. The base is short of steps, not of a trick:
+# to the budget. On a slower 2-core host (AVX2, no AVX-512) the defaults took 26 min.
+# The base is short of steps, not of a trick:
 # scored alone at 32 px (96 single-object samples, guidance 4), it reaches 0.66 all-correct
 # after 2250 and 2625 steps and 0.74 after 3000, where the former base (self-attention at
 # 16x16 too, 1.4x the step time) reached 0.37 in its 1500. At 400 whole-image steps the SR
