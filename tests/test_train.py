@@ -123,18 +123,23 @@ def _checkpoint_steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
 
 
-def test_run_of_nonfinite_steps_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
-  # Batches from the third on carry a NaN: steps 3, 4, 5 are skipped, and the third of them
-  # in a row (max_nonfinite_steps=3) stops the run before its sixth step.
+def _poison_batches_from(first: int, monkeypatch) -> None:
+  """Every batch from the `first`-th on (1-based) reaches the train step as NaN images."""
   real_shard = loop.parallel.shard_batch
   calls = []
 
   def poisoned(batch, mesh):
     calls.append(None)
-    if len(calls) >= 3:
+    if len(calls) >= first:
       batch = dict(batch, image=np.full_like(np.asarray(batch['image']), np.nan))
     return real_shard(batch, mesh)
   monkeypatch.setattr(loop.parallel, 'shard_batch', poisoned)
+
+
+def test_run_of_nonfinite_steps_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+  # Batches from the third on carry a NaN: steps 3, 4, 5 are skipped, and the third of them
+  # in a row (max_nonfinite_steps=3) stops the run before its sixth step.
+  _poison_batches_from(3, monkeypatch)
   cfg = tiny_config(glide, 'base64', total_steps=10, ckpt_steps=2, max_nonfinite_steps=3)
   with pytest.raises(loop.NonFiniteError, match='3 consecutive steps.*step 5'):
     loop.train(cfg, str(tmp_path))
@@ -149,15 +154,7 @@ def test_run_of_nonfinite_steps_ending_on_a_checkpoint_step_is_not_saved(tmp_pat
                                                                           monkeypatch):
   # The loop reads each step's non-finite count one step late (no wait per step), but
   # before any save: steps 3 and 4 are non-finite, max 2, and step 4 would be checkpointed.
-  real_shard = loop.parallel.shard_batch
-  calls = []
-
-  def poisoned(batch, mesh):
-    calls.append(None)
-    if len(calls) >= 3:
-      batch = dict(batch, image=np.full_like(np.asarray(batch['image']), np.nan))
-    return real_shard(batch, mesh)
-  monkeypatch.setattr(loop.parallel, 'shard_batch', poisoned)
+  _poison_batches_from(3, monkeypatch)
   cfg = tiny_config(glide, 'base64', total_steps=10, ckpt_steps=2, max_nonfinite_steps=2)
   with pytest.raises(loop.NonFiniteError, match='2 consecutive steps.*step 4'):
     loop.train(cfg, str(tmp_path))
