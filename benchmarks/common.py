@@ -190,7 +190,8 @@ def random_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
 
 def machine() -> dict[str, Any]:
   return {'cpu_count': os.cpu_count(), 'jax': jax.__version__,
-          'backend': jax.default_backend(), 'devices': jax.device_count()}
+          'backend': jax.default_backend(), 'devices': jax.device_count(),
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}
 
 
 def emit(result: dict[str, Any]):

@@ -128,4 +128,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from diffusion_jax import hugepages
+  hugepages.reexec_with_huge_pages()
   main()

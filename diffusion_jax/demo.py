@@ -624,4 +624,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from diffusion_jax import hugepages
+  hugepages.reexec_with_huge_pages()
   sys.exit(main())

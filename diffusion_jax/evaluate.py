@@ -191,5 +191,7 @@ def define_flags() -> None:
 
 
 if __name__ == '__main__':
+  from diffusion_jax import hugepages
+  hugepages.reexec_with_huge_pages()
   define_flags()
   app.run(main)

@@ -233,4 +233,6 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
+  from diffusion_jax import hugepages
+  hugepages.reexec_with_huge_pages()
   app.run(main, flags_parser=parse_flags)

@@ -45,4 +45,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from diffusion_jax import hugepages
+  hugepages.reexec_with_huge_pages()
   app.run(main)
