@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,31 @@ def test_flops_agree_with_xla_on_a_loop_free_forward():
 
 def _tiny(**kw):
   return aot.apply_overrides(aot.load_config('configs/imagen.py:stage=base64,size=tiny'), **kw)
+
+
+def test_set_changes_config_fields(monkeypatch):
+  base = aot.load_config('configs/imagen.py:stage=base64,size=tiny')
+  config = aot.apply_overrides(base, settings=[
+      'model.num_res_blocks=2', 'model.channel_mult=(1, 2, 2)',
+      'model.remat_policy=nothing_saveable', 'optimizer.lr=3e-4'])
+  assert config.model.num_res_blocks == 2 and config.model.channel_mult == (1, 2, 2)
+  assert config.model.remat_policy == 'nothing_saveable', 'a bare word is a string'
+  assert config.optimizer.lr == 3e-4
+  assert base.model.num_res_blocks == 1, '--set must not change the loaded config in place'
+  with pytest.raises(ValueError, match="no field 'model.num_blocks'"):
+    aot.apply_overrides(base, settings=['model.num_blocks=2'])
+  with pytest.raises(ValueError, match='KEY=VALUE'):
+    aot.apply_overrides(base, settings=['model.num_res_blocks'])
+  # The CLI hands every --set to the compile (and edits these two variables: restored after).
+  monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
+  monkeypatch.setenv('JAX_PLATFORMS', os.environ.get('JAX_PLATFORMS', 'cpu'))
+  seen = {}
+  monkeypatch.setattr(aot, 'compile_train_step',
+                      lambda config, topology, mfu: seen.update(config=config) or {})
+  monkeypatch.setattr(aot, 'format_report', lambda report: '')
+  aot.main(['--config=configs/imagen.py:stage=base64,size=tiny', '--topology=cpu:1',
+            '--set=model.num_res_blocks=3', '--set=model.dropout=0.1'])
+  assert seen['config'].model.num_res_blocks == 3 and seen['config'].model.dropout == 0.1
 
 
 def test_cpu_topology_report(num_devices):

@@ -1,7 +1,8 @@
 r"""Ahead-of-time compile of a stage's real train step for a TPU topology, on any host.
 
   python -m diffusion_jax.tools.aot --config=configs/imagen.py:stage=base64,size=paper \
-      --topology=v4:8x8x4 [--batch=2048] [--remat=POLICY] [--mesh=DATA,FSDP,TENSOR] [--mfu=0.4]
+      --topology=v4:8x8x4 [--batch=2048] [--remat=POLICY] [--mesh=DATA,FSDP,TENSOR] [--mfu=0.4] \
+      [--set=model.num_res_blocks=2 ...]
 
 `--topology` is `GEN:AxBxC` (v4, v5p: 3-d chip grids; v5e, v6e: 2-d), compiled with libtpu
 through `jax.experimental.topologies` (no TPU needed: `pip install -e '.[tpu]'`), or `cpu:N`
@@ -15,10 +16,13 @@ whether it fits the chip's HBM; XLA's FLOPs (`cost_analysis()`, which counts a s
 layer stack's body once) and the analytic count (`diffusion_jax.flops`: matmuls and
 convolutions of the whole step's jaxpr, backward and remat recomputation included); a step
 time PROJECTED from the analytic FLOPs at an assumed MFU (not a measurement). The last line
-is one JSON object.
+is one JSON object. `--set=KEY=VALUE` (repeatable) changes any config field before the
+compile, as the trainer's `--config.KEY=VALUE` does, so a variant can be sized before it is
+trained.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import json
@@ -95,8 +99,25 @@ def topology_devices(topology: str):
   return list(topo.devices), CHIPS[gen]
 
 
-def apply_overrides(config, *, batch=None, remat=None, mesh=None):
+def apply_overrides(config, *, batch=None, remat=None, mesh=None, settings=()):
+  """A copy of `config` with the CLI's changes; `settings` are `KEY=VALUE` strings (dotted
+  keys of existing fields, Python literals or else plain strings)."""
   config = config.copy_and_resolve_references()
+  for item in settings:
+    key, sep, raw = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'--set={item!r}: give KEY=VALUE, e.g. --set=model.num_res_blocks=2')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node, walked = config, []
+    for name in key.split('.'):
+      walked.append(name)
+      if not hasattr(node, 'keys') or name not in node:
+        raise ValueError(f'--set={item!r}: the config has no field {".".join(walked)!r}')
+      parent, node = node, node[name]
+    parent[name] = value
   if batch:
     config.input.batch_size = int(batch)
   if remat:
@@ -284,6 +305,8 @@ def main(argv=None):
   p.add_argument('--remat', default=None, help='model.remat_policy, e.g. nothing_saveable')
   p.add_argument('--mesh', default=None, help='DATA,FSDP,TENSOR sizes (-1 fills), e.g. 1,-1,1')
   p.add_argument('--mfu', type=float, default=0.4, help='assumed MFU of the projected step time')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='change a config field, e.g. --set=model.num_res_blocks=2 (repeatable)')
   args = p.parse_args(argv)
   if args.topology.startswith('cpu'):
     n = args.topology.partition(':')[2] or '8'
@@ -294,7 +317,7 @@ def main(argv=None):
   import jax
   jax.config.update('jax_threefry_partitionable', True)
   config = apply_overrides(load_config(args.config), batch=args.batch, remat=args.remat,
-                           mesh=args.mesh)
+                           mesh=args.mesh, settings=args.set)
   report = compile_train_step(config, args.topology, mfu=args.mfu)
   print(format_report(report), flush=True)
   print(json.dumps(report), flush=True)
