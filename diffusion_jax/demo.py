@@ -308,6 +308,15 @@ def cascade_config(plan: Plan, root: str | None = None):
   return c
 
 
+def sampling_settings(cascade) -> dict[str, dict[str, Any]]:
+  """Each sampled stage's sampler settings (`cascade_config(...)`): with the plan and the
+  weights, what the samples depend on, so a change to a stage config's sampler section
+  invalidates a finished run and its cached samples."""
+  from diffusion_jax.pipelines import cascade_config as cascade_lib
+  return {name: {k: cascade.stages[name][k] for k in cascade_lib.SETTINGS}
+          for name in cascade.order}
+
+
 def export_own_clip(config, root: str) -> None:
   """After the clip stage: its EMA parameters as a transformers CLIP in ROOT/clip/export
   (nothing is written when that checkpoint is exported already)."""
@@ -421,10 +430,12 @@ class _Printer:
 
 
 def sample_setting(pipe, plan: Plan, captions: Sequence[str], guidance: float, cache_dir: str,
-                   batch: int = 48) -> np.ndarray:
-  """One cascade sample per caption at a guidance scale; cached per (plan, scale, captions)."""
+                   batch: int = 48, settings: dict | None = None) -> np.ndarray:
+  """One cascade sample per caption at a guidance scale; cached per (plan, sampler
+  `settings`, scale, captions)."""
   import jax
-  key = _hash({'plan': dataclasses.asdict(plan), 'captions': list(captions), 'g': guidance})
+  key = _hash({'plan': dataclasses.asdict(plan), 'captions': list(captions), 'g': guidance,
+               **({'sampling': settings} if settings is not None else {})})
   path = os.path.join(cache_dir, f'samples_g{guidance:g}_{key}.npz')
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as f:
@@ -453,7 +464,9 @@ def run(root: str, plan: Plan, parallel: int = 2) -> dict[str, Any]:
   root = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
   result_path = os.path.join(root, 'alignment.json')
-  plan_hash = _hash(dataclasses.asdict(plan))
+  cascade = cascade_config(plan, root)
+  settings = sampling_settings(cascade)
+  plan_hash = _hash({'plan': dataclasses.asdict(plan), 'sampling': settings})
   if os.path.exists(result_path):
     with open(result_path) as f:
       previous = json.load(f)
@@ -472,7 +485,7 @@ def run(root: str, plan: Plan, parallel: int = 2) -> dict[str, Any]:
         'with and without guidance',
         flush=True)
   from diffusion_jax import pipelines
-  pipe = pipelines.load(cascade_config(plan, root), root)
+  pipe = pipelines.load(cascade, root)
   cache = os.path.join(root, 'demo_cache')
   scales = (1.0, float(plan.guidance_scale))
   results = {}
@@ -480,7 +493,7 @@ def run(root: str, plan: Plan, parallel: int = 2) -> dict[str, Any]:
   guided = None
   for scale in scales:
     start = time.perf_counter()
-    images = sample_setting(pipe, plan, captions, scale, cache)
+    images = sample_setting(pipe, plan, captions, scale, cache, settings=settings)
     sample_seconds[f'{scale:g}'] = time.perf_counter() - start
     results[f'guidance_{scale:g}'] = rates_by_kind(images, captions)
     guided = images
@@ -494,6 +507,7 @@ def run(root: str, plan: Plan, parallel: int = 2) -> dict[str, Any]:
       'rates': results,
       'goal': {'single_all': 0.8, 'relation_all': 0.5},
       'plan': dataclasses.asdict(plan),
+      'sampling': settings,
       'plan_hash': plan_hash,
       'seconds': {'train': train_seconds, 'sample': sample_seconds,
                   'total_this_run': time.perf_counter() - started},

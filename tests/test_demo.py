@@ -120,6 +120,27 @@ def test_demo_rerun_is_cached_and_a_longer_plan_resumes(tiny_demo, monkeypatch, 
   assert demo.run(root, plan, parallel=1) == result
   assert 'already finished' in capsys.readouterr().out
   monkeypatch.undo()
+  # A stage config's sampler settings are part of the finished run: changed, it samples
+  # again (the trained stages return at their last checkpoint) rather than returning the
+  # old scores.
+  real_cascade_config = demo.cascade_config
+
+  def unthresholded(*a, **k):
+    c = real_cascade_config(*a, **k)
+    c.stages['base64'].threshold = 'none'
+    return c
+  monkeypatch.setattr(demo, 'cascade_config', unthresholded)
+  cached = set(os.listdir(os.path.join(root, 'demo_cache')))
+  resampled = demo.run(root, plan, parallel=1)
+  new_samples = set(os.listdir(os.path.join(root, 'demo_cache'))) - cached
+  assert len(new_samples) == 2, f'both guidance scales sample anew, not from cache: {new_samples}'
+  assert 'already finished' not in capsys.readouterr().out
+  assert resampled['sampling']['base64']['threshold'] == 'none'
+  assert result['sampling']['base64']['threshold'] != 'none'
+  assert resampled['plan_hash'] != result['plan_hash']
+  for stage, steps in plan.stages:
+    assert sorted(os.listdir(os.path.join(root, stage, 'checkpoints')))[-1] == str(steps)
+  monkeypatch.undo()
   # One more base step: the base stage resumes from its checkpoint (not from scratch).
   calls = []
   real_train = loop.train
