@@ -175,7 +175,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.num_steps = {'tiny': 16, 'shapes': 64, 'paper': 256}[size]
   c.sampler.eta = 1.0
   c.sampler.guidance_scale = {'base64': 5.0, 'sr256': 5.0, 'sr1024': 5.0}[stage]
-  c.sampler.threshold = 'dynamic'
+  # Dynamic thresholding divides x0 by its 99.5th percentile whenever that exceeds 1, which
+  # greys the demo's white backgrounds and blurs its flat shapes. At the demo's guidance 3,
+  # static clipping of the base lifts the cascade's single-object all-correct from 0.78 to
+  # 0.92 (96 samples; 0.94 with the SR stage static too; count 0.82 -> 0.98); Imagen's
+  # dynamic thresholding is for high guidance (docs/claims).
+  c.sampler.threshold = 'static' if size == 'shapes' else 'dynamic'
   c.sampler.percentile = 99.5
   # The demo's SR follows its input best with little augmentation at sampling time too.
   c.sampler.aug_level = 0.0 if stage == 'base64' else (0.1 if size == 'shapes' else 0.2)
