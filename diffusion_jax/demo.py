@@ -311,9 +311,11 @@ def cascade_config(plan: Plan, root: str | None = None):
 def sampling_settings(cascade) -> dict[str, dict[str, Any]]:
   """Each sampled stage's sampler settings (`cascade_config(...)`): with the plan and the
   weights, what the samples depend on, so a change to a stage config's sampler section
-  invalidates a finished run and its cached samples."""
+  invalidates a finished run and its cached samples. The guidance scale is left out: the
+  demo sets it for each setting it samples."""
   from diffusion_jax.pipelines import cascade_config as cascade_lib
-  return {name: {k: cascade.stages[name][k] for k in cascade_lib.SETTINGS}
+  return {name: {k: cascade.stages[name][k] for k in cascade_lib.SETTINGS
+                 if k != 'guidance_scale'}
           for name in cascade.order}
 
 
