@@ -433,13 +433,13 @@ class _Printer:
           f'ETA {eta / 60:.1f} min', flush=True)
 
 
-def sample_setting(pipe, plan: Plan, captions: Sequence[str], guidance: float, cache_dir: str,
-                   batch: int = 48, settings: dict | None = None) -> np.ndarray:
+def sample_setting(pipe, plan: Plan, settings: dict, captions: Sequence[str], guidance: float,
+                   cache_dir: str, batch: int = 48) -> np.ndarray:
   """One cascade sample per caption at a guidance scale; cached per (plan, sampler
-  `settings`, scale, captions)."""
+  `settings` from `sampling_settings`, scale, captions)."""
   import jax
-  key = _hash({'plan': dataclasses.asdict(plan), 'captions': list(captions), 'g': guidance,
-               **({'sampling': settings} if settings is not None else {})})
+  key = _hash({'plan': dataclasses.asdict(plan), 'sampling': settings,
+               'captions': list(captions), 'g': guidance})
   path = os.path.join(cache_dir, f'samples_g{guidance:g}_{key}.npz')
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as f:
@@ -497,7 +497,7 @@ def run(root: str, plan: Plan, parallel: int = 2) -> dict[str, Any]:
   guided = None
   for scale in scales:
     start = time.perf_counter()
-    images = sample_setting(pipe, plan, captions, scale, cache, settings=settings)
+    images = sample_setting(pipe, plan, settings, captions, scale, cache)
     sample_seconds[f'{scale:g}'] = time.perf_counter() - start
     results[f'guidance_{scale:g}'] = rates_by_kind(images, captions)
     guided = images
