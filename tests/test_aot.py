@@ -77,6 +77,20 @@ def test_set_changes_config_fields(monkeypatch):
   assert seen['config'].model.num_res_blocks == 3 and seen['config'].model.dropout == 0.1
 
 
+def test_host_memory_warning_for_paper_compiles_on_small_hosts(tmp_path):
+  meminfo = tmp_path / 'meminfo'
+  meminfo.write_text('MemTotal:       24576000 kB\nMemFree:  1000 kB\nSwapTotal:  2048 kB\n')
+  ram, swap = aot.host_memory_bytes(str(meminfo))
+  assert (ram, swap) == (24576000 * 1024, 2048 * 1024), 'meminfo is in kB'
+  assert aot.host_memory_bytes(str(tmp_path / 'missing')) == (0, 0)
+  warning = aot.host_memory_warning('paper', 'v4:8x8x4', ram, swap)
+  assert warning and '23 GiB of RAM' in warning and '\n' not in warning
+  assert aot.host_memory_warning('paper', 'v4:8x8x4', ram, 16 * aot.GIB) is None, 'swap counts'
+  assert aot.host_memory_warning('tiny', 'v4:2x2x1', ram, 0) is None, 'small configs are cheap'
+  assert aot.host_memory_warning('paper', 'cpu:8', ram, 0) is None, 'no libtpu compile'
+  assert aot.host_memory_warning('paper', 'v4:8x8x4', 0, 0) is None, 'unknown host: no claim'
+
+
 def test_cpu_topology_report(num_devices):
   report = aot.compile_train_step(_tiny(batch=16, mesh='4,2,1'), f'cpu:{num_devices}')
   json.loads(json.dumps(report))  # the CLI's last line

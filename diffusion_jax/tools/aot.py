@@ -52,6 +52,36 @@ CHIPS = {
 }
 
 
+# Peak resident memory of libtpu's compile of the Imagen paper base for 256 v4 chips, on a
+# 2-core host (docs/AOT.md). A host with less RAM + swap has its compile OOM-killed.
+PAPER_COMPILE_PEAK_BYTES = int(24.3e9)
+
+
+def host_memory_bytes(meminfo: str = '/proc/meminfo') -> tuple[int, int]:
+  """(RAM, swap) of this host in bytes; (0, 0) where /proc/meminfo cannot be read."""
+  fields = {}
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        key, _, rest = line.partition(':')
+        fields[key] = int(rest.split()[0]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    return 0, 0
+  return fields.get('MemTotal', 0), fields.get('SwapTotal', 0)
+
+
+def host_memory_warning(size: str, topology: str, ram: int, swap: int) -> str | None:
+  """A one-line warning when a paper stage's libtpu compile will likely not fit this host."""
+  if topology.startswith('cpu') or size != 'paper' or not ram:
+    return None
+  if ram + swap >= 1.2 * PAPER_COMPILE_PEAK_BYTES:
+    return None
+  return (f'warning: this host has {ram / GIB:.0f} GiB of RAM and {swap / GIB:.0f} GiB of swap; '
+          f'libtpu\'s compile of a paper stage has peaked at '
+          f'{PAPER_COMPILE_PEAK_BYTES / 1e9:.1f} GB and is killed when it runs out: add swap '
+          f'to make about 32 GB (docs/AOT.md)')
+
+
 def _get(cfg, key, default=None):
   try:
     value = cfg[key]
@@ -318,6 +348,10 @@ def main(argv=None):
   jax.config.update('jax_threefry_partitionable', True)
   config = apply_overrides(load_config(args.config), batch=args.batch, remat=args.remat,
                            mesh=args.mesh, settings=args.set)
+  warning = host_memory_warning(str(_get(config, 'size', '')), args.topology,
+                                *host_memory_bytes())
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   report = compile_train_step(config, args.topology, mfu=args.mfu)
   print(format_report(report), flush=True)
   print(json.dumps(report), flush=True)
