@@ -8,16 +8,67 @@ up block of the same resolution, as in the paper's DBlock/UBlock figures) scaled
 high-resolution levels then run on fewer channels and there are no resampling ResBlocks), and
 attention only where a level asks for it: self-attention (`self_attention` per level, off at
 1024 px) and cross-attention to the text tokens (`cross_attention` per level).
+
+`scan_blocks=True` runs a level's identical residual blocks (each with its cross-attention)
+under `nn.scan`, so the compiled program holds one copy of each level's block instead of up
+to eight: parameters `down{l}_blocks/...` and `up{l}_blocks/...` carry a leading 'layers'
+axis (the up path's first block, which reads the skip connection, stays `up{l}_res0`).
+`stack_block_params` converts an unrolled parameter tree to that layout.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
 from diffusion_jax.models.unet import ConditionedUNetBase
+
+
+class _BlockStep(nn.Module):
+  """One residual block and its optional cross-attention: the body of a scanned level."""
+  channels: int
+  cross: bool
+  num_heads: int
+  head_channels: int
+  dropout: float
+  use_scale_shift_norm: bool
+  norm_groups: int
+  deterministic: bool
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BHWC, emb_BE, ctx_BLD, ctx_mask_BL):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h_BHWC = layers.ResBlock(self.channels, dropout=self.dropout,
+                             use_scale_shift_norm=self.use_scale_shift_norm,
+                             norm_groups=self.norm_groups, deterministic=self.deterministic,
+                             name='res', **kw)(h_BHWC, emb_BE)
+    if self.cross:
+      h_BHWC = layers.CrossAttention(self.num_heads, self.head_channels, self.norm_groups,
+                                     name='cross', **kw)(h_BHWC, ctx_BLD, ctx_mask_BL)
+    return h_BHWC, None
+
+
+def stack_block_params(params, num_res_blocks) -> dict:
+  """An unrolled EfficientUNet's params (`down{l}_res{i}`, `down{l}_{i}_cross`, ...) in the
+  `scan_blocks=True` layout (`down{l}_blocks/{res,cross}` stacked on a leading axis)."""
+  params = dict(params)
+  for level, n in enumerate(num_res_blocks):
+    for path, first in (('down', 0), ('up', 1)):
+      steps = []
+      for i in range(first, n):
+        step = {'res': params.pop(f'{path}{level}_res{i}')}
+        if f'{path}{level}_{i}_cross' in params:
+          step['cross'] = params.pop(f'{path}{level}_{i}_cross')
+        steps.append(step)
+      if steps:
+        params[f'{path}{level}_blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *steps)
+  return params
 
 
 class EfficientUNet(ConditionedUNetBase):
@@ -26,6 +77,7 @@ class EfficientUNet(ConditionedUNetBase):
   ff_mult: int = 2
   skip_scale: float = 1.0 / math.sqrt(2.0)
   use_scale_shift_norm: bool = True
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
@@ -52,6 +104,26 @@ class EfficientUNet(ConditionedUNetBase):
         h = cross_block(**at_kw, name=f'{tag}_cross')(h, ctx, ctx_mask)
       return h
 
+    def blocks(h, level, path, first):
+      """Blocks `first`..n-1 of a level: unrolled, or one scanned block (`scan_blocks`)."""
+      n = nblocks[level] - first
+      if not self.scan_blocks:
+        for i in range(first, nblocks[level]):
+          h = res_block(chans[level], **rb_kw, name=f'{path}{level}_res{i}')(h, emb)
+          h = cross(h, level, f'{path}{level}_{i}')
+        return h
+      if n <= 0:
+        return h
+      step = layers.maybe_remat(_BlockStep, self.remat_policy, prevent_cse=False)
+      stack = nn.scan(step, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=n,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      has_cross = ctx is not None and self.cross_attention[level]
+      h, _ = stack(chans[level], has_cross, self.num_heads, self.head_channels,
+                   name=f'{path}{level}_blocks', **rb_kw)(h, emb, ctx, ctx_mask)
+      return h
+
     def self_attend(h, level, tag):
       if self.self_attention[level]:
         h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
@@ -64,9 +136,7 @@ class EfficientUNet(ConditionedUNetBase):
     for level in range(L):
       if level:  # downsample first: the convolutions below run at the lower resolution
         h = layers.Downsample(chans[level], name=f'down{level}_downsample', **kw)(h)
-      for i in range(nblocks[level]):
-        h = res_block(chans[level], **rb_kw, name=f'down{level}_res{i}')(h, emb)
-        h = cross(h, level, f'down{level}_{i}')
+      h = blocks(h, level, 'down', 0)
       h = self_attend(h, level, f'down{level}')
       skips.append(h)
 
@@ -78,9 +148,10 @@ class EfficientUNet(ConditionedUNetBase):
     for level in reversed(range(L)):
       skip = skips.pop() * jnp.asarray(self.skip_scale, h.dtype)
       h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      for i in range(nblocks[level]):
-        h = res_block(chans[level], **rb_kw, name=f'up{level}_res{i}')(h, emb)
-        h = cross(h, level, f'up{level}_{i}')
+      if nblocks[level]:  # the first block reads the skip connection: its own parameters
+        h = res_block(chans[level], **rb_kw, name=f'up{level}_res0')(h, emb)
+        h = cross(h, level, f'up{level}_0')
+      h = blocks(h, level, 'up', 1)
       h = self_attend(h, level, f'up{level}')
       if level:  # upsample last: the convolutions above ran at the lower resolution
         h = layers.Upsample(chans[level - 1], name=f'up{level}_upsample', **kw)(h)
