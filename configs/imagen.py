@@ -72,8 +72,8 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     m.low_res_size = low
     m.aug_cond = True  # noise-conditioning augmentation level
     # True runs a level's identical blocks (up to 8) under nn.scan: at paper size libtpu's
-    # compile of sr256 for 128 v4 chips took 545 s instead of 875, but the step needs 25%
-    # more temporary HBM (12.0 against 9.6 GiB per chip) and 3% more FLOPs (docs/AOT.md).
+    # compile of sr256 for 128 v4 chips took 26% less CPU time, but the step needs 25% more
+    # temporary HBM (12.0 against 9.6 GiB per chip) and 3% more FLOPs (docs/AOT.md).
     m.scan_blocks = False
     self_attn = stage == 'sr256'  # no self-attention at 1024 px
     if size == 'tiny':
