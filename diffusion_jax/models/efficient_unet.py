@@ -106,12 +106,12 @@ class EfficientUNet(ConditionedUNetBase):
 
     def blocks(h, level, path, first):
       """Blocks `first`..n-1 of a level: unrolled, or one scanned block (`scan_blocks`)."""
-      n = nblocks[level] - first
       if not self.scan_blocks:
         for i in range(first, nblocks[level]):
           h = res_block(chans[level], **rb_kw, name=f'{path}{level}_res{i}')(h, emb)
           h = cross(h, level, f'{path}{level}_{i}')
         return h
+      n = nblocks[level] - first
       if n <= 0:
         return h
       step = layers.maybe_remat(_BlockStep, self.remat_policy, prevent_cse=False)
