@@ -54,8 +54,8 @@ def check_choice(name: str, value: str, choices) -> str:
 
 # Logical axis name -> mesh axes. Parameters are sharded FSDP-style over 'fsdp' on their
 # largest "embed"/"conv_in" dimension and tensor-parallel over 'tensor'; activations are
-# sharded over the batch only. A dimension that a mesh axis does not divide is replicated
-# along that axis (see diffusion_jax.parallel).
+# sharded over the batch only. A mesh axis that does not divide its dimension moves to another
+# dimension the rules shard, or else is replicated (see diffusion_jax.parallel).
 DEFAULT_LOGICAL_RULES = (
     # parameters
     ('embed', 'fsdp'),

@@ -2,8 +2,10 @@
 
 Modules name their parameter and activation axes logically (`embed`, `mlp`, `heads`, ...,
 `act_batch`, ...); the config's `mesh.rules` alone maps those names to the mesh axes
-('data', 'fsdp', 'tensor'). A parameter dimension that a mesh axis does not divide is
-replicated along that axis instead of failing (e.g. the 3 RGB channels of a first conv).
+('data', 'fsdp', 'tensor'). A mesh axis that does not divide its parameter dimension moves to
+another dimension the rules shard (the 3 RGB channels of a first conv: to its output
+channels; a U-Net decoder's concatenated 2240 input channels on fsdp=128: to the 1280
+outputs), and only where no such dimension exists is the parameter replicated along it.
 """
 from __future__ import annotations
 
@@ -76,22 +78,38 @@ def _mesh_axes_size(mesh: Mesh, axes) -> int:
 
 
 def spec_for_shape(shape: Sequence[int], logical: P | None, mesh: Mesh, rules) -> P:
-  """Maps a logical PartitionSpec to a mesh one, replicating dims the axes do not divide."""
+  """Maps a logical PartitionSpec to a mesh one for an array of `shape`.
+
+  Each dimension keeps the longest prefix of its mesh axes whose product divides it. An axis
+  that does not fit there moves to the largest other dimension that the rules shard and that
+  it still divides; only without one is the array replicated along it (which would cost a
+  full copy of the parameter and its optimizer state on every device of that axis)."""
   if logical is None:
     return P()
-  mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules)
-  fixed, used = [], set()
-  for dim, axes in zip(shape, tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))):
+  mesh_spec = tuple(nn.logical_to_mesh_axes(tuple(logical), rules))[:len(shape)]
+  mesh_spec += (None,) * (len(shape) - len(mesh_spec))
+  fixed: list[tuple[str, ...]] = []
+  used: set[str] = set()
+  dropped: list[str] = []
+  for dim, axes in zip(shape, mesh_spec):
+    names: tuple[str, ...] = ()
     if axes is not None:
-      names = (axes,) if isinstance(axes, str) else tuple(axes)
-      names = tuple(a for a in names if a not in used)
-      # Keep the longest prefix of mesh axes whose product divides the dimension.
+      wanted = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a not in used)
+      names = wanted
       while names and dim % _mesh_axes_size(mesh, names):
         names = names[:-1]
+      dropped += [a for a in wanted if a not in names]
       used.update(names)
-      axes = None if not names else (names[0] if len(names) == 1 else names)
-    fixed.append(axes)
-  return P(*fixed)
+    fixed.append(names)
+  sharded_dims = sorted((i for i, axes in enumerate(mesh_spec) if axes is not None),
+                        key=lambda i: -shape[i])
+  for axis in dropped:
+    for i in sharded_dims:
+      if shape[i] % (_mesh_axes_size(mesh, fixed[i]) * mesh.shape[axis]) == 0:
+        fixed[i] += (axis,)
+        break
+  return P(*(None if not names else names[0] if len(names) == 1 else names
+             for names in fixed))
 
 
 def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules):

@@ -85,8 +85,9 @@ def test_pinned_partition_specs(mesh):
   _, _, _, abstract, shardings, _ = _sharded('glide', 'base64', mesh, materialize=False)
   logical = nn.get_partition_spec(abstract)
   want = {
-      # first conv: 3 input channels cannot be split over fsdp=2 -> replicated there
-      ('in_conv', 'kernel'): ((None, None, 'conv_in', 'conv_out'), P(None, None, None, 'tensor')),
+      # first conv: 3 input channels cannot be split over fsdp=2 -> fsdp joins the outputs
+      ('in_conv', 'kernel'): ((None, None, 'conv_in', 'conv_out'),
+                              P(None, None, None, ('tensor', 'fsdp'))),
       ('down0_res0', 'Conv_0', 'kernel'): ((None, None, 'conv_in', 'conv_out'),
                                            P(None, None, 'fsdp', 'tensor')),
       ('down0_res0', 'Dense_0', 'kernel'): (('embed', 'conv_out'), P('fsdp', 'tensor')),
@@ -124,3 +125,26 @@ def test_every_parameter_has_logical_names():
     assert not bare, f'{family}/{stage}: parameters without logical axis names: {bare[:5]}'
     wrong = [jax.tree_util.keystr(p) for p, v in leaves if len(v.names) != v.value.ndim]
     assert not wrong, f'{family}/{stage}: names do not match ranks: {wrong[:5]}'
+
+
+@pytest.mark.parametrize('shape, logical, sizes, want', [
+    # a decoder ResBlock's first conv on fsdp=128: 2240 concatenated inputs, 1280 outputs
+    ((3, 3, 2240, 1280), (None, None, 'conv_in', 'conv_out'), (1, 128, 1),
+     P(None, None, None, ('tensor', 'fsdp'))),
+    # neither 2240 nor 960 divides by 128: replicated over fsdp, as nothing else fits
+    ((3, 3, 2240, 960), (None, None, 'conv_in', 'conv_out'), (1, 128, 1),
+     P(None, None, None, 'tensor')),
+    ((3, 3, 2240, 960), (None, None, 'conv_in', 'conv_out'), (2, 64, 1),
+     P(None, None, 'fsdp', 'tensor')),
+    # tensor=2 cannot split 3 heads: it joins fsdp on the embedding dimension
+    ((64, 3, 16), ('embed', 'heads', 'kv'), (1, 4, 2), P(('fsdp', 'tensor'), None, None)),
+    # the largest dimension the rules shard takes the axis; 'layers' and 'kv' never do
+    ((24, 6, 32, 48), ('layers', 'embed', 'mlp', 'kv'), (1, 4, 1),
+     P(None, None, ('tensor', 'fsdp'), None)),
+    ((5,), ('norm',), (1, 4, 2), P(None)),
+])
+def test_axes_that_do_not_divide_move_to_another_dimension(shape, logical, sizes, want):
+  mesh = jax.sharding.AbstractMesh(sizes, parallel.MESH_AXES)
+  rules = parallel.logical_rules(common.mesh_config())
+  got = parallel.spec_for_shape(shape, P(*logical), mesh, rules)
+  assert got == want, f'{shape} {logical} on {sizes}: {got} != {want}'
