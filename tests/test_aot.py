@@ -111,6 +111,33 @@ def test_cpu_topology_report(num_devices):
   assert 0.6 < ratio < 1.1, ratio
   assert 'projected_step_s' not in report  # no peak for a CPU 'topology'
   assert 'FITS' in aot.format_report(report)
+  # the state is part of the arguments (with the batch and the frozen encoder)
+  assert 0.5 * report['argument_bytes_per_chip'] < report['state_bytes_per_chip'] <= (
+      report['argument_bytes_per_chip'])
+
+
+def test_state_placement_finds_arrays_fsdp_leaves_whole():
+  import flax.linen as nn
+  from configs import common
+  from diffusion_jax import parallel
+  box = lambda shape, names: nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
+  # 'odd': neither 12 nor 6 splits 8 ways, so fsdp=8 leaves it whole (288 B per chip); 'even'
+  # splits (16/8 x 16 x 4 B = 128 B). fsdp=4 splits both: 72 + 256 = 328 B, the least.
+  state = {'odd': box((12, 6), ('embed', 'mlp')), 'even': box((16, 16), ('embed', 'mlp'))}
+  rules = parallel.logical_rules(common.mesh_config())
+  got = aot.state_placement(state, {'data': 1, 'fsdp': 8, 'tensor': 1}, rules)
+  assert got['state_bytes_per_chip'] == 288 + 128, got
+  assert got['state_unsharded_bytes_per_chip'] == 288 and got['state_unsharded_arrays'] == 1
+  assert got['state_largest_unsharded'] == 'odd (12, 6)', got
+  assert got['state_best_mesh'] == [2, 4, 1] and got['state_best_bytes_per_chip'] == 328, got
+  report = {'family': 'f', 'stage': 's', 'size': 'paper', 'params': 264, 'batch': 8,
+            'dtype': 'float32', 'remat': 'none', 'topology': 'cpu:8', 'chips': 8,
+            'device_kind': 'cpu', 'mesh': {'data': 1, 'fsdp': 8, 'tensor': 1}, 'lower_s': 0.0,
+            'compile_s': 0.0, 'argument_bytes_per_chip': 0, 'output_bytes_per_chip': 0,
+            'alias_bytes_per_chip': 0, 'temp_bytes_per_chip': 0, 'hbm_bytes_per_chip': 0,
+            'hbm_capacity_bytes': 1, 'fits_hbm': True, 'flops_per_step_xla': 0.0,
+            'flops_per_step_analytic': 0, **got}
+  assert '--mesh=2,4,1 would hold' in aot.format_report(report)
 
 
 def test_hbm_verdict_follows_capacity(num_devices):

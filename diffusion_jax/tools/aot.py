@@ -205,6 +205,53 @@ def _shard_bytes(tree) -> int:
                  for x in __import__('jax').tree.leaves(tree)))
 
 
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def state_placement(abstract_state, sizes: dict[str, int], rules) -> dict[str, Any]:
+  """Where the train state (params, EMA, optimizer moments) lives on a ('data', 'fsdp',
+  'tensor') mesh of `sizes`, from the logical names alone (nothing is compiled).
+
+  Returns the state's bytes per chip; the part of them in arrays that the fsdp axis divides in
+  no dimension (each chip holds those whole); the largest such array; and the split of the
+  same chips into (data, fsdp) that holds the least state per chip (a smaller fsdp that
+  divides those arrays can beat a larger one that leaves them whole)."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from diffusion_jax import parallel
+  leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_state))[0]
+
+  def place(data, fsdp):
+    mesh = jax.sharding.AbstractMesh((data, fsdp, sizes['tensor']), parallel.MESH_AXES)
+    shardings = jax.tree.leaves(parallel.logical_shardings(abstract_state, mesh, rules))
+    total, whole = 0, []
+    for (path, leaf), sharding in zip(leaves, shardings):
+      nbytes = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      total += nbytes
+      axes = {a for entry in sharding.spec if entry
+              for a in ((entry,) if isinstance(entry, str) else entry)}
+      if fsdp > 1 and 'fsdp' not in axes and math.prod(leaf.shape) > 1:
+        whole.append((nbytes, jax.tree_util.keystr(path, simple=True, separator='/'),
+                      tuple(leaf.shape)))
+    return total, whole
+
+  batch_chips = sizes['data'] * sizes['fsdp']
+  total, whole = place(sizes['data'], sizes['fsdp'])
+  best = min(((place(batch_chips // f, f)[0], -f) for f in _divisors(batch_chips)))
+  best_fsdp = -best[1]
+  largest = max(whole, default=None)
+  return {
+      'state_bytes_per_chip': int(total),
+      'state_unsharded_bytes_per_chip': int(sum(b for b, _, _ in whole)),
+      'state_unsharded_arrays': len(whole),
+      'state_largest_unsharded': None if largest is None else f'{largest[1]} {largest[2]}',
+      'state_best_mesh': [batch_chips // best_fsdp, best_fsdp, sizes['tensor']],
+      'state_best_bytes_per_chip': int(best[0]),
+  }
+
+
 def _first(cost):
   return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
@@ -292,6 +339,8 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
       'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2),
       'compiled': compiled is not None,
   }
+  if parallelism != 'shard_map':  # the shard_map variant replicates the state by design
+    report.update(state_placement(abstract, report['mesh'], rules))
   if refused is not None:
     report['compile_error'] = refused.group(0)
     report['fits_hbm'] = False
@@ -319,6 +368,16 @@ def format_report(r: dict[str, Any]) -> str:
       f"FLOPs per step: XLA cost_analysis {r['flops_per_step_xla']:.3e} (scanned bodies once), "
       f"analytic {r['flops_per_step_analytic']:.3e} (matmul + conv, fwd + bwd + remat)",
   ]
+  if 'state_bytes_per_chip' in r:
+    lines.append(f"train state (params, EMA, optimizer): {g(r['state_bytes_per_chip']).strip()} "
+                 f"per chip")
+    if r['state_best_bytes_per_chip'] < 0.8 * r['state_bytes_per_chip']:
+      mesh = ','.join(str(v) for v in r['state_best_mesh'])
+      lines.append(
+          f"  {g(r['state_unsharded_bytes_per_chip']).strip()} of it in "
+          f"{r['state_unsharded_arrays']} arrays that fsdp={r['mesh']['fsdp']} divides in no "
+          f"dimension (largest: {r['state_largest_unsharded']}); --mesh={mesh} would hold "
+          f"{g(r['state_best_bytes_per_chip']).strip()} per chip")
   if 'projected_step_s' in r:
     lines.append(f"PROJECTION (not measured): {r['projected_step_s']:.3f} s/step at an assumed "
                  f"MFU of {r['assumed_mfu']:.0%} of the bf16 peak")
