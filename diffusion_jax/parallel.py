@@ -126,6 +126,49 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules):
       is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def state_placement(abstract_state, sizes: dict[str, int], rules) -> dict[str, Any]:
+  """Where the train state (params, EMA, optimizer moments) lives on a ('data', 'fsdp',
+  'tensor') mesh of `sizes`, from the logical names alone (nothing is compiled).
+
+  Returns the state's bytes per chip; the part of them in arrays that the fsdp axis divides in
+  no dimension (each chip holds those whole); the largest such array; and the split of the
+  same chips into (data, fsdp) that holds the least state per chip (a smaller fsdp that
+  divides those arrays can beat a larger one that leaves them whole)."""
+  leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_state))[0]
+
+  def place(data, fsdp):
+    mesh = jax.sharding.AbstractMesh((data, fsdp, sizes['tensor']), MESH_AXES)
+    shardings = jax.tree.leaves(logical_shardings(abstract_state, mesh, rules))
+    total, whole = 0, []
+    for (path, leaf), sharding in zip(leaves, shardings):
+      nbytes = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      total += nbytes
+      axes = {a for entry in sharding.spec if entry
+              for a in ((entry,) if isinstance(entry, str) else entry)}
+      if fsdp > 1 and 'fsdp' not in axes and math.prod(leaf.shape) > 1:
+        whole.append((nbytes, jax.tree_util.keystr(path, simple=True, separator='/'),
+                      tuple(leaf.shape)))
+    return total, whole
+
+  batch_chips = sizes['data'] * sizes['fsdp']
+  total, whole = place(sizes['data'], sizes['fsdp'])
+  best = min(((place(batch_chips // f, f)[0], -f) for f in _divisors(batch_chips)))
+  best_fsdp = -best[1]
+  largest = max(whole, default=None)
+  return {
+      'state_bytes_per_chip': int(total),
+      'state_unsharded_bytes_per_chip': int(sum(b for b, _, _ in whole)),
+      'state_unsharded_arrays': len(whole),
+      'state_largest_unsharded': None if largest is None else f'{largest[1]} {largest[2]}',
+      'state_best_mesh': [batch_chips // best_fsdp, best_fsdp, sizes['tensor']],
+      'state_best_bytes_per_chip': int(best[0]),
+  }
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Leading dimension over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

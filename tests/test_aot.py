@@ -125,7 +125,7 @@ def test_state_placement_finds_arrays_fsdp_leaves_whole():
   # splits (16/8 x 16 x 4 B = 128 B). fsdp=4 splits both: 72 + 256 = 328 B, the least.
   state = {'odd': box((12, 6), ('embed', 'mlp')), 'even': box((16, 16), ('embed', 'mlp'))}
   rules = parallel.logical_rules(common.mesh_config())
-  got = aot.state_placement(state, {'data': 1, 'fsdp': 8, 'tensor': 1}, rules)
+  got = parallel.state_placement(state, {'data': 1, 'fsdp': 8, 'tensor': 1}, rules)
   assert got['state_bytes_per_chip'] == 288 + 128, got
   assert got['state_unsharded_bytes_per_chip'] == 288 and got['state_unsharded_arrays'] == 1
   assert got['state_largest_unsharded'] == 'odd (12, 6)', got

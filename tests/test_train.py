@@ -303,6 +303,19 @@ def test_restore_onto_another_mesh(tmp_path, trained_workdir):
   _assert_identical(_as_dict(state), expected, 'state restored on (2,4,1)')
 
 
+def test_trainer_warns_when_another_mesh_holds_much_less_state(tmp_path, caplog):
+  # 10 and 20 channels (and their concatenations) split 2-ways and 4-ways, not 8-ways
+  cfg = tiny_config(glide, 'base64', **{'model.model_channels': 10})
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 8, 1
+  with caplog.at_level(logging.WARNING, logger=loop.__name__):
+    loop.build_trainer(cfg, str(tmp_path))
+    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+    loop.build_trainer(cfg, str(tmp_path))
+  lines = [r.getMessage() for r in caplog.records if 'train state' in r.getMessage()]
+  assert len(lines) == 1, f'one warning for fsdp=8 and none for the mesh it names: {lines}'
+  assert '--config.mesh.data=2 --config.mesh.fsdp=4 would hold' in lines[0], lines[0]
+
+
 def test_shape_mismatch_names_the_key(tmp_path, trained_workdir):
   cfg = tiny_config(glide, 'base64')
   cfg.model.model_channels = cfg.model.model_channels * 2

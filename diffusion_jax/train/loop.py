@@ -124,13 +124,29 @@ def build_trainer(config, workdir: str) -> Trainer:
   tokenizer = build_tokenizer(config, encoder, workdir)
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
-  shardings = step_lib.state_shardings(abstract, mesh, rules,
-                                       config_util.get(config, 'parallelism', 'gspmd'))
+  parallelism = config_util.get(config, 'parallelism', 'gspmd')
+  shardings = step_lib.state_shardings(abstract, mesh, rules, parallelism)
+  if parallelism != 'shard_map':  # that variant replicates the state by design
+    _warn_unsharded_state(parallel.state_placement(abstract, dict(mesh.shape), rules))
   unboxed = nn.meta.unbox(abstract)
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
   return Trainer(config, workdir, mesh, rules, model, encoder, tokenizer, train_step, tx,
                  shardings, abstract_sharded, init)
+
+
+def _warn_unsharded_state(placement: dict[str, Any]) -> None:
+  """One line when another (data, fsdp) split of the devices would hold much less state."""
+  if placement['state_best_bytes_per_chip'] >= 0.8 * placement['state_bytes_per_chip']:
+    return
+  data, fsdp, _ = placement['state_best_mesh']
+  log.warning('train state: %.3g GiB per device, %.3g GiB of it in %d arrays that the fsdp axis '
+              'divides in no dimension (largest: %s); --config.mesh.data=%d '
+              '--config.mesh.fsdp=%d would hold %.3g GiB per device',
+              placement['state_bytes_per_chip'] / 2**30,
+              placement['state_unsharded_bytes_per_chip'] / 2**30,
+              placement['state_unsharded_arrays'], placement['state_largest_unsharded'], data,
+              fsdp, placement['state_best_bytes_per_chip'] / 2**30)
 
 
 def init_state(trainer: Trainer):
