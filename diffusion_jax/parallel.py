@@ -135,9 +135,10 @@ def state_placement(abstract_state, sizes: dict[str, int], rules) -> dict[str, A
   'tensor') mesh of `sizes`, from the logical names alone (nothing is compiled).
 
   Returns the state's bytes per chip; the part of them in arrays that the fsdp axis divides in
-  no dimension (each chip holds those whole); the largest such array; and the split of the
-  same chips into (data, fsdp) that holds the least state per chip (a smaller fsdp that
-  divides those arrays can beat a larger one that leaves them whole)."""
+  no dimension (each chip holds those whole); the largest such array; and, among the fsdp
+  sizes that divide this one (data making up the same chips), the mesh that holds the least
+  state per chip: a smaller fsdp that divides those arrays can beat one that leaves them
+  whole. A mesh without fsdp (pure data parallelism) replicates the state by choice."""
   leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_state))[0]
 
   def place(data, fsdp):
@@ -156,7 +157,7 @@ def state_placement(abstract_state, sizes: dict[str, int], rules) -> dict[str, A
 
   batch_chips = sizes['data'] * sizes['fsdp']
   total, whole = place(sizes['data'], sizes['fsdp'])
-  best = min(((place(batch_chips // f, f)[0], -f) for f in _divisors(batch_chips)))
+  best = min(((place(batch_chips // f, f)[0], -f) for f in _divisors(sizes['fsdp'])))
   best_fsdp = -best[1]
   largest = max(whole, default=None)
   return {

@@ -130,6 +130,8 @@ def test_state_placement_finds_arrays_fsdp_leaves_whole():
   assert got['state_unsharded_bytes_per_chip'] == 288 and got['state_unsharded_arrays'] == 1
   assert got['state_largest_unsharded'] == 'odd (12, 6)', got
   assert got['state_best_mesh'] == [2, 4, 1] and got['state_best_bytes_per_chip'] == 328, got
+  dp = parallel.state_placement(state, {'data': 8, 'fsdp': 1, 'tensor': 1}, rules)
+  assert dp['state_best_mesh'] == [8, 1, 1], 'pure data parallelism replicates by choice'
   report = {'family': 'f', 'stage': 's', 'size': 'paper', 'params': 264, 'batch': 8,
             'dtype': 'float32', 'remat': 'none', 'topology': 'cpu:8', 'chips': 8,
             'device_kind': 'cpu', 'mesh': {'data': 1, 'fsdp': 8, 'tensor': 1}, 'lower_s': 0.0,
