@@ -52,10 +52,10 @@ CHIPS = {
 }
 
 
-# The most memory libtpu's compile of a paper stage has taken on a 2-core host (GLIDE base64
-# for 256 v4 chips: resident + swapped, docs/AOT.md). A host with less RAM + swap has its
-# compile OOM-killed.
-PAPER_COMPILE_PEAK_BYTES = int(27.4e9)
+# The most memory libtpu's compile of a paper stage has taken on a 2-core host (unCLIP
+# decoder64 for 256 v4 chips: resident + swapped, docs/AOT.md). A host with less RAM + swap
+# has its compile OOM-killed.
+PAPER_COMPILE_PEAK_BYTES = int(28.5e9)
 
 
 def host_memory_bytes(meminfo: str = '/proc/meminfo') -> tuple[int, int]:
