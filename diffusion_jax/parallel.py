@@ -156,9 +156,9 @@ def state_placement(abstract_state, sizes: dict[str, int], rules) -> dict[str, A
     return total, whole
 
   batch_chips = sizes['data'] * sizes['fsdp']
-  total, whole = place(sizes['data'], sizes['fsdp'])
-  best = min(((place(batch_chips // f, f)[0], -f) for f in _divisors(sizes['fsdp'])))
-  best_fsdp = -best[1]
+  placed = {f: place(batch_chips // f, f) for f in _divisors(sizes['fsdp'])}
+  total, whole = placed[sizes['fsdp']]
+  best_fsdp = min(placed, key=lambda f: (placed[f][0], -f))  # ties: the larger fsdp
   largest = max(whole, default=None)
   return {
       'state_bytes_per_chip': int(total),
@@ -166,8 +166,16 @@ def state_placement(abstract_state, sizes: dict[str, int], rules) -> dict[str, A
       'state_unsharded_arrays': len(whole),
       'state_largest_unsharded': None if largest is None else f'{largest[1]} {largest[2]}',
       'state_best_mesh': [batch_chips // best_fsdp, best_fsdp, sizes['tensor']],
-      'state_best_bytes_per_chip': int(best[0]),
+      'state_best_bytes_per_chip': int(placed[best_fsdp][0]),
   }
+
+
+def better_state_mesh(placement: dict[str, Any]) -> list[int] | None:
+  """The (data, fsdp, tensor) sizes worth advising: those of `state_placement` when they hold
+  under 80% of the current mesh's state per chip; else None."""
+  if placement['state_best_bytes_per_chip'] < 0.8 * placement['state_bytes_per_chip']:
+    return placement['state_best_mesh']
+  return None
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -325,8 +325,10 @@ def format_report(r: dict[str, Any]) -> str:
   if 'state_bytes_per_chip' in r:
     lines.append(f"train state (params, EMA, optimizer): {g(r['state_bytes_per_chip']).strip()} "
                  f"per chip")
-    if r['state_best_bytes_per_chip'] < 0.8 * r['state_bytes_per_chip']:
-      mesh = ','.join(str(v) for v in r['state_best_mesh'])
+    from diffusion_jax import parallel
+    better = parallel.better_state_mesh(r)
+    if better:
+      mesh = ','.join(str(v) for v in better)
       lines.append(
           f"  {g(r['state_unsharded_bytes_per_chip']).strip()} of it in "
           f"{r['state_unsharded_arrays']} arrays that fsdp={r['mesh']['fsdp']} divides in no "
