@@ -126,7 +126,8 @@ def build_trainer(config, workdir: str) -> Trainer:
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
   parallelism = config_util.get(config, 'parallelism', 'gspmd')
   shardings = step_lib.state_shardings(abstract, mesh, rules, parallelism)
-  if parallelism != 'shard_map':  # that variant replicates the state by design
+  # Advice only for FSDP: data parallelism and the shard_map variant replicate by design.
+  if parallelism != 'shard_map' and mesh.shape['fsdp'] > 1:
     _warn_unsharded_state(parallel.state_placement(abstract, dict(mesh.shape), rules))
   unboxed = nn.meta.unbox(abstract)
   abstract_sharded = jax.tree.map(
@@ -137,9 +138,10 @@ def build_trainer(config, workdir: str) -> Trainer:
 
 def _warn_unsharded_state(placement: dict[str, Any]) -> None:
   """One line when another (data, fsdp) split of the devices would hold much less state."""
-  if placement['state_best_bytes_per_chip'] >= 0.8 * placement['state_bytes_per_chip']:
+  better = parallel.better_state_mesh(placement)
+  if better is None:
     return
-  data, fsdp, _ = placement['state_best_mesh']
+  data, fsdp, _ = better
   log.warning('train state: %.3g GiB per device, %.3g GiB of it in %d arrays that the fsdp axis '
               'divides in no dimension (largest: %s); --config.mesh.data=%d '
               '--config.mesh.fsdp=%d would hold %.3g GiB per device',
