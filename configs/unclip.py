@@ -61,7 +61,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
       m.update(width=2048, num_layers=20, num_heads=32)
     m.mlp_ratio = 4
     m.dropout = 0.0
-    common.model_numerics(m, size, image_attention=False)
+    common.model_numerics(m, size, unet=False)
     return m
 
   res, low = _RES[size][stage]

@@ -96,6 +96,49 @@ def test_upsampled_conv_is_conv_of_nearest_upsampling(kernel_size):
                              err_msg='UpsampledConv differs from conv(nearest_upsample(x))')
 
 
+@pytest.mark.parametrize('kernel,stride,padding', [
+    (1, 1, 'SAME'), (1, 2, 'VALID'), (2, 1, 'VALID'), (2, 2, ((1, 0), (0, 1))), (3, 2, 'SAME')])
+def test_matmul_weight_grad_equals_xla_conv_grad(kernel, stride, padding):
+  """The per-tap matmul weight gradient (and the input gradient beside it) must equal XLA's
+  conv VJP: strides, explicit asymmetric pads and a non-square map included."""
+  x, w = _randn(1, (3, 9, 7, 5)), _randn(2, (kernel, kernel, 5, 6))
+  g_BHWO = _randn(3, jax.eval_shape(
+      lambda: layers.conv_nhwc(x, w, (stride, stride), padding)).shape)
+
+  def loss(x, w, max_kernel):
+    y = layers.conv_nhwc(x, w, (stride, stride), padding,
+                         matmul_weight_grad_max_kernel=max_kernel)
+    return jnp.sum(y * g_BHWO)
+
+  assert 'custom_vjp' in str(jax.make_jaxpr(loss, static_argnums=2)(x, w, kernel)), (
+      'matmul_weight_grad_max_kernel >= kernel did not take the per-tap matmul gradient')
+  ours = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, kernel)
+  xla = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, 0)
+  for name, a, b in zip(('input', 'weight'), ours, xla):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4,
+                               err_msg=f'per-tap matmul conv: {name} gradient differs from XLA')
+
+
+def test_resblock_matmul_weight_grads_same_gradients_and_flops():
+  """An up ResBlock (2x2 phase conv, 1x1 skip conv) with per-tap matmul weight gradients:
+  the same parameters, gradients and counted FLOPs as with XLA's."""
+  from diffusion_jax import flops
+  x, emb = _randn(1, (2, 4, 6, 16)), _randn(2, (2, 32))
+  blocks = [layers.ResBlock(out_channels=8, up=True, norm_groups=4,
+                            matmul_weight_grad_max_kernel=k) for k in (0, 2)]
+  p = _perturb(_unboxed_init(blocks[0], x, emb), 6)
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, _unboxed_init(blocks[1], x, emb))
+  # Inside a network the block's input needs its gradient too (a custom VJP always makes it).
+  grad_fns = [jax.grad(lambda p, x, m=m: jnp.sum(jnp.sin(m.apply({'params': p}, x, emb))),
+                       (0, 1)) for m in blocks]
+  xla, ours = (jax.jit(f)(p, x) for f in grad_fns)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5, err_msg='matmul weight gradients change ResBlock gradients'),
+      xla, ours)
+  assert flops.count_flops(grad_fns[0], p, x) == flops.count_flops(grad_fns[1], p, x), (
+      'the per-tap weight gradient changed the analytic FLOP count')
+
+
 def test_resblock_up_is_resample_then_conv():
   """BigGAN up block: GN-SiLU, upsample, conv ...; skip: upsample, 1x1 conv (C_in != C)."""
   x = _randn(1, (2, 4, 6, 16))

@@ -40,6 +40,7 @@ class _BlockStep(nn.Module):
   deterministic: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  matmul_weight_grad_max_kernel: int = 0
 
   @nn.compact
   def __call__(self, h_BHWC, emb_BE, ctx_BLD, ctx_mask_BL):
@@ -47,6 +48,7 @@ class _BlockStep(nn.Module):
     h_BHWC = layers.ResBlock(self.channels, dropout=self.dropout,
                              use_scale_shift_norm=self.use_scale_shift_norm,
                              norm_groups=self.norm_groups, deterministic=self.deterministic,
+                             matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel,
                              name='res', **kw)(h_BHWC, emb_BE)
     if self.cross:
       h_BHWC = layers.CrossAttention(self.num_heads, self.head_channels, self.norm_groups,
@@ -93,7 +95,7 @@ class EfficientUNet(ConditionedUNetBase):
     attn_block = layers.maybe_remat(layers.ImageAttention, self.remat_policy)
     cross_block = layers.maybe_remat(layers.CrossAttention, self.remat_policy)
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                 norm_groups=self.norm_groups, deterministic=det, **kw)
+                 norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
                  norm_groups=self.norm_groups, **kw)
     nblocks = self.blocks_per_level()
@@ -135,7 +137,8 @@ class EfficientUNet(ConditionedUNetBase):
     skips = []
     for level in range(L):
       if level:  # downsample first: the convolutions below run at the lower resolution
-        h = layers.Downsample(chans[level], name=f'down{level}_downsample', **kw)(h)
+        h = layers.Downsample(chans[level], name=f'down{level}_downsample',
+                                  **self._conv_kw())(h)
       h = blocks(h, level, 'down', 0)
       h = self_attend(h, level, f'down{level}')
       skips.append(h)
@@ -154,6 +157,7 @@ class EfficientUNet(ConditionedUNetBase):
       h = blocks(h, level, 'up', 1)
       h = self_attend(h, level, f'up{level}')
       if level:  # upsample last: the convolutions above ran at the lower resolution
-        h = layers.Upsample(chans[level - 1], name=f'up{level}_upsample', **kw)(h)
+        h = layers.Upsample(chans[level - 1], name=f'up{level}_upsample',
+                                **self._conv_kw())(h)
     assert not skips, 'skip connections left over'
     return self.output(h)

@@ -11,6 +11,7 @@ Attention goes through `jax.nn.dot_product_attention` with boolean masks, in the
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -57,6 +58,93 @@ def maybe_remat(module_cls, name: str | None, *, prevent_cse: bool = True):
   if name in (None, '', 'none'):
     return module_cls
   return nn.remat(module_cls, policy=remat_policy(name), prevent_cse=prevent_cse)
+
+
+# ----------------------------------------------------------------------------------------
+# convolution with a per-tap matmul weight gradient
+
+_NHWC_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_nhwc(x_BHWC, w_HWIO, strides, pads):
+  return jax.lax.conv_general_dilated(x_BHWC, w_HWIO, strides, pads,
+                                      dimension_numbers=_NHWC_DIMS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_matmul_grad(x_BHWC, w_HWIO, strides, pads):
+  return _conv_nhwc(x_BHWC, w_HWIO, strides, pads)
+
+
+def _conv_tap_matmul_grad_fwd(x_BHWC, w_HWIO, strides, pads):
+  return _conv_nhwc(x_BHWC, w_HWIO, strides, pads), (x_BHWC, w_HWIO)
+
+
+def _conv_tap_matmul_grad_bwd(strides, pads, residuals, dy_BHWO):
+  x_BHWC, w_HWIO = residuals
+  # The conv is linear in x: its transpose gives XLA's input gradient without re-running the
+  # forward pass (as jax.vjp would in the jaxpr that `flops` counts).
+  (dx_BHWC,) = jax.linear_transpose(lambda x: _conv_nhwc(x, w_HWIO, strides, pads),
+                                    x_BHWC)(dy_BHWO)
+  kh, kw, C, O = w_HWIO.shape
+  B, Ho, Wo, _ = dy_BHWO.shape
+  (sh, sw), ((top, bottom), (left, right)) = strides, pads
+  zero = jnp.zeros((), x_BHWC.dtype)
+  x_pad = jax.lax.pad(x_BHWC, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  dy_NO = dy_BHWO.reshape(B * Ho * Wo, O)
+  taps_OC = []
+  for i in range(kh):
+    for j in range(kw):
+      # The input pixels that tap (i, j) multiplied, one row per output pixel.
+      x_tap = jax.lax.slice(x_pad, (0, i, j, 0), (B, i + (Ho - 1) * sh + 1,
+                                                   j + (Wo - 1) * sw + 1, C), (1, sh, sw, 1))
+      taps_OC.append(jax.lax.dot_general(dy_NO, x_tap.reshape(B * Ho * Wo, C),
+                                         (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32))
+  dw_HWIO = jnp.stack(taps_OC).reshape(kh, kw, O, C).transpose(0, 1, 3, 2)
+  return dx_BHWC, dw_HWIO.astype(w_HWIO.dtype)
+
+
+_conv_tap_matmul_grad.defvjp(_conv_tap_matmul_grad_fwd, _conv_tap_matmul_grad_bwd)
+
+
+def conv_nhwc(x_BHWC, w_HWIO, strides=(1, 1), padding='VALID', *,
+              matmul_weight_grad_max_kernel: int = 0):
+  """An NHWC/HWIO convolution. A kernel no larger than `matmul_weight_grad_max_kernel` on
+  each side takes its weight gradient as one matmul per kernel tap (the output gradient
+  against the strided input pixels that tap read) instead of XLA's own weight-gradient
+  convolution; the input gradient and the forward pass are XLA's either way.
+
+  Why: XLA's CPU backend runs a weight gradient as a convolution whose contracted features
+  are the batch, which for 1x1 and 2x2 kernels ran at a tenth of the machine's matmul speed
+  (benchmarks/README.md); as matmuls over all batch and pixel positions they run near it.
+  """
+  pads = (jax.lax.padtype_to_pads(x_BHWC.shape[1:3], w_HWIO.shape[:2], strides, padding)
+          if isinstance(padding, str) else padding)
+  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
+  if max(w_HWIO.shape[:2]) <= matmul_weight_grad_max_kernel:
+    return _conv_tap_matmul_grad(x_BHWC, w_HWIO, strides, pads)
+  return _conv_nhwc(x_BHWC, w_HWIO, strides, pads)
+
+
+def _flax_conv_fn(matmul_weight_grad_max_kernel: int):
+  """`nn.Conv(conv_general_dilated=...)` for `conv_nhwc` (plain convolutions only)."""
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                           batch_group_count=1, precision=None, preferred_element_type=None):
+    plain = (all(d == 1 for d in (lhs_dilation or (1,))) and
+             all(d == 1 for d in (rhs_dilation or (1,))) and feature_group_count == 1 and
+             batch_group_count == 1 and precision is None and preferred_element_type is None and
+             lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
+                 lhs.shape, rhs.shape, _NHWC_DIMS))
+    if not plain:
+      raise ValueError('matmul_weight_grad_max_kernel supports plain NHWC convolutions only '
+                       '(no dilation, groups or precision): set it to 0')
+    return conv_nhwc(lhs, rhs, window_strides, padding,
+                     matmul_weight_grad_max_kernel=matmul_weight_grad_max_kernel)
+
+  return conv_general_dilated
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,10 +202,15 @@ class DenseND(nn.Module):
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None):
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         matmul_weight_grad_max_kernel: int = 0, name: str | None = None):
+  """A SAME conv with logical names; see `conv_nhwc` for `matmul_weight_grad_max_kernel`."""
+  extra = {}
+  if kernel <= matmul_weight_grad_max_kernel:
+    extra['conv_general_dilated'] = _flax_conv_fn(matmul_weight_grad_max_kernel)
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding='SAME', dtype=dtype,
-      param_dtype=param_dtype,
+      param_dtype=param_dtype, **extra,
       kernel_init=boxed(zeros if zero_init else _default_kernel_init,
                         (None, None, 'conv_in', 'conv_out')),
       bias_init=boxed(zeros, ('conv_out',)), name=name)
@@ -192,11 +285,13 @@ class Downsample(nn.Module):
   use_conv: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_weight_grad_max_kernel: int = 0  # see conv_nhwc
 
   @nn.compact
   def __call__(self, x_BHWC):
     if self.use_conv:
-      return conv(self.out_channels, 3, 2, dtype=self.dtype, param_dtype=self.param_dtype)(x_BHWC)
+      return conv(self.out_channels, 3, 2, dtype=self.dtype, param_dtype=self.param_dtype,
+                  matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)(x_BHWC)
     assert x_BHWC.shape[-1] == self.out_channels, 'pool downsampling cannot change channels'
     return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
 
@@ -220,6 +315,7 @@ class UpsampledConv(nn.Module):
   kernel_size: int = 3
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_weight_grad_max_kernel: int = 0  # see conv_nhwc: 2 takes in the 2x2 phase conv
 
   @nn.compact
   def __call__(self, x_BHWC):
@@ -231,10 +327,9 @@ class UpsampledConv(nn.Module):
                         (k, k, C, O), self.param_dtype).astype(self.dtype)
     bias = self.param('bias', boxed(zeros, ('conv_out',)), (O,), self.param_dtype)
     x_BHWC = x_BHWC.astype(self.dtype)
-    dims = ('NHWC', 'HWIO', 'NHWC')
+    grad_kw = dict(matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)
     if k == 1:
-      y_BHWO = jax.lax.conv_general_dilated(x_BHWC, kernel, (1, 1), 'VALID',
-                                            dimension_numbers=dims)
+      y_BHWO = conv_nhwc(x_BHWC, kernel, **grad_kw)
       y_BHWO = _resample(y_BHWO, up=True, down=False)
     else:
       taps_PTK = jnp.asarray(_PHASE_TAPS, self.dtype)
@@ -242,8 +337,7 @@ class UpsampledConv(nn.Module):
       # so a conv_out sharding of O carries over to the merged output channels.
       phase_kernel = jnp.einsum('ayi,bxj,ijco->yxcoab', taps_PTK, taps_PTK, kernel)
       x_pad = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      out = jax.lax.conv_general_dilated(x_pad, phase_kernel.reshape(2, 2, C, O * 4), (1, 1),
-                                         'VALID', dimension_numbers=dims)
+      out = conv_nhwc(x_pad, phase_kernel.reshape(2, 2, C, O * 4), **grad_kw)
       out = out.reshape(B, H + 1, W + 1, O, 2, 2)
       # Phase (a, b) of input pixel (i, j) is output pixel (2i + a, 2j + b); its window
       # starts a rows and b columns further into the padded input.
@@ -259,11 +353,13 @@ class Upsample(nn.Module):
   use_conv: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_weight_grad_max_kernel: int = 0  # see conv_nhwc
 
   @nn.compact
   def __call__(self, x_BHWC):
     if self.use_conv:
       return UpsampledConv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                           matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel,
                            name='Conv_0')(x_BHWC)
     return _resample(x_BHWC, up=True, down=False)
 
@@ -283,17 +379,19 @@ class ResBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_weight_grad_max_kernel: int = 0  # see conv_nhwc
 
   @nn.compact
   def __call__(self, x_BHWC, emb_BE):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv_kw = dict(kw, matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)
     C_in, C = x_BHWC.shape[-1], self.out_channels
     h = nn.silu(group_norm(C_in, self.norm_groups, **kw)(x_BHWC))
     # The convs are named as flax would number them (checkpoints, converted weights).
     if self.up:
-      h = UpsampledConv(C, 3, name='Conv_0', **kw)(h)
+      h = UpsampledConv(C, 3, name='Conv_0', **conv_kw)(h)
     else:
-      h = conv(C, 3, name='Conv_0', **kw)(_resample(h, False, self.down))
+      h = conv(C, 3, name='Conv_0', **conv_kw)(_resample(h, False, self.down))
     emb = dense(2 * C if self.use_scale_shift_norm else C, ('embed', 'conv_out'), **kw)(
         nn.silu(emb_BE))
     emb_B11X = emb.reshape(emb.shape[0], 1, 1, emb.shape[-1])
@@ -303,13 +401,13 @@ class ResBlock(nn.Module):
     else:
       h = group_norm(C, self.norm_groups, **kw)(h + emb_B11X)
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
-    h = conv(C, 3, zero_init=True, name='Conv_1', **kw)(h)
+    h = conv(C, 3, zero_init=True, name='Conv_1', **conv_kw)(h)
     if C_in == C:
       skip = _resample(x_BHWC, self.up, self.down)
     elif self.up:
-      skip = UpsampledConv(C, 1, name='Conv_2', **kw)(x_BHWC)
+      skip = UpsampledConv(C, 1, name='Conv_2', **conv_kw)(x_BHWC)
     else:
-      skip = conv(C, 1, name='Conv_2', **kw)(_resample(x_BHWC, False, self.down))
+      skip = conv(C, 1, name='Conv_2', **conv_kw)(_resample(x_BHWC, False, self.down))
     return constrain(skip + h, IMAGE_AXES)
 
 

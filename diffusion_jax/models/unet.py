@@ -79,6 +79,9 @@ class ConditionedUNetBase(nn.Module):
   remat_policy: str = 'none'
   scan_layers: bool = True
   attention_query_chunk: int = 0     # > 0: self-attention over pixels in query chunks
+  # Kernels this small or smaller (1: the 1x1 skip convs; 2: also the upsampling convs'
+  # 2x2 phase conv) take their weight gradient as per-tap matmuls (layers.conv_nhwc).
+  matmul_weight_grad_max_kernel: int = 0
 
   @property
   def emb_dim(self) -> int:
@@ -92,6 +95,9 @@ class ConditionedUNetBase(nn.Module):
 
   def _kw(self):
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _conv_kw(self):
+    return dict(self._kw(), matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)
 
   def check_input(self, x_BHWC, cond):
     """Inputs are image_size squares; an SR stage also takes its training crops
@@ -251,7 +257,7 @@ class UNet(ConditionedUNetBase):
     attn_block = layers.maybe_remat(layers.ImageAttention, self.remat_policy)
     cross_block = layers.maybe_remat(layers.CrossAttention, self.remat_policy)
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                 norm_groups=self.norm_groups, deterministic=det, **kw)
+                 norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
                  norm_groups=self.norm_groups, **kw)
 
@@ -287,7 +293,7 @@ class UNet(ConditionedUNetBase):
         if self.resblock_updown:
           h = res_block(ch, **rb_kw, down=True, name=f'down{level}_downsample')(h, emb)
         else:
-          h = layers.Downsample(ch, name=f'down{level}_downsample', **kw)(h)
+          h = layers.Downsample(ch, name=f'down{level}_downsample', **self._conv_kw())(h)
         hs.append(h)
         res //= 2
 
@@ -308,7 +314,7 @@ class UNet(ConditionedUNetBase):
         if self.resblock_updown:
           h = res_block(ch, **rb_kw, up=True, name=f'up{level}_upsample')(h, emb)
         else:
-          h = layers.Upsample(ch, name=f'up{level}_upsample', **kw)(h)
+          h = layers.Upsample(ch, name=f'up{level}_upsample', **self._conv_kw())(h)
         res *= 2
     assert not hs, 'skip connections left over'
     return self.output(h)
