@@ -66,6 +66,7 @@ def test_config_sections_and_consistency(fam, stage, size):
     assert m.dtype == 'bfloat16' and m.param_dtype == 'float32'
     # The AOT memory table was measured with XLA's own conv weight gradients.
     assert m.get('matmul_weight_grad_max_kernel', 0) == 0, 'paper size must use XLA conv grads'
+    assert m.get('attention_impl', 'jax') == 'jax', 'paper size must use the fused attention'
   assert isinstance(models.build(m), nn.Module)
 
 

@@ -183,6 +183,29 @@ def test_query_chunked_attention_equals_whole(masked):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg='query chunks change grads')
 
 
+@pytest.mark.parametrize('chunk', [0, 4])
+def test_einsum_attention_equals_jax_attention(chunk):
+  """impl='einsum' is jax.nn.dot_product_attention written out: the same output and
+  gradients, a key mask included, and a fully masked row (all values averaged) too."""
+  q, k, v = _randn(1, (3, 12, 2, 4)), _randn(2, (3, 5, 2, 4)), _randn(3, (3, 5, 2, 4))
+  mask = layers.key_mask(jnp.arange(5)[None, :] < jnp.array([[5], [2], [0]]))
+  w_BTNH = _randn(4, (3, 12, 2, 4))
+
+  def out_and_grads(impl):
+    f = lambda q, k, v: layers.attention(q, k, v, mask, chunk, impl)
+    return f(q, k, v), jax.grad(lambda *a: jnp.sum(w_BTNH * f(*a)), (0, 1, 2))(q, k, v)
+  (ref, g_ref), (ours, g_ours) = out_and_grads('jax'), out_and_grads('einsum')
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6,
+                             err_msg='einsum attention differs from jax.nn.dot_product_attention')
+  np.testing.assert_allclose(ours[2], jnp.broadcast_to(v[2].mean(0), (12, 2, 4)), rtol=1e-5,
+                             err_msg='a fully masked row is not the mean of the values')
+  for name, a, b in zip('qkv', g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                               err_msg=f'einsum attention: d{name} differs from jax')
+  with pytest.raises(ValueError, match='attention impl'):
+    layers.attention(q, k, v, impl='flash')
+
+
 def test_glide_attention_ignores_masked_text_tokens():
   x = _randn(1, (2, 4, 4, 16))
   ctx = _randn(2, (2, 5, 12))

@@ -41,6 +41,7 @@ class _BlockStep(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   matmul_weight_grad_max_kernel: int = 0
+  attention_impl: str = 'jax'
 
   @nn.compact
   def __call__(self, h_BHWC, emb_BE, ctx_BLD, ctx_mask_BL):
@@ -52,7 +53,8 @@ class _BlockStep(nn.Module):
                              name='res', **kw)(h_BHWC, emb_BE)
     if self.cross:
       h_BHWC = layers.CrossAttention(self.num_heads, self.head_channels, self.norm_groups,
-                                     name='cross', **kw)(h_BHWC, ctx_BLD, ctx_mask_BL)
+                                     attention_impl=self.attention_impl, name='cross', **kw)(
+                                         h_BHWC, ctx_BLD, ctx_mask_BL)
     return h_BHWC, None
 
 
@@ -97,7 +99,7 @@ class EfficientUNet(ConditionedUNetBase):
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
                  norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
-                 norm_groups=self.norm_groups, **kw)
+                 norm_groups=self.norm_groups, attention_impl=self.attention_impl, **kw)
     nblocks = self.blocks_per_level()
     chans = [m * self.model_channels for m in self.channel_mult]
 
@@ -123,7 +125,8 @@ class EfficientUNet(ConditionedUNetBase):
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       has_cross = ctx is not None and self.cross_attention[level]
       h, _ = stack(chans[level], has_cross, self.num_heads, self.head_channels,
-                   name=f'{path}{level}_blocks', **rb_kw)(h, emb, ctx, ctx_mask)
+                   attention_impl=self.attention_impl, name=f'{path}{level}_blocks',
+                   **rb_kw)(h, emb, ctx, ctx_mask)
       return h
 
     def self_attend(h, level, tag):

@@ -79,6 +79,7 @@ class ConditionedUNetBase(nn.Module):
   remat_policy: str = 'none'
   scan_layers: bool = True
   attention_query_chunk: int = 0     # > 0: self-attention over pixels in query chunks
+  attention_impl: str = 'jax'        # the image attention layers': 'jax' | 'einsum' (layers)
   # Kernels this small or smaller (1: the 1x1 skip convs; 2: also the upsampling convs'
   # 2x2 phase conv) take their weight gradient as per-tap matmuls (layers.conv_nhwc).
   matmul_weight_grad_max_kernel: int = 0
@@ -259,7 +260,7 @@ class UNet(ConditionedUNetBase):
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
                  norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
-                 norm_groups=self.norm_groups, **kw)
+                 norm_groups=self.norm_groups, attention_impl=self.attention_impl, **kw)
 
     def attend(h, tag):
       if self.text_attention == 'cross' or ctx is None:
