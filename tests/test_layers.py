@@ -139,6 +139,33 @@ def test_resblock_matmul_weight_grads_same_gradients_and_flops():
       'the per-tap weight gradient changed the analytic FLOP count')
 
 
+@pytest.mark.parametrize('shape,groups', [((2, 6, 5, 64), 32), ((3, 7, 24), 8)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+  """layers.GroupNorm (per-channel sums first) is nn.GroupNorm: parameters, output, grads."""
+  x = _randn(1, shape) * 3.0 + 1.5  # an offset mean: the variance formula is exercised
+  ours, ref = layers.GroupNorm(groups), nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+  p = _perturb(_unboxed_init(ours, x), 2, scale=0.3)
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, _unboxed_init(ref, x))
+  np.testing.assert_allclose(_apply(ours)(p, x), _apply(ref)(p, x), rtol=1e-5, atol=1e-5,
+                             err_msg='GroupNorm differs from nn.GroupNorm')
+  grads = [jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(jnp.sin(m.apply({'params': p}, x))),
+                            (0, 1)))(p, x) for m in (ours, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-4, err_msg='GroupNorm gradients differ from nn.GroupNorm'),
+      *grads)
+
+
+def test_resblock_inference_group_norm_same_output():
+  """A ResBlock normalises with layers.GroupNorm when deterministic (sampling) and with
+  nn.GroupNorm when training: the same parameters give the same output."""
+  x, emb = _randn(1, (2, 8, 8, 64)), _randn(2, (2, 32))
+  blocks = [layers.ResBlock(out_channels=64, deterministic=d) for d in (True, False)]
+  p = _perturb(_unboxed_init(blocks[0], x, emb), 3)
+  outs = [_apply(m)(p, x, emb) for m in blocks]
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5,
+                             err_msg='inference and training ResBlocks disagree')
+
+
 def test_resblock_up_is_resample_then_conv():
   """BigGAN up block: GN-SiLU, upsample, conv ...; skip: upsample, 1x1 conv (C_in != C)."""
   x = _randn(1, (2, 4, 6, 16))

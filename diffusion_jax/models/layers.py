@@ -217,11 +217,54 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = F
       bias_init=boxed(zeros, ('conv_out',)), name=name)
 
 
+class GroupNorm(nn.Module):
+  """`nn.GroupNorm` over the channels (last axis) of [B, ..., C]: the same parameters
+  (`scale`, `bias`, [C]), statistics (float32, E[x^2] - E[x]^2) and result.
+
+  The sums are taken per channel first, then per group: reducing over all pixels with the
+  channels contiguous vectorises on CPU, where reducing [B, pixels, G, C/G] groups of two or
+  four channels (64-128 channels in 32 groups) ran several times slower: 9% off the matched
+  U-Net's guided sampling call. Differentiated, XLA's CPU backend ran it slower than
+  `nn.GroupNorm` (8% on the train step), so `group_norm` takes it for inference only.
+  """
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BXC):
+    B, C, G = x_BXC.shape[0], x_BXC.shape[-1], self.num_groups
+    if C % G:
+      raise ValueError(f'GroupNorm: {C} channels are not a multiple of {G} groups')
+    scale_C = self.param('scale', boxed(ones, ('norm',)), (C,), self.param_dtype)
+    bias_C = self.param('bias', boxed(zeros, ('norm',)), (C,), self.param_dtype)
+    x32 = x_BXC.astype(jnp.promote_types(x_BXC.dtype, jnp.float32))
+    pixel_axes = tuple(range(1, x_BXC.ndim - 1))
+    count = math.prod(x_BXC.shape[1:-1]) * (C // G)
+    group_mean = lambda s_BC: jnp.sum(s_BC.reshape(B, G, C // G), -1) / count
+    mean_BG = group_mean(jnp.sum(x32, pixel_axes))
+    var_BG = jnp.maximum(group_mean(jnp.sum(x32 * x32, pixel_axes)) - mean_BG * mean_BG, 0.0)
+    ones_X = (1,) * len(pixel_axes)
+    per_channel = lambda v_BG: jnp.repeat(v_BG, C // G, axis=-1).reshape((B,) + ones_X + (C,))
+    as_x = lambda p_C: p_C.astype(x32.dtype).reshape((1,) + ones_X + (C,))
+    mult = per_channel(jax.lax.rsqrt(var_BG + self.epsilon)) * as_x(scale_C)
+    y = (x32 - per_channel(mean_BG)) * mult + as_x(bias_C)
+    return y.astype(self.dtype)
+
+
 def group_norm(channels: int, groups: int = 32, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: str | None = None):
+               param_dtype: Dtype = jnp.float32, inference: bool = False,
+               name: str | None = None):
+  """nn.GroupNorm, or for `inference` (no gradients wanted) the same as `GroupNorm`; both
+  auto-name as `GroupNorm_i` with the same parameters."""
   # gcd keeps tiny widths legal (e.g. 24 channels with 32 groups -> 8 groups).
+  groups = math.gcd(groups, channels)
+  if inference:
+    return GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                     name=name)
   return nn.GroupNorm(
-      num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+      num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
       scale_init=boxed(ones, ('norm',)), bias_init=boxed(zeros, ('norm',)), name=name)
 
 
@@ -387,7 +430,8 @@ class ResBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv_kw = dict(kw, matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)
     C_in, C = x_BHWC.shape[-1], self.out_channels
-    h = nn.silu(group_norm(C_in, self.norm_groups, **kw)(x_BHWC))
+    gn_kw = dict(kw, inference=self.deterministic)
+    h = nn.silu(group_norm(C_in, self.norm_groups, **gn_kw)(x_BHWC))
     # The convs are named as flax would number them (checkpoints, converted weights).
     if self.up:
       h = UpsampledConv(C, 3, name='Conv_0', **conv_kw)(h)
@@ -398,9 +442,9 @@ class ResBlock(nn.Module):
     emb_B11X = emb.reshape(emb.shape[0], 1, 1, emb.shape[-1])
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_B11X, 2, axis=-1)
-      h = group_norm(C, self.norm_groups, **kw)(h) * (1 + scale) + shift
+      h = group_norm(C, self.norm_groups, **gn_kw)(h) * (1 + scale) + shift
     else:
-      h = group_norm(C, self.norm_groups, **kw)(h + emb_B11X)
+      h = group_norm(C, self.norm_groups, **gn_kw)(h + emb_B11X)
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
     h = conv(C, 3, zero_init=True, name='Conv_1', **conv_kw)(h)
     if C_in == C:
