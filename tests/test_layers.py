@@ -155,15 +155,25 @@ def test_group_norm_equals_flax_group_norm(shape, groups):
       *grads)
 
 
-def test_resblock_inference_group_norm_same_output():
-  """A ResBlock normalises with layers.GroupNorm when deterministic (sampling) and with
-  nn.GroupNorm when training: the same parameters give the same output."""
+@pytest.mark.parametrize('block', ['res', 'attn', 'cross', 'ff'])
+def test_inference_group_norm_same_output(block):
+  """Blocks normalise with layers.GroupNorm for inference (sampling) and with nn.GroupNorm
+  when training: the same parameters give the same output."""
   x, emb = _randn(1, (2, 8, 8, 64)), _randn(2, (2, 32))
-  blocks = [layers.ResBlock(out_channels=64, deterministic=d) for d in (True, False)]
-  p = _perturb(_unboxed_init(blocks[0], x, emb), 3)
-  outs = [_apply(m)(p, x, emb) for m in blocks]
+  ctx, ctx_mask = _randn(3, (2, 5, 16)), jnp.arange(5)[None, :] < jnp.array([[5], [2]])
+  make, args = {
+      'res': (lambda i: layers.ResBlock(out_channels=64, deterministic=i), (x, emb)),
+      'attn': (lambda i: layers.ImageAttention(num_heads=2, inference=i), (x,)),
+      'cross': (lambda i: layers.CrossAttention(num_heads=2, inference=i), (x, ctx, ctx_mask)),
+      'ff': (lambda i: layers.FeedForward2d(inference=i), (x,)),
+  }[block]
+  p = _perturb(_unboxed_init(make(True), *args), 3)
+  outs = [_apply(make(i))(p, *args) for i in (True, False)]
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5,
-                             err_msg='inference and training ResBlocks disagree')
+                             err_msg=f'{block}: inference and training forms disagree')
+  jaxprs = [str(jax.make_jaxpr(lambda p, i=i: make(i).apply({'params': p}, *args))(p))
+            for i in (True, False)]
+  assert jaxprs[0] != jaxprs[1], f'{block}: the inference flag does not reach its GroupNorm'
 
 
 def test_resblock_up_is_resample_then_conv():

@@ -53,7 +53,8 @@ class _BlockStep(nn.Module):
                              name='res', **kw)(h_BHWC, emb_BE)
     if self.cross:
       h_BHWC = layers.CrossAttention(self.num_heads, self.head_channels, self.norm_groups,
-                                     attention_impl=self.attention_impl, name='cross', **kw)(
+                                     attention_impl=self.attention_impl,
+                                     inference=self.deterministic, name='cross', **kw)(
                                          h_BHWC, ctx_BLD, ctx_mask_BL)
     return h_BHWC, None
 
@@ -99,7 +100,8 @@ class EfficientUNet(ConditionedUNetBase):
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
                  norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
-                 norm_groups=self.norm_groups, attention_impl=self.attention_impl, **kw)
+                 norm_groups=self.norm_groups, attention_impl=self.attention_impl,
+                 inference=det, **kw)
     nblocks = self.blocks_per_level()
     chans = [m * self.model_channels for m in self.channel_mult]
 
@@ -133,7 +135,8 @@ class EfficientUNet(ConditionedUNetBase):
       if self.self_attention[level]:
         h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
                        name=f'{tag}_attn')(h)
-        h = layers.FeedForward2d(self.ff_mult, self.norm_groups, name=f'{tag}_ff', **kw)(h)
+        h = layers.FeedForward2d(self.ff_mult, self.norm_groups, inference=det,
+                                 name=f'{tag}_ff', **kw)(h)
       return h
 
     h = layers.conv(chans[0], 3, name='in_conv', **kw)(self.prepare_input(x_BHWC, cond))
@@ -163,4 +166,4 @@ class EfficientUNet(ConditionedUNetBase):
         h = layers.Upsample(chans[level - 1], name=f'up{level}_upsample',
                                 **self._conv_kw())(h)
     assert not skips, 'skip connections left over'
-    return self.output(h)
+    return self.output(h, inference=det)

@@ -225,7 +225,8 @@ class GroupNorm(nn.Module):
   channels contiguous vectorises on CPU, where reducing [B, pixels, G, C/G] groups of two or
   four channels (64-128 channels in 32 groups) ran several times slower: 9% off the matched
   U-Net's guided sampling call. Differentiated, XLA's CPU backend ran it slower than
-  `nn.GroupNorm` (8% on the train step), so `group_norm` takes it for inference only.
+  `nn.GroupNorm` (8% on the train step), so `group_norm` takes it for inference only (the
+  networks called with `train=False`).
   """
   num_groups: int
   epsilon: float = 1e-5
@@ -526,6 +527,7 @@ class ImageAttention(nn.Module):
   norm_groups: int = 32
   query_chunk: int = 0  # > 0: pixels attend in chunks of this many (`attention`)
   attention_impl: str = 'jax'  # `attention`'s impl
+  inference: bool = False  # no gradients wanted: `group_norm`'s inference form
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -534,7 +536,8 @@ class ImageAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     B, H, W, C = x_BHWC.shape
     N = num_heads_for(C, self.num_heads, self.head_channels)
-    h = group_norm(C, self.norm_groups, **kw)(x_BHWC).reshape(B, H * W, C)
+    h = group_norm(C, self.norm_groups, inference=self.inference, **kw)(x_BHWC).reshape(
+        B, H * W, C)
     proj = lambda name: dense_general((N, C // N), ('embed', 'heads', 'kv'), name=name, **kw)
     q, k, v = (constrain(proj(n)(h), HEAD_AXES) for n in ('query', 'key', 'value'))
     mask = None
@@ -561,6 +564,7 @@ class CrossAttention(nn.Module):
   head_channels: int = -1
   norm_groups: int = 32
   attention_impl: str = 'jax'  # `attention`'s impl
+  inference: bool = False  # no gradients wanted: `group_norm`'s inference form
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -569,7 +573,8 @@ class CrossAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     B, H, W, C = x_BHWC.shape
     N = num_heads_for(C, self.num_heads, self.head_channels)
-    h = group_norm(C, self.norm_groups, **kw)(x_BHWC).reshape(B, H * W, C)
+    h = group_norm(C, self.norm_groups, inference=self.inference, **kw)(x_BHWC).reshape(
+        B, H * W, C)
     ctx = layer_norm(**kw)(context_BLD)
     q = constrain(dense_general((N, C // N), ('embed', 'heads', 'kv'), name='query', **kw)(h),
                   HEAD_AXES)
@@ -592,12 +597,13 @@ class FeedForward2d(nn.Module):
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  inference: bool = False  # no gradients wanted: `group_norm`'s inference form
 
   @nn.compact
   def __call__(self, x_BHWC):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     C = x_BHWC.shape[-1]
-    h = group_norm(C, self.norm_groups, **kw)(x_BHWC)
+    h = group_norm(C, self.norm_groups, inference=self.inference, **kw)(x_BHWC)
     h = nn.gelu(dense(self.mult * C, ('embed', 'mlp'), **kw)(h))
     h = dense(C, ('mlp', 'embed'), zero_init=True, **kw)(h)
     return constrain(x_BHWC + h.astype(x_BHWC.dtype), IMAGE_AXES)

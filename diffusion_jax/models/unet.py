@@ -206,9 +206,10 @@ class ConditionedUNetBase(nn.Module):
       ctx = layers.constrain(ctx, layers.SEQ_AXES)
     return emb, ctx, ctx_mask
 
-  def output(self, h_BHWC):
+  def output(self, h_BHWC, inference: bool = False):
     kw = self._kw()
-    h = nn.silu(layers.group_norm(h_BHWC.shape[-1], self.norm_groups, name='out_norm', **kw)(
+    h = nn.silu(layers.group_norm(h_BHWC.shape[-1], self.norm_groups, inference=inference,
+                                  name='out_norm', **kw)(
         h_BHWC))
     out_ch = self.out_channels * (2 if self.learned_variance else 1)
     h = layers.conv(out_ch, 3, zero_init=True, name='out_conv', **kw)(h)
@@ -260,7 +261,8 @@ class UNet(ConditionedUNetBase):
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
                  norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
-                 norm_groups=self.norm_groups, attention_impl=self.attention_impl, **kw)
+                 norm_groups=self.norm_groups, attention_impl=self.attention_impl,
+                 inference=det, **kw)
 
     def attend(h, tag):
       if self.text_attention == 'cross' or ctx is None:
@@ -273,7 +275,8 @@ class UNet(ConditionedUNetBase):
         h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
                        name=f'{tag}_attn')(h, ctx, ctx_mask)
       if self.ff_mult:
-        h = layers.FeedForward2d(self.ff_mult, self.norm_groups, name=f'{tag}_ff', **kw)(h)
+        h = layers.FeedForward2d(self.ff_mult, self.norm_groups, inference=det,
+                                 name=f'{tag}_ff', **kw)(h)
       return h
 
     def attends_after(i, n):
@@ -318,4 +321,4 @@ class UNet(ConditionedUNetBase):
           h = layers.Upsample(ch, name=f'up{level}_upsample', **self._conv_kw())(h)
         res *= 2
     assert not hs, 'skip connections left over'
-    return self.output(h)
+    return self.output(h, inference=det)
