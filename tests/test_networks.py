@@ -121,6 +121,31 @@ def test_imagen_sr_reads_low_res_aug_level_and_text(net):
       'SR stage ignores the text tokens')
 
 
+@pytest.mark.parametrize('stage', ['base64', 'sr256'])
+@pytest.mark.parametrize('position', [False, True])
+def test_text_position_embed_makes_the_token_order_matter(stage, position):
+  """Without position embeddings the frozen tokens reach the U-Net as a set (attention and
+  the attention pool are permutation invariant over keys): swapping two tokens changes
+  nothing. With them the swap changes the output, and the padding still does not."""
+  cfg = config('imagen', stage)
+  cfg.model.text_position_embed = position
+  module = models.build(cfg.model)
+  params = net_fixtures.random_params(module, cfg.model)
+  assert ('text_position_embed' in params) == position, sorted(params)
+  x, t, cond = net_fixtures.random_inputs(cfg.model)
+  fwd = jax.jit(lambda c: module.apply({'params': params}, x, t, c))
+  ref = fwd(cond)
+  tokens = cond['text_tokens']
+  swapped = tokens.at[:, 0].set(tokens[:, 1]).at[:, 1].set(tokens[:, 0])
+  out = fwd(dict(cond, text_tokens=swapped))
+  if position:
+    assert _differs(out, ref), 'text_position_embed: the U-Net still ignores the token order'
+  else:
+    assert _same(out, ref, 1e-4), 'without position embeddings the token order matters'
+  padded = tokens.at[:, -2:].set(7.0)
+  assert _same(fwd(dict(cond, text_tokens=padded)), ref), 'the U-Net reads padding tokens'
+
+
 def test_imagen_sr1024_has_no_self_attention_but_cross_attention():
   names = list(_param_shapes(config('imagen', 'sr1024').model))
   assert not [k for k in names if k.endswith('_attn')], f'self-attention at 1024: {names}'

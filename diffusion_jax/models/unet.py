@@ -65,6 +65,12 @@ class ConditionedUNetBase(nn.Module):
                                      # cond['text_embed'])
   text_embed_dim: int = 0            # width of cond['text_embed'] for text_pool='embed'
   text_attention: str = 'concat_kv'  # 'concat_kv' (GLIDE) | 'cross' (self- then cross-attention)
+  # A learned embedding per token position added to the projected frozen-encoder tokens. A
+  # randomly initialised T5 attends almost uniformly, so its outputs carry the words but not
+  # their order, and the context is a bag of words in which "a red circle left of a blue
+  # square" and "a blue circle left of a red square" are the same; a pretrained T5's tokens
+  # carry their context and need none.
+  text_position_embed: bool = False
   context_dim: int = 0               # width of the attention context; 0: the text width
   image_embed_dim: int = 0           # > 0: cond['image_embed'] (unCLIP decoder)
   image_embed_tokens: int = 4
@@ -152,6 +158,14 @@ class ConditionedUNetBase(nn.Module):
       mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
       ctx = layers.dense(self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(
           tokens.astype(self.dtype))
+      if self.text_position_embed:
+        L = tokens.shape[1]
+        if L > self.text_len:
+          raise ValueError(f'{name}: {L} text tokens, but text_position_embed has '
+                           f'text_len={self.text_len} positions; raise model.text_len')
+        pos_LD = layers.learned(self, 'text_position_embed', (self.text_len, self.ctx_dim),
+                                (None, 'embed'), param_dtype=p_dtype)
+        ctx = ctx + pos_LD[None, :L].astype(ctx.dtype)
       ctx_mask = mask
     elif self.text_source == 'transformer':
       ids = require(cond, 'text_ids', name)
