@@ -40,6 +40,11 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.text_len = text_len
   m.text_dim = text_dim
   m.text_pool = 'attention'  # attention-pooled T5 tokens added to the time embedding
+  # The demo's T5 is random and frozen: its tokens carry the words but not their order (a
+  # caption and its colour-swapped twin give token states with cosine 0.99), so the U-Nets
+  # learn one embedding per position to tell which colour goes with which shape, and which
+  # object comes first.
+  m.text_position_embed = size == 'shapes'
   m.dropout = 0.0
   common.model_numerics(m, size)
   if stage == 'base64':
