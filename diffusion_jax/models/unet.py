@@ -71,6 +71,7 @@ class ConditionedUNetBase(nn.Module):
   # square" and "a blue circle left of a red square" are the same; a pretrained T5's tokens
   # carry their context and need none.
   text_position_embed: bool = False
+  text_position_init_std: float = 1.0  # the embedding's initial scale (the tokens': ~1)
   context_dim: int = 0               # width of the attention context; 0: the text width
   image_embed_dim: int = 0           # > 0: cond['image_embed'] (unCLIP decoder)
   image_embed_tokens: int = 4
@@ -164,7 +165,8 @@ class ConditionedUNetBase(nn.Module):
           raise ValueError(f'{name}: {L} text tokens, but text_position_embed has '
                            f'text_len={self.text_len} positions; raise model.text_len')
         pos_LD = layers.learned(self, 'text_position_embed', (self.text_len, self.ctx_dim),
-                                (None, 'embed'), param_dtype=p_dtype)
+                                (None, 'embed'), param_dtype=p_dtype,
+                                init=nn.initializers.normal(self.text_position_init_std))
         ctx = ctx + pos_LD[None, :L].astype(ctx.dtype)
       ctx_mask = mask
     elif self.text_source == 'transformer':
