@@ -91,6 +91,16 @@ def test_step_is_invariant_to_sharding(reference_grads, mesh_shape, parallelism)
   assert diff <= 1e-5 * ref_norm, f'{mesh_shape}/{parallelism}: grads differ by {diff / ref_norm}'
 
 
+def test_frozen_encoder_takes_the_configs_length_and_batch():
+  cfg = tiny_config(imagen, 'base64')
+  cfg.text_encoder.max_length = 12
+  cfg.text_encoder.batch_size = 24
+  mesh = parallel.create_mesh(cfg.mesh)
+  encoder = loop.build_encoder(cfg, mesh, parallel.logical_rules(cfg.mesh))
+  assert (encoder.max_length, encoder.batch_size) == (12, 24), (
+      'build_encoder dropped text_encoder.max_length / batch_size from the stage config')
+
+
 def test_nonfinite_batch_is_skipped_and_counted():
   cfg = tiny_config(glide, 'base64')
   mesh = parallel.create_mesh(cfg.mesh)
