@@ -48,14 +48,14 @@ def build_encoder(config, mesh, rules):
   te = config_util.get(config, 'text_encoder')
   if te is None or not config_util.get(te, 'name'):
     return None
-  max_length = config_util.get(te, 'max_length')
+  # Fields the stage leaves unset keep encoder_config's defaults.
+  sizes = {k: config_util.get(te, k) for k in ('max_length', 'batch_size')}
   cfg = encoders.encoder_config(
       te.name, config_util.get(te, 'preset', 'tiny'), config_util.get(te, 'path'),
       tokenizer_path=config_util.get(te, 'tokenizer_path'),
-      max_length=None if max_length is None else int(max_length),
-      batch_size=int(config_util.get(te, 'batch_size', 32)),
       seed=int(config_util.get(te, 'seed', config.seed)),
-      dtype=config_util.get(te, 'dtype', 'float32'))
+      dtype=config_util.get(te, 'dtype', 'float32'),
+      **{k: int(v) for k, v in sizes.items() if v is not None})
   return encoders.build_encoder(cfg, mesh, rules)
 
 
