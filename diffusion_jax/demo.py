@@ -79,7 +79,7 @@ class Plan:
 # Steps per stage on a 2-core CPU. Imagen, alone on the host: base and SR side by side, the
 # SR on 32 px crops (its config) at 3.35 steps/s for 600 steps (246 s), the base at ~2.2
 # steps/s beside it and ~3.3 after; with sampling, 2750 base steps took 18.0 min in all
-# (17.1 min after the CPU numerics of benchmarks/README.md: base 885 s, SR 260 s).
+# (16.3 min now, after the CPU numerics of benchmarks/README.md: base 852 s, SR 251 s).
 # With the learning rate held at 1e-3, 3000 steps took 19.0 min (cascade single-object
 # all-correct 0.80 on 96 samples at guidance 3, against 0.68 after 2750); the cosine decay
 # reaches 0.80 at 2750. 2850 steps took 19.7 min on a slower day of the same host: too close
