@@ -419,7 +419,7 @@ class _Printer:
     self.stage, self.total, self.every = stage, total, every
     self.first = None
 
-  def __call__(self, step, state, trainer):
+  def __call__(self, step, state, trainer, metrics):
     del state, trainer
     now = time.perf_counter()
     if self.first is None:
@@ -430,8 +430,9 @@ class _Printer:
     done = step - self.first[0]
     rate = done / max(now - self.first[1], 1e-9)
     eta = (self.total - step) / max(rate, 1e-9)
+    loss = f'  loss {float(metrics["loss"]):.4f}' if 'loss' in metrics else ''
     print(f'    {self.stage} step {step}/{self.total}  {rate:.2f} steps/s  '
-          f'ETA {eta / 60:.1f} min', flush=True)
+          f'ETA {eta / 60:.1f} min{loss}', flush=True)
 
 
 def sample_setting(pipe, plan: Plan, settings: dict, captions: Sequence[str], guidance: float,

@@ -199,3 +199,13 @@ def test_stage_waves_train_clip_before_its_readers():
   assert demo.stage_waves(imagen) == [imagen.stages], 'base and SR depend on nothing'
   unclip = demo.default_plan('unclip')
   assert demo.stage_waves(unclip) == [(('clip', 600),), (('prior', 1000), ('decoder64', 1500))]
+
+
+def test_progress_lines_show_rate_eta_and_loss(capsys):
+  printer = demo._Printer('base64', total=100, every=50)
+  for step in (1, 25, 50):  # the first call only starts the clock (it includes compilation)
+    printer(step, None, None, {'loss': np.float32(0.25)})
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1, f'one line per 50 steps, none for the first step: {lines}'
+  assert 'base64 step 50/100' in lines[0] and 'steps/s' in lines[0] and 'ETA' in lines[0]
+  assert lines[0].endswith('loss 0.2500'), f'the progress line must show the loss: {lines[0]}'

@@ -266,7 +266,7 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, trained_w
   cfg = tiny_config(glide, 'base64', total_steps=6, ckpt_steps=100)
   workdir = str(tmp_path / 'run')
 
-  def send_sigterm(step, state, trainer):
+  def send_sigterm(step, state, trainer, metrics):
     if step == 4:
       os.kill(os.getpid(), signal.SIGTERM)
 

@@ -196,7 +196,8 @@ def _any_process(flag: bool) -> bool:
 def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str, Any]:
   """Trains one stage in `workdir`; returns the last step's metrics (host floats).
 
-  `hooks`: callables `hook(step, state, trainer)` run after every step (e.g. evaluations).
+  `hooks`: callables `hook(step, state, trainer, metrics)` run after every step (e.g.
+  evaluations); `metrics` are the step's, on the device (reading one waits for the step).
   """
   from diffusion_jax.data import pipeline as data_pipeline
 
@@ -268,7 +269,7 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
         check_finite(*unchecked)
       unchecked = (step, metrics)
       for hook in hooks:
-        hook(step, state, trainer)
+        hook(step, state, trainer, metrics)
       if sample_grid is not None and (step % sample_steps == 0 or step == total):
         grid = sample_grid(step, state)
         if grid is not None:
