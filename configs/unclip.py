@@ -166,9 +166,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.schedule = 'linear' if stage == 'up1024' else 'squaredcos_cap_v2'
   c.diffusion.shift = 1.0
   c.diffusion.num_timesteps = 1000
-  # The CPU-sized decoder predicts v: after 1500 steps the eps one drew tinted backgrounds,
-  # another tint per sample (single-object colour 0.13 in the demo); the v one draws white
-  # backgrounds and the named colours (0.92).
+  # The CPU-sized diffusion stages other than the prior predict v: after 1500 steps the eps
+  # decoder drew tinted backgrounds, another tint per sample (single-object colour 0.13 in
+  # the demo); the v one draws white backgrounds and the named colours (0.92).
   c.diffusion.parameterization = 'x0' if stage == 'prior' else (
       'v' if size == 'shapes' else 'eps')
   c.diffusion.learned_variance = stage == 'decoder64'
