@@ -57,6 +57,25 @@ def test_parse_example():
       ('green', 'triangle'), ('green', 'triangle'), ('cyan', 'diamond')]
 
 
+def test_canonical_caption_says_the_same_scene_with_left_and_above_only():
+  captions = [c for c in _captions(400, 3) if shapes.parse(c).relation is not None]
+  for i, c in enumerate(captions[:40]):
+    canon = shapes.canonical_caption(c)
+    rel = shapes.parse(c).relation[0]
+    assert shapes.parse(canon).relation[0] == {'to the right of': 'to the left of',
+                                                'below': 'above'}.get(rel, rel), (c, canon)
+    assert shapes.canonical_caption(canon) == canon, 'the rewrite must be idempotent'
+    assert sorted(shapes.parse(canon).objects) == sorted(shapes.parse(c).objects)
+    # Meaning-preserving: the oracle reads a render of either as the other.
+    assert shapes.score(shapes.render(canon, 64, seed=i), c)['all'], (c, canon)
+    assert shapes.score(shapes.render(c, 64, seed=i), canon)['all'], (c, canon)
+  assert shapes.canonical_caption('a red circle below a blue square') == \
+      'a blue square above a red circle'
+  for other in ('two green triangles', 'a red circle and two cyan diamonds', 'a dog on a mat',
+                'a red circle to the left of a blue square'):
+    assert shapes.canonical_caption(other) == other, other
+
+
 def test_render_is_deterministic_and_resolution_independent():
   caption = 'a red circle to the left of a blue square'
   a = shapes.render(caption, 64, seed=3)

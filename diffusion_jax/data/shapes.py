@@ -177,6 +177,29 @@ def parse(caption: str) -> Scene:
   return scene
 
 
+# Each relation and the one that says the same with the objects named the other way round.
+_MIRROR = {'to the right of': 'to the left of', 'below': 'above'}
+
+
+def canonical_caption(caption: str) -> str:
+  """The same scene said with "to the left of" and "above" only: "A to the right of B" ->
+  "B to the left of A", "A below B" -> "B above A". Other captions, and text outside the
+  templates, come back unchanged.
+
+  A caption rewrite (`input.caption_rewrite='shapes_canonical'`): with it the first-named
+  object always goes left or up, so a model need not learn that the relation word also
+  flips which object that is (docs/demo/HISTORY.md measures what that costs).
+  """
+  try:
+    scene = parse(caption)
+  except ValueError:
+    return caption
+  if scene.relation is None or scene.relation[0] not in _MIRROR:
+    return caption
+  a, b = scene.groups
+  return caption_of(Scene((b, a), (_MIRROR[scene.relation[0]], 0, 1)))
+
+
 def mismatched_caption(caption: str, kind: str, rng: np.random.Generator) -> str | None:
   """A caption that contradicts `caption` in one category, or None where impossible.
 
