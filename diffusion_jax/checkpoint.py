@@ -131,6 +131,15 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE]
 
+  def saved_config(self, step: int) -> dict | None:
+    """The config the run saved with `step` (a dict), or None if it saved none."""
+    meta = self.manager.item_metadata(step)  # the JSON item's own metadata is None
+    if meta is None or CONFIG not in meta:
+      return None
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore()}))
+    return restored[CONFIG]['config']
+
   def restore_latest(self, abstract_state, data_iterator=None, **kw):
     """(state, step) from the newest readable step, or None when there is no checkpoint.
 

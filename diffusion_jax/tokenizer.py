@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -30,15 +30,21 @@ _CLIP_BOS, _CLIP_EOS, _CLIP_UNK = '<|startoftext|>', '<|endoftext|>', '<|unk|>'
 
 
 class Tokenizer:
-  """Callable: list of prompts -> (ids_BL int32, mask_BL bool), padded to `max_length`."""
+  """Callable: list of prompts -> (ids_BL int32, mask_BL bool), padded to `max_length`.
 
-  def __init__(self, hf_tokenizer, max_length: int):
+  `rewrite` (text -> text), if given, is applied to every prompt first: a stage's caption
+  rewrite (`input.caption_rewrite`), so that training and sampling tokenize alike.
+  """
+
+  def __init__(self, hf_tokenizer, max_length: int,
+               rewrite: Callable[[str], str] | None = None):
     if max_length < 2:
       raise ValueError(f'max_length must be >= 2, got {max_length}')
     if hf_tokenizer.pad_token_id is None:
       raise ValueError('tokenizer has no pad token; set one in its tokenizer_config.json')
     self.hf = hf_tokenizer
     self.max_length = int(max_length)
+    self.rewrite = rewrite
 
   @property
   def pad_id(self) -> int:
@@ -55,7 +61,7 @@ class Tokenizer:
   def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(texts, str):
       raise TypeError('pass a list of prompts, not a single string')
-    texts = list(texts)
+    texts = list(texts) if self.rewrite is None else [self.rewrite(t) for t in texts]
     if not texts:
       return (np.zeros((0, self.max_length), np.int32), np.zeros((0, self.max_length), bool))
     full = self.hf(texts, truncation=False, padding=False, verbose=False)['input_ids']
@@ -77,12 +83,12 @@ class Tokenizer:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def load_tokenizer(path: str, max_length: int | None = None, *,
-                   kind: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str, max_length: int | None = None, *, kind: str | None = None,
+                   rewrite: Callable[[str], str] | None = None) -> Tokenizer:
   """A `Tokenizer` from a local directory (tokenizer.json / spiece.model / vocab + merges).
 
   `max_length` defaults by `kind` ('t5': 128, 'clip': 77). Never downloads: the directory
-  must exist and hold the tokenizer files.
+  must exist and hold the tokenizer files. `rewrite`: see `Tokenizer`.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path!r} does not exist (tokenizers are read '
@@ -93,7 +99,7 @@ def load_tokenizer(path: str, max_length: int | None = None, *,
     max_length = DEFAULT_MAX_LENGTH[kind]
   from transformers import AutoTokenizer  # Heavy import, only when a tokenizer is needed.
   hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
-  return Tokenizer(hf, max_length)
+  return Tokenizer(hf, max_length, rewrite)
 
 
 def build_word_tokenizer(words: Iterable[str], out_dir: str, style: str = 't5',

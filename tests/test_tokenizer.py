@@ -67,3 +67,15 @@ def test_defaults_and_local_only(tmp_path):
   with pytest.raises(ValueError, match='max_length'):
     tok_lib.load_tokenizer(str(tmp_path), None)
   assert tok_lib.DEFAULT_MAX_LENGTH == {'t5': 128, 'clip': 77}
+
+
+def test_rewrite_applies_to_every_prompt_before_tokenizing(t5_dir):
+  from diffusion_jax.data import pipeline
+  swap = {'a red circle': 'a blue square'}
+  tok = tok_lib.load_tokenizer(t5_dir, 8, rewrite=lambda t: swap.get(t, t))
+  plain = tok_lib.load_tokenizer(t5_dir, 8)
+  np.testing.assert_array_equal(tok(['a red circle', 'a green circle'])[0],
+                                plain(['a blue square', 'a green circle'])[0])
+  assert pipeline.caption_rewrite({}) is None, 'no rewrite unless a config names one'
+  with pytest.raises(ValueError, match='shapes_canonical'):
+    pipeline.caption_rewrite({'caption_rewrite': 'canonical'})

@@ -54,6 +54,9 @@ Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
                        upsamplers train on crops; the convolutional U-Net then samples
                        whole images) [None: whole images]
   caption_choice       'random' | 'first' among an example's captions ['random']
+  caption_rewrite      name of a meaning-preserving rewrite of every caption before it is
+                       tokenized, in training and in sampling alike (`CAPTION_REWRITES`;
+                       the trainer's and the pipelines' tokenizer applies it) [None]
   shapes_num_examples  epoch length of the procedural Shapes set [100_000]
   shapes_seed          content seed of the Shapes set (not the order seed) [0]
   shapes_prepared      read Shapes from a prepared TFDS set instead of rendering [False]
@@ -73,7 +76,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageFilter
 
-from diffusion_jax.data import datasets
+from diffusion_jax.data import datasets, shapes
 from diffusion_jax.data.datasets import DatasetEmptyError
 
 # tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool), injected by the caller.
@@ -92,12 +95,30 @@ _DEFAULTS = {
     'random_crop': False,
     'train_crop_size': None,
     'caption_choice': 'random',
+    'caption_rewrite': None,
     'shapes_num_examples': 100_000,
     'shapes_seed': 0,
     'shapes_prepared': False,
     'num_threads': 4,
     'prefetch_buffer_size': 256,
 }
+
+
+# input.caption_rewrite: text -> text, by name. Each says the same scene in fewer ways.
+CAPTION_REWRITES: dict[str, Callable[[str], str]] = {
+    'shapes_canonical': shapes.canonical_caption,
+}
+
+
+def caption_rewrite(input_cfg) -> Callable[[str], str] | None:
+  """The rewrite `input_cfg.caption_rewrite` names (None: none)."""
+  name = _cfg_get(input_cfg, 'caption_rewrite')
+  if name is None:
+    return None
+  if name not in CAPTION_REWRITES:
+    raise ValueError(f'input.caption_rewrite={name!r} is not a caption rewrite: use one of '
+                     f'{sorted(CAPTION_REWRITES)} or None')
+  return CAPTION_REWRITES[name]
 
 
 def _cfg_get(cfg, name: str):

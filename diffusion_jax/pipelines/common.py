@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from diffusion_jax import models, parallel
 from diffusion_jax.diffusion import guidance, samplers, schedules
 from diffusion_jax.train import loop, step as step_lib
 from diffusion_jax.pipelines import cascade_config
+
+log = logging.getLogger(__name__)
 
 
 MissingCheckpointError = cascade_config.MissingCheckpointError
@@ -178,6 +181,20 @@ def check_checkpoint(name: str, entry, stage_dir: str) -> str:
   return ckpt_dir
 
 
+def _use_trained_caption_rewrite(name: str, config, trained: dict | None) -> None:
+  """Sets `config.input.caption_rewrite` to the one the checkpoint was trained with (its
+  saved config's), which the stage config alone may not say (the demo sets it in code)."""
+  if trained is None:
+    return
+  was = (trained.get('input') or {}).get('caption_rewrite')
+  says = _get(config.input, 'caption_rewrite')
+  if says is not None and says != was:
+    log.warning('stage %r was trained reading captions with rewrite %r, not %r as its config '
+                'says: sampling reads them as it was trained', name, was, says)
+  with config.unlocked():
+    config.input.caption_rewrite = was
+
+
 class Stage:
   """One trained stage: network, EMA (or raw) parameters, frozen encoder, tokenizer,
   conditioner, schedule and its jitted sampling program."""
@@ -198,18 +215,22 @@ class Stage:
     if key is not None and key not in encoders:
       encoders[key] = loop.build_encoder(config, self.mesh, self.rules)
     self.encoder = encoders.get(key)
-    # The tokenizer the stage was trained with (ROOT/<stage>/tokenizer when built offline).
-    self.tokenizer = None
-    if _reads_text(config):
-      self.tokenizer = loop.build_tokenizer(config, self.encoder, self.dir)
     abstract = _abstract_state(config, self.model, self.mesh, self.rules)
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None)
     restored = checkpointer.restore_latest(abstract)
-    checkpointer.close()
     if restored is None:
+      checkpointer.close()
       raise MissingCheckpointError(f'stage {name!r}: no checkpoint in {ckpt_dir}; train it '
                                    f'first: {train_command(entry, self.dir)}')
     state, self.step = restored
+    trained = checkpointer.saved_config(self.step)
+    checkpointer.close()
+    # The tokenizer the stage was trained with (ROOT/<stage>/tokenizer when built offline),
+    # reading captions through the rewrite it was trained with.
+    self.tokenizer = None
+    if _reads_text(config):
+      _use_trained_caption_rewrite(name, config, trained)
+      self.tokenizer = loop.build_tokenizer(config, self.encoder, self.dir)
     self.params = state.ema_params if bool(_get(entry, 'use_ema', True)) else state.params
     del state
     self.settings = Settings.from_entry(entry)

@@ -62,14 +62,17 @@ def build_encoder(config, mesh, rules):
 def build_tokenizer(config, encoder, workdir: str):
   """The tokenizer of whatever reads `text_ids`: the frozen encoder's when it was loaded from
   a directory, else `text_encoder.tokenizer_path`, else (offline, on Shapes) a word-level
-  tokenizer of the Shapes vocabulary written into the workdir."""
+  tokenizer of the Shapes vocabulary written into the workdir. It applies the stage's
+  `input.caption_rewrite`, so that the trainer and the pipelines tokenize alike."""
+  from diffusion_jax.data import pipeline as data_pipeline  # grain: only when needed
   max_len = int(config.input.text_max_len)
+  rewrite = data_pipeline.caption_rewrite(config.input)
   te = config_util.get(config, 'text_encoder')
   path = config_util.get(te, 'tokenizer_path') if te is not None else None
+  if not path and encoder is not None and encoder.tokenizer is not None:
+    path = config_util.get(te, 'path')
   if path:
-    return tokenizer_lib.load_tokenizer(path, max_len)
-  if encoder is not None and encoder.tokenizer is not None:
-    return tokenizer_lib.load_tokenizer(config_util.get(te, 'path'), max_len)
+    return tokenizer_lib.load_tokenizer(path, max_len, rewrite=rewrite)
   if config_util.get(config.input, 'dataset', 'shapes') != 'shapes':
     raise ValueError('no tokenizer: set config.text_encoder.tokenizer_path (or text_encoder.path)'
                      ' to a local transformers tokenizer directory')
@@ -81,7 +84,7 @@ def build_tokenizer(config, encoder, workdir: str):
   if jax.process_index() == 0 and not os.path.exists(os.path.join(out, 'tokenizer.json')):
     tokenizer_lib.build_word_tokenizer(shapes.VOCABULARY, out, style=style)
   _sync('tokenizer')
-  return tokenizer_lib.load_tokenizer(out, max_len)
+  return tokenizer_lib.load_tokenizer(out, max_len, rewrite=rewrite)
 
 
 def _sync(name: str):
