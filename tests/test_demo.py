@@ -40,6 +40,20 @@ def test_eval_captions_hold_out_multi_object_captions():
   assert not set(multi) & seen, 'a held-out caption appears in the training set'
 
 
+def test_eval_captions_are_held_out_after_the_caption_rewrite():
+  per_kind = {'relation': 40}
+  caps = demo.eval_captions(per_kind, train_seed=0, train_examples=2000,
+                            rewrite=shapes.canonical_caption)
+  said = [shapes.canonical_caption(c) for c in caps]
+  seen = {shapes.canonical_caption(c) for c in alignment.training_captions(0, 2000)}
+  assert not set(said) & seen, 'a held-out caption says a training scene in other words'
+  assert len(set(said)) == len(said), 'two held-out captions say the same scene'
+  assert caps != demo.eval_captions(per_kind, train_seed=0, train_examples=2000), \
+      'the rewrite must narrow what counts as held out'
+  assert {shapes.parse(c).relation[0] for c in caps} == set(shapes.RELATIONS), \
+      'the captions themselves keep all four relations'
+
+
 def test_rates_by_kind_on_ground_truth_and_on_wrong_captions():
   caps = demo.eval_captions({'single': 8, 'count': 4, 'conjunction': 4, 'relation': 8},
                             train_seed=0, train_examples=1000)
@@ -96,8 +110,7 @@ def test_demo_writes_samples_captions_and_alignment(tiny_demo):
   with open(os.path.join(root, 'samples', 'captions.json')) as f:
     captions = json.load(f)
   assert len(captions) == 8
-  assert list(captions.values()) == demo.eval_captions(
-      plan.per_kind, train_seed=plan.seed, train_examples=plan.train_examples)
+  assert list(captions.values()) == demo.plan_eval_captions(plan)
   from PIL import Image
   images = np.stack([np.asarray(Image.open(os.path.join(root, 'samples', n)))
                      for n in captions])
@@ -108,6 +121,21 @@ def test_demo_writes_samples_captions_and_alignment(tiny_demo):
   for stage, steps in plan.stages:
     assert sorted(os.listdir(os.path.join(root, stage, 'checkpoints')))[-1] == str(steps)
   assert os.path.exists(os.path.join(root, 'samples', 'grid.png'))
+
+
+def test_demo_stages_read_captions_through_the_rewrite(tiny_demo):
+  root, plan, _ = tiny_demo
+  assert plan.caption_rewrite == 'shapes_canonical'
+  from diffusion_jax import pipelines
+  cascade = pipelines.load(demo.cascade_config(plan, root), root)
+  said = 'a red circle to the right of a blue square'
+  same = 'a blue square to the left of a red circle'
+  for name in plan.order:
+    stage = cascade.stage(name)
+    ids, mask = stage.tokenize([said, same, 'a red circle to the left of a blue square'])
+    assert (ids[0] == ids[1]).all() and (mask[0] == mask[1]).all(), \
+        f'{name}: sampling must tokenize a caption as its stage was trained on it (rewritten)'
+    assert not (ids[0] == ids[2]).all(), f'{name}: the rewrite lost the objects\' order'
 
 
 def test_demo_rerun_is_cached_and_a_longer_plan_resumes(tiny_demo, monkeypatch, capsys):

@@ -169,8 +169,7 @@ def run(root: str, out: str, *, captions_per_kind: int = 12, seeds: int = 3,
              hooks=(demo._Printer(f'{sr}_noaug', sr_steps),))
   pipe = _pipeline(plan, root)
   per_kind = {k: captions_per_kind for k in demo.KINDS}
-  captions = demo.eval_captions(per_kind, train_seed=plan.seed,
-                                train_examples=plan.train_examples)
+  captions = demo.plan_eval_captions(plan, per_kind)
   rng = jax.random.PRNGKey(plan.seed + 7)
   result: dict = {'plan': dataclasses.asdict(plan), 'captions': len(captions), 'seeds': seeds,
                   'stage_sampler': {'sampler': plan.sampler, 'num_steps': plan.sample_steps,
