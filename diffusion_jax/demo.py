@@ -192,7 +192,8 @@ def plan_eval_captions(plan: Plan, per_kind: dict | None = None) -> list[str]:
   from diffusion_jax.data import pipeline as data_pipeline
   return eval_captions(plan.per_kind if per_kind is None else per_kind, train_seed=plan.seed,
                        train_examples=plan.train_examples,
-                       rewrite=data_pipeline.caption_rewrite(dataclasses.asdict(plan)))
+                       rewrite=data_pipeline.caption_rewrite(
+                           {'caption_rewrite': plan.caption_rewrite}))
 
 
 def rates_by_kind(images_NHWC, captions: Sequence[str]) -> dict[str, Any]:
