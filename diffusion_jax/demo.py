@@ -177,9 +177,12 @@ def eval_captions(per_kind: dict, *, train_seed: int, train_examples: int,
       if len(picked) == want:
         break
       c = shapes.random_caption(rng)
-      if caption_kind(c) == kind and said(c) not in seen and said(c) not in picked_said:
+      if caption_kind(c) != kind:
+        continue
+      scene = said(c)
+      if scene not in seen and scene not in picked_said:
         picked.append(c)
-        picked_said.add(said(c))
+        picked_said.add(scene)
     if len(picked) < want:
       raise ValueError(f'only {len(picked)} held-out {kind} captions for {train_examples} '
                        'training examples: lower --train_examples')
