@@ -12,7 +12,8 @@ already written (`diffusion_jax.eval.protocol`). `--random_inception_seed=S` sta
 weights file in smoke tests: random weights are written to ROOT/eval/ and the result says
 `inception_random: true` (such an FID is not comparable to anything).
 
-Shapes alignment uses captions held out from the first stage's training set when the
+Shapes alignment uses captions held out from the first stage's training set, as that stage
+reads them (through its trained caption rewrite, recorded as `caption_rewrite`), when the
 template space leaves any (`alignment.heldout_captions`); otherwise it uses fresh random
 captions and records `heldout: false`. `--compare` writes a markdown table (.md) and the
 FID / alignment trade-off over guidance (.png) from result files.
@@ -63,7 +64,8 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
              caption_seed: int = 0) -> dict[str, dict]:
   """Runs the metrics for each guidance scale; returns {directory name: result}."""
   import jax  # noqa: PLC0415
-  from diffusion_jax import encoders, pipelines  # noqa: PLC0415
+  from diffusion_jax import config_util, encoders, pipelines  # noqa: PLC0415
+  from diffusion_jax.data import pipeline as data_pipeline  # noqa: PLC0415
   from diffusion_jax.eval import alignment, protocol  # noqa: PLC0415
   from diffusion_jax.models import inception  # noqa: PLC0415
   unknown = set(metrics) - {'fid', 'shapes'}
@@ -71,6 +73,10 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
     raise ValueError(f'unknown metrics {sorted(unknown)}; choose from fid, shapes')
   pipe = pipelines.load(config, workdir)
   first = config.order[0]
+  # Shapes captions are held out as the first stage reads them: through the caption rewrite
+  # it was trained with (its config's, as restored from its checkpoint), if any.
+  rewrite_name = (config_util.get(pipe.stage(first).config.input, 'caption_rewrite')
+                  if 'shapes' in metrics else None)
   scales = [float(g) for g in guidance] or [float(config.stages[first].guidance_scale)]
   eval_root = os.path.join(workdir, 'eval')
   os.makedirs(eval_root, exist_ok=True)
@@ -103,7 +109,9 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
       try:
         captions = alignment.heldout_captions(shapes_samples, seed=caption_seed,
                                               train_seed=shapes_train_seed,
-                                              train_examples=shapes_train_examples)
+                                              train_examples=shapes_train_examples,
+                                              rewrite=data_pipeline.caption_rewrite(
+                                                  {'caption_rewrite': rewrite_name}))
         heldout = True
       except ValueError as e:
         logging.warning('Shapes alignment on captions that training may have seen: %s', e)
@@ -115,6 +123,7 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
       rates = alignment.evaluate(generate, captions, jax.random.PRNGKey(sample_seed),
                                  batch_size=batch_size)
       result = {**sampling, 'metric': 'shapes_alignment', 'heldout': heldout,
+                'caption_rewrite': rewrite_name,
                 'caption_seed': caption_seed, 'sample_seed': sample_seed,
                 'num_samples': rates['n'],
                 **{f'alignment_{k}': v for k, v in rates.items() if k != 'n'}}

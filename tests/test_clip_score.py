@@ -98,6 +98,18 @@ def test_heldout_captions_avoid_the_training_set():
     alignment.heldout_captions(5, seed=1, train_seed=0, train_examples=100_000, max_tries=200)
 
 
+def test_heldout_captions_as_a_caption_rewrite_reads_them():
+  """With the rewrite a model reads captions through, no held-out caption says a training
+  scene in other words ("A right of B" where training showed "B left of A")."""
+  said = shapes.canonical_caption
+  train = {said(c) for c in alignment.training_captions(0, 3000)}
+  plain = alignment.heldout_captions(40, seed=1, train_seed=0, train_examples=3000)
+  held = alignment.heldout_captions(40, seed=1, train_seed=0, train_examples=3000,
+                                    rewrite=said)
+  assert sum(said(c) in train for c in plain) > 0, 'the check below would be vacuous'
+  assert not [c for c in held if said(c) in train], 'a held-out caption rewrites to a seen one'
+
+
 def test_alignment_evaluate_generates_one_image_per_caption():
   import jax  # noqa: PLC0415
   rng = np.random.default_rng(2)

@@ -6,9 +6,11 @@ import io
 import json
 import math
 import os
+import types
 import zlib
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -186,14 +188,22 @@ def test_compare_table_and_tradeoff_plot(tmp_path):
 
 
 class _FakePipeline:
-  """Renders each prompt exactly (Shapes) at `size`; records the guidance it was asked for."""
+  """Renders each prompt exactly (Shapes) at `size`; records the guidance and the prompts it
+  was asked for. Its stages read captions through `caption_rewrite`."""
 
-  def __init__(self, size):
-    self.size, self.guidance = size, []
+  def __init__(self, size, caption_rewrite=None):
+    self.size, self.guidance, self.prompts = size, [], []
+    self.caption_rewrite = caption_rewrite
+
+  def stage(self, name):
+    del name
+    return types.SimpleNamespace(config=ml_collections.ConfigDict(
+        {'input': {'caption_rewrite': self.caption_rewrite}}))
 
   def generate(self, prompts, rng, **overrides):
     del rng
     self.guidance.append(overrides.get('guidance_scale'))
+    self.prompts += list(prompts)
     from diffusion_jax.data import shapes  # noqa: PLC0415
     return np.stack([shapes.render(p, self.size, seed=0) for p in prompts])
 
@@ -235,6 +245,24 @@ def test_evaluate_binary_wires_pipelines_to_the_metrics(tmp_path, monkeypatch):
     table = f.read()
   assert 'fid_g4' in table and 'shapes_g1' in table
   assert Image.open(out + '.png').size == (640, 800)
+
+
+def test_evaluate_holds_captions_out_as_the_first_stage_reads_them(tmp_path, monkeypatch):
+  from configs import imagen  # noqa: PLC0415
+  from diffusion_jax import evaluate, pipelines  # noqa: PLC0415
+  from diffusion_jax.data import shapes  # noqa: PLC0415
+  from diffusion_jax.eval import alignment  # noqa: PLC0415
+  fake = _FakePipeline(32, caption_rewrite='shapes_canonical')
+  monkeypatch.setattr(pipelines, 'load', lambda cfg, root: fake)
+  results = evaluate.evaluate(imagen.get_config('stage=cascade,size=tiny'), str(tmp_path),
+                              metrics=['shapes'], guidance=[3.0], shapes_samples=40,
+                              shapes_train_examples=3000, batch_size=20)
+  assert results['shapes_g3']['caption_rewrite'] == 'shapes_canonical'
+  said = shapes.canonical_caption
+  seen = {said(c) for c in alignment.training_captions(0, 3000)}
+  assert len(fake.prompts) == 40
+  assert not [c for c in fake.prompts if said(c) in seen], (
+      'evaluated a caption whose rewrite the first stage was trained on')
 
 
 def test_evaluate_binary_on_a_real_tiny_cascade(mock_coco, tmp_path):

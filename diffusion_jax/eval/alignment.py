@@ -52,16 +52,23 @@ def training_captions(train_seed: int, train_examples: int) -> set[str]:
 
 
 def heldout_captions(n: int, *, seed: int, train_seed: int, train_examples: int,
-                     max_tries: int = 200_000) -> list[str]:
-  """`n` captions (repeats allowed) from the templates that the training set never shows."""
-  seen = training_captions(train_seed, train_examples)
+                     max_tries: int = 200_000,
+                     rewrite: Callable[[str], str] | None = None) -> list[str]:
+  """`n` captions (repeats allowed) from the templates that the training set never shows.
+
+  `rewrite`: the caption rewrite the model reads captions through (a stage's
+  `input.caption_rewrite`); a caption is held out only if its rewrite is no training
+  caption's, so none says a training scene in other words.
+  """
+  said = rewrite or (lambda c: c)
+  seen = {said(c) for c in training_captions(train_seed, train_examples)}
   rng = np.random.default_rng([int(seed), 0x5A11])
   out = []
   for _ in range(max_tries):
     if len(out) == n:
       return out
     c = shapes.random_caption(rng)
-    if c not in seen:
+    if said(c) not in seen:
       out.append(c)
   raise ValueError(f'only {len(out)} of {n} held-out captions found in {max_tries} draws: '
                    f'the {train_examples} training examples (seed {train_seed}) cover almost '
