@@ -162,7 +162,7 @@ def eval_captions(per_kind: dict, *, train_seed: int, train_examples: int,
   """
   from diffusion_jax.eval import alignment
   said = rewrite or (lambda c: c)
-  seen = {said(c) for c in alignment.training_captions(train_seed, train_examples)}
+  seen = alignment.training_captions(train_seed, train_examples, rewrite)
   out = []
   for kind in ('single', 'count'):
     every = closed_captions(kind)

@@ -64,8 +64,7 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
              caption_seed: int = 0) -> dict[str, dict]:
   """Runs the metrics for each guidance scale; returns {directory name: result}."""
   import jax  # noqa: PLC0415
-  from diffusion_jax import config_util, encoders, pipelines  # noqa: PLC0415
-  from diffusion_jax.data import pipeline as data_pipeline  # noqa: PLC0415
+  from diffusion_jax import encoders, pipelines  # noqa: PLC0415
   from diffusion_jax.eval import alignment, protocol  # noqa: PLC0415
   from diffusion_jax.models import inception  # noqa: PLC0415
   unknown = set(metrics) - {'fid', 'shapes'}
@@ -73,10 +72,10 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
     raise ValueError(f'unknown metrics {sorted(unknown)}; choose from fid, shapes')
   pipe = pipelines.load(config, workdir)
   first = config.order[0]
-  # Shapes captions are held out as the first stage reads them: through the caption rewrite
-  # it was trained with (its config's, as restored from its checkpoint), if any.
-  rewrite_name = (config_util.get(pipe.stage(first).config.input, 'caption_rewrite')
-                  if 'shapes' in metrics else None)
+  if 'shapes' in metrics:
+    shapes_captions, rewrite_name, heldout = _shapes_captions(
+        pipe.stage(first).config.input, shapes_samples, caption_seed=caption_seed,
+        train_seed=shapes_train_seed, train_examples=shapes_train_examples)
   scales = [float(g) for g in guidance] or [float(config.stages[first].guidance_scale)]
   eval_root = os.path.join(workdir, 'eval')
   os.makedirs(eval_root, exist_ok=True)
@@ -106,21 +105,7 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
       results[name] = result
     if 'shapes' in metrics:
       name = f'shapes_g{g:g}'
-      try:
-        captions = alignment.heldout_captions(shapes_samples, seed=caption_seed,
-                                              train_seed=shapes_train_seed,
-                                              train_examples=shapes_train_examples,
-                                              rewrite=data_pipeline.caption_rewrite(
-                                                  {'caption_rewrite': rewrite_name}))
-        heldout = True
-      except ValueError as e:
-        logging.warning('Shapes alignment on captions that training may have seen: %s', e)
-        import numpy as np  # noqa: PLC0415
-        from diffusion_jax.data import shapes  # noqa: PLC0415
-        rng = np.random.default_rng([caption_seed, 1])
-        captions = [shapes.random_caption(rng) for _ in range(shapes_samples)]
-        heldout = False
-      rates = alignment.evaluate(generate, captions, jax.random.PRNGKey(sample_seed),
+      rates = alignment.evaluate(generate, shapes_captions, jax.random.PRNGKey(sample_seed),
                                  batch_size=batch_size)
       result = {**sampling, 'metric': 'shapes_alignment', 'heldout': heldout,
                 'caption_rewrite': rewrite_name,
@@ -130,6 +115,30 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
       _write(os.path.join(eval_root, name, 'result.json'), result)
       results[name] = result
   return results
+
+
+def _shapes_captions(input_cfg, n: int, *, caption_seed: int, train_seed: int,
+                    train_examples: int) -> tuple[list[str], str | None, bool]:
+  """(captions, caption rewrite name, held out?) for the Shapes metric.
+
+  The captions are held out as the cascade's first stage reads them (`input_cfg`, as
+  restored from its checkpoint): through the caption rewrite it was trained with, if any.
+  Where the training set covers almost every caption, fresh random ones instead.
+  """
+  import numpy as np  # noqa: PLC0415
+  from diffusion_jax import config_util  # noqa: PLC0415
+  from diffusion_jax.data import pipeline as data_pipeline  # noqa: PLC0415
+  from diffusion_jax.data import shapes  # noqa: PLC0415
+  from diffusion_jax.eval import alignment  # noqa: PLC0415
+  rewrite_name = config_util.get(input_cfg, 'caption_rewrite')
+  try:
+    return alignment.heldout_captions(
+        n, seed=caption_seed, train_seed=train_seed, train_examples=train_examples,
+        rewrite=data_pipeline.caption_rewrite(input_cfg)), rewrite_name, True
+  except ValueError as e:
+    logging.warning('Shapes alignment on captions that training may have seen: %s', e)
+    rng = np.random.default_rng([caption_seed, 1])
+    return [shapes.random_caption(rng) for _ in range(n)], rewrite_name, False
 
 
 def _write(path: str, result: dict) -> None:

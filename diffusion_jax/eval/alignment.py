@@ -42,12 +42,18 @@ def alignment_rates(images_NHWC, captions: Sequence[str]) -> dict[str, Any]:
   return rates(score_pairs(images_NHWC, captions))
 
 
-def training_captions(train_seed: int, train_examples: int) -> set[str]:
-  """Every caption of the Shapes training set (seed, number of examples); nothing rendered."""
+def training_captions(train_seed: int, train_examples: int,
+                      rewrite: Callable[[str], str] | None = None) -> set[str]:
+  """Every caption of the Shapes training set (seed, number of examples); nothing rendered.
+
+  `rewrite`: the caption rewrite the model reads captions through (the captions returned
+  are the rewritten ones).
+  """
+  said = rewrite or (lambda c: c)
   out = set()
   for i in range(int(train_examples)):
     rng = np.random.default_rng([int(train_seed) % 2**63, i])  # as shapes.random_example
-    out.add(shapes.caption_of(shapes.random_scene(rng)))
+    out.add(said(shapes.caption_of(shapes.random_scene(rng))))
   return out
 
 
@@ -61,7 +67,7 @@ def heldout_captions(n: int, *, seed: int, train_seed: int, train_examples: int,
   caption's, so none says a training scene in other words.
   """
   said = rewrite or (lambda c: c)
-  seen = {said(c) for c in training_captions(train_seed, train_examples)}
+  seen = training_captions(train_seed, train_examples, rewrite)
   rng = np.random.default_rng([int(seed), 0x5A11])
   out = []
   for _ in range(max_tries):
