@@ -191,6 +191,34 @@ def test_text_conv_reads_a_window_of_tokens_and_starts_as_the_identity():
     models.build(cfg.model).init(jax.random.key(0), x, t, cond)
 
 
+def test_coord_channels_give_each_pixel_its_place():
+  """coord_channels append each pixel's y and x, -1 at the top (left) edge to 1 at the
+  bottom (right), as two input channels; the input convolution reads them."""
+  cfg = config('imagen', 'base64')
+  cfg.model.coord_channels = True
+  module = models.build(cfg.model)
+  x, t, cond = net_fixtures.random_inputs(cfg.model)
+  inp = module.prepare_input(x, cond)
+  S = cfg.model.image_size
+  assert inp.shape == x.shape[:3] + (x.shape[-1] + 2,), inp.shape
+  assert _same(inp[..., :-2], x), 'coord_channels changed the image channels'
+  ramp = jnp.linspace(-1, 1, S)
+  assert _same(inp[:, :, :, -2], jnp.broadcast_to(ramp[None, :, None], (B, S, S))), (
+      'the first coordinate channel is not y (rows, top -1)')
+  assert _same(inp[:, :, :, -1], jnp.broadcast_to(ramp[None, None, :], (B, S, S))), (
+      'the last coordinate channel is not x (columns, left -1)')
+  init = nn.meta.unbox(module.init(jax.random.key(0), x, t, cond))['params']
+  assert init['in_conv']['kernel'].shape[2] == x.shape[-1] + 2, init['in_conv']['kernel'].shape
+  sr = config('imagen', 'sr256')
+  sr.model.coord_channels = True
+  sr_module = models.build(sr.model)
+  xs, ts, conds = net_fixtures.random_inputs(sr.model)
+  crop = xs[:, :xs.shape[1] // 2, :xs.shape[2] // 2]
+  low = conds['low_res'][:, :conds['low_res'].shape[1] // 2, :conds['low_res'].shape[2] // 2]
+  with pytest.raises(ValueError, match='whole'):
+    sr_module.init(jax.random.key(0), crop, ts, dict(conds, low_res=low))
+
+
 def test_imagen_sr1024_has_no_self_attention_but_cross_attention():
   names = list(_param_shapes(config('imagen', 'sr1024').model))
   assert not [k for k in names if k.endswith('_attn')], f'self-attention at 1024: {names}'

@@ -58,6 +58,9 @@ class ConditionedUNetBase(nn.Module):
   low_res_size: int = 0              # > 0: cond['low_res'] is upsampled and concatenated
   aug_cond: bool = False             # cond['aug_t'] embedded and added to the time embedding
   inpaint: bool = False              # cond['inpaint_image'] * mask and the mask concatenated
+  # Two input channels holding each pixel's x and y in [-1, 1] (CoordConv, Liu et al. 2018),
+  # so that the layers know where a pixel is without reading it off the zero padding.
+  coord_channels: bool = False
   text_source: str = 'none'          # 'none' | 'tokens' (frozen encoder) | 'transformer' (owned)
   text_len: int = 0
   text_dim: int = 0                  # width of cond['text_tokens']
@@ -124,6 +127,10 @@ class ConditionedUNetBase(nn.Module):
       raise ValueError(f'{name} expects [B, {self.image_size}, {self.image_size}, '
                        f'{self.in_channels}] inputs (an SR stage also takes training crops '
                        f'with sides multiples of {unit}), got {x_BHWC.shape}')
+    if self.coord_channels and not whole:
+      raise ValueError(f'{name}: coord_channels place a pixel on the whole {self.image_size} px '
+                       f'image, not on a {H}x{W} crop; train it on whole images '
+                       '(input.train_crop_size=None)')
     if self.low_res_size and 'low_res' in cond:
       low_side = cond['low_res'].shape[1]
       if low_side * self.image_size != H * self.low_res_size:
@@ -144,6 +151,10 @@ class ConditionedUNetBase(nn.Module):
       mask = require(cond, 'inpaint_mask', name).astype(jnp.float32)
       parts.append(require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)
       parts.append(mask)
+    if self.coord_channels:
+      y_H, x_W = jnp.linspace(-1, 1, H), jnp.linspace(-1, 1, W)
+      parts.append(jnp.broadcast_to(y_H[None, :, None, None], (B, H, W, 1)))
+      parts.append(jnp.broadcast_to(x_W[None, None, :, None], (B, H, W, 1)))
     x = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
     return layers.constrain(x.astype(self.dtype), layers.IMAGE_AXES)
 
