@@ -66,6 +66,10 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
       m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=1,
                attention_resolutions=(16, 8), text_only_resolutions=(16,), num_heads=4,
                head_channels=-1, context_dim=64, text_attention='cross')
+      # Where a pixel is, as two input channels (CoordConv): without them the base put a
+      # relation's first-named object on the named side at chance at training seeds 2, 3 and
+      # 4 of 0-4 (32-35 of 63-68 samples); with them, in 58 of 61 and 44 of 62 at seeds 2, 3.
+      m.coord_channels = True
     else:
       # ADM-style base (App. F): 512 channels, mults 1-2-3-4, 3 res blocks, attention at
       # 32/16/8 with 64 channels per head; T5 tokens join every attention layer's keys/values.
