@@ -58,7 +58,7 @@ class ConditionedUNetBase(nn.Module):
   low_res_size: int = 0              # > 0: cond['low_res'] is upsampled and concatenated
   aug_cond: bool = False             # cond['aug_t'] embedded and added to the time embedding
   inpaint: bool = False              # cond['inpaint_image'] * mask and the mask concatenated
-  # Two input channels holding each pixel's x and y in [-1, 1] (CoordConv, Liu et al. 2018),
+  # Two input channels holding each pixel's y and x in [-1, 1] (CoordConv, Liu et al. 2018),
   # so that the layers know where a pixel is without reading it off the zero padding.
   coord_channels: bool = False
   text_source: str = 'none'          # 'none' | 'tokens' (frozen encoder) | 'transformer' (owned)
