@@ -221,6 +221,49 @@ def test_classifier_free_guidance_learned_variance_keeps_cond_variance():
   np.testing.assert_allclose(guided[..., 2:], c_out[..., 2:], rtol=1e-6)
 
 
+def test_prompt_contrast_adds_each_weighted_pair_difference():
+  """guided + s * sum_k w_k (D(pos_k) - D(neg_k)), in one pass over the B * K * 2 pair rows;
+  a weight-0 (padding) pair adds nothing, scale 0 leaves the guided output as it was."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 3, 2))
+  t = jnp.array([0.3, 0.8])
+  cond = {'text': jnp.ones((2, 2)) * 0.1, 'drop_text': jnp.zeros((2,), bool)}
+  texts = jax.random.normal(jax.random.PRNGKey(5), (2, 2, 2, 2))  # example, pair, pos/neg
+  pairs = {'text': texts.reshape(8, 2), 'drop_text': jnp.zeros((8,), bool)}
+  weights = jnp.array([[1.0, 1.0], [1.0, 0.0]])
+  guided = guidance.classifier_free(_toy_conditional_denoiser, 3.0)
+  calls = []
+
+  def counting(x_t, t_B, c):
+    calls.append(x_t.shape[0])
+    return _toy_conditional_denoiser(x_t, t_B, c)
+
+  out = guidance.prompt_contrast(guided, counting, pairs, weights, 2.0)(x, t, cond)
+  assert calls == [8], 'the pairs must run in ONE forward pass over B * K * 2 rows'
+
+  def one(b, k, side):
+    c = {'text': texts[b, k, side][None], 'drop_text': jnp.zeros((1,), bool)}
+    return _toy_conditional_denoiser(x[b:b + 1], t[b:b + 1], c)[0]
+  base = guided(x, t, cond)
+  want = jnp.stack([
+      base[0] + 2.0 * (one(0, 0, 0) - one(0, 0, 1) + one(0, 1, 0) - one(0, 1, 1)),
+      base[1] + 2.0 * (one(1, 0, 0) - one(1, 0, 1))])
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6,
+                             err_msg='not guided + s * sum of the weighted pair differences')
+  np.testing.assert_allclose(
+      guidance.prompt_contrast(guided, counting, pairs, weights, 0.0)(x, t, cond), base,
+      rtol=0, atol=0, err_msg='scale 0 must leave the guided output unchanged')
+
+  def model(x_t, t_B, c):  # learned variance: the second half of the channels is not pushed
+    o = _toy_conditional_denoiser(x_t, t_B, c)
+    return jnp.concatenate([o, 2 * o + 1], -1)
+  lv = guidance.prompt_contrast(model, model, pairs, weights, 2.0, learned_variance=True)
+  got = lv(x, t, cond)
+  np.testing.assert_allclose(got[..., 2:], model(x, t, cond)[..., 2:], rtol=1e-6,
+                             err_msg='the variance channels moved')
+  np.testing.assert_allclose(got[..., :2] - model(x, t, cond)[..., :2], want - base,
+                             rtol=1e-5, atol=1e-6, err_msg='the mean channels were not pushed')
+
+
 def test_guidance_keeps_each_device_on_its_own_rows(num_devices):
   import re
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -5,7 +5,7 @@ augmentation (and Gaussian-blur augmentation) of super-resolution inputs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,35 @@ def classifier_free(denoise_fn: Callable, guidance_scale, *, learned_variance: b
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
   return guided
+
+
+def prompt_contrast(guided_fn: Callable, denoise_fn: Callable, pairs_cond: Mapping[str, Any],
+                    weights_BK, scale, *, learned_variance: bool = False) -> Callable:
+  """Adds contrastive prompt guidance to a guided denoiser:
+  `guided(x_t, t, cond) + scale * sum_k w_k (D(x_t, t, pos_k) - D(x_t, t, neg_k))`.
+
+  Each example has K (positive, negative) prompt pairs that differ in one thing (Wu & De la
+  Torre 2023); the difference of the two conditional outputs is the direction of that one
+  thing, with what the pair shares cancelled. `pairs_cond` is the cond of the B * K * 2
+  prompts, example-major (example b's pair k: row 2 (b K + k) the positive, the next its
+  negative), so a batch-sharded x_t and its pairs stay on one device; `weights_BK` (0 for a
+  padding pair) scales each pair. With a learned variance only the mean channels move.
+  """
+  def contrasted(x_t, t_B, cond):
+    out = guided_fn(x_t, t_B, cond)
+    batch, pairs = weights_BK.shape
+    rows = 2 * pairs
+    both = denoise_fn(jnp.repeat(x_t, rows, axis=0), jnp.repeat(t_B, rows, axis=0),
+                      pairs_cond)
+    channels = x_t.shape[-1] if learned_variance else both.shape[-1]
+    both = both[..., :channels].reshape((batch, pairs, 2) + out.shape[1:-1] + (channels,))
+    w_BK = jnp.asarray(weights_BK, out.dtype).reshape((batch, pairs) + (1,) * (out.ndim - 1))
+    push = scale * jnp.sum(w_BK * (both[:, :, 0] - both[:, :, 1]), axis=1)
+    if learned_variance:
+      return jnp.concatenate([out[..., :channels] + push, out[..., channels:]], axis=-1)
+    return out + push
+
+  return contrasted
 
 
 def _interleave(a, b):
