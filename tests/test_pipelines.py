@@ -66,6 +66,15 @@ def test_glide_cascade_shapes_and_seeds(glide_pipe):
   _check_cascade(glide_pipe, {'base64': (2, 16, 16, 3), 'up256': (2, 32, 32, 3)})
 
 
+def _perturbed(params, seed: int = 1):
+  """One step of training leaves the zero-initialised output layers at ~0, so conditioning
+  barely reaches the output; perturbed weights make the conditionings clearly differ."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
 @pytest.mark.parametrize('scale', [1.0, 4.0])
 def test_cfg_one_pass_equals_two_pass_formula(unclip_pipe, scale):
   """The decoder's guided denoiser (one batched pass over [cond; uncond] with both the
@@ -77,12 +86,7 @@ def test_cfg_one_pass_equals_two_pass_formula(unclip_pipe, scale):
   cond = unclip_pipe._decoder_cond(embed, ['a red circle'] * n, n, jax.random.PRNGKey(0))
   x_t = jnp.asarray(rng.normal(size=(n, 16, 16, 3)), jnp.float32)
   t_B = jnp.linspace(0.1, 0.9, n)
-  # One step of training leaves the zero-initialised output layers at ~0, so conditioning
-  # barely reaches the output; perturbed weights make cond and uncond clearly differ.
-  leaves, treedef = jax.tree.flatten(dec.params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  params = _perturbed(dec.params)
   with dec.context():
     guided = jax.jit(lambda p, x, t, c: dec.guided_denoise_fn(p, scale)(x, t, c))(
         params, x_t, t_B, cond)
@@ -96,6 +100,29 @@ def test_cfg_one_pass_equals_two_pass_formula(unclip_pipe, scale):
                              err_msg='guided mean != uncond + s * (cond - uncond)')
   np.testing.assert_allclose(guided[..., 3:], out_c[..., 3:], atol=2e-5, rtol=1e-4,
                              err_msg='learned variance should be the conditional one')
+
+
+def test_prompt_pairs_push_their_own_prompt_only(imagen_pipe):
+  """`generate(contrasts=)`: at contrast_scale 0 the samples are the plain ones; at 4 the
+  prompt with pairs moves and the one without stays (its pair is padding, weighted 0)."""
+  base = imagen_pipe.stage('base64')
+  saved = base.params
+  base.params = _perturbed(saved)
+  key = jax.random.PRNGKey(5)
+  pairs = [[], [('a blue square', 'a blue triangle'), ('a green triangle', 'a green square')]]
+  try:
+    def base_out(**kw):
+      return imagen_pipe.generate(PROMPTS, key, return_stages=True, **kw)[1]['base64']
+    plain = base_out()
+    off = base_out(contrasts=pairs, contrast_scale=0.0)
+    on = base_out(contrasts=pairs, contrast_scale=4.0)
+    with pytest.raises(ValueError, match='one list per prompt'):
+      base_out(contrasts=pairs[:1], contrast_scale=1.0)
+  finally:
+    base.params = saved
+  np.testing.assert_array_equal(off, plain, err_msg='contrast_scale 0 changed the samples')
+  assert _mad(on[0], plain[0]) < 0.05, 'a prompt without pairs was pushed by another\'s'
+  assert _mad(on[1], plain[1]) > 1.0, 'the prompt pairs did not move their prompt\'s sample'
 
 
 def test_prior_best_of_picks_larger_dot_product(unclip_pipe):

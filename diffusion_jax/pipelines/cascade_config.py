@@ -6,7 +6,8 @@ stage's checkpoints live under ROOT, and how each stage samples.
     c.stages.<name>     config_file ('configs/imagen.py'), config_arg ('stage=base64,size=tiny'),
                         dir (ROOT/<dir>), use_ema, and the sampler settings: sampler, num_steps,
                         eta, guidance_scale, threshold, percentile, aug_level, blur_sigma,
-                        best_of,
+                        best_of, contrast_scale (the weight of the prompt pairs a caller
+                        passes to a text-reading first stage: `generate(contrasts=)`),
                         text_encoder_path (a pretrained frozen encoder directory, or None)
     c.extra             stages loaded on demand (GLIDE inpainting, the noised CLIP)
 
@@ -26,7 +27,7 @@ class UnknownStageError(ValueError):
 
 
 SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold', 'percentile',
-            'aug_level', 'blur_sigma', 'best_of')
+            'aug_level', 'blur_sigma', 'best_of', 'contrast_scale')
 
 
 def stage_entry(family: str, stage: str, size: str, stage_config) -> ml_collections.ConfigDict:
@@ -45,6 +46,7 @@ def stage_entry(family: str, stage: str, size: str, stage_config) -> ml_collecti
   e.aug_level = float(s.get('aug_level', 0.0))
   e.blur_sigma = float(s.get('blur_sigma', 0.0))
   e.best_of = int(s.get('best_of', 1))
+  e.contrast_scale = float(s.get('contrast_scale', 0.0))
   # A stage trained with --config.text_encoder.path=DIR samples with the same encoder.
   te = stage_config.get('text_encoder')
   e.text_encoder_path = te.get('path') if te is not None else None

@@ -140,6 +140,7 @@ class Settings:
   aug_level: float = 0.0
   blur_sigma: float = 0.0
   best_of: int = 1
+  contrast_scale: float = 0.0
 
   @classmethod
   def from_entry(cls, entry) -> 'Settings':
@@ -496,11 +497,46 @@ class Cascade:
     ids, mask = stage.tokenize(prompts)
     return stage.put({'text_ids': ids, 'text_mask': mask}, n_pad)
 
+  def contrast_args(self, stage: Stage, contrasts, n: int, n_pad: int, rng, s: Settings):
+    """`_contrast_extra`'s arguments for a stage's prompt pairs (`contrasts`: one list of
+    (positive, negative) prompts per prompt), or None when no prompt has a pair or the
+    stage's contrast_scale is 0."""
+    if contrasts is None or not float(s.contrast_scale):
+      return None
+    contrasts = [list(pairs) for pairs in contrasts]
+    if len(contrasts) != n:
+      raise ValueError(f'contrasts: {len(contrasts)} lists of prompt pairs for {n} prompts; '
+                       'pass one list per prompt ([] where it has none)')
+    if not ({'text_ids', 'text_tokens', 'text_embed'} & stage.keys) or 'low_res' in stage.keys:
+      raise ValueError(f'contrasts guide a text-to-image stage; {stage.name!r} is not one')
+    k = max(len(pairs) for pairs in contrasts)
+    if k == 0:
+      return None
+    pad = next(str(pairs[0][0]) for pairs in contrasts if pairs)  # padding rows: weight 0
+    texts, weights_BK = [], np.zeros((n_pad, k), np.float32)
+    for b in range(n_pad):
+      pairs = contrasts[b] if b < n else []
+      for j in range(k):
+        if j < len(pairs):
+          if len(pairs[j]) != 2:
+            raise ValueError(f'contrasts[{b}][{j}]: {pairs[j]!r} is not a (positive, '
+                             'negative) pair of prompts')
+          texts += [str(pairs[j][0]), str(pairs[j][1])]
+          weights_BK[b, j] = 1.0
+        else:
+          texts += [pad, pad]
+    pair_cond = stage.build_cond(self.text_inputs(stage, texts, n_pad * 2 * k), rng,
+                                 s.aug_level, s.blur_sigma)
+    return (stage.params, pair_cond, stage.put(weights_BK, n_pad),
+            jnp.float32(s.contrast_scale))
+
   def image_chain(self, names, prompts, rng, overrides, *, first_low_res=None,
-                  first_inputs=None, collect=None):
+                  first_inputs=None, collect=None, contrasts=None):
     """Runs image stages in order; each output (resized, blurred by the stage's blur_sigma
-    and noise-augmented at its aug_level) is the next stage's low_res. Returns float images
-    [N, H, W, 3] in [-1, 1]."""
+    and noise-augmented at its aug_level) is the next stage's low_res. `contrasts` (one
+    list of (positive, negative) prompt pairs per prompt) guide the first stage at its
+    contrast_scale (`guidance.prompt_contrast`). Returns float images [N, H, W, 3] in
+    [-1, 1]."""
     n = len(prompts)
     x = first_low_res
     for i, name in enumerate(names):
@@ -517,11 +553,22 @@ class Cascade:
         inputs['low_res'] = stage.put(x, n_pad)
       cond = stage.build_cond(inputs, k_cond, s.aug_level, s.blur_sigma)
       x_T = stage.noise(k_noise, n_pad)
-      out = self.timed(name, stage.sample, cond, x_T, k_run, s)
+      contrast = self.contrast_args(stage, contrasts, n, n_pad, k_cond, s) if i == 0 else None
+      out = self.timed(name, stage.sample, cond, x_T, k_run, s,
+                       extra=None if contrast is None else _contrast_extra,
+                       extra_args=contrast)
       x = out[:n]
       if collect is not None:
         collect[name] = x
     return x
+
+
+def _contrast_extra(stage: Stage, denoise, args):
+  """Contrastive prompt guidance (`Cascade.contrast_args`) around the guided denoiser."""
+  params, pair_cond, weights_BK, scale = args
+  return guidance.prompt_contrast(denoise, stage.denoise_fn(params, False), pair_cond,
+                                  weights_BK, scale,
+                                  learned_variance=stage.learned_variance), None
 
 
 def check_prompts(prompts) -> list[str]:
