@@ -195,3 +195,14 @@ def test_score_batch():
   wrong = [shapes.mismatched_caption(c, 'color', np.random.default_rng(i))
            for i, c in enumerate(captions)]
   assert not shapes.score_batch(images, wrong)['all'].any(), 'score_batch accepts wrong colours'
+
+
+def test_binding_contrasts_pair_each_group_with_the_other_shape():
+  rel = 'a red circle to the left of a blue square'
+  assert shapes.binding_contrasts(rel) == [('a red circle', 'a red square'),
+                                           ('a blue square', 'a blue circle')]
+  assert shapes.binding_contrasts('two green triangles and a cyan diamond') == [
+      ('two green triangles', 'two green diamonds'), ('a cyan diamond', 'a cyan triangle')]
+  for caption in ('a red circle above a blue circle', 'three red squares', 'a red circle',
+                  'not a shapes caption'):
+    assert shapes.binding_contrasts(caption) == [], caption

@@ -200,6 +200,29 @@ def canonical_caption(caption: str) -> str:
   return caption_of(Scene((b, a), (_MIRROR[scene.relation[0]], 0, 1)))
 
 
+def binding_contrasts(caption: str) -> list[tuple[str, str]]:
+  """For each group of a two-group caption whose groups differ in shape, the group said alone
+  and the same said with the other group's shape: "a red circle to the left of a blue
+  square" -> [("a red circle", "a red square"), ("a blue square", "a blue circle")]. Empty
+  for other captions and for text outside the templates.
+
+  The demo's prompt pairs (`guidance.prompt_contrast`): a base that binds a single object's
+  colour to its shape but draws two objects' shapes alike is pushed, where each colour is,
+  towards that colour's shape; what a pair's two single-object captions share (one object
+  of that colour, alone) cancels.
+  """
+  try:
+    scene = parse(caption)
+  except ValueError:
+    return []
+  if len(scene.groups) != 2 or scene.groups[0].shape == scene.groups[1].shape:
+    return []
+  a, b = scene.groups
+  alone = lambda g: caption_of(Scene((g,)))  # noqa: E731
+  return [(alone(a), alone(dataclasses.replace(a, shape=b.shape))),
+          (alone(b), alone(dataclasses.replace(b, shape=a.shape)))]
+
+
 def mismatched_caption(caption: str, kind: str, rng: np.random.Generator) -> str | None:
   """A caption that contradicts `caption` in one category, or None where impossible.
 
