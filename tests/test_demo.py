@@ -186,6 +186,26 @@ def test_demo_rerun_is_cached_and_a_longer_plan_resumes(tiny_demo, monkeypatch, 
   assert sorted(os.listdir(os.path.join(root, 'base64', 'checkpoints')))[-1] == '4'
 
 
+def test_guided_samples_get_the_shape_pairs_and_unguided_ones_do_not(tmp_path):
+  calls = []
+
+  class FakePipe:
+    def generate(self, prompts, rng, **kw):
+      calls.append(kw)
+      return np.zeros((len(prompts), 4, 4, 3), np.uint8)
+  plan = demo.default_plan('imagen')
+  assert plan.contrast_scale > 0, 'the imagen demo guides with the shape pairs'
+  caps = ['a red circle', 'a red circle to the left of a blue square']
+  for scale in (1.0, 3.0):
+    demo.sample_setting(FakePipe(), plan, {}, caps, scale, str(tmp_path))
+  unguided, guided = calls
+  assert unguided == {'guidance_scale': 1.0}, f'the unguided samples got {unguided}'
+  assert guided == {'guidance_scale': 3.0, 'contrast_scale': plan.contrast_scale,
+                    'contrasts': [[], shapes.binding_contrasts(caps[1])]}, guided
+  with pytest.raises(ValueError, match='contrast_scale'):
+    demo.default_plan('glide', contrast_scale=1.0)
+
+
 def test_demo_cli_refuses_unknown_family(capsys):
   with pytest.raises(SystemExit):
     demo.main(['--workdir=/nonexistent', '--family=dalle'])
