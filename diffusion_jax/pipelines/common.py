@@ -400,11 +400,15 @@ class Stage:
                    out_shardings=sharding)(rng)
 
 
+# The cond entries through which a network reads the prompt.
+_TEXT_KEYS = frozenset({'text_ids', 'text_tokens', 'text_embed'})
+
+
 def _reads_text(config) -> bool:
   if _get(config, 'objective', 'diffusion') != 'diffusion':
     return True  # the noised CLIP's text tower
   _, _, cond = _example_x(config.model)
-  return bool({'text_ids', 'text_tokens', 'text_embed'} & set(cond))
+  return bool(_TEXT_KEYS & set(cond))
 
 
 def _example_x(model_cfg):
@@ -492,7 +496,7 @@ class Cascade:
     return out
 
   def text_inputs(self, stage: Stage, prompts, n_pad: int):
-    if not ({'text_ids', 'text_tokens', 'text_embed'} & stage.keys):
+    if not _TEXT_KEYS & stage.keys:
       return {}
     ids, mask = stage.tokenize(prompts)
     return stage.put({'text_ids': ids, 'text_mask': mask}, n_pad)
@@ -507,7 +511,7 @@ class Cascade:
     if len(contrasts) != n:
       raise ValueError(f'contrasts: {len(contrasts)} lists of prompt pairs for {n} prompts; '
                        'pass one list per prompt ([] where it has none)')
-    if not ({'text_ids', 'text_tokens', 'text_embed'} & stage.keys) or 'low_res' in stage.keys:
+    if not _TEXT_KEYS & stage.keys or 'low_res' in stage.keys:
       raise ValueError(f'contrasts guide a text-to-image stage; {stage.name!r} is not one')
     k = max(len(pairs) for pairs in contrasts)
     if k == 0:
