@@ -350,6 +350,8 @@ def cascade_config(plan: Plan, root: str | None = None):
     sr = bool(stage_cfg.input.get('low_res_size'))
     e.num_steps = plan.sr_sample_steps if sr else plan.sample_steps
     e.eta = 1.0 if plan.sampler == 'ddpm' else 0.0
+    if not sr:  # recorded with the sampler settings; the guided samples pass their pairs
+      e.contrast_scale = plan.contrast_scale
     if plan.text_encoder_path and plan.family == 'imagen':
       e.text_encoder_path = plan.text_encoder_path
     if 'clip' in dict(plan.stages) and _uses_clip(stage_cfg):

@@ -202,6 +202,9 @@ def test_guided_samples_get_the_shape_pairs_and_unguided_ones_do_not(tmp_path):
   assert unguided == {'guidance_scale': 1.0}, f'the unguided samples got {unguided}'
   assert guided == {'guidance_scale': 3.0, 'contrast_scale': plan.contrast_scale,
                     'contrasts': [[], shapes.binding_contrasts(caps[1])]}, guided
+  recorded = demo.sampling_settings(demo.cascade_config(plan))
+  assert (recorded['base64']['contrast_scale'], recorded['sr256']['contrast_scale']) == (
+      plan.contrast_scale, 0.0), f'alignment.json would record other pair weights: {recorded}'
   with pytest.raises(ValueError, match='contrast_scale'):
     demo.default_plan('glide', contrast_scale=1.0)
 
