@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
+
 SIZES = ('tiny', 'shapes', 'paper')
 
 
@@ -50,33 +52,6 @@ def check_choice(name: str, value: str, choices) -> str:
   if value not in choices:
     raise ValueError(f'{name}={value!r} is not one of {", ".join(choices)}')
   return value
-
-
-# Logical axis name -> mesh axes. Parameters are sharded FSDP-style over 'fsdp' on their
-# largest "embed"/"conv_in" dimension and tensor-parallel over 'tensor'; activations are
-# sharded over the batch only. A mesh axis that does not divide its dimension moves to another
-# dimension the rules shard, or else is replicated (see diffusion_jax.parallel).
-DEFAULT_LOGICAL_RULES = (
-    # parameters
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv', None),
-    ('conv_in', 'fsdp'),
-    ('conv_out', 'tensor'),
-    ('vocab', 'tensor'),
-    ('layers', None),
-    ('norm', None),
-    # activations
-    ('act_batch', ('data', 'fsdp')),
-    ('act_len', None),
-    ('act_height', None),
-    ('act_width', None),
-    ('act_channels', None),
-    ('act_embed', None),
-    ('act_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-)
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, rules=DEFAULT_LOGICAL_RULES):
@@ -149,4 +124,52 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_nonfinite_steps = 20  # stop after this many consecutive non-finite steps
   c.parallelism = 'gspmd'     # or 'shard_map' (pure data parallelism, explicit psum)
   c.mesh = mesh_config()
+  return c
+
+
+# The sampler settings of a cascade stage (diffusion_jax.pipelines.Settings has the same).
+SAMPLER_SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold',
+                    'percentile', 'aug_level', 'blur_sigma', 'best_of', 'contrast_scale')
+
+
+def cascade_stage(config_file: str, stage: str, arg: str, stage_config) -> ml_collections.ConfigDict:
+  """A cascade entry: where the stage trains (ROOT/<dir>), the config it is trained from
+  (`config_file:config_arg`, for the train command and to check the checkpoint's saved
+  config against), whether EMA weights are sampled, and its sampler settings."""
+  s = stage_config.sampler
+  e = ml_collections.ConfigDict()
+  e.config_file = config_file
+  e.config_arg = arg
+  e.dir = stage
+  e.use_ema = True
+  e.sampler = s.name
+  e.num_steps = int(s.num_steps)
+  e.eta = float(s.get('eta', 0.0))
+  e.guidance_scale = float(s.get('guidance_scale', 1.0))
+  e.threshold = s.get('threshold', 'none') or 'none'
+  e.percentile = float(s.get('percentile', 99.5))
+  e.aug_level = float(s.get('aug_level', 0.0))
+  e.blur_sigma = float(s.get('blur_sigma', 0.0))
+  e.best_of = int(s.get('best_of', 1))
+  e.contrast_scale = float(s.get('contrast_scale', 0.0))
+  return e
+
+
+def cascade_config(family: str, config_file: str, size: str, get_config, order, extra=(),
+                   *, seed: int = 0) -> ml_collections.ConfigDict:
+  """The `stage=cascade` config: `order` is the text-to-image chain, `extra` the stages
+  loaded on demand (GLIDE inpainting, the noised CLIP). Sampling reads each stage's network,
+  encoder, tokenizer and schedule from the config saved in its checkpoint; this config says
+  only where the stages are and how they sample (`--config.stages.<stage>.num_steps=32`)."""
+  c = ml_collections.ConfigDict()
+  c.family = family
+  c.stage = 'cascade'
+  c.size = size
+  c.seed = seed
+  c.order = tuple(order)
+  c.extra = tuple(extra)
+  c.stages = ml_collections.ConfigDict()
+  for name in tuple(order) + tuple(extra):
+    arg = f'stage={name},size={size}'
+    c.stages[name] = cascade_stage(config_file, name, arg, get_config(arg))
   return c

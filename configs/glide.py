@@ -180,7 +180,6 @@ def _cascade_config(a) -> ml_collections.ConfigDict:
     python -m diffusion_jax.sample --config=configs/glide.py:stage=cascade,size=tiny \
         --workdir=ROOT --prompt="a red circle"
   """
-  from diffusion_jax.pipelines import cascade_config
   size = a.size
-  return cascade_config.make('glide', size, get_config, ('base64', 'up256'),
+  return common.cascade_config('glide', 'configs/glide.py', size, get_config, ('base64', 'up256'),
                              extra=('inpaint64', 'inpaint256', 'noised_clip'))

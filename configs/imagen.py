@@ -221,7 +221,6 @@ def _cascade_config(a) -> ml_collections.ConfigDict:
     python -m diffusion_jax.sample --config=configs/imagen.py:stage=cascade,size=tiny \
         --workdir=ROOT --prompt="a red circle"
   """
-  from diffusion_jax.pipelines import cascade_config
   size = a.size
   optional = ('sr1024',) if a.upto == 'sr1024' or size == 'paper' else ()
-  return cascade_config.make('imagen', size, get_config, ('base64', 'sr256') + optional)
+  return common.cascade_config('imagen', 'configs/imagen.py', size, get_config, ('base64', 'sr256') + optional)

@@ -251,7 +251,6 @@ def _cascade_config(a) -> ml_collections.ConfigDict:
     python -m diffusion_jax.sample --config=configs/unclip.py:stage=cascade,size=tiny \
         --workdir=ROOT --prompt="a red circle"
   """
-  from diffusion_jax.pipelines import cascade_config
   size = a.size
   optional = ('up1024',) if a.upto == 'up1024' or size == 'paper' else ()
-  return cascade_config.make('unclip', size, get_config, ('prior', 'decoder64', 'up256') + optional)
+  return common.cascade_config('unclip', 'configs/unclip.py', size, get_config, ('prior', 'decoder64', 'up256') + optional)

@@ -71,11 +71,6 @@ def default_mesh() -> Mesh:
   return Mesh(devices, parallel.MESH_AXES)
 
 
-def _default_rules():
-  from configs.common import DEFAULT_LOGICAL_RULES  # The project's default rules.
-  return DEFAULT_LOGICAL_RULES
-
-
 class TextEncoder:
   """A frozen text encoder: `encode_text(prompts) -> (tokens_BLD, mask_BL, pooled_BD)`."""
 
@@ -88,7 +83,7 @@ class TextEncoder:
     self.module = module
     self.tokenizer = tokenizer
     self.mesh = default_mesh() if mesh is None else mesh
-    self.rules = _default_rules() if rules is None else rules
+    self.rules = parallel.DEFAULT_LOGICAL_RULES if rules is None else rules
     self.meta = dict(meta or {})
     shards = int(np.prod([self.mesh.shape[a] for a in parallel.BATCH_AXES]))
     self.batch_size = max(shards, -(-int(batch_size) // shards) * shards)
@@ -307,7 +302,7 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
   """A `TextEncoder` (T5) or `CLIPEncoder` from an `encoder_config` section."""
   name, module, params, abstract = _module_and_params(cfg)
   mesh = default_mesh() if mesh is None else mesh
-  rules = _default_rules() if rules is None else rules
+  rules = parallel.DEFAULT_LOGICAL_RULES if rules is None else rules
   tok_path = config_util.get(cfg, 'tokenizer_path') or config_util.get(cfg, 'path')
   max_length = config_util.get(cfg, 'max_length')
   if max_length is None:

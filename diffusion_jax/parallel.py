@@ -21,6 +21,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
+# Logical axis name -> mesh axes. Parameters are sharded FSDP-style over 'fsdp' on their
+# largest "embed"/"conv_in" dimension and tensor-parallel over 'tensor'; activations are
+# sharded over the batch only. A mesh axis that does not divide its dimension moves to another
+# dimension the rules shard, or else is replicated (`logical_shardings`).
+DEFAULT_LOGICAL_RULES = (
+    # parameters
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('conv_in', 'fsdp'),
+    ('conv_out', 'tensor'),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('norm', None),
+    # activations
+    ('act_batch', ('data', 'fsdp')),
+    ('act_len', None),
+    ('act_height', None),
+    ('act_width', None),
+    ('act_channels', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+)
+
 
 def use_cpu_devices(count: int | None = None) -> int:
   """Before JAX starts in this process: split the CPU into `count` devices (default one per

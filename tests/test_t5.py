@@ -9,7 +9,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
-from configs.common import DEFAULT_LOGICAL_RULES
+from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
 from diffusion_jax import parallel
 from diffusion_jax.models import t5
 
