@@ -9,6 +9,7 @@ setup(
     name='diffusion_jax',
     version='0.1.0',
     description='Train, sample and evaluate Imagen, GLIDE and unCLIP cascades in JAX/Flax.',
+    license='Apache-2.0',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['diffusion_jax', 'diffusion_jax.*', 'configs']),
