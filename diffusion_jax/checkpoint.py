@@ -19,11 +19,13 @@ import logging
 import os
 from typing import Any, Callable
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 import diffusion_jax
+from diffusion_jax.data import pipeline as data_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +74,21 @@ class Checkpointer:
   """A thin owner of one orbax CheckpointManager (composition, not inheritance)."""
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3,
-               keep_period: int | None = None, async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only`: a reader of the state's subtrees and the config (sampling, export)."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, keep_period=keep_period, create=True,
-        enable_async_checkpointing=async_save)
-    import grain  # the data item's handler
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA: grain.checkpoint.CheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True)
+      handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+                  CONFIG: ocp.JsonCheckpointHandler()}
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, keep_period=keep_period, create=True,
+          enable_async_checkpointing=async_save)
+      handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+                  CONFIG: ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -95,10 +101,7 @@ class Checkpointer:
     """Saves (asynchronously) if the step is due per the options, or always with force."""
     items: dict[str, Any] = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      if save_args_fn is None:
-        from diffusion_jax.data import pipeline  # the data layer owns its orbax args
-        save_args_fn = pipeline.save_args
-      items[DATA] = save_args_fn(data_iterator)
+      items[DATA] = (save_args_fn or data_pipeline.save_args)(data_iterator)
     if config is not None:
       payload = {'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config),
                  'library_version': diffusion_jax.__version__}
@@ -124,10 +127,7 @@ class Checkpointer:
     check_shapes(saved, abstract_state, step)
     items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      if restore_args_fn is None:
-        from diffusion_jax.data import pipeline
-        restore_args_fn = pipeline.restore_args
-      items[DATA] = restore_args_fn(data_iterator)
+      items[DATA] = (restore_args_fn or data_pipeline.restore_args)(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE]
 
@@ -140,8 +140,23 @@ class Checkpointer:
         **{CONFIG: ocp.args.JsonRestore()}))
     return restored[CONFIG]['config']
 
-  def restore_latest(self, abstract_state, data_iterator=None, **kw):
-    """(state, step) from the newest readable step, or None when there is no checkpoint.
+  def restore_subtree(self, step: int, key: str, abstract_subtree):
+    """One subtree of the saved state (e.g. 'ema_params') into `abstract_subtree`'s shapes,
+    dtypes and shardings; nothing else is read (no optimizer state). Read-only readers."""
+    meta = self.manager.item_metadata(step)
+    saved = meta[STATE] if meta is not None and STATE in meta else None
+    saved = getattr(saved, 'tree', saved)
+    if saved is None or key not in saved:
+      raise ValueError(f'checkpoint step {step} has no readable {STATE}/{key}')
+    check_shapes({key: saved[key]}, {key: abstract_subtree}, step)
+    item = {key: abstract_subtree}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)}))
+    return restored[STATE][key]
+
+  def restore_newest(self, restore_fn: Callable[[int], Any]):
+    """`restore_fn(step)` of the newest step it reads, or None when there is no checkpoint.
 
     Unreadable steps are skipped loudly, newest first. Shape mismatches are raised at once
     (an older step of the same run would not fit either). If every step is unreadable the
@@ -153,7 +168,7 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        state = self.restore(step, abstract_state, data_iterator, **kw)
+        out = restore_fn(step)
       except CheckpointShapeError:
         raise
       except Exception as e:  # noqa: BLE001 - any read failure means "this step is corrupt".
@@ -165,10 +180,15 @@ class Checkpointer:
       if failures:
         log.error('restored checkpoint step %d after skipping unreadable step(s) %s',
                   step, [s for s, _ in failures])
-      return state, step
+      return out
     raise NoReadableCheckpointError(
         f'no checkpoint in {self.directory} could be restored ({failures}); refusing to start '
         'from scratch over them: move the directory away to start a new run')
+
+  def restore_latest(self, abstract_state, data_iterator=None, **kw):
+    """(state, step) from the newest readable step (`restore_newest`), or None."""
+    return self.restore_newest(
+        lambda step: (self.restore(step, abstract_state, data_iterator, **kw), step))
 
 
 def _jsonable(x):

@@ -1,6 +1,9 @@
-"""Reading optional config fields uniformly from ConfigDicts, dicts or None."""
+"""Reading configs: optional fields, flattened views, and a config file loaded by path."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 from typing import Any
 
 
@@ -11,3 +14,27 @@ def get(cfg, key: str, default: Any = None) -> Any:
   except (KeyError, AttributeError, TypeError):
     return default
   return default if value is None else value
+
+
+def flatten(cfg, prefix: str = '') -> dict[str, Any]:
+  """{'a.b.c': leaf} of a ConfigDict or nested dict."""
+  out = {}
+  for k, v in (cfg.items() if hasattr(cfg, 'items') else ()):
+    if hasattr(v, 'items'):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def load_config(config_file: str, arg: str | None = None):
+  """`get_config(arg)` of a config file ('configs/imagen.py'), as `--config=FILE:ARG` reads
+  it: the file itself when it exists, else the module of that dotted name (installed)."""
+  if os.path.isfile(config_file):
+    name = os.path.splitext(os.path.normpath(config_file))[0].replace(os.sep, '.').lstrip('.')
+    spec = importlib.util.spec_from_file_location(name, config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(os.path.splitext(config_file)[0].replace('/', '.'))
+  return module.get_config(arg) if arg is not None else module.get_config()

@@ -15,6 +15,7 @@ code. Convert such a checkpoint once, in an environment you trust, with transfor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import glob
 import json
 import math
@@ -27,6 +28,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
+
+from diffusion_jax import io_util
+from diffusion_jax.models import clip, inception, t5
 
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 
@@ -304,18 +308,8 @@ def disassemble(params: Mapping, rules: Iterable[Rule], *,
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> str:
   """Writes `path` atomically; 'format: pt' metadata so that transformers reads it too."""
   from safetensors.numpy import save_file
-  tmp = f'{path}.tmp{os.getpid()}'
-  save_file({k: np.array(v, order='C') for k, v in tensors.items()}, tmp,
-            metadata={'format': 'pt'})
-  os.replace(tmp, path)
-  return path
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  return io_util.replace_atomically(path, lambda tmp: save_file(
+      {k: np.array(v, order='C') for k, v in tensors.items()}, tmp, metadata={'format': 'pt'}))
 
 
 # --- T5 ------------------------------------------------------------------------------------------
@@ -348,7 +342,6 @@ T5_IGNORE = (r'decoder\..*', r'lm_head\..*')
 
 def load_t5(path: str, *, strict: bool = True, **overrides):
   """(T5Encoder, params) from a transformers T5 / T5EncoderModel directory."""
-  from diffusion_jax.models import t5
   fields = {**t5.config_from_hf(read_config(path)), **overrides}
   module = t5.T5Encoder(**fields)
   gated, _ = t5.parse_ffn(module.feed_forward_proj, module.dense_act_fn)
@@ -409,7 +402,6 @@ CLIP_IGNORE = (r'.*\.position_ids',)
 
 def load_clip(path: str, *, strict: bool = True, **overrides):
   """(CLIP, params) from a transformers CLIPModel directory."""
-  from diffusion_jax.models import clip
   fields = {**clip.config_from_hf(read_config(path)), **overrides}
   module = clip.CLIP(**fields)
   template = traverse_util.flatten_dict(clip.abstract_params(module))
@@ -462,7 +454,6 @@ def export_clip(params: Mapping, module_config, out_dir: str, *,
   if 'clip' in params and len(params) == 1:
     raise ValueError("export_clip: pass the CLIP tree itself (params['clip'] of a "
                      'ContrastiveCLIP / NoisedCLIP), not its wrapper')
-  from diffusion_jax.models import clip
   text = {**clip._TEXT_DEFAULTS, **fields['text']}
   bos = pad = None
   if tokenizer_dir:
@@ -488,10 +479,10 @@ def export_clip(params: Mapping, module_config, out_dir: str, *,
   if image_mean is not None or image_std is not None:
     if image_mean is None or image_std is None:
       raise ValueError('export_clip: give both image_mean and image_std, or neither')
-    _write_json(os.path.join(out_dir, 'preprocessor_config.json'), _image_processor_config(
+    io_util.write_json(os.path.join(out_dir, 'preprocessor_config.json'), _image_processor_config(
         fields['vision']['image_size'], image_mean, image_std))
   write_safetensors(tensors, os.path.join(out_dir, 'model.safetensors'))
-  _write_json(os.path.join(out_dir, 'config.json'),
+  io_util.write_json(os.path.join(out_dir, 'config.json'),
               clip.config_to_hf(fields, bos_token_id=bos, pad_token_id=pad))
   return out_dir
 
@@ -524,3 +515,68 @@ def clip_to_noised_clip(clip_params: Mapping, noised_module, rng) -> dict:
     else:
       out[path] = value
   return traverse_util.unflatten_dict(out)
+
+
+# pytorch-fid's Inception: torch names <-> our tree --------------------------------------------
+
+
+_INCEPTION_TORCH_LEAF = {'kernel': 'conv.weight', 'scale': 'bn.weight', 'bias': 'bn.bias',
+               'mean': 'bn.running_mean', 'var': 'bn.running_var'}
+# Tensors of pytorch-fid's state dict that the pool3 features do not use.
+INCEPTION_TORCH_IGNORE = (r'.*\.num_batches_tracked', r'fc\.(weight|bias)', r'AuxLogits\..*')
+
+
+def inception_torch_name(path: Sequence[str]) -> str:
+  """('Mixed_5b', 'branch1x1', 'kernel') -> 'Mixed_5b.branch1x1.conv.weight'."""
+  return '.'.join(path[:-1]) + '.' + _INCEPTION_TORCH_LEAF[path[-1]]
+
+
+def inception_rules(module=None) -> list[Rule]:
+  flat = traverse_util.flatten_dict(inception.abstract_params(module))
+  return [Rule(path, (inception_torch_name(path),), 'conv' if path[-1] == 'kernel' else 'same')
+          for path in flat]
+
+
+def inception_to_torch(params) -> dict[str, np.ndarray]:
+  """Our tree -> pytorch-fid state-dict names and layouts (conv kernels OIHW)."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    a = np.asarray(value, np.float32)
+    out[inception_torch_name(path)] = np.ascontiguousarray(a.transpose(3, 2, 0, 1) if path[-1] == 'kernel'
+                                                 else a)
+  return out
+
+
+def save_inception(path: str, params, metadata: dict[str, str] | None = None) -> str:
+  """Writes params as a pytorch-fid-named safetensors file; returns its sha256."""
+  from safetensors.numpy import save_file
+  save_file(inception_to_torch(params), path, metadata=metadata)
+  return file_sha256(path)
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def load_inception(path: str, *, strict: bool = True, **overrides):
+  """(InceptionV3, params) from a safetensors file holding pytorch-fid's state dict.
+
+  Pickle files (.pth) are refused: convert pytorch-fid's
+  `pt_inception-2015-12-05-6726825d.pth` once with
+  `python -m diffusion_jax.tools.convert_inception --src=FILE.pth --out=FILE.safetensors`.
+  """
+  if path.lower().endswith(PICKLE_SUFFIXES):
+    raise WeightImportError(
+        f'refusing to load {path}: pickle checkpoints can run arbitrary code; convert it once '
+        'with `python -m diffusion_jax.tools.convert_inception --src=FILE.pth '
+        '--out=FILE.safetensors` and point to the .safetensors file')
+  module = inception.InceptionV3(**overrides)
+  template = traverse_util.flatten_dict(inception.abstract_params(module))
+  params = assemble(read_safetensors(path), inception_rules(module), template,
+                    ignore=INCEPTION_TORCH_IGNORE, strict=strict,
+                    what=f'Inception weights in {path}')
+  return module, params

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import config_util, parallel
+from diffusion_jax import config_util, convert, parallel
 from diffusion_jax.models import clip as clip_lib
 from diffusion_jax.models import t5 as t5_lib
 from diffusion_jax.tokenizer import DEFAULT_MAX_LENGTH, Tokenizer, load_tokenizer
@@ -272,7 +272,7 @@ def _module_and_params(cfg):
   if lib is None:
     raise ValueError(f"encoder name must be 't5' or 'clip', got {name!r}")
   if path:
-    module, params = lib.load_hf(path, dtype=dtype)
+    module, params = {'t5': convert.load_t5, 'clip': convert.load_clip}[name](path, dtype=dtype)
   else:
     module = lib.make(config_util.get(cfg, 'preset', 'tiny'), dtype=dtype)
     params = None

@@ -109,14 +109,14 @@ def _load_image(path):
 def write_outputs(out_dir: str, images, captions, meta) -> None:
   import numpy as np
   from PIL import Image
-  from diffusion_jax.train.sampling import make_grid
+  from diffusion_jax import io_util
   os.makedirs(out_dir, exist_ok=True)
   names = []
   for i, image in enumerate(np.asarray(images)):
     name = f'{i:05d}.png'
     Image.fromarray(image).save(os.path.join(out_dir, name))
     names.append(name)
-  Image.fromarray(make_grid(np.asarray(images))).save(os.path.join(out_dir, 'grid.png'))
+  Image.fromarray(io_util.make_grid(np.asarray(images))).save(os.path.join(out_dir, 'grid.png'))
   with open(os.path.join(out_dir, 'captions.json'), 'w') as f:
     json.dump({'images': [{'file': n, 'caption': c} for n, c in zip(names, captions)],
                **meta}, f, indent=1)

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
 from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
-from diffusion_jax import parallel
+from diffusion_jax import convert, parallel
 from diffusion_jax.models import clip
 
 
@@ -34,7 +34,7 @@ def _pixels():
 @pytest.mark.parametrize('eos,act', [(63, 'quick_gelu'), (2, 'gelu')])
 def test_parity_with_transformers(eos, act):
   model, path = hf_fixtures.clip_model(eos, act)
-  module, params = clip.load_hf(path)
+  module, params = convert.load_clip(path)
   assert module.text['eos_token_id'] == eos and module.text['act'] == act
   ids, mask = hf_fixtures.clip_text_batch()
   px = _pixels()
@@ -63,7 +63,7 @@ def test_pooling_conventions_pick_different_tokens():
   # With an eos id that is not the largest id, first-eos pooling and the legacy argmax
   # pooling (eos_token_id == 2) must pick different positions of the same hidden states.
   _, path = hf_fixtures.clip_model(63, 'quick_gelu')
-  module, params = clip.load_hf(path)
+  module, params = convert.load_clip(path)
   ids, mask = hf_fixtures.clip_text_batch()
   ids = np.where(ids == 40, 39, ids)
   ids[0, 5] = 40  # eos of row 0 under eos_token_id=40; its largest id (63) sits at 9

@@ -31,7 +31,7 @@ def test_mismatched_shape_names_the_key():
   tensors[Q0] = np.zeros((32, 31), np.float32)
   save_file(tensors, os.path.join(d, 'model.safetensors'))
   with pytest.raises(convert.WeightImportError, match='shape mismatch') as e:
-    t5.load_hf(d)
+    convert.load_t5(d)
   assert Q0 in str(e.value) and '(32, 31)' in str(e.value), str(e.value)
 
 
@@ -45,11 +45,11 @@ def test_truncated_file_names_the_key():
   last = max((k for k in header if k != '__metadata__'), key=lambda k: header[k]['data_offsets'][1])
   os.truncate(f, os.path.getsize(f) - 10)
   with pytest.raises(convert.WeightImportError, match='truncated') as e:
-    t5.load_hf(d)
+    convert.load_t5(d)
   assert repr(last) in str(e.value), str(e.value)
   os.truncate(f, 5)
   with pytest.raises(convert.WeightImportError, match='truncated'):
-    t5.load_hf(d)
+    convert.load_t5(d)
 
 
 def test_missing_and_unexpected_keys_are_named():
@@ -61,7 +61,7 @@ def test_missing_and_unexpected_keys_are_named():
   tensors['encoder.extra.weight'] = np.zeros(3, np.float32)
   save_file(tensors, f)
   with pytest.raises(convert.WeightImportError) as e:
-    t5.load_hf(d)
+    convert.load_t5(d)
   msg = str(e.value)
   assert 'missing keys: encoder.final_layer_norm.weight' in msg, msg
   assert 'unexpected keys: encoder.extra.weight' in msg, msg
@@ -69,8 +69,8 @@ def test_missing_and_unexpected_keys_are_named():
   tensors['encoder.final_layer_norm.weight'] = np.ones(32, np.float32)
   save_file(tensors, f)
   with pytest.raises(convert.WeightImportError, match='encoder.extra.weight'):
-    t5.load_hf(d)
-  _, params = t5.load_hf(d, strict=False)
+    convert.load_t5(d)
+  _, params = convert.load_t5(d, strict=False)
   np.testing.assert_array_equal(params['final_norm']['scale'], np.ones(32, np.float32))
 
 
@@ -87,7 +87,7 @@ def test_pickle_checkpoints_are_refused():
     msg = str(e.value)
     assert 'pytorch_model.bin' in msg and 'safe_serialization=True' in msg and '\n' not in msg, msg
   with pytest.raises(convert.WeightImportError, match='refusing'):
-    t5.load_hf(d)
+    convert.load_t5(d)
 
 
 def test_sharded_index_with_missing_shard_names_it():
@@ -97,7 +97,7 @@ def test_sharded_index_with_missing_shard_names_it():
   shard = weight_map[Q0]
   os.remove(os.path.join(d, shard))
   with pytest.raises(convert.WeightImportError, match=shard):
-    t5.load_hf(d)
+    convert.load_t5(d)
 
 
 def test_bfloat16_checkpoint_and_full_t5_with_decoder():
@@ -110,7 +110,7 @@ def test_bfloat16_checkpoint_and_full_t5_with_decoder():
   with open(os.path.join(d, 'model.safetensors'), 'rb') as fh:
     header = json.loads(fh.read(int.from_bytes(fh.read(8), 'little')))
   assert header[Q0]['dtype'] == 'BF16', 'fixture is not a bfloat16 checkpoint'
-  module, params = t5.load_hf(d)  # decoder.* and lm_head are ignored, bf16 is widened
+  module, params = convert.load_t5(d)  # decoder.* and lm_head are ignored, bf16 is widened
   flat = traverse_util.flatten_dict(params)
   assert all(v.dtype == np.float32 for v in flat.values())
   want = full.encoder.block[1].layer[0].SelfAttention.k.weight.detach().float().numpy()
@@ -124,7 +124,7 @@ def test_clip_position_ids_buffers_are_ignored():
   tensors = load_file(f)
   tensors['text_model.embeddings.position_ids'] = np.arange(16)[None].astype(np.int64)
   save_file(tensors, f)
-  module, params = clip.load_hf(d)
+  module, params = convert.load_clip(d)
   assert params['text_model']['position_embedding'].shape == (16, 32)
 
 
@@ -135,9 +135,9 @@ def test_tied_embedding_copies_must_agree():
   tensors = load_file(f)
   tensors['encoder.embed_tokens.weight'] = tensors['shared.weight'].copy()
   save_file(tensors, f)
-  _, params = t5.load_hf(d)  # an identical second copy is fine
+  _, params = convert.load_t5(d)  # an identical second copy is fine
   np.testing.assert_array_equal(params['shared']['embedding'], tensors['shared.weight'])
   tensors['encoder.embed_tokens.weight'][0, 0] += 1.0
   save_file(tensors, f)
   with pytest.raises(convert.WeightImportError, match='encoder.embed_tokens.weight differs'):
-    t5.load_hf(d)
+    convert.load_t5(d)

@@ -225,7 +225,7 @@ def test_resize_matches_torch_bilinear(hw_in):
 
 def test_features_match_pytorch_fid_graph(torch_model, weights_file, images):
   import jax
-  module, params = inception.load(weights_file)
+  module, params = convert.load_inception(weights_file)
   ours = np.asarray(jax.jit(lambda p, x: module.apply({'params': p}, x))(
       params, images.astype(np.float32) / 255.0))
   ref = _torch_features(torch_model, images)
@@ -245,7 +245,7 @@ def test_features_match_pytorch_fid_graph(torch_model, weights_file, images):
 
 def test_load_refuses_pickles_and_names_bad_keys(weights_file, tmp_path):
   with pytest.raises(convert.WeightImportError, match='convert_inception'):
-    inception.load(str(tmp_path / 'pt_inception-2015-12-05-6726825d.pth'))
+    convert.load_inception(str(tmp_path / 'pt_inception-2015-12-05-6726825d.pth'))
   from safetensors.numpy import save_file
   tensors = dict(convert.read_safetensors(weights_file))
   del tensors['Mixed_6c.branch7x7_2.conv.weight']
@@ -254,7 +254,7 @@ def test_load_refuses_pickles_and_names_bad_keys(weights_file, tmp_path):
   bad = str(tmp_path / 'bad.safetensors')
   save_file({k: np.asarray(v) for k, v in tensors.items()}, bad)
   with pytest.raises(convert.WeightImportError) as info:
-    inception.load(bad)
+    convert.load_inception(bad)
   msg = str(info.value)
   for part in ('Mixed_6c.branch7x7_2.conv.weight', 'Mixed_6c.branch7x7_3.bn.weight',
                'extra.weight'):
@@ -264,9 +264,9 @@ def test_load_refuses_pickles_and_names_bad_keys(weights_file, tmp_path):
 def test_params_round_trip_through_torch_names(tmp_path):
   params = inception.random_params(3)
   path = str(tmp_path / 'r.safetensors')
-  digest = inception.save(path, params)
+  digest = convert.save_inception(path, params)
   assert digest == hashlib.sha256(open(path, 'rb').read()).hexdigest()
-  _, back = inception.load(path)
+  _, back = convert.load_inception(path)
   import jax
   same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), back, params)
   assert all(jax.tree.leaves(same)), 'save/load changed some parameter'

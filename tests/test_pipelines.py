@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import pipelines
+from diffusion_jax import io_util, pipelines
 from diffusion_jax.pipelines import common, unclip as unclip_lib
 import pipeline_fixtures as pf
 
@@ -237,7 +237,7 @@ def test_clip_guidance_raises_the_clip_score(glide_pipe):
   ids, mask = clip.tokenize(PROMPTS)
 
   def score(images):
-    x = jnp.asarray(common.to_float(images))
+    x = jnp.asarray(io_util.to_float(images))
     t = jnp.zeros((x.shape[0],))
     img = clip.model.apply({'params': clip.params}, x, t, method='encode_image')
     txt = clip.model.apply({'params': clip.params}, ids, mask, method='encode_text')

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
 from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
-from diffusion_jax import parallel
+from diffusion_jax import convert, parallel
 from diffusion_jax.models import t5
 
 
@@ -23,7 +23,7 @@ def _reference(model, ids, mask):
 @pytest.mark.parametrize('ffn', ['relu', 'gated-gelu'])
 def test_parity_with_transformers(ffn):
   model, path = hf_fixtures.t5_model(ffn)
-  module, params = t5.load_hf(path)
+  module, params = convert.load_t5(path)
   assert module.feed_forward_proj == ffn and module.relative_attention_num_buckets == 8
   ids, mask = hf_fixtures.t5_batch()
   ref = _reference(model, ids, mask)
@@ -40,7 +40,7 @@ def test_parity_with_transformers(ffn):
 def test_wrong_activation_breaks_parity():
   # The v1.1 checkpoint run with the v1.0 FFN must not match: the test can tell them apart.
   model, path = hf_fixtures.t5_model('gated-gelu')
-  module, params = t5.load_hf(path)
+  module, params = convert.load_t5(path)
   ids, mask = hf_fixtures.t5_batch()
   wrong = module.clone(dense_act_fn='gelu')  # exact GELU instead of the tanh approximation
   err = np.abs(np.asarray(wrong.apply({'params': params}, ids, mask)) - _reference(model, ids, mask)).max()
@@ -52,8 +52,8 @@ def test_sharded_safetensors_loads_identically():
   import os
   assert os.path.exists(os.path.join(sharded, 'model.safetensors.index.json')), 'fixture did not shard'
   _, single = hf_fixtures.t5_model('gated-gelu')
-  _, p_single = t5.load_hf(single)
-  _, p_sharded = t5.load_hf(sharded)
+  _, p_single = convert.load_t5(single)
+  _, p_sharded = convert.load_t5(sharded)
   a, b = traverse_util.flatten_dict(p_single), traverse_util.flatten_dict(p_sharded)
   assert a.keys() == b.keys()
   for k in a:

@@ -1,6 +1,6 @@
 """FID: Inception pool3 features of uint8 images, streaming Gaussian statistics, Fréchet distance.
 
-    extractor = InceptionFeatures(*inception.load(path))       # jitted, sharded over devices
+    extractor = InceptionFeatures(*convert.load_inception(path))       # jitted, sharded over devices
     stats = extractor.statistics(batches_of_uint8_images)       # merged over all processes
     fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
 
@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import linalg
 
-from diffusion_jax import parallel
+from diffusion_jax import io_util, parallel
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
@@ -152,11 +152,9 @@ def save_stats(path: str, mu, sigma, n: int = -1, **meta: str) -> str:
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   digest = stats_hash(mu, sigma)
   extra = {f'meta_{k}': np.asarray(str(v)) for k, v in meta.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, mu=mu, sigma=sigma, n=np.asarray(int(n), np.int64), sha256=np.asarray(digest),
-           **extra)
-  os.replace(tmp, path)  # A reader never sees a half-written file.
+  io_util.replace_atomically(path, lambda tmp: np.savez(
+      tmp, mu=mu, sigma=sigma, n=np.asarray(int(n), np.int64), sha256=np.asarray(digest),
+      **extra))
   return digest
 
 

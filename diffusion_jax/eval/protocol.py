@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
+from diffusion_jax import io_util
 from diffusion_jax.eval import fid
 
 COCO2014_VAL_SPLITS = ('val', 'test', 'restval')
@@ -196,10 +197,9 @@ def generate_samples(generate_fn: Callable, captions: Sequence[str], out_dir: st
                          f'{(len(prompts), image_size, image_size, 3)}')
       images.append(out)
     if jax.process_index() == 0:
-      path = shard_path(out_dir, i)
-      tmp = path + '.tmp.npz'
-      np.savez(tmp, images=np.concatenate(images), indices=np.arange(lo, hi))
-      os.replace(tmp, path)  # A killed write leaves no shard that looks finished.
+      # A killed write leaves no shard that looks finished.
+      io_util.replace_atomically(shard_path(out_dir, i), lambda tmp: np.savez(
+          tmp, images=np.concatenate(images), indices=np.arange(lo, hi)))
     log(f'FID samples: shard {i + 1}/{n_shards} written')
   _barrier('fid_samples')
   return {'done_before': done_before, 'generated': len(todo)}
@@ -223,7 +223,7 @@ def run(generate_fn: Callable, *, workdir: str, inception_path: str,
   sampling: what produced the samples, recorded verbatim; must include `guidance`, `sampler`
   and `steps` (e.g. {'guidance': 3.0, 'sampler': 'ddim', 'steps': 250, 'cascade': ...}).
   """
-  from diffusion_jax.models import inception  # noqa: PLC0415
+  from diffusion_jax import convert  # noqa: PLC0415
   cfg = config or ProtocolConfig()
   sampling = dict(sampling or {})
   missing = [k for k in ('guidance', 'sampler', 'steps') if sampling.get(k) is None]
@@ -246,8 +246,8 @@ def run(generate_fn: Callable, *, workdir: str, inception_path: str,
       json.dump({'sha256': captions_sha, 'seed': cfg.caption_seed, 'splits': list(cfg.splits),
                  'pool': len(all_captions), 'captions': captions}, f)
 
-  weights_sha = inception.file_sha256(inception_path)
-  module, params = inception.load(inception_path, **(inception_overrides or {}))
+  weights_sha = convert.file_sha256(inception_path)
+  module, params = convert.load_inception(inception_path, **(inception_overrides or {}))
   extractor = fid.InceptionFeatures(module, params, mesh=mesh,
                                     batch_size=cfg.feature_batch_size)
   ref = reference_statistics(extractor, cfg, weights_sha256=weights_sha,
@@ -304,10 +304,7 @@ def run(generate_fn: Callable, *, workdir: str, inception_path: str,
   if jax.process_index() == 0:
     result['sample_stats_sha256'] = fid.save_stats(sample_stats_path, stats.mu, stats.sigma,
                                                    n=stats.n)
-    path = os.path.join(workdir, 'result.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+    path = io_util.write_json(os.path.join(workdir, 'result.json'), result)
     log(f'FID-{stats.n} {value:.4f} -> {path}')
   return result
 

@@ -1,7 +1,7 @@
 """CLIP text and vision towers, numerically matching transformers' `CLIPModel`, and the
 time-conditioned noised CLIP that GLIDE uses for CLIP guidance.
 
-    module, params = load_hf('/path/to/clip-vit-h-14')
+    module, params = convert.load_clip('/path/to/clip-vit-h-14')
     txt_BP = module.apply({'params': params}, ids_BL, mask_BL, method='encode_text')
     img_BP = module.apply({'params': params}, pixels_BHWC, method='encode_image')
 
@@ -500,11 +500,6 @@ def abstract_params(module, boxed: bool = False):
   tree = jax.eval_shape(fn)['params']
   return tree if boxed else nn.meta.unbox(tree)
 
-
-def load_hf(path: str, *, strict: bool = True, **overrides):
-  """(CLIP module, params) from a local transformers directory (config.json + *.safetensors)."""
-  from diffusion_jax import convert  # Lazy: models/ does not depend on the importer at import time.
-  return convert.load_clip(path, strict=strict, **overrides)
 
 
 def noised_clip_example_inputs(model_cfg, batch_size: int):

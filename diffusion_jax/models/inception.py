@@ -16,12 +16,12 @@ antialiasing: when downsampling only the two nearest source pixels contribute), 
 
 Parameters keep torchvision's module names (`Mixed_6b/branch7x7_2/{kernel,scale,bias,mean,
 var}`), so the weight file is the torch state dict saved as safetensors
-(`diffusion_jax.tools.convert_inception` writes it once) and `load` maps it name by name.
+(`diffusion_jax.tools.convert_inception` writes it once) and `convert.load_inception` maps it
+name by name.
 Batch-norm statistics are ordinary parameters: the network is only ever run for inference.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -249,38 +249,6 @@ def abstract_params(module: InceptionV3 | None = None):
       jax.random.PRNGKey(0), x))['params']
 
 
-# --- weights: torch names <-> our tree --------------------------------------------------------
-
-_TORCH_LEAF = {'kernel': 'conv.weight', 'scale': 'bn.weight', 'bias': 'bn.bias',
-               'mean': 'bn.running_mean', 'var': 'bn.running_var'}
-# Tensors of pytorch-fid's state dict that the pool3 features do not use.
-TORCH_IGNORE = (r'.*\.num_batches_tracked', r'fc\.(weight|bias)', r'AuxLogits\..*')
-
-
-def torch_name(path: Sequence[str]) -> str:
-  """('Mixed_5b', 'branch1x1', 'kernel') -> 'Mixed_5b.branch1x1.conv.weight'."""
-  return '.'.join(path[:-1]) + '.' + _TORCH_LEAF[path[-1]]
-
-
-def weight_rules(module: InceptionV3 | None = None):
-  from diffusion_jax import convert  # Lazy: models/ do not import the importer at import time.
-  from flax import traverse_util
-  flat = traverse_util.flatten_dict(abstract_params(module))
-  return [convert.Rule(path, (torch_name(path),), 'conv' if path[-1] == 'kernel' else 'same')
-          for path in flat]
-
-
-def params_to_torch(params) -> dict[str, np.ndarray]:
-  """Our tree -> pytorch-fid state-dict names and layouts (conv kernels OIHW)."""
-  from flax import traverse_util
-  out = {}
-  for path, value in traverse_util.flatten_dict(params).items():
-    a = np.asarray(value, np.float32)
-    out[torch_name(path)] = np.ascontiguousarray(a.transpose(3, 2, 0, 1) if path[-1] == 'kernel'
-                                                 else a)
-  return out
-
-
 def random_params(seed: int = 0, module: InceptionV3 | None = None):
   """Random weights with non-trivial batch-norm statistics (tests and the offline demo).
 
@@ -301,40 +269,3 @@ def random_params(seed: int = 0, module: InceptionV3 | None = None):
       v = rng.normal(0.0, 0.1, shape)
     out[path] = v.astype(np.float32)
   return traverse_util.unflatten_dict(out)
-
-
-def save(path: str, params, metadata: dict[str, str] | None = None) -> str:
-  """Writes params as a pytorch-fid-named safetensors file; returns its sha256."""
-  from safetensors.numpy import save_file
-  save_file(params_to_torch(params), path, metadata=metadata)
-  return file_sha256(path)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def load(path: str, *, strict: bool = True, **overrides):
-  """(InceptionV3, params) from a safetensors file holding pytorch-fid's state dict.
-
-  Pickle files (.pth) are refused: convert pytorch-fid's
-  `pt_inception-2015-12-05-6726825d.pth` once with
-  `python -m diffusion_jax.tools.convert_inception --src=FILE.pth --out=FILE.safetensors`.
-  """
-  from diffusion_jax import convert
-  from flax import traverse_util
-  if path.lower().endswith(convert.PICKLE_SUFFIXES):
-    raise convert.WeightImportError(
-        f'refusing to load {path}: pickle checkpoints can run arbitrary code; convert it once '
-        'with `python -m diffusion_jax.tools.convert_inception --src=FILE.pth '
-        '--out=FILE.safetensors` and point to the .safetensors file')
-  module = InceptionV3(**overrides)
-  template = traverse_util.flatten_dict(abstract_params(module))
-  params = convert.assemble(convert.read_safetensors(path), weight_rules(module), template,
-                            ignore=TORCH_IGNORE, strict=strict,
-                            what=f'Inception weights in {path}')
-  return module, params

@@ -6,7 +6,7 @@ per-layer parameters carry a leading `layers` axis; every parameter has logical 
 (`vocab`, `embed`, `heads`, `kv`, `mlp`) so that the 4.8B-parameter XXL encoder shards
 FSDP / tensor-parallel through the config's logical rules.
 
-    module, params = load_hf('/path/to/t5-v1_1-xxl')      # config.json + *.safetensors
+    module, params = convert.load_t5('/path/to/t5-v1_1-xxl')   # config.json + *.safetensors
     hidden_BLD = module.apply({'params': params}, ids_BL, mask_BL)
 """
 from __future__ import annotations
@@ -282,13 +282,3 @@ def abstract_params(module: T5Encoder, length: int = 8, boxed: bool = False):
   ids = jnp.zeros((1, length), jnp.int32)
   tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids > -1))['params']
   return tree if boxed else nn.meta.unbox(tree)
-
-
-def load_hf(path: str, *, strict: bool = True, **overrides):
-  """(module, params) from a local transformers directory (config.json + *.safetensors).
-
-  Reads safetensors only; pickle checkpoints are refused with a conversion hint.
-  Field overrides (e.g. `dtype=jnp.bfloat16`, `remat=True`) are passed to the module.
-  """
-  from diffusion_jax import convert  # Lazy: models/ does not depend on the importer at import time.
-  return convert.load_t5(path, strict=strict, **overrides)

@@ -9,8 +9,12 @@ EMA parameters by default, and sampled with its cascade-config settings; see
 """
 from __future__ import annotations
 
-# Light on purpose: configs import `pipelines.cascade_config`, which runs this file first.
-from diffusion_jax.pipelines.cascade_config import MissingCheckpointError, UnknownStageError
+from diffusion_jax.pipelines import glide, imagen, unclip
+from diffusion_jax.pipelines.common import MissingCheckpointError, UnknownStageError
+
+
+PIPELINES = {'imagen': imagen.ImagenPipeline, 'glide': glide.GlidePipeline,
+             'unclip': unclip.UnCLIPPipeline}
 
 
 def load(config, workdir: str):
@@ -19,22 +23,9 @@ def load(config, workdir: str):
     raise ValueError(f'pipelines.load needs a stage=cascade config, got stage='
                      f'{config.get("stage")!r} (e.g. configs/imagen.py:stage=cascade,size=tiny)')
   family = config.family
-  if family == 'imagen':
-    from diffusion_jax.pipelines.imagen import ImagenPipeline as cls
-  elif family == 'glide':
-    from diffusion_jax.pipelines.glide import GlidePipeline as cls
-  elif family == 'unclip':
-    from diffusion_jax.pipelines.unclip import UnCLIPPipeline as cls
-  else:
-    raise ValueError(f'unknown family {family!r}; choose imagen, glide or unclip')
-  return cls(config, workdir)
+  if family not in PIPELINES:
+    raise ValueError(f'unknown family {family!r}; choose {", ".join(PIPELINES)}')
+  return PIPELINES[family](config, workdir)
 
 
-def __getattr__(name):
-  if name in ('slerp', 'to_uint8'):
-    from diffusion_jax.pipelines import common
-    return getattr(common, name)
-  raise AttributeError(name)
-
-
-__all__ = ['load', 'MissingCheckpointError', 'UnknownStageError', 'slerp', 'to_uint8']
+__all__ = ['load', 'MissingCheckpointError', 'UnknownStageError']

@@ -1,6 +1,7 @@
-"""What every cascade shares: loading a trained stage, building its conditioning exactly as
-training does (`train.step.Conditioner`), and running its sampling loop as one jitted
-`samplers.sample` call with the batch sharded over all devices.
+"""What every cascade shares: loading a trained stage from the config saved in its checkpoint
+(`conditioning.restore_stage`), building its conditioning exactly as training does
+(`conditioning.Conditioner`), and running its sampling loop as one jitted `samplers.sample`
+call with the batch sharded over all devices.
 
 A stage's sampling program is compiled once per (shapes, sampler, steps, thresholding, CFG
 on/off); the guidance scale, eta and the augmentation level are traced, so changing them
@@ -10,7 +11,6 @@ does not recompile. Progress reaches the host from inside the loop through an un
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import threading
@@ -22,41 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import models, parallel
+from diffusion_jax import conditioning, config_util, io_util, models, parallel
 from diffusion_jax.diffusion import guidance, samplers, schedules
-from diffusion_jax.train import loop, step as step_lib
-from diffusion_jax.pipelines import cascade_config
 
 log = logging.getLogger(__name__)
 
 
-MissingCheckpointError = cascade_config.MissingCheckpointError
-UnknownStageError = cascade_config.UnknownStageError
+class MissingCheckpointError(FileNotFoundError):
+  """A stage of the cascade has no checkpoint under ROOT."""
 
 
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
+class UnknownStageError(ValueError):
+  """A stage name that the cascade config does not define."""
 
 
 # Arrays -----------------------------------------------------------------------------------------
-
-def to_uint8(x_BHWC) -> np.ndarray:
-  return np.asarray(np.clip(np.round((np.asarray(x_BHWC, np.float32) + 1.0) * 127.5), 0, 255),
-                    np.uint8)
-
-
-def to_float(images) -> np.ndarray:
-  """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  return images.astype(np.float32)
-
 
 def resize(x_BHWC, size: int):
   """Resizes square images to `size` (antialiased bicubic down, bicubic up), clipped to [-1, 1]."""
@@ -144,29 +124,32 @@ class Settings:
 
   @classmethod
   def from_entry(cls, entry) -> 'Settings':
-    return cls(**{k: entry[k] for k in cascade_config.SETTINGS if k in entry})
+    return cls(**{k: entry[k] for k in SETTINGS if k in entry})
 
   def replace(self, **kw) -> 'Settings':
-    unknown = sorted(set(kw) - set(cascade_config.SETTINGS))
+    unknown = sorted(set(kw) - set(SETTINGS))
     if unknown:
-      raise ValueError(f'unknown sampler setting(s) {unknown}; known: {cascade_config.SETTINGS}')
+      raise ValueError(f'unknown sampler setting(s) {unknown}; known: {SETTINGS}')
     return dataclasses.replace(self, **kw)
 
 
-def load_stage_config(entry):
-  """The stage's own config from `config_file` ('configs/imagen.py') and `config_arg`."""
-  stem = os.path.splitext(os.path.basename(entry.config_file))[0]
-  module = importlib.import_module(f'configs.{stem}')
-  config = module.get_config(entry.config_arg)
-  path = _get(entry, 'text_encoder_path')
-  if path and _get(config, 'text_encoder') is not None:
-    config.text_encoder.path = path
-  return config
+SETTINGS = tuple(f.name for f in dataclasses.fields(Settings))
 
 
 def train_command(entry, stage_dir: str) -> str:
   return (f'python -m diffusion_jax.train --config={entry.config_file}:{entry.config_arg} '
           f'--workdir={stage_dir}')
+
+
+def _entry_config(entry):
+  """The stage config the cascade entry names, to compare with the saved one (None when it
+  cannot be built here: the comparison is then skipped)."""
+  try:
+    return config_util.load_config(entry.config_file, entry.config_arg)
+  except Exception as e:  # noqa: BLE001 - only a warning's reference is lost.
+    log.warning('cannot build %s:%s (%s); the stage is sampled with its saved config, '
+                'unchecked', entry.config_file, entry.config_arg, e)
+    return None
 
 
 def check_checkpoint(name: str, entry, stage_dir: str) -> str:
@@ -182,20 +165,6 @@ def check_checkpoint(name: str, entry, stage_dir: str) -> str:
   return ckpt_dir
 
 
-def _use_trained_caption_rewrite(name: str, config, trained: dict | None) -> None:
-  """Sets `config.input.caption_rewrite` to the one the checkpoint was trained with (its
-  saved config's), which the stage config alone may not say (the demo sets it in code)."""
-  if trained is None:
-    return
-  was = (trained.get('input') or {}).get('caption_rewrite')
-  says = _get(config.input, 'caption_rewrite')
-  if says is not None and says != was:
-    log.warning('stage %r was trained reading captions with rewrite %r, not %r as its config '
-                'says: sampling reads them as it was trained', name, was, says)
-  with config.unlocked():
-    config.input.caption_rewrite = was
-
-
 class Stage:
   """One trained stage: network, EMA (or raw) parameters, frozen encoder, tokenizer,
   conditioner, schedule and its jitted sampling program."""
@@ -204,43 +173,32 @@ class Stage:
     self.name = name
     self.entry = entry
     self.dir = os.path.join(root, entry.dir)
-    ckpt_dir = check_checkpoint(name, entry, self.dir)
-    config = load_stage_config(entry)
-    self.config = config
-    self.mesh = parallel.create_mesh(config.mesh)
-    self.rules = parallel.logical_rules(config.mesh)
-    self.model = models.build(config.model)
+    check_checkpoint(name, entry, self.dir)
+    # What was trained is what samples: network, encoder, tokenizer and schedule come from
+    # the config saved with the checkpoint; the cascade entry gives only sampler settings.
+    trained = conditioning.restore_stage(
+        self.dir, use_ema=bool(config_util.get(entry, 'use_ema', True)),
+        expected=_entry_config(entry), name=name)
+    config = self.config = trained.config
+    self.step, self.model, self.params = trained.step, trained.model, trained.params
+    self.mesh, self.rules = trained.mesh, trained.rules
     # Stages with identical encoder sections share one frozen encoder (T5/CLIP built once).
-    te = _get(config, 'text_encoder')
-    key = None if te is None or not _get(te, 'name') else repr(sorted(te.items()))
+    te = config_util.get(config, 'text_encoder')
+    key = None if te is None or not config_util.get(te, 'name') else repr(sorted(te.items()))
     if key is not None and key not in encoders:
-      encoders[key] = loop.build_encoder(config, self.mesh, self.rules)
+      encoders[key] = conditioning.build_encoder(config, self.mesh, self.rules)
     self.encoder = encoders.get(key)
-    abstract = _abstract_state(config, self.model, self.mesh, self.rules)
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None)
-    restored = checkpointer.restore_latest(abstract)
-    if restored is None:
-      checkpointer.close()
-      raise MissingCheckpointError(f'stage {name!r}: no checkpoint in {ckpt_dir}; train it '
-                                   f'first: {train_command(entry, self.dir)}')
-    state, self.step = restored
-    trained = checkpointer.saved_config(self.step)
-    checkpointer.close()
-    # The tokenizer the stage was trained with (ROOT/<stage>/tokenizer when built offline),
-    # reading captions through the rewrite it was trained with.
+    # The tokenizer the stage was trained with (ROOT/<stage>/tokenizer when built offline).
     self.tokenizer = None
     if _reads_text(config):
-      _use_trained_caption_rewrite(name, config, trained)
-      self.tokenizer = loop.build_tokenizer(config, self.encoder, self.dir)
-    self.params = state.ema_params if bool(_get(entry, 'use_ema', True)) else state.params
-    del state
+      self.tokenizer = conditioning.build_tokenizer(config, self.encoder, self.dir)
     self.settings = Settings.from_entry(entry)
     self.schedule = schedules.from_config(config.diffusion)
-    self.parameterization = _get(config.diffusion, 'parameterization', 'eps')
-    self.learned_variance = bool(_get(config.diffusion, 'learned_variance', False))
-    self.objective = _get(config, 'objective', 'diffusion')
+    self.parameterization = config_util.get(config.diffusion, 'parameterization', 'eps')
+    self.learned_variance = bool(config_util.get(config.diffusion, 'learned_variance', False))
+    self.objective = config_util.get(config, 'objective', 'diffusion')
     if self.objective == 'diffusion':
-      self.conditioner = step_lib.Conditioner(config, self.encoder)
+      self.conditioner = conditioning.Conditioner(config, self.encoder)
       self.keys = self.conditioner.keys
     else:
       self.conditioner, self.keys = None, frozenset()
@@ -405,14 +363,13 @@ _TEXT_KEYS = frozenset({'text_ids', 'text_tokens', 'text_embed'})
 
 
 def _reads_text(config) -> bool:
-  if _get(config, 'objective', 'diffusion') != 'diffusion':
+  if config_util.get(config, 'objective', 'diffusion') != 'diffusion':
     return True  # the noised CLIP's text tower
   _, _, cond = _example_x(config.model)
   return bool(_TEXT_KEYS & set(cond))
 
 
 def _example_x(model_cfg):
-  from diffusion_jax import models
   return models.example_inputs(model_cfg, 1)
 
 
@@ -431,16 +388,6 @@ class _Context:
   def __exit__(self, *exc):
     for cm in self._stack:
       cm.__exit__(*exc)
-
-
-def _abstract_state(config, model, mesh, rules):
-  """The TrainState's shapes and shardings, to restore a checkpoint into (as the trainer
-  lays it out)."""
-  tx = step_lib.make_optimizer(config.optimizer, int(config.total_steps))
-  _, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(0))
-  shardings = step_lib.state_shardings(abstract, mesh, rules, _get(config, 'parallelism', 'gspmd'))
-  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                      nn.meta.unbox(abstract), shardings)
 
 
 # Cascades ---------------------------------------------------------------------------------------
@@ -475,7 +422,7 @@ class Cascade:
   def settings(self, name: str, overrides: Mapping[str, Any]) -> Settings:
     """A stage's settings with overrides: `key=value` for every stage, `<stage>={...}` for one."""
     s = self.stage(name).settings
-    common = {k: v for k, v in overrides.items() if k in cascade_config.SETTINGS}
+    common = {k: v for k, v in overrides.items() if k in SETTINGS}
     s = s.replace(**common)
     per = overrides.get(name)
     if per:
@@ -483,11 +430,11 @@ class Cascade:
     return s
 
   def check_overrides(self, overrides: Mapping[str, Any], allowed=()):
-    known = set(cascade_config.SETTINGS) | set(self.config.stages.keys()) | set(allowed)
+    known = set(SETTINGS) | set(self.config.stages.keys()) | set(allowed)
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise ValueError(f'unknown override(s) {unknown}; pass sampler settings '
-                       f'{cascade_config.SETTINGS} or a stage name with a dict of them')
+                       f'{SETTINGS} or a stage name with a dict of them')
 
   def timed(self, name: str, fn, *args, **kw):
     start = time.perf_counter()
@@ -585,7 +532,7 @@ def check_prompts(prompts) -> list[str]:
 
 
 def uint8_result(x, collect, return_stages: bool):
-  images = to_uint8(jax.device_get(x))
+  images = io_util.to_uint8(jax.device_get(x))
   if not return_stages:
     return images
-  return images, {k: to_uint8(jax.device_get(v)) for k, v in collect.items()}
+  return images, {k: io_util.to_uint8(jax.device_get(v)) for k, v in collect.items()}

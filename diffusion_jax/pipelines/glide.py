@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import io_util
 from diffusion_jax.diffusion import process
 from diffusion_jax.pipelines import common
 
@@ -121,7 +122,7 @@ class GlidePipeline(common.Cascade):
     output as its low-res input. Returns uint8 images at the last stage's resolution.
     """
     self.check_overrides(overrides)
-    image = common.to_float(image)
+    image = io_util.to_float(image)
     if image.ndim == 3:
       image = image[None]
     mask = np.asarray(mask, np.float32)

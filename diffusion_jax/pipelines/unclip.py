@@ -4,7 +4,7 @@ with the text embedding; prior CFG) -> decoder 64 px (CFG over image embedding a
 and text diffs, all built on DDIM inversion of the decoder.
 
 Embeddings live where the networks were trained on them: unit-normalised CLIP embeddings
-scaled by sqrt(D) (`train.step.l2_scaled`).
+scaled by sqrt(D) (`conditioning.l2_scaled`).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import conditioning, io_util
 from diffusion_jax.pipelines import common
-from diffusion_jax.train import step as step_lib
 
 
 def best_of(candidates_KBD, text_embed_BD):
@@ -55,7 +55,7 @@ class UnCLIPPipeline(common.Cascade):
     cond = stage.build_cond(self.text_inputs(stage, rows, n_pad), k_cond, 0.0)
     x_T = stage.noise(k_noise, n_pad)
     out = self.timed(self.prior_name, stage.sample, cond, x_T, k_run, s)
-    cands = step_lib.l2_scaled(out[:k * n]).reshape(k, n, -1)
+    cands = conditioning.l2_scaled(out[:k * n]).reshape(k, n, -1)
     text_embed = cond['text_embed'][:n]
     chosen, index = best_of(cands, text_embed)
     if return_candidates:
@@ -78,7 +78,7 @@ class UnCLIPPipeline(common.Cascade):
     """CLIP image embeddings (l2-scaled) of uint8 or [-1, 1] images, through the decoder's
     frozen CLIP."""
     dec = self.stage(self.decoder_name)
-    x = jnp.asarray(common.to_float(images))
+    x = jnp.asarray(io_util.to_float(images))
     n_pad = dec.padded(x.shape[0])
     with dec.context():
       fn = getattr(self, '_embed_fn', None)
@@ -114,7 +114,7 @@ class UnCLIPPipeline(common.Cascade):
     """(embed [N, D], x_T [N, h, w, 3]): the decoder's DDIM inversion of the images at its
     resolution, conditioned on their own CLIP image embeddings."""
     dec = self.stage(self.decoder_name)
-    x = jnp.asarray(common.to_float(images))
+    x = jnp.asarray(io_util.to_float(images))
     n = x.shape[0]
     n_pad = dec.padded(n)
     embed = self.image_embed(x)
@@ -156,7 +156,7 @@ class UnCLIPPipeline(common.Cascade):
     embeddings, decoded (DDIM, eta 0) from the slerp of their inverted latents; the
     endpoints reproduce the two inputs' reconstructions."""
     self.check_overrides(overrides)
-    pair = np.concatenate([common.to_float(_batch1(image_a)), common.to_float(_batch1(image_b))])
+    pair = np.concatenate([io_util.to_float(_batch1(image_a)), io_util.to_float(_batch1(image_b))])
     embed, x_T = self.invert(pair, **overrides)
     w = jnp.linspace(0.0, 1.0, int(num))
     embeds = common.slerp(jnp.broadcast_to(embed[0], (num,) + embed.shape[1:]),
@@ -196,7 +196,7 @@ class UnCLIPPipeline(common.Cascade):
   def text_direction(self, caption: str, new_caption: str):
     """normalise(text_emb(new) - text_emb(old)), scaled by sqrt(D) like the embeddings."""
     e = self.text_embed([caption, new_caption])
-    return step_lib.l2_scaled((e[1] - e[0])[None])[0]
+    return conditioning.l2_scaled((e[1] - e[0])[None])[0]
 
 
 def _batch1(image):

@@ -10,7 +10,7 @@ the one pytorch-fid publishes as its `FID_WEIGHTS_URL` release asset. The file i
 downloaded here: fetch it yourself.
 
 The state dict is written unchanged (torch names and layouts, float32) so that
-`diffusion_jax.models.inception.load` maps it name by name. The output's sha256 is printed;
+`diffusion_jax.convert.load_inception` maps it name by name. The output's sha256 is printed;
 every evaluation result records it, since FIDs from different weights are not comparable.
 When the source name carries torch hub's hash prefix (`...-6726825d.pth`), the source
 file's sha256 is checked against it.
@@ -40,7 +40,7 @@ def convert(src: str, out: str) -> str:
   import torch  # noqa: PLC0415 - only this tool needs torch
   from safetensors.numpy import save_file  # noqa: PLC0415
 
-  from diffusion_jax.models import inception  # noqa: PLC0415
+  from diffusion_jax import convert as convert_lib  # noqa: PLC0415
 
   src_sha = _sha256(src)
   m = re.search(r'-([0-9a-f]{8,})\.pth?$', os.path.basename(src))
@@ -57,7 +57,7 @@ def convert(src: str, out: str) -> str:
   tensors = {k: v.astype(np.float32) if v.dtype.kind == 'f' else v for k, v in tensors.items()}
   save_file(tensors, out, metadata={'format': 'pytorch-fid FID InceptionV3 state dict',
                                     'source': os.path.basename(src), 'source_sha256': src_sha})
-  inception.load(out)  # Every tensor the FID graph needs is there, with the right shape.
+  convert_lib.load_inception(out)  # Every tensor the FID graph needs is there, with the right shape.
   return _sha256(out)
 
 

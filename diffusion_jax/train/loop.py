@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import config_util, encoders, models, parallel
-from diffusion_jax import tokenizer as tokenizer_lib
+from diffusion_jax import conditioning, config_util, models, parallel
+from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.train import sampling
 from diffusion_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -42,56 +43,6 @@ class NonFiniteError(RuntimeError):
 
 
 # Building blocks ------------------------------------------------------------------------------
-
-def build_encoder(config, mesh, rules):
-  """The stage's frozen encoder (T5 or CLIP), or None when the stage needs none."""
-  te = config_util.get(config, 'text_encoder')
-  if te is None or not config_util.get(te, 'name'):
-    return None
-  # Fields the stage leaves unset keep encoder_config's defaults.
-  sizes = {k: config_util.get(te, k) for k in ('max_length', 'batch_size')}
-  cfg = encoders.encoder_config(
-      te.name, config_util.get(te, 'preset', 'tiny'), config_util.get(te, 'path'),
-      tokenizer_path=config_util.get(te, 'tokenizer_path'),
-      seed=int(config_util.get(te, 'seed', config.seed)),
-      dtype=config_util.get(te, 'dtype', 'float32'),
-      **{k: int(v) for k, v in sizes.items() if v is not None})
-  return encoders.build_encoder(cfg, mesh, rules)
-
-
-def build_tokenizer(config, encoder, workdir: str):
-  """The tokenizer of whatever reads `text_ids`: the frozen encoder's when it was loaded from
-  a directory, else `text_encoder.tokenizer_path`, else (offline, on Shapes) a word-level
-  tokenizer of the Shapes vocabulary written into the workdir. It applies the stage's
-  `input.caption_rewrite`, so that the trainer and the pipelines tokenize alike."""
-  from diffusion_jax.data import pipeline as data_pipeline  # grain: only when needed
-  max_len = int(config.input.text_max_len)
-  rewrite = data_pipeline.caption_rewrite(config.input)
-  te = config_util.get(config, 'text_encoder')
-  path = config_util.get(te, 'tokenizer_path') if te is not None else None
-  if not path and encoder is not None and encoder.tokenizer is not None:
-    path = config_util.get(te, 'path')
-  if path:
-    return tokenizer_lib.load_tokenizer(path, max_len, rewrite=rewrite)
-  if config_util.get(config.input, 'dataset', 'shapes') != 'shapes':
-    raise ValueError('no tokenizer: set config.text_encoder.tokenizer_path (or text_encoder.path)'
-                     ' to a local transformers tokenizer directory')
-  from diffusion_jax.data import shapes
-  style = config_util.get(te, 'tokenizer_style') if te is not None else None
-  if not style:  # the conventions of the frozen encoder that reads the ids
-    style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
-  out = os.path.join(workdir, 'tokenizer')
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(out, 'tokenizer.json')):
-    tokenizer_lib.build_word_tokenizer(shapes.VOCABULARY, out, style=style)
-  _sync('tokenizer')
-  return tokenizer_lib.load_tokenizer(out, max_len, rewrite=rewrite)
-
-
-def _sync(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
 
 @dataclasses.dataclass
 class Trainer:
@@ -127,8 +78,8 @@ def build_trainer(config, workdir: str) -> Trainer:
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.logical_rules(config.mesh)
   model = models.build(config.model)
-  encoder = build_encoder(config, mesh, rules)
-  tokenizer = build_tokenizer(config, encoder, workdir)
+  encoder = conditioning.build_encoder(config, mesh, rules)
+  tokenizer = conditioning.build_tokenizer(config, encoder, workdir)
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
   parallelism = config_util.get(config, 'parallelism', 'gspmd')
@@ -202,8 +153,6 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   `hooks`: callables `hook(step, state, trainer, metrics)` run after every step (e.g.
   evaluations); `metrics` are the step's, on the device (reading one waits for the step).
   """
-  from diffusion_jax.data import pipeline as data_pipeline
-
   os.makedirs(workdir, exist_ok=True)
   trainer = build_trainer(config, workdir)
   data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
@@ -224,7 +173,8 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
   if start_step == 0 and is_lead:
     parameter_overview.log_parameter_overview(jax.device_get(state.params))
-    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    writer.write_hparams({k: v for k, v in config_util.flatten(config).items()
+                          if isinstance(v, (int, float, str, bool))})
 
   total = int(config.total_steps)
   log_steps = max(int(config_util.get(config, 'log_steps', 50)), 1)
@@ -236,7 +186,6 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   sample_steps = int(config_util.get(config, 'sample_steps', 0))
   sample_grid = None
   if sample_steps > 0:
-    from diffusion_jax.train import sampling
     sample_grid = sampling.SampleGrid(trainer, seed=int(config.seed))
 
   def check_finite(at_step: int, metrics_at_step) -> None:
@@ -303,15 +252,3 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
     metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   metrics_host['step'] = step
   return metrics_host
-
-
-def _flat_config(config, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  items = config.items() if hasattr(config, 'items') else []
-  for k, v in items:
-    key = f'{prefix}{k}'
-    if hasattr(v, 'items'):
-      out.update(_flat_config(v, key + '.'))
-    elif isinstance(v, (int, float, str, bool)):
-      out[key] = v
-  return out

@@ -17,32 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import config_util, parallel
+from diffusion_jax import conditioning, config_util, io_util, parallel
+from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.diffusion import guidance, samplers, schedules
-from diffusion_jax.train import step as step_lib
-
-
-def to_uint8(x_BHWC) -> np.ndarray:
-  return np.asarray(np.clip(np.round((np.asarray(x_BHWC) + 1.0) * 127.5), 0, 255), np.uint8)
-
-
-def make_grid(images_BHWC: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-  """Tiles uint8 images [B, H, W, 3] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] image."""
-  b, h, w, c = images_BHWC.shape
-  columns = columns or int(np.ceil(np.sqrt(b)))
-  rows = int(np.ceil(b / columns))
-  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
-  for i, image in enumerate(images_BHWC):
-    r, col = divmod(i, columns)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-  return grid
 
 
 class SampleGrid:
   """Samples a stage with its EMA parameters on a fixed batch; call with (step, state)."""
 
   def __init__(self, trainer, num_images: int = 8, seed: int = 0):
-    from diffusion_jax.data import pipeline as data_pipeline
     config = trainer.config
     self.trainer = trainer
     self.enabled = (config_util.get(config, 'target', 'image') == 'image' and
@@ -55,7 +38,7 @@ class SampleGrid:
     det.diffusion.cond_drop_text = 0.0
     det.diffusion.cond_drop_image = 0.0
     det.diffusion.noise_aug = False
-    self.conditioner = step_lib.Conditioner(det, trainer.encoder)
+    self.conditioner = conditioning.Conditioner(det, trainer.encoder)
     input_cfg = config.input.copy_and_resolve_references()
     shards = parallel._mesh_axes_size(trainer.mesh, parallel.BATCH_AXES)
     input_cfg.batch_size = -(-num_images // shards) * shards
@@ -102,8 +85,8 @@ class SampleGrid:
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
       images = self._fn(state.ema_params, batch, trainer.frozen_params,
                         jax.random.PRNGKey(self.seed))
-    images = to_uint8(jax.device_get(images))
-    grid = make_grid(images)
+    images = io_util.to_uint8(jax.device_get(images))
+    grid = io_util.make_grid(images)
     if jax.process_index() == 0:
       out = os.path.join(trainer.workdir, 'samples')
       os.makedirs(out, exist_ok=True)

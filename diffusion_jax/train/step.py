@@ -13,19 +13,16 @@ the GSPMD step.
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import config_util, models, parallel
-from diffusion_jax.diffusion import contrastive, guidance, losses, process, schedules
+from diffusion_jax import conditioning, config_util, parallel
+from diffusion_jax.diffusion import contrastive, losses
 from diffusion_jax.train import state as state_lib
 
 OBJECTIVES: dict[str, Callable] = {
@@ -33,7 +30,6 @@ OBJECTIVES: dict[str, Callable] = {
     'noised_clip': contrastive.noised_clip_loss,
     'clip': contrastive.clip_loss,
 }
-TARGETS = ('image', 'image_embed')
 PARALLELISMS = ('gspmd', 'shard_map')
 # apply_if_finite never gives up by itself; the loop stops after config.max_nonfinite_steps.
 _NEVER = 2**30
@@ -97,124 +93,6 @@ def ema_decay_at(opt_cfg, step):
   return jnp.where(step >= start, jnp.minimum(decay, (1.0 + n) / (10.0 + n)), 0.0)
 
 
-# Conditioning ---------------------------------------------------------------------------------
-
-def l2_scaled(e_BD):
-  """Unit-normalised embedding scaled by sqrt(D): unit variance per dimension, so the prior
-  diffuses it like data (DALLE2-pytorch's image_embed_scale)."""
-  e_BD = e_BD.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.maximum(jnp.sum(e_BD * e_BD, -1, keepdims=True), 1e-12))
-  return e_BD / norm * math.sqrt(e_BD.shape[-1])
-
-
-_l2_scaled = l2_scaled
-
-
-def random_box_masks(rng, batch: int, size: int):
-  """GLIDE-style inpainting masks [B, H, W, 1]: 1 = known pixel, a random box unknown."""
-  k1, k2 = jax.random.split(rng)
-  lo = jax.random.randint(k1, (batch, 2), 0, size // 2)
-  extent = jax.random.randint(k2, (batch, 2), size // 4, size // 2 + 1)
-  hi = lo + extent
-  idx = jnp.arange(size)
-  inside_y = (idx[None, :] >= lo[:, :1]) & (idx[None, :] < hi[:, :1])
-  inside_x = (idx[None, :] >= lo[:, 1:]) & (idx[None, :] < hi[:, 1:])
-  hole = inside_y[:, :, None] & inside_x[:, None, :]
-  return (~hole).astype(jnp.float32)[..., None]
-
-
-class Conditioner:
-  """Turns a data batch into (x0, cond) for the network, as the network's inputs require."""
-
-  def __init__(self, config, encoder=None):
-    self.config = config
-    self.encoder = encoder
-    _, _, example_cond = models.example_inputs(config.model, 1)
-    self.keys = frozenset(example_cond)
-    self.target = config_util.get(config, 'target', 'image')
-    if self.target not in TARGETS:
-      raise ValueError(f'config.target={self.target!r} is not one of {TARGETS}')
-    needs_encoder = ('text_tokens' in self.keys or 'text_embed' in self.keys or
-                     'image_embed' in self.keys or self.target == 'image_embed')
-    if needs_encoder and encoder is None:
-      raise ValueError(f'stage {config.stage!r} needs a frozen encoder (config.text_encoder)')
-    self.diffusion = config.diffusion
-    self.schedule = schedules.from_config(config.diffusion)
-
-  def image_embed(self, frozen, images):
-    """The frozen CLIP image embedding of images in [-1, 1], as the networks consume it."""
-    return _l2_scaled(self.encoder.image_forward(frozen, images, False))
-
-  _image_embed = image_embed
-
-  def text_cond(self, frozen, text_ids, text_mask) -> dict[str, Any]:
-    """The text entries of cond: frozen-encoder tokens and pooled embedding, or the raw ids of
-    a network that owns its text encoder. Shared with the sampling pipelines."""
-    cond: dict[str, Any] = {}
-    if {'text_tokens', 'text_embed'} & self.keys:
-      tokens, pooled = self.encoder.text_forward(frozen, text_ids, text_mask)
-      if 'text_tokens' in self.keys:
-        cond['text_tokens'] = tokens
-        cond['text_mask'] = text_mask
-      if 'text_embed' in self.keys:
-        cond['text_embed'] = _l2_scaled(pooled)
-    if 'text_ids' in self.keys:
-      cond['text_ids'] = text_ids
-      cond['text_mask'] = text_mask
-    return cond
-
-  def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None
-                   ) -> dict[str, Any]:
-    """`low_res` (blurred, then noise-augmented, when the stage trains so) and `aug_t`.
-    Training draws the blur and the level (aug_t_B None); sampling passes the fixed level
-    (0: clean) and `blur_sigma` (low-res pixels; 0 or None: no blur)."""
-    low_res = low_res.astype(jnp.float32)
-    n = low_res.shape[0]
-    k_blur = jax.random.fold_in(rng, 0xB1)  # rng itself stays the noise augmentation's
-    blur_max = float(config_util.get(self.diffusion, 'low_res_blur_max', 0.0))
-    if aug_t_B is None and blur_max > 0:
-      low_res = guidance.blur_augment(low_res, k_blur, max_sigma=blur_max)
-    elif aug_t_B is not None and blur_sigma:
-      low_res = guidance.blur_augment(low_res, k_blur, float(blur_sigma),
-                                      max_sigma=float(blur_sigma))
-    fixed_zero = isinstance(aug_t_B, (int, float)) and aug_t_B <= 0
-    if config_util.get(self.diffusion, 'noise_aug', False) and not fixed_zero:
-      low_res, aug_t = guidance.noise_augment(
-          low_res, rng, self.schedule, aug_t_B,
-          max_level=float(config_util.get(self.diffusion, 'noise_aug_max', 1.0)))
-    else:
-      aug_t = jnp.zeros((n,), jnp.float32)
-    cond = {'low_res': low_res}
-    if 'aug_t' in self.keys:
-      cond['aug_t'] = aug_t
-    return cond
-
-  def __call__(self, batch, frozen, rng):
-    k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
-    image = batch['image'].astype(jnp.float32)
-    n = image.shape[0]
-    cond: dict[str, Any] = self.text_cond(frozen, batch.get('text_ids'), batch.get('text_mask'))
-    if 'image_embed' in self.keys:
-      cond['image_embed'] = self.image_embed(frozen, image)
-    if 'drop_text' in self.keys:
-      p = float(config_util.get(self.diffusion, 'cond_drop_text', 0.0))
-      cond['drop_text'] = jax.random.bernoulli(k_text, p, (n,))
-    if 'drop_image' in self.keys:
-      p = float(config_util.get(self.diffusion, 'cond_drop_image', 0.0))
-      cond['drop_image'] = jax.random.bernoulli(k_image, p, (n,))
-    if 'low_res' in self.keys:
-      cond.update(self.low_res_cond(batch['low_res'], k_aug))
-    if 'inpaint_mask' in self.keys:
-      mask = random_box_masks(k_mask, n, image.shape[1])
-      cond['inpaint_mask'] = mask
-      cond['inpaint_image'] = image * mask
-    if self.target == 'image_embed':
-      x0 = self.image_embed(frozen, image)
-    else:
-      x0 = image
-    return x0, cond
-
-
 # The step -------------------------------------------------------------------------------------
 
 def _all_finite(tree) -> jax.Array:
@@ -230,7 +108,7 @@ def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=
   pmean over the batch axes; needs `mesh`).
   """
   tx = make_optimizer(config.optimizer, int(config.total_steps))
-  conditioner = Conditioner(config, encoder)
+  conditioner = conditioning.Conditioner(config, encoder)
   objective_name = config_util.get(config, 'objective', 'diffusion')
   if objective_name not in OBJECTIVES:
     raise ValueError(f'config.objective={objective_name!r} is not one of {sorted(OBJECTIVES)}')
@@ -311,12 +189,11 @@ def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=
 # State initialisation and shardings ------------------------------------------------------------
 
 def abstract_state(config, model: nn.Module, tx, rng):
-  """The boxed abstract TrainState (jax.eval_shape: no memory), for shardings."""
-  x, t, cond = models.example_inputs(config.model, 1)
+  """(init, the boxed abstract TrainState): jax.eval_shape, no memory."""
+  init_params = conditioning.init_params_fn(config, model)
 
   def init(key):
-    params = model.init({'params': key, 'dropout': key}, x, t, cond)['params']
-    return state_lib.create(params, tx, key)
+    return state_lib.create(init_params(key), tx, key)
 
   return init, jax.eval_shape(init, rng)
 

@@ -1,0 +1,303 @@
+"""What training and sampling share: a stage's conditioning, its frozen encoder and tokenizer,
+and its trained parameters restored without the optimizer.
+
+- `Conditioner(config, encoder)` turns a data batch into `(x0, cond)` for the network, as the
+  network's example inputs ask (`models.example_inputs`); the pipelines call its pieces
+  (`text_cond`, `low_res_cond`, `image_embed`) with sampling's fixed settings.
+- `build_encoder(config, mesh, rules)` and `build_tokenizer(config, encoder, stage_dir)`:
+  the stage's frozen T5/CLIP and the tokenizer of whatever reads its token ids.
+- `restore_stage(stage_dir)`: the config saved with the newest readable checkpoint, the
+  network built from it and its EMA (or raw) parameters, laid out on the config's mesh.
+  Sampling, exporting and evaluation read a stage only this way, so what was trained is what
+  samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion_jax import checkpoint as ckpt_lib
+from diffusion_jax import config_util, encoders, models, parallel
+from diffusion_jax import tokenizer as tokenizer_lib
+from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.data import registry
+from diffusion_jax.diffusion import guidance, schedules
+
+log = logging.getLogger(__name__)
+
+TARGETS = ('image', 'image_embed')
+
+
+# Embeddings and masks --------------------------------------------------------------------------
+
+def l2_scaled(e_BD):
+  """Unit-normalised embedding scaled by sqrt(D): unit variance per dimension, so the prior
+  diffuses it like data (DALLE2-pytorch's image_embed_scale)."""
+  e_BD = e_BD.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(e_BD * e_BD, -1, keepdims=True), 1e-12))
+  return e_BD / norm * math.sqrt(e_BD.shape[-1])
+
+
+def random_box_masks(rng, batch: int, size: int):
+  """GLIDE-style inpainting masks [B, H, W, 1]: 1 = known pixel, a random box unknown."""
+  k1, k2 = jax.random.split(rng)
+  lo = jax.random.randint(k1, (batch, 2), 0, size // 2)
+  extent = jax.random.randint(k2, (batch, 2), size // 4, size // 2 + 1)
+  hi = lo + extent
+  idx = jnp.arange(size)
+  inside_y = (idx[None, :] >= lo[:, :1]) & (idx[None, :] < hi[:, :1])
+  inside_x = (idx[None, :] >= lo[:, 1:]) & (idx[None, :] < hi[:, 1:])
+  hole = inside_y[:, :, None] & inside_x[:, None, :]
+  return (~hole).astype(jnp.float32)[..., None]
+
+
+# The conditioner -------------------------------------------------------------------------------
+
+class Conditioner:
+  """Turns a data batch into (x0, cond) for the network, as the network's inputs require."""
+
+  def __init__(self, config, encoder=None):
+    self.config = config
+    self.encoder = encoder
+    _, _, example_cond = models.example_inputs(config.model, 1)
+    self.keys = frozenset(example_cond)
+    self.target = config_util.get(config, 'target', 'image')
+    if self.target not in TARGETS:
+      raise ValueError(f'config.target={self.target!r} is not one of {TARGETS}')
+    needs_encoder = ('text_tokens' in self.keys or 'text_embed' in self.keys or
+                     'image_embed' in self.keys or self.target == 'image_embed')
+    if needs_encoder and encoder is None:
+      raise ValueError(f'stage {config.stage!r} needs a frozen encoder (config.text_encoder)')
+    self.diffusion = config.diffusion
+    self.schedule = schedules.from_config(config.diffusion)
+
+  def image_embed(self, frozen, images):
+    """The frozen CLIP image embedding of images in [-1, 1], as the networks consume it."""
+    return l2_scaled(self.encoder.image_forward(frozen, images, False))
+
+  def text_cond(self, frozen, text_ids, text_mask) -> dict[str, Any]:
+    """The text entries of cond: frozen-encoder tokens and pooled embedding, or the raw ids of
+    a network that owns its text encoder."""
+    cond: dict[str, Any] = {}
+    if {'text_tokens', 'text_embed'} & self.keys:
+      tokens, pooled = self.encoder.text_forward(frozen, text_ids, text_mask)
+      if 'text_tokens' in self.keys:
+        cond['text_tokens'] = tokens
+        cond['text_mask'] = text_mask
+      if 'text_embed' in self.keys:
+        cond['text_embed'] = l2_scaled(pooled)
+    if 'text_ids' in self.keys:
+      cond['text_ids'] = text_ids
+      cond['text_mask'] = text_mask
+    return cond
+
+  def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None
+                   ) -> dict[str, Any]:
+    """`low_res` (blurred, then noise-augmented, when the stage trains so) and `aug_t`.
+    Training draws the blur and the level (aug_t_B None); sampling passes the fixed level
+    (0: clean) and `blur_sigma` (low-res pixels; 0 or None: no blur)."""
+    low_res = low_res.astype(jnp.float32)
+    n = low_res.shape[0]
+    k_blur = jax.random.fold_in(rng, 0xB1)  # rng itself stays the noise augmentation's
+    blur_max = float(config_util.get(self.diffusion, 'low_res_blur_max', 0.0))
+    if aug_t_B is None and blur_max > 0:
+      low_res = guidance.blur_augment(low_res, k_blur, max_sigma=blur_max)
+    elif aug_t_B is not None and blur_sigma:
+      low_res = guidance.blur_augment(low_res, k_blur, float(blur_sigma),
+                                      max_sigma=float(blur_sigma))
+    fixed_zero = isinstance(aug_t_B, (int, float)) and aug_t_B <= 0
+    if config_util.get(self.diffusion, 'noise_aug', False) and not fixed_zero:
+      low_res, aug_t = guidance.noise_augment(
+          low_res, rng, self.schedule, aug_t_B,
+          max_level=float(config_util.get(self.diffusion, 'noise_aug_max', 1.0)))
+    else:
+      aug_t = jnp.zeros((n,), jnp.float32)
+    cond = {'low_res': low_res}
+    if 'aug_t' in self.keys:
+      cond['aug_t'] = aug_t
+    return cond
+
+  def __call__(self, batch, frozen, rng):
+    k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
+    image = batch['image'].astype(jnp.float32)
+    n = image.shape[0]
+    cond: dict[str, Any] = self.text_cond(frozen, batch.get('text_ids'), batch.get('text_mask'))
+    if 'image_embed' in self.keys:
+      cond['image_embed'] = self.image_embed(frozen, image)
+    if 'drop_text' in self.keys:
+      p = float(config_util.get(self.diffusion, 'cond_drop_text', 0.0))
+      cond['drop_text'] = jax.random.bernoulli(k_text, p, (n,))
+    if 'drop_image' in self.keys:
+      p = float(config_util.get(self.diffusion, 'cond_drop_image', 0.0))
+      cond['drop_image'] = jax.random.bernoulli(k_image, p, (n,))
+    if 'low_res' in self.keys:
+      cond.update(self.low_res_cond(batch['low_res'], k_aug))
+    if 'inpaint_mask' in self.keys:
+      mask = random_box_masks(k_mask, n, image.shape[1])
+      cond['inpaint_mask'] = mask
+      cond['inpaint_image'] = image * mask
+    x0 = self.image_embed(frozen, image) if self.target == 'image_embed' else image
+    return x0, cond
+
+
+# Frozen encoder and tokenizer -------------------------------------------------------------------
+
+def build_encoder(config, mesh, rules):
+  """The stage's frozen encoder (T5 or CLIP), or None when the stage needs none."""
+  te = config_util.get(config, 'text_encoder')
+  if te is None or not config_util.get(te, 'name'):
+    return None
+  # Fields the stage leaves unset keep encoder_config's defaults.
+  sizes = {k: config_util.get(te, k) for k in ('max_length', 'batch_size')}
+  cfg = encoders.encoder_config(
+      te.name, config_util.get(te, 'preset', 'tiny'), config_util.get(te, 'path'),
+      tokenizer_path=config_util.get(te, 'tokenizer_path'),
+      seed=int(config_util.get(te, 'seed', config.seed)),
+      dtype=config_util.get(te, 'dtype', 'float32'),
+      **{k: int(v) for k, v in sizes.items() if v is not None})
+  return encoders.build_encoder(cfg, mesh, rules)
+
+
+def build_tokenizer(config, encoder, stage_dir: str):
+  """The tokenizer of whatever reads `text_ids`: `text_encoder.tokenizer_path`, else the
+  frozen encoder's own (loaded from `text_encoder.path`), else the word-level tokenizer in
+  the stage directory, written there at the first training step from the vocabulary of a
+  registered dataset (procedural captions, offline). It applies the stage's `input.caption_rewrite`, so that the trainer and
+  the pipelines tokenize alike."""
+  max_len = int(config.input.text_max_len)
+  rewrite = data_pipeline.caption_rewrite(config.input)
+  te = config_util.get(config, 'text_encoder')
+  path = config_util.get(te, 'tokenizer_path') if te is not None else None
+  if not path and encoder is not None and encoder.tokenizer is not None:
+    path = config_util.get(te, 'path')
+  if path:
+    return tokenizer_lib.load_tokenizer(path, max_len, rewrite=rewrite)
+  out = os.path.join(stage_dir, 'tokenizer')
+  if not os.path.exists(os.path.join(out, 'tokenizer.json')):
+    dataset = config_util.get(config.input, 'dataset')
+    vocabulary = registry.dataset(dataset).vocabulary if dataset else None
+    if not vocabulary:
+      raise ValueError(f'no tokenizer for input.dataset={dataset!r}: set '
+                       '--config.text_encoder.tokenizer_path (or text_encoder.path) to a local '
+                       'transformers tokenizer directory')
+    style = config_util.get(te, 'tokenizer_style') if te is not None else None
+    if not style:  # the conventions of the frozen encoder that reads the ids
+      style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
+    if jax.process_index() == 0:
+      tokenizer_lib.build_word_tokenizer(vocabulary, out, style=style)
+  sync_processes('tokenizer')
+  return tokenizer_lib.load_tokenizer(out, max_len, rewrite=rewrite)
+
+
+def sync_processes(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# Parameters ------------------------------------------------------------------------------------
+
+def init_params_fn(config, model: nn.Module):
+  """`init(key) -> boxed params` of the stage's network, from its example inputs."""
+  x, t, cond = models.example_inputs(config.model, 1)
+
+  def init(key):
+    return model.init({'params': key, 'dropout': key}, x, t, cond)['params']
+  return init
+
+
+def abstract_params(config, model: nn.Module, mesh, rules):
+  """The parameters' shapes, dtypes and shardings (from their logical names); no memory."""
+  boxed = jax.eval_shape(init_params_fn(config, model), jax.random.PRNGKey(0))
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
+# Restoring a trained stage ---------------------------------------------------------------------
+
+# Fields that decide what a stage computes: a caller's config that differs from the saved one
+# here would sample another model than the one trained.
+WEIGHT_FIELDS = ('model', 'diffusion', 'text_encoder', 'objective', 'target', 'input.dataset',
+                 'input.modules', 'input.image_size', 'input.low_res_size',
+                 'input.text_max_len', 'input.caption_rewrite')
+
+
+def config_from_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A stage config from the dict a checkpoint saved (JSON lists back to tuples)."""
+  def freeze(v):
+    if isinstance(v, Mapping):
+      return {k: freeze(x) for k, x in v.items()}
+    if isinstance(v, list):
+      return tuple(freeze(x) for x in v)
+    return v
+  return ml_collections.ConfigDict(freeze(dict(saved)))
+
+
+def config_differences(saved, other, fields=WEIGHT_FIELDS) -> list[str]:
+  """`key: saved -> other` for each leaf under `fields` where the two configs differ."""
+  a, b = config_util.flatten(saved), config_util.flatten(other)
+  keys = sorted(k for k in set(a) | set(b)
+                if any(k == f or k.startswith(f + '.') for f in fields))
+  return [f'{k}: {a.get(k)!r} (trained) vs {b.get(k)!r}' for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclasses.dataclass
+class TrainedStage:
+  """A trained stage as sampling sees it: its saved config, network and parameters."""
+  config: ml_collections.ConfigDict
+  step: int
+  model: nn.Module
+  mesh: Any
+  rules: Any
+  params: Any
+
+
+def restore_stage(stage_dir: str, *, use_ema: bool = True, expected=None,
+                  name: str = '') -> TrainedStage:
+  """The newest readable checkpoint of `stage_dir` with the config saved beside it.
+
+  `expected`: the config the caller would build the stage from; where it differs from the
+  saved one in what the weights mean (`WEIGHT_FIELDS`) a warning lists the fields, and the
+  saved config is used. A checkpoint with no saved config is restored with `expected`.
+  Raises checkpoint.NoCheckpointError when there is no checkpoint at all.
+  """
+  reader = ckpt_lib.Checkpointer(os.path.join(stage_dir, 'checkpoints'), read_only=True)
+  which = 'ema_params' if use_ema else 'params'
+  label = name or stage_dir
+
+  def restore(step):
+    saved = reader.saved_config(step)
+    if saved is None:
+      if expected is None:
+        raise ValueError(f'checkpoint step {step} saved no config and none was given')
+      log.warning('stage %r: checkpoint step %d saved no config; using the caller\'s', label,
+                  step)
+      config = expected
+    else:
+      config = config_from_saved(saved)
+    registry.import_modules(config_util.get(config.input, 'modules'))
+    model = models.build(config.model)
+    mesh = parallel.create_mesh(config.mesh)
+    rules = parallel.logical_rules(config.mesh)
+    params = reader.restore_subtree(step, which, abstract_params(config, model, mesh, rules))
+    return TrainedStage(config, step, model, mesh, rules, params)
+
+  try:
+    stage = reader.restore_newest(restore)
+  finally:
+    reader.close()
+  if expected is not None:
+    diffs = config_differences(stage.config, expected)
+    if diffs:
+      log.warning('stage %r is sampled with the config saved in its checkpoint (step %d), '
+                  'which differs from the one given: %s', label, stage.step, '; '.join(diffs))
+  return stage
