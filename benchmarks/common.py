@@ -129,8 +129,8 @@ def peak_rss_mb() -> float:
 
 def load_config(spec: str):
   """`configs/imagen.py:stage=base64,size=shapes` -> ConfigDict."""
-  from diffusion_jax.tools import aot
-  return aot.load_config(spec)
+  from diffusion_jax import config_util
+  return config_util.load_config(spec)
 
 
 def matched_config():

@@ -28,8 +28,11 @@ def flatten(cfg, prefix: str = '') -> dict[str, Any]:
 
 
 def load_config(config_file: str, arg: str | None = None):
-  """`get_config(arg)` of a config file ('configs/imagen.py'), as `--config=FILE:ARG` reads
-  it: the file itself when it exists, else the module of that dotted name (installed)."""
+  """`get_config(arg)` of a config file, as `--config=FILE:ARG` reads it ('configs/imagen.py'
+  with arg 'stage=base64,size=tiny', or the spec 'configs/imagen.py:stage=base64,size=tiny'
+  alone): the file itself when it exists, else the module of that dotted name (installed)."""
+  if arg is None and ':' in config_file:
+    config_file, arg = config_file.split(':', 1)
   if os.path.isfile(config_file):
     name = os.path.splitext(os.path.normpath(config_file))[0].replace(os.sep, '.').lstrip('.')
     spec = importlib.util.spec_from_file_location(name, config_file)

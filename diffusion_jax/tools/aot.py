@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ import re
 import sys
 import time
 from typing import Any
+
+from diffusion_jax import config_util
 
 GIB = 1024**3
 
@@ -83,22 +84,7 @@ def host_memory_warning(size: str, topology: str, ram: int, swap: int) -> str | 
           f'to make about {1.2 * PAPER_COMPILE_PEAK_BYTES / 1e9:.0f} GB (docs/AOT.md)')
 
 
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
-
-
-def load_config(spec: str):
-  """`configs/imagen.py:stage=base64,size=paper` -> ConfigDict (as ml_collections would)."""
-  path, _, arg = spec.partition(':')
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  family = os.path.splitext(os.path.basename(path))[0]
-  return importlib.import_module(f'configs.{family}').get_config(arg or None)
+load_config = config_util.load_config
 
 
 def topology_devices(topology: str):
@@ -167,11 +153,11 @@ def _abstract_encoder(config, mesh, rules):
   from diffusion_jax import encoders, parallel
   import flax.linen as nn
   import jax
-  te = _get(config, 'text_encoder')
-  if te is None or not _get(te, 'name'):
+  te = config_util.get(config, 'text_encoder')
+  if te is None or not config_util.get(te, 'name'):
     return None, None
-  cfg = encoders.encoder_config(te.name, _get(te, 'preset', 'tiny'), None,
-                                dtype=_get(te, 'dtype', 'float32'))
+  cfg = encoders.encoder_config(te.name, config_util.get(te, 'preset', 'tiny'), None,
+                                dtype=config_util.get(te, 'dtype', 'float32'))
   name, module, _, abstract = encoders._module_and_params(cfg)  # noqa: SLF001
   cls = encoders.TextEncoder if name == 't5' else encoders.CLIPEncoder
   # The pure forwards read only the module (and CLIP's normalisation constants).
@@ -226,7 +212,7 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
   encoder, frozen = _abstract_encoder(config, mesh, rules)
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   _, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(0))
-  parallelism = _get(config, 'parallelism', 'gspmd')
+  parallelism = config_util.get(config, 'parallelism', 'gspmd')
   state_sh = step_lib.state_shardings(abstract, mesh, rules, parallelism)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        nn.meta.unbox(abstract), state_sh)
@@ -282,8 +268,8 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
       'family': config.family, 'stage': config.stage, 'size': config.size,
       'topology': topology, 'chips': n, 'device_kind': devices[0].device_kind,
       'mesh': dict(zip(parallel.MESH_AXES, (int(s) for s in mesh.devices.shape))),
-      'batch': int(config.input.batch_size), 'remat': _get(config.model, 'remat_policy', 'none'),
-      'dtype': _get(config.model, 'dtype', 'float32'), 'params': int(params),
+      'batch': int(config.input.batch_size), 'remat': config_util.get(config.model, 'remat_policy', 'none'),
+      'dtype': config_util.get(config.model, 'dtype', 'float32'), 'params': int(params),
       'argument_bytes_per_chip': arg, 'output_bytes_per_chip': out, 'alias_bytes_per_chip': alias,
       'temp_bytes_per_chip': temp, 'code_bytes_per_chip': code, 'hbm_bytes_per_chip': hbm,
       'hbm_capacity_bytes': int(hbm_bytes), 'fits_hbm': bool(hbm <= hbm_bytes),
@@ -363,7 +349,7 @@ def main(argv=None):
   jax.config.update('jax_threefry_partitionable', True)
   config = apply_overrides(load_config(args.config), batch=args.batch, remat=args.remat,
                            mesh=args.mesh, settings=args.set)
-  warning = host_memory_warning(str(_get(config, 'size', '')), args.topology,
+  warning = host_memory_warning(str(config_util.get(config, 'size', '')), args.topology,
                                 *host_memory_bytes())
   if warning:
     print(warning, file=sys.stderr, flush=True)

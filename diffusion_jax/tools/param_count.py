@@ -7,13 +7,13 @@
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import sys
 
 import jax
+
+from diffusion_jax import config_util
 
 # (family, stage, published parameter count, what the architecture follows)
 PAPER_STAGES = (
@@ -50,10 +50,7 @@ PAPER_STAGES = (
 
 
 def _family_config(family: str, arg: str):
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  return importlib.import_module(f'configs.{family}').get_config(arg)
+  return config_util.load_config(f'configs/{family}.py', arg)
 
 
 def abstract_params(model_cfg):
