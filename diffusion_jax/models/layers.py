@@ -485,6 +485,20 @@ def _einsum_attention(q_BTNH, k_BSNH, v_BSNH, mask=None):
   return jnp.einsum('bnts,bsnh->btnh', probs_BNTS, v_BSNH)
 
 
+# The CPU kernels, behind one switch (a network's `cpu_kernels`): XLA's CPU backend runs
+# attention as two einsums, self-attention over many pixels in query chunks, and the weight
+# gradients of 1x1 and 2x2 convs as per-tap matmuls faster than its defaults
+# (benchmarks/README.md); accelerators keep XLA's and the library's fused kernels.
+CPU_KERNELS = {'attention_impl': 'einsum', 'attention_query_chunk': 256,
+               'matmul_weight_grad_max_kernel': 2}
+DEFAULT_KERNELS = {'attention_impl': 'jax', 'attention_query_chunk': 0,
+                   'matmul_weight_grad_max_kernel': 0}
+
+
+def kernels(cpu_kernels: bool) -> dict:
+  return dict(CPU_KERNELS if cpu_kernels else DEFAULT_KERNELS)
+
+
 def attention(q_BTNH, k_BSNH, v_BSNH, mask=None, query_chunk: int = 0, impl: str = 'jax'):
   """Scaled dot-product attention; `mask` is boolean, broadcastable to [B, N, T, S].
 

@@ -93,11 +93,19 @@ class ConditionedUNetBase(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = 'none'
   scan_layers: bool = True
-  attention_query_chunk: int = 0     # > 0: self-attention over pixels in query chunks
-  attention_impl: str = 'jax'        # the image attention layers': 'jax' | 'einsum' (layers)
-  # Kernels this small or smaller (1: the 1x1 skip convs; 2: also the upsampling convs'
-  # 2x2 phase conv) take their weight gradient as per-tap matmuls (layers.conv_nhwc).
-  matmul_weight_grad_max_kernel: int = 0
+  cpu_kernels: bool = False          # the kernels XLA's CPU backend runs fastest (layers)
+
+  @property
+  def attention_impl(self) -> str:
+    return layers.kernels(self.cpu_kernels)['attention_impl']
+
+  @property
+  def attention_query_chunk(self) -> int:
+    return layers.kernels(self.cpu_kernels)['attention_query_chunk']
+
+  @property
+  def matmul_weight_grad_max_kernel(self) -> int:
+    return layers.kernels(self.cpu_kernels)['matmul_weight_grad_max_kernel']
 
   @property
   def emb_dim(self) -> int:
