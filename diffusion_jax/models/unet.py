@@ -73,13 +73,7 @@ class ConditionedUNetBase(nn.Module):
   # their order, and the context is a bag of words in which "a red circle left of a blue
   # square" and "a blue circle left of a red square" are the same; a pretrained T5's tokens
   # carry their context and need none.
-  text_position_embed: bool = False
-  text_position_init_std: float = 1.0  # the embedding's initial scale (the tokens': ~1)
-  # > 0: a trainable residual convolution of this (odd) width over the projected tokens,
-  # started at zero, so that a word's state can read the words a fixed number of places
-  # away ("red" in "a red circle to the left of ..." sees its shape 1 place on and the
-  # relation 4 places on) without the frozen encoder's help. Padding is read as zeros.
-  text_conv_width: int = 0
+  text_position_embed: bool = False  # initialised at the tokens' scale (std 1)
   context_dim: int = 0               # width of the attention context; 0: the text width
   image_embed_dim: int = 0           # > 0: cond['image_embed'] (unCLIP decoder)
   image_embed_tokens: int = 4
@@ -190,18 +184,8 @@ class ConditionedUNetBase(nn.Module):
                            f'text_len={self.text_len} positions; raise model.text_len')
         pos_LD = layers.learned(self, 'text_position_embed', (self.text_len, self.ctx_dim),
                                 (None, 'embed'), param_dtype=p_dtype,
-                                init=nn.initializers.normal(self.text_position_init_std))
+                                init=nn.initializers.normal(1.0))
         ctx = ctx + pos_LD[None, :L].astype(ctx.dtype)
-      if self.text_conv_width:
-        if self.text_conv_width % 2 == 0:
-          raise ValueError(f'{name}: text_conv_width={self.text_conv_width} must be odd '
-                           '(a window centred on each token)')
-        read = ctx * mask[..., None].astype(ctx.dtype)
-        ctx = ctx + nn.Conv(
-            self.ctx_dim, (self.text_conv_width,), padding='SAME', dtype=self.dtype,
-            param_dtype=p_dtype, kernel_init=layers.boxed(nn.initializers.zeros,
-                                                          (None, 'embed', 'mlp')),
-            bias_init=layers.boxed(nn.initializers.zeros, ('mlp',)), name='text_conv')(read)
       ctx_mask = mask
     elif self.text_source == 'transformer':
       ids = require(cond, 'text_ids', name)
