@@ -1,4 +1,4 @@
-"""Sources: prepared captioned folders (with corrupt files), mock coco_captions, Shapes."""
+"""Sources: prepared captioned folders (with corrupt files), mock coco_captions, by name."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax.data import datasets, pipeline, shapes
+from diffusion_jax.data import datasets, pipeline, registry
+from projects.shapes import shapes  # images with known content
 
 NUM_IMAGES, CORRUPT = 50, ('broken_07.png', 'junk_21.jpg', 'empty_33.png')
 
@@ -123,7 +124,7 @@ def test_folder_without_images_fails_fast(tmp_path):
                                  tokenizer=tokenizer, seed=0, process_index=0, process_count=1,
                                  source=datasets.FolderSource(str(tmp_path)))
   with pytest.raises(datasets.DatasetEmptyError, match='not prepared.*prepare_folder'):
-    datasets.get_source('folder', data_dir=str(tmp_path), name='nothing')
+    datasets.get_source('folder', data_dir=str(tmp_path), folder_name='nothing')
 
 
 def _coco_examples(n):
@@ -174,19 +175,12 @@ def test_missing_coco_fails_with_one_line(tmp_path):
   assert 'coco_captions' in message and str(tmp_path) in message and '\n' not in message
 
 
-def test_shapes_source_is_deterministic_and_prepared_set_matches(tmp_path):
-  source = datasets.ShapesSource(num_examples=6, image_size=32, seed=3)
-  a, b = source[4], datasets.ShapesSource(6, 32, 3)[4]
-  np.testing.assert_array_equal(a['image'], b['image'])
-  assert a['captions'] == b['captions'] and a['captions'] != source[5]['captions']
-  assert shapes.score(a['image'], a['captions'][0])['all']
-  with pytest.raises(IndexError):
-    source[6]
-  datasets.prepare_shapes(str(tmp_path), image_size=32, num_examples=6, seed=3)
-  prepared = datasets.get_source('shapes', data_dir=str(tmp_path), image_size=32,
-                                 num_examples=6, seed=3, prepared=True)
-  assert len(prepared) == 6
-  by_key = {prepared[i]['key']: prepared[i] for i in range(6)}
-  record = by_key['00000004']
-  assert record['captions'] == a['captions']
-  np.testing.assert_array_equal(pipeline.decode_image(record['image']), a['image'])
+def test_library_datasets_are_registered_by_name(prepared):
+  assert {'coco_captions', 'folder'} <= set(registry.datasets())
+  # The registered folder dataset reads what the fixture prepared, through the config fields.
+  source = datasets.get_source('folder', data_dir=str(prepared), folder_name='mine')
+  assert len(source) == NUM_IMAGES, 'every image of the prepared folder, corrupt ones too'
+  assert registry.dataset('folder').source_fn(folder_cfg(prepared)).name == source.name
+  assert registry.dataset('folder').vocabulary is None, 'photos have no closed vocabulary'
+  with pytest.raises(ValueError, match='input.dataset=.nonexistent. is not registered'):
+    datasets.get_source('nonexistent')

@@ -5,7 +5,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffusion_jax.data import datasets, pipeline, shapes
+from diffusion_jax.data import datasets, pipeline
+from projects.shapes import data as shapes_data
+from projects.shapes import shapes
 
 WORDS = {w: i + 2 for i, w in enumerate(shapes.VOCABULARY)}  # 0 = pad, 1 = unknown
 
@@ -24,8 +26,8 @@ EPOCH = 24  # Shapes examples per epoch: small, so that tests cross epoch bounda
 
 
 def shapes_cfg(**overrides):
-  cfg = dict(dataset='shapes', batch_size=4, image_size=16, text_max_len=12,
-             shapes_num_examples=EPOCH, num_threads=2, prefetch_buffer_size=16)
+  cfg = dict(dataset='shapes', modules=('projects.shapes.data',), batch_size=4, image_size=16,
+             text_max_len=12, shapes_num_examples=EPOCH, num_threads=2, prefetch_buffer_size=16)
   cfg.update(overrides)
   return cfg
 
@@ -229,7 +231,7 @@ def test_caption_choice_and_tokenize_padding():
 
 
 def test_bad_records_are_skipped_and_counted():
-  good = datasets.ShapesSource(8, 16, 0)
+  good = shapes_data.ShapesSource(8, 16, 0)
 
   class Mixed:
     def __len__(self):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffusion_jax.data import shapes
+from projects.shapes import shapes
 
 NUM_SCENES = 1000
 

@@ -77,5 +77,5 @@ def test_rewrite_applies_to_every_prompt_before_tokenizing(t5_dir):
   np.testing.assert_array_equal(tok(['a red circle', 'a green circle'])[0],
                                 plain(['a blue square', 'a green circle'])[0])
   assert pipeline.caption_rewrite({}) is None, 'no rewrite unless a config names one'
-  with pytest.raises(ValueError, match='shapes_canonical'):
+  with pytest.raises(ValueError, match="caption_rewrite='canonical' is not registered"):
     pipeline.caption_rewrite({'caption_rewrite': 'canonical'})

@@ -1,1 +1,2 @@
-"""Input data: sources (datasets.py), the grain pipeline (pipeline.py) and Shapes (shapes.py)."""
+"""Input data: sources (datasets.py), the grain pipeline (pipeline.py), datasets and caption
+rewrites by name (registry.py)."""

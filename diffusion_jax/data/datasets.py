@@ -1,4 +1,4 @@
-"""Random-access sources of captioned images: TFDS-prepared (array_record) and procedural.
+"""Random-access sources of captioned images (TFDS-prepared array_record), found by name.
 
 Every source here has `__len__` and `__getitem__(index)` (grain's RandomAccessDataSource
 protocol) and returns *raw records* in one format, whatever the dataset:
@@ -14,58 +14,47 @@ pipeline, where a bad record is skipped and counted instead of crashing a run.
   with `tfds build coco_captions --file_format=array_record --data_dir=...` (downloads
   ~20 GB; grain reads array_record by index); this module only reads what is in the data
   dir and never downloads.
-- `captioned_folder`: a builder for a local folder of images with captions, either a
+- `folder`: the `captioned_folder` builder, for a local folder of images with captions, either a
   `captions.jsonl` ({"file": ..., "caption": ...} or {"file": ..., "captions": [...]}) or
   one `.txt` per image (one caption per non-empty line). Image bytes are stored verbatim
   (no re-encoding), so a corrupt file survives preparation and is skipped, counted, at load
   time. Prepare with `python -m diffusion_jax.tools.prepare_folder --src=DIR --data_dir=DIR`.
-- `shapes`: the procedural dataset of `diffusion_jax.data.shapes`, rendered on the fly and
-  deterministic from (seed, index) (`ShapesSource`), or prepared like the others
-  (`shapes_captions` builder) when a fixed file set is wanted.
+
+Datasets are found by name (`input.dataset`) in `data.registry`: this module registers
+`coco_captions` and `folder`; a project registers its own (a `source_fn(input_cfg)` built on
+the helpers here: `field`, `tfds_builder`, `prepared_source`) in a module its configs list
+in `input.modules` (e.g. `projects.shapes.data`).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from diffusion_jax.data import shapes
+from diffusion_jax.data import registry
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
-DATASETS = ('shapes', 'coco_captions', 'folder')
+_REQUIRED = object()
 
 
 class DatasetEmptyError(ValueError):
   """A source with no examples; the message names it."""
 
 
-# ----------------------------------------------------------------------------- Shapes
-
-
-class ShapesSource:
-  """The Shapes dataset rendered on the fly: element i depends only on (seed, i)."""
-
-  def __init__(self, num_examples: int = 100_000, image_size: int = 64, seed: int = 0):
-    self.num_examples = int(num_examples)
-    self.image_size = int(image_size)
-    self.seed = int(seed)
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f'Shapes index {index} out of range [0, {self.num_examples})')
-    image, caption = shapes.random_example(self.seed, index, self.image_size)
-    return {'image': image, 'captions': [caption], 'key': f'shapes/{self.seed}/{index}'}
-
-  def __repr__(self) -> str:
-    return (f'ShapesSource(num_examples={self.num_examples}, image_size={self.image_size}, '
-            f'seed={self.seed})')
+def field(input_cfg, name: str, default: Any = _REQUIRED) -> Any:
+  """`input_cfg.<name>` (a ConfigDict, a dict or any object with the attribute); `default`
+  where the field is absent or None. Without a default an absent field is a KeyError."""
+  if isinstance(input_cfg, Mapping):
+    value = input_cfg.get(name)
+  else:
+    value = getattr(input_cfg, name, None)
+  if value is not None:
+    return value
+  if default is _REQUIRED:
+    raise KeyError(f'input config has no field {name!r} (and it has no default)')
+  return default
 
 
 # ----------------------------------------------------------------------------- folders
@@ -149,46 +138,50 @@ class FolderSource:
 _BUILDERS: dict[str, Any] = {}
 
 
-def _tfds():
+def import_tfds():
   import tensorflow_datasets as tfds  # noqa: PLC0415 - heavy import, only when TFDS is used
   return tfds
 
 
-def _no_code_path(tfds):
+def no_code_path(tfds):
   """A `code_path` class property that is None.
 
   TFDS looks for a checksums file next to a builder's source, and on the way needs the
-  optional `importlib_resources` package; these builders download nothing, so they have no
-  checksums and skip the lookup.
+  optional `importlib_resources` package; builders that download nothing have no checksums
+  and skip the lookup with this.
   """
   return tfds.core.utils.classproperty(classmethod(lambda cls: None))
+
+
+def record_features(tfds):
+  """The features of a prepared set of raw records: encoded image bytes stored verbatim,
+  a list of captions and the file name (the key in warnings)."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+      'captions': tfds.features.Sequence(tfds.features.Text()),
+      'file': tfds.features.Text(),
+  })
 
 
 def folder_builder_class():
   """The `captioned_folder` TFDS builder (defined lazily: importing TFDS costs seconds)."""
   if 'folder' in _BUILDERS:
     return _BUILDERS['folder']
-  tfds = _tfds()
+  tfds = import_tfds()
 
   class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Images with captions from a local folder (given as the manual dir)."""
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Encoded image bytes stored verbatim, captions as a list.'}
-    code_path = _no_code_path(tfds)
+    code_path = no_code_path(tfds)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         'Pass the folder as manual_dir: images plus captions.jsonl, or one .txt per image.')
 
     def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          description='Captioned images from a local folder.',
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-              'captions': tfds.features.Sequence(tfds.features.Text()),
-              'file': tfds.features.Text(),
-          }),
-      )
+      return tfds.core.DatasetInfo(builder=self,
+                                   description='Captioned images from a local folder.',
+                                   features=record_features(tfds))
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples(os.fspath(dl_manager.manual_dir))}
@@ -202,70 +195,18 @@ def folder_builder_class():
   return CaptionedFolder
 
 
-def shapes_builder_class():
-  """`shapes_captions`: the Shapes dataset written to disk (PNG bytes + caption)."""
-  if 'shapes' in _BUILDERS:
-    return _BUILDERS['shapes']
-  tfds = _tfds()
-
-  class ShapesCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Procedural Shapes scenes; config name `<size>px_<num_examples>_seed<seed>`."""
-
-    VERSION = tfds.core.Version('1.0.0')
-    code_path = _no_code_path(tfds)
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          description='Procedural Shapes scenes with exact captions.',
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-              'captions': tfds.features.Sequence(tfds.features.Text()),
-              'file': tfds.features.Text(),
-          }),
-      )
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      size, num, seed = _parse_shapes_config(self.builder_config.name)
-      return {'train': self._generate_examples(size, num, seed)}
-
-    def _generate_examples(self, size, num, seed):
-      from PIL import Image  # noqa: PLC0415
-      for i in range(num):
-        image, caption = shapes.random_example(seed, i, size)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format='PNG')
-        yield i, {'image': buf.getvalue(), 'captions': [caption], 'file': f'{i:08d}'}
-
-  _BUILDERS['shapes'] = ShapesCaptions
-  return ShapesCaptions
-
-
-def _parse_shapes_config(name: str) -> tuple[int, int, int]:
-  size, num, seed = name.split('_')
-  return int(size.removesuffix('px')), int(num), int(seed.removeprefix('seed'))
-
-
-def _builder(cls, name: str, data_dir: str | None):
-  tfds = _tfds()
+def tfds_builder(cls, name: str, data_dir: str | None):
+  """An array_record builder of `cls` with the config `name` in `data_dir`."""
+  tfds = import_tfds()
   config = tfds.core.BuilderConfig(name=name, version=cls.VERSION)
   return cls(config=config, data_dir=data_dir, file_format='array_record')
 
 
 def prepare_folder(src: str, data_dir: str | None = None, name: str = 'default') -> str:
   """Prepares a captioned folder as array_record; returns the prepared directory."""
-  tfds = _tfds()
-  builder = _builder(folder_builder_class(), name, data_dir)
+  tfds = import_tfds()
+  builder = tfds_builder(folder_builder_class(), name, data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=src))
-  return os.fspath(builder.data_dir)
-
-
-def prepare_shapes(data_dir: str | None = None, *, image_size: int = 64,
-                   num_examples: int = 10_000, seed: int = 0) -> str:
-  builder = _builder(shapes_builder_class(), f'{image_size}px_{num_examples}_seed{seed}',
-                     data_dir)
-  builder.download_and_prepare()
   return os.fspath(builder.data_dir)
 
 
@@ -297,7 +238,8 @@ def _texts(x) -> list[str]:
   return [t for t in (_text(v).strip() for v in np.asarray(x, dtype=object).ravel()) if t]
 
 
-def _convert_plain(example, index: int) -> dict[str, Any]:
+def convert_record(example, index: int) -> dict[str, Any]:
+  """A prepared example with `record_features` -> the raw record format."""
   return {'image': example['image'], 'captions': _texts(example.get('captions')),
           'key': _text(example.get('file', index))}
 
@@ -310,50 +252,72 @@ def _convert_coco(example, index: int) -> dict[str, Any]:
 
 
 def _skip_image_decoding():
-  return {'image': _tfds().decode.SkipDecoding()}
+  return {'image': import_tfds().decode.SkipDecoding()}
 
 
 def _tfds_data_dir(data_dir: str | None) -> str:
   return data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
 
 
-def get_source(dataset: str, *, data_dir: str | None = None, split: str = 'train',
-               image_size: int = 64, name: str = 'default', num_examples: int = 100_000,
-               seed: int = 0, prepared: bool = False):
-  """A random-access source of raw records for `dataset` in DATASETS.
+def prepared_source(cls, name: str, *, dataset: str, data_dir: str | None, split: str,
+                    hint: str) -> RecordSource:
+  """The split of the prepared set `cls`/`name` in `data_dir` (`record_features`); raises
+  DatasetEmptyError, naming `dataset`, the set, the directory and the `hint` to prepare it,
+  when it is not prepared."""
+  builder = tfds_builder(cls, name, data_dir)
+  where = os.fspath(builder.data_dir)
+  if not builder.is_prepared():
+    raise DatasetEmptyError(f'{dataset} {name!r} is not prepared in {where} (run {hint})')
+  raw = builder.as_data_source(split=split)
+  return RecordSource(raw, f'{dataset}/{name}[{split}] in {where}', convert_record)
 
-  name: the folder builder's config (one per prepared folder) or, for a prepared Shapes
-  set, ignored. num_examples/seed: the Shapes epoch length and content seed.
-  Raises DatasetEmptyError (one line, naming the source) when nothing can be read.
+
+# ----------------------------------------------------------------------------- by name
+
+
+def _coco_source(input_cfg) -> RecordSource:
+  data_dir, split = field(input_cfg, 'data_dir', None), field(input_cfg, 'split', 'train')
+  tfds = import_tfds()
+  where = _tfds_data_dir(data_dir)
+  try:
+    raw = tfds.data_source('coco_captions', split=split, data_dir=data_dir, download=False,
+                           decoders=_skip_image_decoding())
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not prepared".
+    raise DatasetEmptyError(
+        f'coco_captions split {split!r} is not prepared in {where} '
+        '(run `tfds build coco_captions --file_format=array_record --data_dir=...` once): '
+        f'{type(e).__name__}') from None
+  return RecordSource(raw, f'coco_captions[{split}] in {where}', _convert_coco)
+
+
+def _folder_source(input_cfg) -> RecordSource:
+  return prepared_source(
+      folder_builder_class(), field(input_cfg, 'folder_name', 'default'), dataset='folder',
+      data_dir=field(input_cfg, 'data_dir', None), split=field(input_cfg, 'split', 'train'),
+      hint='python -m diffusion_jax.tools.prepare_folder --src=DIR --data_dir=...')
+
+
+registry.register_dataset('coco_captions', _coco_source)
+registry.register_dataset('folder', _folder_source)
+
+
+def source_from_config(input_cfg):
+  """The random-access source of raw records that `input_cfg.dataset` names, after importing
+  the modules `input_cfg.modules` lists (they register their datasets by name).
+
+  Raises ValueError (one line) for a dataset nobody registered and DatasetEmptyError (one
+  line, naming the source) when nothing can be read.
   """
-  if dataset not in DATASETS:
-    raise ValueError(f'input.dataset={dataset!r} is not one of {", ".join(DATASETS)}')
-  if dataset == 'shapes' and not prepared:
-    source = ShapesSource(num_examples, image_size, seed)
-  elif dataset == 'coco_captions':
-    tfds = _tfds()
-    where = _tfds_data_dir(data_dir)
-    try:
-      raw = tfds.data_source('coco_captions', split=split, data_dir=data_dir, download=False,
-                             decoders=_skip_image_decoding())
-    except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not prepared".
-      raise DatasetEmptyError(
-          f'coco_captions split {split!r} is not prepared in {where} '
-          '(run `tfds build coco_captions --file_format=array_record --data_dir=...` once): '
-          f'{type(e).__name__}') from None
-    source = RecordSource(raw, f'coco_captions[{split}] in {where}', _convert_coco)
-  else:
-    cls = folder_builder_class() if dataset == 'folder' else shapes_builder_class()
-    if dataset == 'shapes':
-      name = f'{image_size}px_{num_examples}_seed{seed}'
-    builder = _builder(cls, name, data_dir)
-    where = os.fspath(builder.data_dir)
-    if not builder.is_prepared():
-      hint = ('python -m diffusion_jax.tools.prepare_folder --src=DIR --data_dir=...'
-              if dataset == 'folder' else 'diffusion_jax.data.datasets.prepare_shapes(...)')
-      raise DatasetEmptyError(f'{dataset} {name!r} is not prepared in {where} (run {hint})')
-    raw = builder.as_data_source(split=split)
-    source = RecordSource(raw, f'{dataset}/{name}[{split}] in {where}', _convert_plain)
+  registry.import_modules(field(input_cfg, 'modules', ()))
+  source = registry.dataset(field(input_cfg, 'dataset')).source_fn(input_cfg)
   if len(source) == 0:
     raise DatasetEmptyError(f'{source!r} has no examples')
   return source
+
+
+def get_source(dataset: str, **fields):
+  """`source_from_config` of an input config with `dataset` and the given fields, e.g.
+  get_source('folder', data_dir=DIR, folder_name='mine') or get_source('coco_captions',
+  data_dir=DIR, split='val'). The library's datasets read data_dir [None: $TFDS_DATA_DIR],
+  split ['train'] and, for 'folder', folder_name ['default']."""
+  return source_from_config({**fields, 'dataset': dataset})

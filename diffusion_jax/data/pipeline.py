@@ -36,10 +36,15 @@ position plus the counters). For orbax, save it as the item `data` next to the t
 a restore, the next batch is exactly the one an uninterrupted run would have produced.
 
 Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
-  dataset              'shapes' | 'coco_captions' | 'folder'
+  dataset              a name registered in `data.registry`: the library's 'coco_captions'
+                       and 'folder' (`data.datasets`), or a project's
+  modules              modules imported before `dataset` and `caption_rewrite` are looked
+                       up: a project's registrations, e.g. ('projects.shapes.data',) [()]
   data_dir             TFDS data dir [None: $TFDS_DATA_DIR]
   split                ['train']
   folder_name          config name of a prepared folder ['default']
+                       (these three, and the fields a project's dataset adds, are read by the
+                       dataset's source_fn: `data.datasets`)
   batch_size           global batch size; divided evenly among processes
   image_size           output side H = W
   low_res_size         side of the SR conditioning input [None: no low_res]
@@ -55,11 +60,9 @@ Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
                        whole images) [None: whole images]
   caption_choice       'random' | 'first' among an example's captions ['random']
   caption_rewrite      name of a meaning-preserving rewrite of every caption before it is
-                       tokenized, in training and in sampling alike (`CAPTION_REWRITES`;
-                       the trainer's and the pipelines' tokenizer applies it) [None]
-  shapes_num_examples  epoch length of the procedural Shapes set [100_000]
-  shapes_seed          content seed of the Shapes set (not the order seed) [0]
-  shapes_prepared      read Shapes from a prepared TFDS set instead of rendering [False]
+                       tokenized, in training and in sampling alike (registered in
+                       `data.registry`; the trainer's and the pipelines' tokenizer applies
+                       it) [None]
   num_threads          grain reader threads [4]
   prefetch_buffer_size grain prefetch buffer, in examples [256]
 """
@@ -76,7 +79,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageFilter
 
-from diffusion_jax.data import datasets, shapes
+from diffusion_jax.data import datasets, registry
 from diffusion_jax.data.datasets import DatasetEmptyError
 
 # tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool), injected by the caller.
@@ -84,9 +87,6 @@ Tokenizer = Callable[[list], tuple]
 DEGRADATIONS = ('none', 'blur', 'bsr')
 
 _DEFAULTS = {
-    'data_dir': None,
-    'split': 'train',
-    'folder_name': 'default',
     'low_res_size': None,
     'low_res_degradation': 'none',
     'text_max_len': 64,
@@ -96,29 +96,17 @@ _DEFAULTS = {
     'train_crop_size': None,
     'caption_choice': 'random',
     'caption_rewrite': None,
-    'shapes_num_examples': 100_000,
-    'shapes_seed': 0,
-    'shapes_prepared': False,
+    'modules': (),
     'num_threads': 4,
     'prefetch_buffer_size': 256,
 }
 
 
-# input.caption_rewrite: text -> text, by name. Each says the same scene in fewer ways.
-CAPTION_REWRITES: dict[str, Callable[[str], str]] = {
-    'shapes_canonical': shapes.canonical_caption,
-}
-
-
 def caption_rewrite(input_cfg) -> Callable[[str], str] | None:
-  """The rewrite `input_cfg.caption_rewrite` names (None: none)."""
-  name = _cfg_get(input_cfg, 'caption_rewrite')
-  if name is None:
-    return None
-  if name not in CAPTION_REWRITES:
-    raise ValueError(f'input.caption_rewrite={name!r} is not a caption rewrite: use one of '
-                     f'{sorted(CAPTION_REWRITES)} or None')
-  return CAPTION_REWRITES[name]
+  """The rewrite `input_cfg.caption_rewrite` names (None: none), looked up in `data.registry`
+  after importing `input_cfg.modules`."""
+  registry.import_modules(_cfg_get(input_cfg, 'modules'))
+  return registry.caption_rewrite(_cfg_get(input_cfg, 'caption_rewrite'))
 
 
 def _cfg_get(cfg, name: str):
@@ -479,14 +467,8 @@ def batch_shapes(input_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 
 def source_from_config(input_cfg):
-  dataset = _cfg_get(input_cfg, 'dataset')
-  return datasets.get_source(
-      dataset, data_dir=_cfg_get(input_cfg, 'data_dir'), split=_cfg_get(input_cfg, 'split'),
-      image_size=int(_cfg_get(input_cfg, 'image_size')),
-      name=_cfg_get(input_cfg, 'folder_name'),
-      num_examples=int(_cfg_get(input_cfg, 'shapes_num_examples')),
-      seed=int(_cfg_get(input_cfg, 'shapes_seed')),
-      prepared=bool(_cfg_get(input_cfg, 'shapes_prepared')))
+  """The source `input_cfg.dataset` names (`datasets.source_from_config`)."""
+  return datasets.source_from_config(input_cfg)
 
 
 def make_dataset(source, spec: ExampleSpec, *, seed: int, shuffle: bool = True,

@@ -73,3 +73,7 @@ def caption_rewrite(name: str | None) -> Callable[[str], str] | None:
 
 def datasets() -> tuple[str, ...]:
   return tuple(sorted(_DATASETS))
+
+
+def caption_rewrites() -> tuple[str, ...]:
+  return tuple(sorted(_CAPTION_REWRITES))

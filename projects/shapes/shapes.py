@@ -188,7 +188,7 @@ def canonical_caption(caption: str) -> str:
 
   A caption rewrite (`input.caption_rewrite='shapes_canonical'`): with it the first-named
   object always goes left or up, so a model need not learn that the relation word also
-  flips which object that is (docs/demo/HISTORY.md measures what that costs).
+  flips which object that is (projects/shapes/docs/demo/HISTORY.md measures what that costs).
   """
   try:
     scene = parse(caption)
