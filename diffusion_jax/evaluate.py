@@ -1,8 +1,8 @@
-"""CLI: evaluate a cascade: zero-shot COCO FID-30K (+ CLIP score), Shapes alignment; compare.
+"""CLI: evaluate a cascade: zero-shot COCO FID-30K (+ CLIP score); compare results.
 
     python -m diffusion_jax.evaluate --config=configs/imagen.py:stage=cascade,size=tiny \
         --workdir=ROOT --inception_weights=pt_inception-2015-12-05.safetensors \
-        --metrics=fid,shapes --guidance=1,3,5
+        --guidance=1,3,5
 
     python -m diffusion_jax.evaluate --compare='ROOT/eval/*/result.json' --out=ROOT/eval/compare
 
@@ -12,11 +12,9 @@ already written (`diffusion_jax.eval.protocol`). `--random_inception_seed=S` sta
 weights file in smoke tests: random weights are written to ROOT/eval/ and the result says
 `inception_random: true` (such an FID is not comparable to anything).
 
-Shapes alignment uses captions held out from the first stage's training set, as that stage
-reads them (through its trained caption rewrite, recorded as `caption_rewrite`), when the
-template space leaves any (`alignment.heldout_captions`); otherwise it uses fresh random
-captions and records `heldout: false`. `--compare` writes a markdown table (.md) and the
-FID / alignment trade-off over guidance (.png) from result files.
+`--compare` writes a markdown table (.md) and the FID / alignment trade-off over guidance
+(.png) from result files, these and any other metric's written in the same layout (a
+project's, e.g. `projects.shapes.evaluate`'s ROOT/eval/shapes_g<scale>/result.json).
 """
 from __future__ import annotations
 
@@ -58,25 +56,19 @@ def compare(patterns: Sequence[str], out: str) -> list[dict]:
 
 def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
              guidance: Sequence[float] = (), inception_weights: str | None = None,
-             random_inception_seed: int = -1, protocol_config=None, clip_path: str | None = None,
-             shapes_samples: int = 500, shapes_train_seed: int = 0,
-             shapes_train_examples: int = 100_000, sample_seed: int = 0, batch_size: int = 50,
-             caption_seed: int = 0) -> dict[str, dict]:
-  """Runs the metrics for each guidance scale; returns {directory name: result}."""
-  import jax  # noqa: PLC0415
-  from diffusion_jax import encoders, pipelines  # noqa: PLC0415
-  from diffusion_jax.eval import alignment, protocol  # noqa: PLC0415
+             random_inception_seed: int = -1, protocol_config=None,
+             clip_path: str | None = None) -> dict[str, dict]:
+  """Runs the metrics (`fid`: FID-30K, with CLIP score when `clip_path` is given) for each
+  guidance scale; returns {directory name: result}."""
+  from diffusion_jax import convert, encoders, pipelines  # noqa: PLC0415
+  from diffusion_jax.eval import protocol  # noqa: PLC0415
   from diffusion_jax.models import inception  # noqa: PLC0415
-  unknown = set(metrics) - {'fid', 'shapes'}
+  unknown = set(metrics) - {'fid'}
   if unknown:
-    raise ValueError(f'unknown metrics {sorted(unknown)}; choose from fid, shapes')
+    raise ValueError(f'unknown metrics {sorted(unknown)}; this evaluates fid (a project '
+                     'evaluates its own, e.g. python -m projects.shapes.evaluate)')
   pipe = pipelines.load(config, workdir)
-  first = config.order[0]
-  if 'shapes' in metrics:
-    shapes_captions, rewrite_name, heldout = _shapes_captions(
-        pipe.stage(first).config.input, shapes_samples, caption_seed=caption_seed,
-        train_seed=shapes_train_seed, train_examples=shapes_train_examples)
-  scales = [float(g) for g in guidance] or [float(config.stages[first].guidance_scale)]
+  scales = guidance_scales(config, guidance)
   eval_root = os.path.join(workdir, 'eval')
   os.makedirs(eval_root, exist_ok=True)
   weights, random_weights = inception_weights, False
@@ -87,7 +79,7 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
                        'for a smoke test')
     weights = os.path.join(eval_root, f'inception_random_seed{random_inception_seed}.safetensors')
     if not os.path.isfile(weights):
-      inception.save(weights, inception.random_params(random_inception_seed))
+      convert.save_inception(weights, inception.random_params(random_inception_seed))
     random_weights = True
   clip = (encoders.build_encoder(encoders.encoder_config('clip', path=clip_path))
           if clip_path else None)
@@ -101,47 +93,18 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
                             inception_path=weights, config=protocol_config, sampling=sampling,
                             clip_encoder=clip, log=logging.info)
       result['inception_random'] = random_weights
-      _write(os.path.join(eval_root, name, 'result.json'), result)
-      results[name] = result
-    if 'shapes' in metrics:
-      name = f'shapes_g{g:g}'
-      rates = alignment.evaluate(generate, shapes_captions, jax.random.PRNGKey(sample_seed),
-                                 batch_size=batch_size)
-      result = {**sampling, 'metric': 'shapes_alignment', 'heldout': heldout,
-                'caption_rewrite': rewrite_name,
-                'caption_seed': caption_seed, 'sample_seed': sample_seed,
-                'num_samples': rates['n'],
-                **{f'alignment_{k}': v for k, v in rates.items() if k != 'n'}}
-      _write(os.path.join(eval_root, name, 'result.json'), result)
+      write_result(os.path.join(eval_root, name, 'result.json'), result)
       results[name] = result
   return results
 
 
-def _shapes_captions(input_cfg, n: int, *, caption_seed: int, train_seed: int,
-                    train_examples: int) -> tuple[list[str], str | None, bool]:
-  """(captions, caption rewrite name, held out?) for the Shapes metric.
-
-  The captions are held out as the cascade's first stage reads them (`input_cfg`, as
-  restored from its checkpoint): through the caption rewrite it was trained with, if any.
-  Where the training set covers almost every caption, fresh random ones instead.
-  """
-  import numpy as np  # noqa: PLC0415
-  from diffusion_jax import config_util  # noqa: PLC0415
-  from diffusion_jax.data import pipeline as data_pipeline  # noqa: PLC0415
-  from diffusion_jax.data import shapes  # noqa: PLC0415
-  from diffusion_jax.eval import alignment  # noqa: PLC0415
-  rewrite_name = config_util.get(input_cfg, 'caption_rewrite')
-  try:
-    return alignment.heldout_captions(
-        n, seed=caption_seed, train_seed=train_seed, train_examples=train_examples,
-        rewrite=data_pipeline.caption_rewrite(input_cfg)), rewrite_name, True
-  except ValueError as e:
-    logging.warning('Shapes alignment on captions that training may have seen: %s', e)
-    rng = np.random.default_rng([caption_seed, 1])
-    return [shapes.random_caption(rng) for _ in range(n)], rewrite_name, False
+def guidance_scales(config, guidance: Sequence[float] = ()) -> list[float]:
+  """The scales to evaluate: `guidance`, else the cascade's first stage's own."""
+  return [float(g) for g in guidance] or [float(config.stages[config.order[0]].guidance_scale)]
 
 
-def _write(path: str, result: dict) -> None:
+def write_result(path: str, result: dict) -> None:
+  """Writes a result.json (process 0 only), atomically."""
   import jax  # noqa: PLC0415
   if jax.process_index() != 0:
     return
@@ -171,12 +134,9 @@ def main(argv):
                      guidance=[float(g) for g in F.guidance],
                      inception_weights=F.inception_weights,
                      random_inception_seed=F.random_inception_seed,
-                     protocol_config=cfg, clip_path=F.clip_path,
-                     shapes_samples=F.shapes_samples, shapes_train_seed=F.shapes_train_seed,
-                     shapes_train_examples=F.shapes_train_examples, sample_seed=F.sample_seed,
-                     batch_size=F.batch_size, caption_seed=F.caption_seed)
+                     protocol_config=cfg, clip_path=F.clip_path)
   for name, r in results.items():
-    print(json.dumps({'run': name, **{k: r[k] for k in ('fid', 'alignment_all', 'clip_score')
+    print(json.dumps({'run': name, **{k: r[k] for k in ('fid', 'clip_score')
                                       if k in r}}))
 
 
@@ -189,7 +149,7 @@ def define_flags() -> None:
                        'FID Inception .safetensors (tools/convert_inception)')
   flags.DEFINE_integer('random_inception_seed', -1,
                        'smoke tests only: random Inception weights from this seed')
-  flags.DEFINE_list('metrics', ['fid'], 'any of: fid, shapes')
+  flags.DEFINE_list('metrics', ['fid'], 'fid (FID-30K; with --clip_path, CLIP score too)')
   flags.DEFINE_list('guidance', [], "guidance scales (default: the config's)")
   flags.DEFINE_integer('num_samples', 30_000, 'FID: captions / samples')
   flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
@@ -200,10 +160,6 @@ def define_flags() -> None:
   flags.DEFINE_integer('reference_images', None, 'FID: reference images (default all)')
   flags.DEFINE_string('tfds_data_dir', None, 'TFDS data dir holding coco_captions')
   flags.DEFINE_string('clip_path', None, 'transformers CLIP directory: adds CLIP score')
-  flags.DEFINE_integer('shapes_samples', 500, 'Shapes: captions to score')
-  flags.DEFINE_integer('shapes_train_seed', 0, "Shapes: the training set's seed")
-  flags.DEFINE_integer('shapes_train_examples', 100_000,
-                       "Shapes: the training set's number of examples")
   flags.DEFINE_list('compare', [], 'result.json files or globs to compare')
   flags.DEFINE_string('out', None, 'compare: output path prefix (.md, .png)')
 

@@ -6,15 +6,14 @@ import io
 import json
 import math
 import os
-import types
 import zlib
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from diffusion_jax import convert
 from diffusion_jax.eval import fid, protocol
 from diffusion_jax.models import inception
 
@@ -96,7 +95,7 @@ def test_fid30k_protocol_end_to_end_with_resume(mock_coco, tmp_path, monkeypatch
 
   monkeypatch.setattr(fid, 'frechet_distance', spy)
   weights = str(tmp_path / 'inception_random.safetensors')
-  weights_sha = inception.save(weights, inception.random_params(0))
+  weights_sha = convert.save_inception(weights, inception.random_params(0))
   cfg = protocol.ProtocolConfig(num_samples=8, caption_seed=3, sample_seed=5, image_size=64,
                                 shard_size=3, batch_size=2, feature_batch_size=8)
   sampling = {'guidance': 3.0, 'sampler': 'ddim', 'steps': 4, 'cascade': 'fake'}
@@ -155,7 +154,7 @@ def test_fid30k_protocol_end_to_end_with_resume(mock_coco, tmp_path, monkeypatch
   assert ref['sha256'] == saved['reference_stats_sha256']
   images = np.stack([protocol.center_crop_resize(r['image'], 64)
                      for s in SPLIT_SIZES for r in COCO[s]])
-  extractor = fid.InceptionFeatures(*inception.load(weights), batch_size=8)
+  extractor = fid.InceptionFeatures(*convert.load_inception(weights), batch_size=8)
   direct = fid.RunningStats.from_features(extractor(images))
   np.testing.assert_allclose(ref['mu'], direct.mu, rtol=1e-5, atol=1e-5,
                              err_msg='reference mean is not that of the cropped val images')
@@ -188,24 +187,17 @@ def test_compare_table_and_tradeoff_plot(tmp_path):
 
 
 class _FakePipeline:
-  """Renders each prompt exactly (Shapes) at `size`; records the guidance and the prompts it
-  was asked for. Its stages read captions through `caption_rewrite`."""
+  """Renders every prompt as the same noise image at `size`; records the guidance scales it
+  was asked for."""
 
-  def __init__(self, size, caption_rewrite=None):
-    self.size, self.guidance, self.prompts = size, [], []
-    self.caption_rewrite = caption_rewrite
-
-  def stage(self, name):
-    del name
-    return types.SimpleNamespace(config=ml_collections.ConfigDict(
-        {'input': {'caption_rewrite': self.caption_rewrite}}))
+  def __init__(self, size):
+    self.size, self.guidance = size, []
 
   def generate(self, prompts, rng, **overrides):
     del rng
     self.guidance.append(overrides.get('guidance_scale'))
-    self.prompts += list(prompts)
-    from diffusion_jax.data import shapes  # noqa: PLC0415
-    return np.stack([shapes.render(p, self.size, seed=0) for p in prompts])
+    return np.stack([np.random.default_rng(0).integers(0, 256, (self.size, self.size, 3),
+                                                       dtype=np.uint8) for _ in prompts])
 
 
 def test_evaluate_binary_wires_pipelines_to_the_metrics(tmp_path, monkeypatch):
@@ -224,68 +216,45 @@ def test_evaluate_binary_wires_pipelines_to_the_metrics(tmp_path, monkeypatch):
 
   monkeypatch.setattr(protocol, 'run', fake_run)
   root = str(tmp_path / 'root')
-  results = evaluate.evaluate(config, root, metrics=['fid', 'shapes'], guidance=[1.0, 4.0],
-                              random_inception_seed=0, shapes_samples=6, shapes_train_examples=300,
-                              batch_size=4)
-  assert sorted(results) == ['fid_g1', 'fid_g4', 'shapes_g1', 'shapes_g4']
+  results = evaluate.evaluate(config, root, metrics=['fid'], guidance=[1.0, 4.0],
+                              random_inception_seed=0)
+  assert sorted(results) == ['fid_g1', 'fid_g4']
   assert [r['sampling']['guidance'] for r in runs] == [1.0, 4.0]
   assert runs[0]['sampling']['steps'] == {s: int(config.stages[s].num_steps) for s in config.order}
   assert os.path.isfile(runs[0]['inception_path']), 'random weights must be written for the run'
   assert set(fake.guidance) == {1.0, 4.0}, 'the guidance scale must reach the pipeline'
-  shapes_result = results['shapes_g4']
-  assert shapes_result['alignment_all'] == 1.0 and shapes_result['heldout'] is True
-  assert shapes_result['num_samples'] == 6
   with open(os.path.join(root, 'eval', 'fid_g4', 'result.json')) as f:
     assert json.load(f)['inception_random'] is True
   # --compare: a table and a plot over every result written above.
   out = str(tmp_path / 'cmp' / 'compare')
   compared = evaluate.compare([os.path.join(root, 'eval', '*', 'result.json')], out)
-  assert len(compared) == 4
+  assert len(compared) == 2
   with open(out + '.md') as f:
     table = f.read()
-  assert 'fid_g4' in table and 'shapes_g1' in table
+  assert 'fid_g4' in table and 'fid_g1' in table
   assert Image.open(out + '.png').size == (640, 800)
-
-
-def test_evaluate_holds_captions_out_as_the_first_stage_reads_them(tmp_path, monkeypatch):
-  from configs import imagen  # noqa: PLC0415
-  from diffusion_jax import evaluate, pipelines  # noqa: PLC0415
-  from diffusion_jax.data import shapes  # noqa: PLC0415
-  from diffusion_jax.eval import alignment  # noqa: PLC0415
-  fake = _FakePipeline(32, caption_rewrite='shapes_canonical')
-  monkeypatch.setattr(pipelines, 'load', lambda cfg, root: fake)
-  results = evaluate.evaluate(imagen.get_config('stage=cascade,size=tiny'), str(tmp_path),
-                              metrics=['shapes'], guidance=[3.0], shapes_samples=40,
-                              shapes_train_examples=3000, batch_size=20)
-  assert results['shapes_g3']['caption_rewrite'] == 'shapes_canonical'
-  said = shapes.canonical_caption
-  seen = {said(c) for c in alignment.training_captions(0, 3000)}
-  assert len(fake.prompts) == 40
-  assert not [c for c in fake.prompts if said(c) in seen], (
-      'evaluated a caption whose rewrite the first stage was trained on')
+  # The library evaluates FID (and CLIP score) only; a project evaluates its own metrics.
+  with pytest.raises(ValueError, match='projects.shapes.evaluate'):
+    evaluate.evaluate(config, root, metrics=['shapes'])
 
 
 def test_evaluate_binary_on_a_real_tiny_cascade(mock_coco, tmp_path):
   """The evaluate entry point end to end: tiny Imagen stages trained by the real trainer,
-  random Inception weights, TFDS mock COCO; every field of both result files filled."""
+  random Inception weights, TFDS mock COCO; every field of the result file filled."""
   from diffusion_jax import evaluate
   import pipeline_fixtures  # the same module (and trained roots) the pipeline tests use
   root = pipeline_fixtures.trained_root('imagen', ('base64', 'sr256'))
   config = pipeline_fixtures.cascade_config('imagen', num_steps=2)
   cfg = protocol.ProtocolConfig(num_samples=4, caption_seed=1, sample_seed=2, image_size=32,
                                 shard_size=4, batch_size=4, feature_batch_size=8)
-  results = evaluate.evaluate(config, root, metrics=('fid', 'shapes'), random_inception_seed=0,
-                              protocol_config=cfg, shapes_samples=8, batch_size=8)
+  results = evaluate.evaluate(config, root, metrics=('fid',), random_inception_seed=0,
+                              protocol_config=cfg)
   fid_result = results[next(k for k in results if k.startswith('fid_'))]
-  shapes_result = results[next(k for k in results if k.startswith('shapes_'))]
   assert math.isfinite(fid_result['fid']) and fid_result['fid'] > 0
   assert fid_result['num_samples'] == 4 and fid_result['inception_random'] is True
   for key in ('guidance', 'sampler', 'steps', 'resize', 'inception_weights_sha256',
               'reference_stats_sha256'):
     assert fid_result.get(key) is not None, f'FID result field {key} missing'
-  assert shapes_result['num_samples'] == 8
-  for key in ('alignment_all', 'alignment_color', 'alignment_shape', 'alignment_count'):
-    assert 0.0 <= shapes_result[key] <= 1.0, f'{key} = {shapes_result.get(key)}'
   with open(os.path.join(root, 'eval', next(k for k in results if k.startswith('fid_')),
                          'result.json')) as f:
     assert json.load(f)['fid'] == fid_result['fid']

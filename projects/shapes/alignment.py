@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from diffusion_jax.data import shapes
+from projects.shapes import shapes
 
 CATEGORIES = ('color', 'shape', 'count', 'relation', 'all')
 

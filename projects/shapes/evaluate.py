@@ -1,0 +1,111 @@
+r"""CLI: the Shapes alignment of a cascade: the oracle's rates on held-out captions, per guidance.
+
+    python -m projects.shapes.evaluate --config=projects/shapes/configs/imagen.py:stage=cascade \
+        --workdir=ROOT --guidance=1,3,5 --samples=500 --train_examples=5000
+
+Writes ROOT/eval/shapes_g<scale>/result.json in the layout of the library's FID results
+(`diffusion_jax.evaluate`), so `python -m diffusion_jax.evaluate --compare='ROOT/eval/*/result.json'`
+tables and plots both.
+
+The captions are held out from the first stage's training set (`--train_seed`,
+`--train_examples` scenes) as that stage reads them (through its trained caption rewrite,
+recorded as `caption_rewrite`), when the template space leaves any
+(`alignment.heldout_captions`); otherwise they are fresh random captions and the result
+records `heldout: false`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+import numpy as np
+
+from diffusion_jax import config_util
+from diffusion_jax import evaluate as library_evaluate
+from diffusion_jax.data import pipeline as data_pipeline
+from projects.shapes import alignment
+from projects.shapes import data as shapes_data  # registers the caption rewrite  # noqa: F401
+from projects.shapes import shapes
+
+
+def captions_for(input_cfg, n: int, *, caption_seed: int, train_seed: int,
+                 train_examples: int) -> tuple[list[str], str | None, bool]:
+  """(captions, caption rewrite name, held out?) for a first stage with `input_cfg` (as
+  restored from its checkpoint): held out as it reads them, through the caption rewrite it
+  was trained with, if any. Where the training set covers almost every caption, fresh random
+  ones instead."""
+  rewrite_name = config_util.get(input_cfg, 'caption_rewrite')
+  try:
+    return alignment.heldout_captions(
+        n, seed=caption_seed, train_seed=train_seed, train_examples=train_examples,
+        rewrite=data_pipeline.caption_rewrite(input_cfg)), rewrite_name, True
+  except ValueError as e:
+    logging.warning('Shapes alignment on captions that training may have seen: %s', e)
+    rng = np.random.default_rng([caption_seed, 1])
+    return [shapes.random_caption(rng) for _ in range(n)], rewrite_name, False
+
+
+def evaluate(config, workdir: str, *, guidance: Sequence[float] = (), samples: int = 500,
+             train_seed: int = 0, train_examples: int = 100_000, sample_seed: int = 0,
+             batch_size: int = 50, caption_seed: int = 0) -> dict[str, dict]:
+  """The alignment rates for each guidance scale; returns {'shapes_g<scale>': result}."""
+  import jax  # noqa: PLC0415
+  from diffusion_jax import pipelines  # noqa: PLC0415
+  pipe = pipelines.load(config, workdir)
+  captions, rewrite_name, heldout = captions_for(
+      pipe.stage(config.order[0]).config.input, samples, caption_seed=caption_seed,
+      train_seed=train_seed, train_examples=train_examples)
+  results: dict[str, dict] = {}
+  for g in library_evaluate.guidance_scales(config, guidance):
+    generate = lambda prompts, rng, g=g: pipe.generate(prompts, rng, guidance_scale=g)
+    rates = alignment.evaluate(generate, captions, jax.random.PRNGKey(sample_seed),
+                               batch_size=batch_size)
+    name = f'shapes_g{g:g}'
+    result = {**library_evaluate.sampling_info(config, g), 'metric': 'shapes_alignment',
+              'heldout': heldout, 'caption_rewrite': rewrite_name,
+              'caption_seed': caption_seed, 'sample_seed': sample_seed,
+              'num_samples': rates['n'],
+              **{f'alignment_{k}': v for k, v in rates.items() if k != 'n'}}
+    library_evaluate.write_result(os.path.join(workdir, 'eval', name, 'result.json'), result)
+    results[name] = result
+  return results
+
+
+def main(argv):
+  F = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if F.config is None or not F.workdir:
+    raise app.UsageError('--config and --workdir are required')
+  results = evaluate(F.config, F.workdir, guidance=[float(g) for g in F.guidance],
+                     samples=F.samples, train_seed=F.train_seed,
+                     train_examples=F.train_examples, sample_seed=F.sample_seed,
+                     batch_size=F.batch_size, caption_seed=F.caption_seed)
+  for name, r in results.items():
+    print(json.dumps({'run': name, 'alignment_all': r['alignment_all'],
+                      'num_samples': r['num_samples'], 'heldout': r['heldout']}))
+
+
+def define_flags() -> None:
+  """Flags exist only when run as a program (importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'a stage=cascade config')
+  flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)')
+  flags.DEFINE_list('guidance', [], "guidance scales (default: the first stage's)")
+  flags.DEFINE_integer('samples', 500, 'captions to sample and score')
+  flags.DEFINE_integer('train_seed', 0, "the first stage's training set: its seed "
+                       '(input.shapes_seed)')
+  flags.DEFINE_integer('train_examples', 100_000, "the first stage's training set: its "
+                       'number of examples (input.shapes_num_examples)')
+  flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
+  flags.DEFINE_integer('sample_seed', 0, 'seed of the samples')
+  flags.DEFINE_integer('batch_size', 50, 'prompts per generate call')
+
+
+if __name__ == '__main__':
+  from diffusion_jax import hugepages
+  hugepages.reexec_with_huge_pages()
+  define_flags()
+  app.run(main)
