@@ -9,7 +9,7 @@ import ml_collections
 
 from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
 
-SIZES = ('tiny', 'shapes', 'paper')
+SIZES = ('tiny', 'paper')
 
 
 def _convert(key: str, raw: str, default):
@@ -68,8 +68,10 @@ def model_numerics(m: ml_collections.ConfigDict, size: str, *, unet: bool = True
   """Sets the numeric fields model configs share (dtypes, remat, scan) and, for the U-Nets
   (`unet`), the attention chunks and how conv weight gradients are computed.
 
-  Below paper size everything is float32 and nothing is rematerialised; at paper size the
-  activations are bfloat16 and only matmul outputs without batch dimensions are saved.
+  Below paper size everything is float32, nothing is rematerialised and the U-Nets use the
+  CPU-tuned kernels (measured in benchmarks/README.md); at paper size the activations are
+  bfloat16, only matmul outputs without batch dimensions are saved, and the accelerators
+  keep XLA's and the library's fused kernels.
   """
   paper = size == 'paper'
   m.dtype = 'bfloat16' if paper else 'float32'
@@ -77,17 +79,7 @@ def model_numerics(m: ml_collections.ConfigDict, size: str, *, unet: bool = True
   m.remat_policy = 'dots_with_no_batch_dims_saveable' if paper else 'none'
   m.scan_layers = True
   if unet:
-    # Self-attention over more than 256 pixels in query chunks of 256: 1.6x faster on CPU at
-    # 1024 pixels (layers.attention). Not measured on accelerators, so off at paper size.
-    m.attention_query_chunk = 0 if paper else 256
-    # Attention as two einsums: XLA's CPU backend ran it 1.3-2x faster with gradients than
-    # jax.nn.dot_product_attention (8% off the matched U-Net's train step, 5% off sampling).
-    # Accelerators keep the library's fused kernels.
-    m.attention_impl = 'jax' if paper else 'einsum'
-    # XLA's CPU weight gradient of the 1x1 skip convs and the upsampling convs' 2x2 phase conv
-    # ran at 6-17 GFLOP/s; as per-tap matmuls the matched U-Net's train step took 14% less
-    # time (3x3 kernels: slower that way, so they stay XLA's). Not measured on accelerators.
-    m.matmul_weight_grad_max_kernel = 0 if paper else 2
+    m.cpu_kernels = not paper
 
 
 def optimizer_config(*, name: str, lr: float, paper: bool, b2: float = 0.999,

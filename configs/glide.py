@@ -6,11 +6,12 @@ Run a stage:
   python -m diffusion_jax.train --config=configs/glide.py:stage=inpaint64,size=tiny --workdir=/tmp/run/inpaint64
   python -m diffusion_jax.train --config=configs/glide.py:stage=inpaint256,size=tiny --workdir=/tmp/run/inpaint256
 
-Sizes: `tiny` (unit tests, < 1M parameters, 16-32 px), `shapes` (the CPU demo, base at 32 px),
-`paper` (published: base 3.5B including its 1.2B text transformer, upsampler 1.5B).
+Sizes: `tiny` (unit tests and smoke runs, < 1M parameters, 16-32 px, on the Shapes dataset of
+`projects.shapes`), `paper` (published: base 3.5B including its 1.2B text transformer,
+upsampler 1.5B, on COCO captions).
 The text transformer reads raw token ids (`cond['text_ids']`); at `paper` size these are
 GPT-2 BPE ids (vocabulary 50257; point `text_encoder.tokenizer_path` at a local tokenizer
-directory), at `tiny`/`shapes` the ids of the offline word-level Shapes tokenizer.
+directory), at `tiny` those of the offline word-level tokenizer of the dataset's vocabulary.
 """
 from __future__ import annotations
 
@@ -23,13 +24,11 @@ MODEL_STAGES = ('base64', 'up256', 'inpaint64', 'inpaint256')
 
 _RES = {
     'tiny': {'base': (16, None), 'up': (32, 16)},
-    'shapes': {'base': (32, None), 'up': (64, 32)},
     'paper': {'base': (64, None), 'up': (256, 64)},
 }
 # text transformer: (vocab, context, width, layers, heads) for the base and the upsampler
 _XF = {
     'tiny': {'base': (64, 16, 32, 2, 2), 'up': (64, 16, 32, 1, 2)},
-    'shapes': {'base': (128, 32, 64, 2, 4), 'up': (128, 32, 64, 1, 4)},
     # Paper: 24 blocks of width 2048 for the base; the upsampler's is 1024 wide (Sec. 4).
     'paper': {'base': (50257, 128, 2048, 24, 32), 'up': (50257, 128, 1024, 24, 16)},
 }
@@ -61,18 +60,10 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(8,) if kind == 'base' else (8,), num_heads=2,
              head_channels=-1, dropout=0.0)
-  elif size == 'shapes':
-    # CPU demo: few convolutions at full resolution, width at 8x8 (fast on 2 cores)
-    m.update(model_channels=16, channel_mult=(1, 2, 4, 8),
-             num_res_blocks=1, attention_resolutions=(8,), num_heads=4, head_channels=-1,
-             dropout=0.0)
-  elif kind == 'base':
-    # ADM at 64 px (Sec. 4): 512 channels, 3 res blocks, attention at 32/16/8, 64-channel heads.
+  elif kind == 'base':  # ADM at 64 px (Sec. 4)
     m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
              attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
-  else:
-    # Upsampler 64->256: ADM 256 px layout (mults 1-1-2-2-4-4, attention at 32/16/8), 320
-    # channels and 3 res blocks, sized to the published 1.5B with the 1024-wide text encoder.
+  else:  # upsampler 64->256: ADM's 256 px layout, sized to the published 1.5B
     m.update(model_channels=320, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=3,
              attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
   return m
@@ -85,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.stage == 'cascade':
     return _cascade_config(a)
   if a.stage == 'noised_clip':
-    return _noised_clip_config(a.size)
+    return noised_clip_config(get_config(f'stage=base64,size={a.size}'),
+                              _NOISED_CLIP_PRESET[a.size])
   stage, size = a.stage, a.size
   paper = size == 'paper'
   kind = 'up' if stage.endswith('256') else 'base'
@@ -99,10 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   res, low = _RES[size][kind]
 
   c.input = ml_collections.ConfigDict()
-  c.input.batch_size = {'tiny': 8, 'shapes': 16, 'paper': 2048}[size]
+  c.input.batch_size = {'tiny': 8, 'paper': 2048}[size]
   c.input.image_size = res
   c.input.low_res_size = low
-  c.input.dataset = 'shapes'
+  c.input.dataset = 'coco_captions' if paper else 'shapes'
+  c.input.modules = () if paper else ('projects.shapes.data',)  # registers 'shapes'
   c.input.text_max_len = c.model.text_len
 
   c.text_encoder = ml_collections.ConfigDict()
@@ -118,9 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.schedule = 'squaredcos_cap_v2' if kind == 'base' else 'linear'
   c.diffusion.shift = 1.0
   c.diffusion.num_timesteps = 1000
-  # The CPU-sized stages predict v, as the Imagen ones do: after 2000 steps the eps base drew
-  # its objects on a tinted background, another tint per sample, under any sampler.
-  c.diffusion.parameterization = 'v' if size == 'shapes' else 'eps'
+  c.diffusion.parameterization = 'eps'
   c.diffusion.learned_variance = True
   c.diffusion.vlb_weight = 0.001  # hybrid loss L_simple + lambda * L_vlb
   c.diffusion.loss_weighting = 'none'
@@ -130,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.name = 'ddpm'
-  c.sampler.num_steps = {'tiny': 16, 'shapes': 50, 'paper': 100 if kind == 'base' else 27}[size]
+  c.sampler.num_steps = {'tiny': 16, 'paper': 100 if kind == 'base' else 27}[size]
   c.sampler.eta = 1.0
   c.sampler.guidance_scale = 3.0 if kind == 'base' else 1.0
   c.sampler.threshold = 'static'
@@ -139,29 +130,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optimizer = common.optimizer_config(name='adamw', lr=1.2e-4 if paper else 1e-3, paper=paper)
 
-  c.total_steps = 2_500_000 if paper else (200 if size == 'tiny' else 2000)
+  c.total_steps = 2_500_000 if paper else 200
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
   return c
 
 
-_NOISED_CLIP_PRESET = {'tiny': 'tiny', 'shapes': 'small', 'paper': 'glide'}
+_NOISED_CLIP_PRESET = {'tiny': 'tiny', 'paper': 'glide'}
 
 
-def _noised_clip_config(size: str) -> ml_collections.ConfigDict:
+def noised_clip_config(base: ml_collections.ConfigDict, preset_name: str
+                       ) -> ml_collections.ConfigDict:
   """GLIDE's noised CLIP for CLIP guidance: trained contrastively on images noised with the
-  base model's schedule, by the same trainer as every other stage.
+  base model's schedule, by the same trainer as every other stage. `base`: the base64 config
+  whose data, schedule and optimizer it shares (changed in place); `preset_name`: a
+  `models.clip.NOISED_PRESETS` entry.
 
     python -m diffusion_jax.train --config=configs/glide.py:stage=noised_clip,size=tiny --workdir=/tmp/run/noised_clip
   """
   from diffusion_jax.models import clip  # the presets are the single source of the sizes
-  c = get_config(f'stage=base64,size={size}')
-  preset = clip.NOISED_PRESETS[_NOISED_CLIP_PRESET[size]]
+  c = base
+  preset = clip.NOISED_PRESETS[preset_name]
   c.stage = 'noised_clip'
   c.objective = 'noised_clip'
   c.model = ml_collections.ConfigDict({
       'name': 'noised_clip', 'text': dict(preset['text']), 'vision': dict(preset['vision']),
       'embed_dim': preset['embed_dim'],
-      'dtype': 'bfloat16' if size == 'paper' else 'float32', 'param_dtype': 'float32'})
+      'dtype': 'bfloat16' if c.size == 'paper' else 'float32', 'param_dtype': 'float32'})
   c.input.image_size = preset['vision']['image_size']
   c.input.low_res_size = None
   c.input.text_max_len = preset['text']['max_length']
@@ -175,7 +169,7 @@ def _noised_clip_config(size: str) -> ml_collections.ConfigDict:
 
 def _cascade_config(a) -> ml_collections.ConfigDict:
   """The sampling cascade (diffusion_jax.pipelines): each stage's config arg, its directory
-  under ROOT and its sampler settings. `upto=` adds the optional last stage at tiny/shapes.
+  under ROOT and its sampler settings.
 
     python -m diffusion_jax.sample --config=configs/glide.py:stage=cascade,size=tiny \
         --workdir=ROOT --prompt="a red circle"

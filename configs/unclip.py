@@ -7,7 +7,7 @@ Run a stage:
   python -m diffusion_jax.train --config=configs/unclip.py:stage=up256,size=tiny --workdir=/tmp/run/up256
   python -m diffusion_jax.train --config=configs/unclip.py:stage=up1024,size=tiny --workdir=/tmp/run/up1024
 
-Without a pretrained CLIP (offline, tiny/shapes), train one first and point the prior and
+Without a pretrained CLIP (offline, tiny), train one first and point the prior and
 decoder at its export (stage 1 of the recipe; see `_clip_config`):
   python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=tiny --workdir=/tmp/run/clip
   python -m diffusion_jax.tools.export_clip --config=configs/unclip.py:stage=clip,size=tiny \
@@ -15,9 +15,9 @@ decoder at its export (stage 1 of the recipe; see `_clip_config`):
   python -m diffusion_jax.train --config=configs/unclip.py:stage=prior,size=tiny \
       --config.text_encoder.path=/tmp/run/clip/export --workdir=/tmp/run/prior
 
-Sizes: `tiny` (unit tests, < 1M parameters, 16-64 px), `shapes` (the CPU demo, decoder at 32
-px), `paper` (published: prior 1B, decoder 3.5B, upsamplers 700M and 300M; hyperparameters of
-the paper's Table 3, Appendix C).
+Sizes: `tiny` (unit tests and smoke runs, < 1M parameters, 16-64 px, on the Shapes dataset of
+`projects.shapes`), `paper` (published: prior 1B, decoder 3.5B, upsamplers 700M and 300M;
+hyperparameters of the paper's Table 3, Appendix C; on COCO captions).
 """
 from __future__ import annotations
 
@@ -30,16 +30,13 @@ MODEL_STAGES = ('prior', 'decoder64', 'up256', 'up1024')
 
 _RES = {
     'tiny': {'decoder64': (16, None), 'up256': (32, 16), 'up1024': (64, 32)},
-    'shapes': {'decoder64': (32, None), 'up256': (64, 32), 'up1024': (128, 64)},
     'paper': {'decoder64': (64, None), 'up256': (256, 64), 'up1024': (1024, 256)},
 }
 # frozen CLIP: preset, text width, embedding dim, context
-_CLIP = {'tiny': ('tiny', 32, 32, 16), 'shapes': ('small', 64, 64, 32),
-         'paper': ('vit_h14', 1024, 1024, 77)}
+_CLIP = {'tiny': ('tiny', 32, 32, 16), 'paper': ('vit_h14', 1024, 1024, 77)}
 # decoder's own (GLIDE) text transformer over the CLIP tokenizer's ids: vocab (>= the
 # tokenizer's), context, width, layers, heads
-_XF = {'tiny': (64, 16, 32, 2, 2), 'shapes': (128, 32, 64, 2, 4),
-       'paper': (50257, 256, 2048, 24, 32)}
+_XF = {'tiny': (64, 16, 32, 2, 2), 'paper': (50257, 256, 2048, 24, 32)}
 
 
 def _model(stage: str, size: str) -> ml_collections.ConfigDict:
@@ -53,11 +50,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     m.text_embed_dim = clip_dim
     if size == 'tiny':
       m.update(width=32, num_layers=2, num_heads=2)
-    elif size == 'shapes':
-      m.update(width=128, num_layers=6, num_heads=4)
-    else:
-      # Table 3 gives 1B parameters; width 2048 with 20 layers and 32 heads (Karlo's
-      # open 1B reproduction) reaches it.
+    else:  # Table 3's 1B parameters, as Karlo's open 1B reproduction lays them out
       m.update(width=2048, num_layers=20, num_heads=32)
     m.mlp_ratio = 4
     m.dropout = 0.0
@@ -87,9 +80,6 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     if size == 'tiny':
       m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(8,), num_heads=2, head_channels=-1, dropout=0.0)
-    elif size == 'shapes':
-      m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=1,
-               attention_resolutions=(8,), num_heads=4, head_channels=-1, dropout=0.0)
     else:  # Table 3: 512 channels, depth 3, mults 1-2-3-4, 64-channel heads at 32/16/8
       m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
@@ -104,8 +94,6 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.head_channels = -1
   if size == 'tiny':
     m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0)
-  elif size == 'shapes':
-    m.update(model_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=1, dropout=0.0)
   elif stage == 'up256':  # Table 3: 320 channels, depth 3, mults 1-2-3-4, dropout 0.1
     m.update(model_channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3, dropout=0.1)
   else:  # Table 3: 192 channels, depth 2, mults 1-1-2-2-4-4
@@ -121,7 +109,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.stage == 'cascade':
     return _cascade_config(a)
   if a.stage == 'clip':
-    return _clip_config(a.size)
+    if a.size == 'paper':
+      raise ValueError('stage=clip trains a small CLIP for size=tiny only; at paper size use a '
+                       'pretrained CLIP: --config.text_encoder.path=DIR (a transformers '
+                       'CLIPModel directory)')
+    return clip_config(get_config(f'stage=decoder64,size={a.size}'), _CLIP[a.size][0])
   stage, size = a.stage, a.size
   paper = size == 'paper'
   c = common.base_config()
@@ -136,13 +128,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   if stage == 'prior':
-    c.input.image_size = {'tiny': 16, 'shapes': 32, 'paper': 224}[size]  # CLIP image input
+    c.input.image_size = {'tiny': 16, 'paper': 224}[size]  # CLIP image input
     c.input.low_res_size = None
   else:
     c.input.image_size, c.input.low_res_size = _RES[size][stage]
-  c.input.batch_size = {'tiny': 8, 'shapes': 16}.get(
-      size, {'prior': 4096, 'decoder64': 2048, 'up256': 1024, 'up1024': 512}[stage])
-  c.input.dataset = 'shapes'
+  c.input.batch_size = 8 if size == 'tiny' else {
+      'prior': 4096, 'decoder64': 2048, 'up256': 1024, 'up1024': 512}[stage]
+  c.input.dataset = 'coco_captions' if paper else 'shapes'
+  c.input.modules = () if paper else ('projects.shapes.data',)  # registers 'shapes'
   # Corruption of the SR stages' low-res input: Gaussian blur (64->256), BSR (256->1024).
   c.input.low_res_degradation = {'up256': 'blur', 'up1024': 'bsr'}.get(stage, 'none')
   # The 256->1024 upsampler trains on random crops a quarter of the target size (the
@@ -166,11 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.schedule = 'linear' if stage == 'up1024' else 'squaredcos_cap_v2'
   c.diffusion.shift = 1.0
   c.diffusion.num_timesteps = 1000
-  # The CPU-sized diffusion stages other than the prior predict v: after 1500 steps the eps
-  # decoder drew tinted backgrounds, another tint per sample (single-object colour 0.13 in
-  # the demo); the v one draws white backgrounds and the named colours (0.92).
-  c.diffusion.parameterization = 'x0' if stage == 'prior' else (
-      'v' if size == 'shapes' else 'eps')
+  c.diffusion.parameterization = 'x0' if stage == 'prior' else 'eps'  # the prior predicts x0
   c.diffusion.learned_variance = stage == 'decoder64'
   c.diffusion.vlb_weight = 0.001 if stage == 'decoder64' else 0.0
   c.diffusion.loss_weighting = 'none'
@@ -200,27 +189,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=6.0e-2 if stage == 'prior' else 0.0)
 
   c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,
-                    'up1024': 1_000_000}[stage] if paper else (200 if size == 'tiny' else 2000))
+                    'up1024': 1_000_000}[stage] if paper else 200)
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
   return c
 
 
-def _clip_config(size: str) -> ml_collections.ConfigDict:
+def clip_config(decoder: ml_collections.ConfigDict, preset_name: str) -> ml_collections.ConfigDict:
   """Stage 1 of unCLIP where no pretrained CLIP is at hand: the CLIP that the prior and the
-  decoder use (`_CLIP[size]`'s preset), trained from scratch with CLIP's contrastive loss on
-  clean images and their captions, by the same trainer as every other stage. Export it with
-  `diffusion_jax.tools.export_clip` and set the other stages' `text_encoder.path` to it.
+  decoder use (`preset_name`, a `models.clip.PRESETS` entry), trained from scratch with
+  CLIP's contrastive loss on clean images and their captions, by the same trainer as every
+  other stage. `decoder`: the decoder64 config whose image size, data and optimizer it
+  shares (changed in place). Export it with `diffusion_jax.tools.export_clip` and set the
+  other stages' `text_encoder.path` to it.
 
-    python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=shapes --workdir=/tmp/run/clip
+    python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=tiny --workdir=/tmp/run/clip
   """
-  if size == 'paper':
-    raise ValueError('stage=clip trains a small CLIP for size=tiny/shapes only; at paper size '
-                     'use a pretrained CLIP: --config.text_encoder.path=DIR (a transformers '
-                     'CLIPModel directory)')
   from diffusion_jax.models import clip  # the presets are the single source of the sizes
-  # The decoder's config carries the image size, data and optimizer of this size.
-  c = get_config(f'stage=decoder64,size={size}')
-  preset = clip.PRESETS[_CLIP[size][0]]
+  c = decoder
+  preset = clip.PRESETS[preset_name]
   c.stage = 'clip'
   c.objective = 'clip'
   c.target = 'image'
@@ -246,7 +232,7 @@ def _clip_config(size: str) -> ml_collections.ConfigDict:
 
 def _cascade_config(a) -> ml_collections.ConfigDict:
   """The sampling cascade (diffusion_jax.pipelines): each stage's config arg, its directory
-  under ROOT and its sampler settings. `upto=` adds the optional last stage at tiny/shapes.
+  under ROOT and its sampler settings. `upto=up1024` adds the optional last stage at tiny.
 
     python -m diffusion_jax.sample --config=configs/unclip.py:stage=cascade,size=tiny \
         --workdir=ROOT --prompt="a red circle"

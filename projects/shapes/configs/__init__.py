@@ -1,0 +1,1 @@
+"""The `shapes` size of the family configs: `configs.<family>` at `tiny` with the Shapes fields."""
