@@ -2,7 +2,7 @@
 two sampler steps, eight evaluation captions."""
 from __future__ import annotations
 
-from diffusion_jax import demo
+from projects.shapes import demo
 
 TINY_PER_KIND = {'single': 3, 'count': 1, 'conjunction': 1, 'relation': 3}
 

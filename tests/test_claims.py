@@ -1,8 +1,7 @@
-"""The toy-scale claims' measures (diffusion_jax.tools.claims): closed forms on known images."""
+"""The toy-scale claims' measures (projects.shapes.claims): closed forms on known images."""
 import numpy as np
 
-from diffusion_jax.data import shapes
-from diffusion_jax.tools import claims
+from projects.shapes import claims, shapes
 
 
 def test_saturation_is_zero_on_rendered_data_and_counts_clipped_object_pixels():

@@ -1,4 +1,4 @@
-"""The embedded default (diffusion_jax.demo): captions, scoring, outputs, resume and re-run."""
+"""The Shapes demo (projects.shapes.demo): captions, scoring, outputs, resume and re-run."""
 import dataclasses
 import json
 import os
@@ -6,9 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from diffusion_jax import demo
-from diffusion_jax.data import shapes
-from diffusion_jax.eval import alignment
+from projects.shapes import alignment, demo, shapes
 
 import demo_fixtures
 

@@ -11,12 +11,13 @@ from flax import traverse_util
 
 from configs import unclip
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import convert, demo, encoders, parallel
+from diffusion_jax import convert, encoders, parallel
 from diffusion_jax import tokenizer as tokenizer_lib
-from diffusion_jax.data import shapes
 from diffusion_jax.models import clip
 from diffusion_jax.tools import export_clip
 from diffusion_jax.train import loop
+from projects.shapes import demo, shapes
+from projects.shapes.configs import unclip as shapes_unclip
 
 import demo_fixtures
 
@@ -116,8 +117,8 @@ def test_export_matches_transformers_clip(exported):
 
 
 def test_clip_stage_config():
-  c = unclip.get_config('stage=clip,size=shapes')
-  prior = unclip.get_config('stage=prior,size=shapes')
+  c = shapes_unclip.get_config('stage=clip')
+  prior = shapes_unclip.get_config('stage=prior')
   # The stage trains exactly the CLIP the prior and the decoder read (their preset).
   assert dict(c.model.text) == clip.PRESETS[prior.text_encoder.preset]['text']
   assert c.model.embed_dim == prior.text_encoder.embed_dim

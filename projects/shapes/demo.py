@@ -1,9 +1,12 @@
 r"""The embedded default: train a small text-to-image cascade on Shapes on a CPU, sample it
 for held-out captions and measure with the Shapes oracle what it learned.
 
-  python -m diffusion_jax.demo --workdir=/tmp/demo                   # Imagen: base 32 px + SR 64 px
-  python -m diffusion_jax.demo --workdir=/tmp/demo_glide --family=glide
-  python -m diffusion_jax.demo --workdir=/tmp/demo_unclip --family=unclip
+  python -m projects.shapes.demo --workdir=/tmp/demo              # Imagen: base 32 px + SR 64 px
+  python -m projects.shapes.demo --workdir=/tmp/demo_glide --family=glide
+  python -m projects.shapes.demo --workdir=/tmp/demo_unclip --family=unclip
+
+The stages train from the project's configs (`projects/shapes/configs/<family>.py`, the
+`shapes` size), with the demo's budget, data size and seed set in code (`stage_config`).
 
 No download and no pretrained weight: Imagen's frozen T5 (`small` preset) is randomly
 initialised and frozen, so its token states are a fixed random embedding of the caption
@@ -17,7 +20,8 @@ The demo's own process samples on one CPU device per core (`--cpu_devices`), the
 sharded over them; of the stages that train at once, each in its own process, the longest
 trains on one device per core too and the others on one (`worker_cpu_devices`).
 
-WORKDIR holds one directory per stage (the layout `diffusion_jax.sample` and `evaluate` read):
+WORKDIR holds one directory per stage (the layout `diffusion_jax.sample`,
+`diffusion_jax.evaluate` and `projects.shapes.evaluate` read):
 
   WORKDIR/<stage>/checkpoints/   orbax checkpoints; a killed run resumes from the last one
   WORKDIR/samples/*.png          one cascade sample per held-out caption (guided)
@@ -32,7 +36,7 @@ sampling alike. Its guided samples of two objects of different shapes are also p
 each object's shape by prompt pairs made from the caption (`Plan.contrast_scale`,
 `--contrast_scale`; `shapes.binding_contrasts`); the unguided ones see the caption alone.
 
-Captions are scored by `diffusion_jax.data.shapes.score`: an object is right when its colour
+Captions are scored by `projects.shapes.shapes.score`: an object is right when its colour
 and shape are, `all` when every object (and the relation, if any) is. Multi-object captions
 (conjunctions, relations) are drawn from those the training set (`--train_examples` scenes)
 never shows, even rewritten; the 24 single-object captions (6 colours x 4 shapes) and the
@@ -52,11 +56,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from diffusion_jax.data import shapes
+from projects.shapes import shapes
 
 log = logging.getLogger(__name__)
 
 KINDS = ('single', 'count', 'conjunction', 'relation')
+# What the stages' input.modules list: the Shapes dataset and caption rewrite, by name.
+MODULES = ('projects.shapes.data',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,7 @@ class Plan:
   family: str
   stages: tuple[tuple[str, int], ...]   # (stage, train steps), in training order
   order: tuple[str, ...]                # the cascade's sampling chain
-  size: str = 'shapes'                  # config size preset ('tiny' in tests)
+  size: str = 'shapes'                  # the project's configs ('tiny': the library's)
   train_examples: int = 5000
   batch_size: int = 16
   lr: float | None = None  # None: each stage config's own learning rate and schedule
@@ -119,8 +125,8 @@ GUIDANCE_SCALE = {'imagen': 3.0}
 # (shapes.canonical_caption), in training and sampling alike. Without it the base does not
 # learn in the budget that "right of" flips which object goes left: relations 0.04-0.08
 # all-correct at 32 px after 2750 steps, the order at chance; with it 0.42, the first-named
-# object on the named side in 37 of 38 samples (docs/demo/HISTORY.md). GLIDE and unCLIP
-# were measured without it.
+# object on the named side in 37 of 38 samples (docs/demo/HISTORY.md here). GLIDE and
+# unCLIP were measured without it.
 CAPTION_REWRITE = {'imagen': 'shapes_canonical'}
 # Imagen's guided samples push each object of a two-object caption towards its own shape:
 # the caption's noun phrases said alone against the same with the other object's shape
@@ -128,7 +134,7 @@ CAPTION_REWRITE = {'imagen': 'shapes_canonical'}
 # to its shape but draw two objects' shapes alike in about half the pairs of different
 # shapes. Scored at 32 px on 96 held-out relation captions at guidance 3, three bases (seeds
 # 0, 2, 3) went from 0.229, 0.229, 0.188 all-correct to 0.323, 0.292, 0.302 at weight 1.5
-# (0.281, 0.271, 0.292 at 1; 0.333, 0.240, 0.312 at 2, colours lost; docs/demo/HISTORY.md).
+# (0.281, 0.271, 0.292 at 1; 0.333, 0.240, 0.312 at 2, colours lost; docs/demo/HISTORY.md here).
 CONTRAST_SCALE = {'imagen': 1.5}
 # The sampled chain where it is not every trained stage (unCLIP's CLIP is an encoder).
 CASCADE_ORDER = {'unclip': ('prior', 'decoder64')}
@@ -175,7 +181,7 @@ def eval_captions(per_kind: dict, *, train_seed: int, train_examples: int,
   that no training example shows, also once rewritten by the stages' caption rewrite (so
   no training caption says the same scene in other words).
   """
-  from diffusion_jax.eval import alignment
+  from projects.shapes import alignment
   said = rewrite or (lambda c: c)
   seen = alignment.training_captions(train_seed, train_examples, rewrite)
   out = []
@@ -211,12 +217,12 @@ def plan_eval_captions(plan: Plan, per_kind: dict | None = None) -> list[str]:
   return eval_captions(plan.per_kind if per_kind is None else per_kind, train_seed=plan.seed,
                        train_examples=plan.train_examples,
                        rewrite=data_pipeline.caption_rewrite(
-                           {'caption_rewrite': plan.caption_rewrite}))
+                           {'caption_rewrite': plan.caption_rewrite, 'modules': MODULES}))
 
 
 def rates_by_kind(images_NHWC, captions: Sequence[str]) -> dict[str, Any]:
   """Oracle rates overall and per caption kind (each with the verdicts' counts)."""
-  from diffusion_jax.eval import alignment
+  from projects.shapes import alignment
   verdicts = alignment.score_pairs(images_NHWC, captions)
   out = {'overall': _no_nan(alignment.rates(verdicts))}
   for kind in KINDS:
@@ -311,12 +317,21 @@ def _uses_clip(config) -> bool:
   return 'text_encoder' in config and config.text_encoder.get('name') == 'clip'
 
 
-def stage_config(plan: Plan, stage: str, steps: int, root: str | None = None):
-  """The stage's `shapes` config with the demo's training budget and data. Stages with a
-  frozen CLIP read the plan's own one (`own_clip_dir(plan, root)`) when it trains one."""
+def config_module(plan: Plan):
+  """The module whose `get_config` makes the plan's stage and cascade configs: the project's
+  `projects/shapes/configs/<family>.py` at size `shapes`, else `configs/<family>.py` (the
+  library's, whose `tiny` size also trains on Shapes: the tests' plans)."""
   import importlib
-  module = importlib.import_module(f'configs.{plan.family}')
-  c = module.get_config(f'stage={stage},size={plan.size}')
+  if plan.size == 'shapes':
+    return importlib.import_module(f'projects.shapes.configs.{plan.family}')
+  return importlib.import_module(f'configs.{plan.family}')
+
+
+def stage_config(plan: Plan, stage: str, steps: int, root: str | None = None):
+  """The stage's config (`config_module`) with the demo's training budget and data. Stages
+  with a frozen CLIP read the plan's own one (`own_clip_dir(plan, root)`) when it trains
+  one."""
+  c = config_module(plan).get_config(f'stage={stage},size={plan.size}')
   c.total_steps = int(steps)
   c.ckpt_steps = max(50, int(steps) // 8)
   c.log_steps = 50
@@ -337,10 +352,9 @@ def stage_config(plan: Plan, stage: str, steps: int, root: str | None = None):
 
 
 def cascade_config(plan: Plan, root: str | None = None):
-  """The family's `stage=cascade,size=shapes` config with the demo's sampler settings (and
-  the plan's own CLIP for the stages that read one, as they were trained)."""
-  import importlib
-  module = importlib.import_module(f'configs.{plan.family}')
+  """The family's `stage=cascade` config (`config_module`) with the demo's sampler settings
+  (and the plan's own CLIP for the stages that read one, as they were trained)."""
+  module = config_module(plan)
   c = module.get_config(f'stage=cascade,size={plan.size}')
   c.order = plan.order
   for name in plan.order:
@@ -364,8 +378,8 @@ def sampling_settings(cascade) -> dict[str, dict[str, Any]]:
   weights, what the samples depend on, so a change to a stage config's sampler section
   invalidates a finished run and its cached samples. The guidance scale is left out: the
   demo sets it for each setting it samples."""
-  from diffusion_jax.pipelines import cascade_config as cascade_lib
-  return {name: {k: cascade.stages[name][k] for k in cascade_lib.SETTINGS
+  from diffusion_jax.pipelines import common as pipelines_common
+  return {name: {k: cascade.stages[name][k] for k in pipelines_common.SETTINGS
                  if k != 'guidance_scale'}
           for name in cascade.order}
 
@@ -375,7 +389,7 @@ def export_own_clip(config, root: str) -> None:
   (nothing is written when that checkpoint is exported already)."""
   from diffusion_jax.tools import export_clip
   out = os.path.join(root, 'clip', 'export')
-  info = export_clip.export_stage(config, os.path.join(root, 'clip'), out)
+  info = export_clip.export_stage(os.path.join(root, "clip"), out)
   print(f'    CLIP of step {info["step"]} ({info["params"]} params) -> {out}', flush=True)
 
 
@@ -643,7 +657,7 @@ def configure_logging(verbose: bool) -> None:
 def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(
-      prog='python -m diffusion_jax.demo',
+      prog='python -m projects.shapes.demo',
       description='Train a small text-to-image cascade on Shapes on the CPU, sample held-out '
                   'captions and score them with the Shapes oracle.')
   parser.add_argument('--workdir', required=True, help='root of the run (one dir per stage)')
@@ -665,8 +679,9 @@ def main(argv=None) -> int:
                       help='evaluation captions per kind (single, count, conjunction, relation)')
   parser.add_argument('--text_encoder_path', help='a converted transformers T5 directory')
   parser.add_argument('--seed', type=int)
-  from diffusion_jax.data import pipeline as data_pipeline
-  parser.add_argument('--caption_rewrite', choices=('none', *data_pipeline.CAPTION_REWRITES),
+  from diffusion_jax.data import registry
+  registry.import_modules(MODULES)
+  parser.add_argument('--caption_rewrite', choices=('none', *registry.caption_rewrites()),
                       help='how the stages read captions (input.caption_rewrite; default: '
                            'shapes_canonical for imagen, none for glide and unclip)')
   parser.add_argument('--parallel_stages', type=int, default=2,

@@ -1,7 +1,7 @@
 r"""The seeds' qualitative claims, reproduced at toy scale on the demo's Imagen cascade.
 
-  python -m diffusion_jax.demo --workdir=/tmp/demo                       # trains the cascade
-  python -m diffusion_jax.tools.claims --workdir=/tmp/demo --out=docs/claims
+  python -m projects.shapes.demo --workdir=/tmp/demo                      # trains the cascade
+  python -m projects.shapes.claims --workdir=/tmp/demo --out=projects/shapes/docs/claims
 
 (a) Guidance trades diversity for alignment: base-stage samples over a sweep of guidance
     scales, several seeds per caption; alignment is the oracle's all-correct rate, diversity
@@ -31,8 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from diffusion_jax import demo
-from diffusion_jax.data import shapes
+from projects.shapes import demo, shapes
 
 GUIDANCE_SWEEP = (1.0, 2.0, 4.0, 8.0, 16.0)
 THRESHOLDS = ('none', 'static', 'dynamic')
@@ -150,7 +149,7 @@ def _generate(pipe, names, captions, rng, overrides, first_low_res=None, batch=4
     x = pipe.image_chain(names, list(captions[lo:lo + batch]), jax.random.fold_in(rng, i),
                          overrides, first_low_res=low)
     out.append(np.asarray(jax.device_get(x)))
-  from diffusion_jax.pipelines.common import to_uint8
+  from diffusion_jax.io_util import to_uint8
   return to_uint8(np.concatenate(out))
 
 
@@ -264,7 +263,7 @@ def _write(out: str, r: dict) -> None:
            f'Imagen demo cascade ({" -> ".join(r["plan"]["order"])}), {r["captions"]} held-out '
            f'Shapes captions, {r["stage_sampler"]["sampler"]} with '
            f'{r["stage_sampler"]["num_steps"]} steps; produced by '
-           '`python -m diffusion_jax.tools.claims`.', '',
+           '`python -m projects.shapes.claims`.', '',
            '## (a) Guidance trades diversity for alignment', '',
            '| guidance | all-correct | colour | diversity (RMS) |', '|---|---|---|---|']
   lines += [f'| {x["guidance"]:g} | {x["alignment_all"]:.3f} | {x["alignment_color"]:.3f} | '
@@ -297,7 +296,7 @@ def _write(out: str, r: dict) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m diffusion_jax.tools.claims',
+  parser = argparse.ArgumentParser(prog='python -m projects.shapes.claims',
                                    description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True, help='the demo root (stages trained if missing)')
   parser.add_argument('--out', default='claims', help='where claims.md and the figures go')
