@@ -12,7 +12,8 @@ setup(
     license='Apache-2.0',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
-    packages=find_packages(include=['diffusion_jax', 'diffusion_jax.*', 'configs']),
+    packages=find_packages(include=['diffusion_jax', 'diffusion_jax.*', 'configs', 'projects',
+                                    'projects.*']),
     python_requires='>=3.10',
     install_requires=[
         f'jax=={JAX_VERSION}',

@@ -128,7 +128,7 @@ def peak_rss_mb() -> float:
 
 
 def load_config(spec: str):
-  """`configs/imagen.py:stage=base64,size=shapes` -> ConfigDict."""
+  """`configs/imagen.py:stage=base64,size=tiny` (or a project's config file) -> ConfigDict."""
   from diffusion_jax import config_util
   return config_util.load_config(spec)
 

@@ -20,7 +20,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from diffusion_jax.data import datasets, pipeline, shapes
+from diffusion_jax.data import datasets, pipeline
+from projects.shapes import shapes
 
 _WORDS = {w: i + 2 for i, w in enumerate(shapes.VOCABULARY)}
 
@@ -58,8 +59,9 @@ def main():
   args = parser.parse_args()
   common = dict(batch_size=args.batch_size, image_size=64, text_max_len=16,
                 num_threads=args.threads, prefetch_buffer_size=4 * args.batch_size)
-  measure('shapes', dict(common, dataset='shapes'), args.batches)
-  measure('shapes+low_res32', dict(common, dataset='shapes', low_res_size=32), args.batches)
+  shapes_cfg = dict(common, dataset='shapes', modules=('projects.shapes.data',))
+  measure('shapes', shapes_cfg, args.batches)
+  measure('shapes+low_res32', dict(shapes_cfg, low_res_size=32), args.batches)
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, 'images')
     os.makedirs(src)

@@ -7,7 +7,7 @@ r"""Train-step throughput: images/s, step time, compile time, peak RSS, achieved
 `Unet(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2, layer_attns=(False, True, True),
 layer_cross_attns=(False, True, True), text_embed_dim=128)` at 64 px, batch 8, 16 text
 tokens, given precomputed text embeddings as the peer is. Any `CONFIG:ARG` (e.g.
-`configs/glide.py:stage=base64,size=shapes`) runs that stage's full train step, frozen
+`projects/shapes/configs/glide.py:stage=base64`) runs that stage's full train step, frozen
 encoder included. float32 on CPU, the batch sharded over one CPU device per core
 (`--cpu_devices`; see benchmarks/README.md for why).
 
