@@ -8,7 +8,7 @@ Run a stage:
   python -m diffusion_jax.train --config=configs/unclip.py:stage=up1024,size=tiny --workdir=/tmp/run/up1024
 
 Without a pretrained CLIP (offline, tiny), train one first and point the prior and
-decoder at its export (stage 1 of the recipe; see `_clip_config`):
+decoder at its export (stage 1 of the recipe; see `clip_config`):
   python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=tiny --workdir=/tmp/run/clip
   python -m diffusion_jax.tools.export_clip --config=configs/unclip.py:stage=clip,size=tiny \
       --workdir=/tmp/run/clip --out=/tmp/run/clip/export
