@@ -6,6 +6,7 @@ Every family config (`configs/imagen.py`, `configs/glide.py`, `configs/unclip.py
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
 
@@ -122,6 +123,46 @@ def base_config() -> ml_collections.ConfigDict:
 # The sampler settings of a cascade stage (diffusion_jax.pipelines.Settings has the same).
 SAMPLER_SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold',
                     'percentile', 'aug_level', 'blur_sigma', 'best_of', 'contrast_scale')
+
+
+# Every field of the input pipeline (diffusion_jax.data.pipeline and datasets), with its
+# default; a stage config lists them all so that each can be set with --config.input.<field>.
+INPUT_DEFAULTS = {
+    'dataset': None, 'modules': (), 'data_dir': None, 'split': 'train',
+    'folder_name': 'default', 'batch_size': 8, 'image_size': 64, 'low_res_size': None,
+    'low_res_degradation': 'none', 'text_max_len': 64, 'shuffle': True, 'num_epochs': None,
+    'random_crop': False, 'train_crop_size': None, 'caption_choice': 'random',
+    'caption_rewrite': None, 'num_threads': 4, 'prefetch_buffer_size': 256,
+}
+# The type of each field that may be unset (None): placeholders of these types can be set
+# from the command line (`--config.text_encoder.path=DIR`); None is the one spelling of unset.
+OPTIONAL_FIELDS = {
+    'dataset': str, 'data_dir': str, 'low_res_size': int, 'num_epochs': int,
+    'train_crop_size': int, 'caption_rewrite': str, 'name': str, 'preset': str, 'path': str,
+    'tokenizer_path': str, 'tokenizer_style': str, 'max_length': int, 'eos_token_id': int,
+}
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Completes a stage config: every input field present (INPUT_DEFAULTS), and every unset
+  field a typed placeholder. A None field of an undeclared type is refused."""
+  if 'input' in c:
+    for key, value in INPUT_DEFAULTS.items():
+      if key not in c.input:
+        c.input[key] = value
+
+  def walk(cfg, prefix):
+    for key in list(cfg.keys()):
+      value = cfg[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f'{prefix}{key}.')
+      elif value is None:
+        if key not in OPTIONAL_FIELDS:
+          raise ValueError(f'config field {prefix}{key} is None but has no declared type '
+                           '(configs.common.OPTIONAL_FIELDS)')
+        cfg[key] = config_dict.placeholder(OPTIONAL_FIELDS[key])
+  walk(c, '')
+  return c
 
 
 def cascade_stage(config_file: str, stage: str, arg: str, stage_config) -> ml_collections.ConfigDict:

@@ -132,7 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.total_steps = 2_500_000 if paper else 200
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
-  return c
+  return common.finalize(c)
 
 
 _NOISED_CLIP_PRESET = {'tiny': 'tiny', 'paper': 'glide'}
@@ -164,7 +164,7 @@ def noised_clip_config(base: ml_collections.ConfigDict, preset_name: str
   c.diffusion.cond_drop_text = 0.0
   c.diffusion.learned_variance = False
   c.sampler.guidance_scale = 1.0
-  return c
+  return common.finalize(c)
 
 
 def _cascade_config(a) -> ml_collections.ConfigDict:

@@ -145,7 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.total_steps = 2_500_000 if paper else 200
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
-  return c
+  return common.finalize(c)
 
 
 def _cascade_config(a) -> ml_collections.ConfigDict:

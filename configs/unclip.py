@@ -191,7 +191,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = ({'prior': 600_000, 'decoder64': 800_000, 'up256': 1_000_000,
                     'up1024': 1_000_000}[stage] if paper else 200)
   c.mesh = common.mesh_config(data=1, fsdp=-1) if paper else common.mesh_config()
-  return c
+  return common.finalize(c)
 
 
 def clip_config(decoder: ml_collections.ConfigDict, preset_name: str) -> ml_collections.ConfigDict:
@@ -227,7 +227,7 @@ def clip_config(decoder: ml_collections.ConfigDict, preset_name: str) -> ml_coll
   c.diffusion.learned_variance = False
   c.diffusion.vlb_weight = 0.0
   c.sampler.guidance_scale = 1.0
-  return c
+  return common.finalize(c)
 
 
 def _cascade_config(a) -> ml_collections.ConfigDict:

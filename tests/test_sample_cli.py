@@ -81,3 +81,54 @@ def test_empty_prompt_file_is_one_line(tmp_path):
   assert rc == 1, stderr[-2000:]
   assert _error_lines(stderr) == [f'error: --prompts_file={empty} is empty: write one prompt '
                                   'per line'], stderr[-2000:]
+
+
+def _train(config, workdir, *overrides, timeout=600):
+  proc = subprocess.run([sys.executable, '-m', 'diffusion_jax.train', f'--config={config}',
+                         f'--workdir={workdir}', *overrides], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_samples_the_stage_as_it_was_trained(tmp_path):
+  """A stage trained with a model override and its own tokenizer samples with both (the
+  config saved in its checkpoint), says how the caller's config differs, and loads neither
+  the trainer nor TensorFlow on the way."""
+  from diffusion_jax import conditioning, pipelines, tokenizer as tokenizer_lib
+  from projects.shapes import shapes
+  # Word ids in reverse order: the default tokenizer would read every prompt as other words.
+  words = tmp_path / 'words'
+  tokenizer_lib.build_word_tokenizer(tuple(reversed(shapes.VOCABULARY)), str(words))
+  root = tmp_path / 'root'
+  _train('configs/imagen.py:stage=base64,size=tiny', root / 'base64',
+         '--config.total_steps=1', '--config.model.model_channels=8',
+         f'--config.text_encoder.tokenizer_path={words}')
+  assert not os.path.exists(root / 'base64' / 'tokenizer'), 'the default tokenizer was built'
+
+  code = ('import atexit, runpy, sys\n'
+          'atexit.register(lambda: print("LOADED", sorted(m for m in sys.modules if '
+          'm.split(".")[0] in ("tensorflow", "clu") or m.startswith("diffusion_jax.train"))))\n'
+          'sys.argv = ["sample"] + sys.argv[1:]\n'
+          'runpy.run_module("diffusion_jax.sample", run_name="__main__")\n')
+  out = tmp_path / 'out'
+  proc = subprocess.run([sys.executable, '-c', code, CONFIG, f'--workdir={root}',
+                         '--stages=base64', '--prompt=a red circle', '--num_images=2',
+                         f'--out={out}', '--config.stages.base64.num_steps=2'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'LOADED []' in proc.stdout, proc.stdout
+  assert len([f for f in os.listdir(out) if f[0].isdigit()]) == 2
+  warning = [line for line in proc.stderr.splitlines() if 'config saved in its checkpoint' in line]
+  assert len(warning) == 1, proc.stderr[-3000:]
+  assert 'model.model_channels: 8 (trained) vs 16' in warning[0], warning[0]
+  assert f"text_encoder.tokenizer_path: '{words}' (trained) vs None" in warning[0], warning[0]
+
+  stage = pipelines.load(pf.cascade_config('imagen', order=('base64',)), str(root)).stage('base64')
+  assert stage.model.model_channels == 8
+  ids, _ = stage.tokenize(['a red circle'])
+  want, _ = tokenizer_lib.load_tokenizer(str(words), stage.config.input.text_max_len)(
+      ['a red circle'])
+  np.testing.assert_array_equal(ids, want)
+  saved = conditioning.restore_stage(str(root / 'base64')).config
+  assert saved.text_encoder.tokenizer_path == str(words)
