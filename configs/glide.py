@@ -18,6 +18,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from diffusion_jax.models import unet
 
 STAGES = ('base64', 'up256', 'inpaint64', 'inpaint256', 'noised_clip', 'cascade')
 MODEL_STAGES = ('base64', 'up256', 'inpaint64', 'inpaint256')
@@ -56,16 +57,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.use_scale_shift_norm = True
   m.resblock_updown = True
   common.model_numerics(m, size)
-  if size == 'tiny':
-    m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-             attention_resolutions=(8,) if kind == 'base' else (8,), num_heads=2,
-             head_channels=-1, dropout=0.0)
-  elif kind == 'base':  # ADM at 64 px (Sec. 4)
-    m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-             attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
-  else:  # upsampler 64->256: ADM's 256 px layout, sized to the published 1.5B
-    m.update(model_channels=320, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=3,
-             attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
+  m.update(unet.PRESETS['glide_tiny' if size == 'tiny' else f'glide_{kind}_paper'])
   return m
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from diffusion_jax.models import efficient_unet, unet
 
 STAGES = ('base64', 'sr256', 'sr1024', 'cascade')
 MODEL_STAGES = ('base64', 'sr256', 'sr1024')
@@ -47,33 +48,13 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     m.text_attention = 'concat_kv'
     m.use_scale_shift_norm = True
     m.resblock_updown = True
-    if size == 'tiny':
-      m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-               attention_resolutions=(8,), num_heads=2, head_channels=-1, context_dim=32)
-    else:  # ADM-style base (App. F); T5 tokens join every attention layer's keys/values
-      m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-               attention_resolutions=(32, 16, 8), num_heads=8, head_channels=64,
-               context_dim=512)
+    m.update(unet.PRESETS[f'imagen_base64_{size}'])
   else:
     m.name = 'efficient_unet'
     m.low_res_size = low
     m.aug_cond = True  # noise-conditioning augmentation level
     m.scan_blocks = False  # a level's identical blocks under nn.scan (trade-off: docs/AOT.md)
-    self_attn = stage == 'sr256'  # no self-attention at 1024 px
-    if size == 'tiny':
-      m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=(1, 2),
-               self_attention=(False, self_attn), cross_attention=(False, True), num_heads=2,
-               head_channels=-1, context_dim=32, ff_mult=2)
-    elif stage == 'sr256':  # Efficient U-Net 64->256 (App. B.1, imagen-pytorch SRUnet256)
-      m.update(model_channels=128, channel_mult=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 8),
-               self_attention=(False, False, False, True),
-               cross_attention=(False, False, False, True), num_heads=8, head_channels=-1,
-               context_dim=1024, ff_mult=2)
-    else:  # 256->1024: no self-attention; lowest level 768 wide for the published 400M
-      m.update(model_channels=128, channel_mult=(1, 2, 4, 6), num_res_blocks=(2, 4, 8, 8),
-               self_attention=(False, False, False, False),
-               cross_attention=(False, False, False, True), num_heads=8, head_channels=-1,
-               context_dim=1024, ff_mult=2)
+    m.update(efficient_unet.PRESETS[f'imagen_{stage}_{size}'])  # no self-attention at 1024 px
   return m
 
 

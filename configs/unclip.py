@@ -24,6 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from diffusion_jax.models import prior, unet
 
 STAGES = ('clip', 'prior', 'decoder64', 'up256', 'up1024', 'cascade')
 MODEL_STAGES = ('prior', 'decoder64', 'up256', 'up1024')
@@ -48,10 +49,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     m.text_len = clip_len
     m.text_dim = clip_width
     m.text_embed_dim = clip_dim
-    if size == 'tiny':
-      m.update(width=32, num_layers=2, num_heads=2)
-    else:  # Table 3's 1B parameters, as Karlo's open 1B reproduction lays them out
-      m.update(width=2048, num_layers=20, num_heads=32)
+    m.update(prior.PRESETS[f'unclip_prior_{size}'])
     m.mlp_ratio = 4
     m.dropout = 0.0
     common.model_numerics(m, size, unet=False)
@@ -77,12 +75,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
     m.text_attention = 'concat_kv'
     m.image_embed_dim = clip_dim  # added to the time embedding and 4 extra context tokens
     m.image_embed_tokens = 4
-    if size == 'tiny':
-      m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-               attention_resolutions=(8,), num_heads=2, head_channels=-1, dropout=0.0)
-    else:  # Table 3: 512 channels, depth 3, mults 1-2-3-4, 64-channel heads at 32/16/8
-      m.update(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-               attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64, dropout=0.1)
+    m.update(unet.PRESETS[f'unclip_decoder_{size}'])
     return m
 
   # Upsamplers: convolutions only (no attention, no text), conditioned on the low-res image.
@@ -92,13 +85,7 @@ def _model(stage: str, size: str) -> ml_collections.ConfigDict:
   m.mid_attention = False
   m.num_heads = 1
   m.head_channels = -1
-  if size == 'tiny':
-    m.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0)
-  elif stage == 'up256':  # Table 3: 320 channels, depth 3, mults 1-2-3-4, dropout 0.1
-    m.update(model_channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3, dropout=0.1)
-  else:  # Table 3: 192 channels, depth 2, mults 1-1-2-2-4-4
-    m.update(model_channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-             dropout=0.0)
+  m.update(unet.PRESETS['unclip_up_tiny' if size == 'tiny' else f'unclip_{stage}_paper'])
   return m
 
 

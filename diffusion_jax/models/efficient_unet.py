@@ -167,3 +167,24 @@ class EfficientUNet(ConditionedUNetBase):
                                 **self._conv_kw())(h)
     assert not skips, 'skip connections left over'
     return self.output(h, inference=det)
+
+
+# Size presets of Imagen's super-resolution stages (a stage config adds image and text sizes).
+PRESETS = {
+    'imagen_sr256_tiny': dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=(1, 2),
+                              self_attention=(False, True), cross_attention=(False, True),
+                              num_heads=2, head_channels=-1, context_dim=32, ff_mult=2),
+    # Efficient U-Net 64->256 (Imagen App. B.1, imagen-pytorch's SRUnet256).
+    'imagen_sr256_paper': dict(model_channels=128, channel_mult=(1, 2, 4, 8),
+                               num_res_blocks=(2, 4, 8, 8),
+                               self_attention=(False, False, False, True),
+                               cross_attention=(False, False, False, True), num_heads=8,
+                               head_channels=-1, context_dim=1024, ff_mult=2),
+    # 256->1024: no self-attention; the lowest level 768 wide for the published 400M.
+    'imagen_sr1024_paper': dict(model_channels=128, channel_mult=(1, 2, 4, 6),
+                                num_res_blocks=(2, 4, 8, 8),
+                                self_attention=(False, False, False, False),
+                                cross_attention=(False, False, False, True), num_heads=8,
+                                head_channels=-1, context_dim=1024, ff_mult=2),
+}
+PRESETS['imagen_sr1024_tiny'] = dict(PRESETS['imagen_sr256_tiny'], self_attention=(False, False))

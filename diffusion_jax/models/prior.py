@@ -86,3 +86,11 @@ class Prior(nn.Module):
       return h.astype(jnp.float32)
     out = layers.dense(self.embed_dim, ('embed', 'kv'), name='out_proj', **kw)(h[:, -1])
     return out.astype(jnp.float32)
+
+
+# Size presets; at paper size Table 3's 1B parameters, as Karlo's open 1B reproduction lays
+# them out.
+PRESETS = {
+    'unclip_prior_tiny': dict(width=32, num_layers=2, num_heads=2),
+    'unclip_prior_paper': dict(width=2048, num_layers=20, num_heads=32),
+}

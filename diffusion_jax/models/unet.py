@@ -356,3 +356,38 @@ class UNet(ConditionedUNetBase):
         res *= 2
     assert not hs, 'skip connections left over'
     return self.output(h, inference=det)
+
+
+# Size presets: the architecture fields of each cascade's U-Nets, at paper size (as published)
+# and at the test size; a stage config adds what the stage reads (image size, conditioning).
+PRESETS = {
+    'imagen_base64_tiny': dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                               attention_resolutions=(8,), num_heads=2, head_channels=-1,
+                               context_dim=32),
+    # ADM-style base (Imagen App. F); T5 tokens join every attention layer's keys/values.
+    'imagen_base64_paper': dict(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                attention_resolutions=(32, 16, 8), num_heads=8,
+                                head_channels=64, context_dim=512),
+    'glide_tiny': dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(8,), num_heads=2, head_channels=-1, dropout=0.0),
+    # ADM at 64 px (GLIDE Sec. 4).
+    'glide_base_paper': dict(model_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                             attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64,
+                             dropout=0.1),
+    # Upsampler 64->256: ADM's 256 px layout, sized to the published 1.5B.
+    'glide_up_paper': dict(model_channels=320, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=3,
+                           attention_resolutions=(32, 16, 8), num_heads=1, head_channels=64,
+                           dropout=0.1),
+    # unCLIP decoder (Table 3): 512 channels, depth 3, mults 1-2-3-4, 64-channel heads.
+    'unclip_decoder_paper': dict(model_channels=512, channel_mult=(1, 2, 3, 4),
+                                 num_res_blocks=3, attention_resolutions=(32, 16, 8),
+                                 num_heads=1, head_channels=64, dropout=0.1),
+    # unCLIP upsamplers: convolutions only (no attention, no text).
+    'unclip_up_tiny': dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           dropout=0.0),
+    'unclip_up256_paper': dict(model_channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                               dropout=0.1),  # Table 3
+    'unclip_up1024_paper': dict(model_channels=192, channel_mult=(1, 1, 2, 2, 4, 4),
+                                num_res_blocks=2, dropout=0.0),  # Table 3
+}
+PRESETS['unclip_decoder_tiny'] = PRESETS['glide_tiny']
