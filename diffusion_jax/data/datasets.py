@@ -18,7 +18,9 @@ pipeline, where a bad record is skipped and counted instead of crashing a run.
   `captions.jsonl` ({"file": ..., "caption": ...} or {"file": ..., "captions": [...]}) or
   one `.txt` per image (one caption per non-empty line). Image bytes are stored verbatim
   (no re-encoding), so a corrupt file survives preparation and is skipped, counted, at load
-  time. Prepare with `python -m diffusion_jax.tools.prepare_folder --src=DIR --data_dir=DIR`.
+  time. Prepare with `python -m diffusion_jax.tools.prepare_folder --src=IMAGES --data_dir=DATA
+  --name=NAME`, which also writes a word-level tokenizer of the captions, prints the train
+  flags, and prepares again when the folder changed (`prepare_folder`).
 
 Datasets are found by name (`input.dataset`) in `data.registry`: this module registers
 `coco_captions` and `folder`; a project registers its own (a `source_fn(input_cfg)` built on
@@ -27,8 +29,18 @@ in `input.modules` (e.g. `projects.shapes.data`).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
 import json
 import os
+import re
+import shlex
+import shutil
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -202,12 +214,170 @@ def tfds_builder(cls, name: str, data_dir: str | None):
   return cls(config=config, data_dir=data_dir, file_format='array_record')
 
 
-def prepare_folder(src: str, data_dir: str | None = None, name: str = 'default') -> str:
-  """Prepares a captioned folder as array_record; returns the prepared directory."""
+class FolderError(ValueError):
+  """Bad input to `prepare_folder` (no such folder, no images, a data dir that cannot be
+  written); the message is one line meant for the user."""
+
+
+FOLDER_FINGERPRINT = 'folder_fingerprint.json'  # in the prepared directory, written last
+FOLDER_TOKENIZER = 'tokenizer'  # the word-level tokenizer of the captions, beside it
+_STAGING_PREFIX = 'incomplete.prepare_folder.'  # TFDS ignores `incomplete.*` directories
+_WORD = re.compile(r'\w+|[^\w\s]+')  # the word tokenizer's pre-tokenizer (Whitespace)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedFolder:
+  """What `prepare_folder` did: status 'prepared' (first time), 're-prepared' (the folder or
+  the settings changed since; `reason` says how) or 'unchanged' (nothing was written)."""
+  status: str
+  reason: str
+  path: str  # the prepared directory, DATA/captioned_folder/NAME/<version>
+  data_dir: str  # DATA, absolute
+  name: str
+  num_images: int
+  without_caption: int  # images with no caption (skipped, counted, at load time)
+  several_captions: int  # images with more than one (one is drawn per example)
+  tokenizer_path: str
+  tokenizer_words: int  # caption words in the tokenizer (the rest map to its unk token)
+  caption_words: int  # distinct caption words
+
+  def train_flags(self) -> str:
+    """The train command-line flags that read this prepared folder."""
+    q = shlex.quote
+    return (f'--config.input.dataset=folder --config.input.data_dir={q(self.data_dir)} '
+            f'--config.input.folder_name={q(self.name)} '
+            f'--config.text_encoder.tokenizer_path={q(self.tokenizer_path)}')
+
+
+def caption_words(items: Sequence[tuple[str, list[str]]]) -> list[str]:
+  """The distinct lower-cased caption words, most frequent first (ties alphabetically), split
+  as the word-level tokenizer splits them."""
+  counts = collections.Counter(w for _, caps in items for c in caps
+                               for w in _WORD.findall(c.lower()))
+  return sorted(counts, key=lambda w: (-counts[w], w))
+
+
+def folder_fingerprint(src: str, items: Sequence[tuple[str, list[str]]],
+                       settings: Mapping[str, Any]) -> dict[str, Any]:
+  """What a prepared folder was made from: digests of the sorted (relative path, size,
+  mtime) of its images, of their captions and of the preparation settings, and the count.
+  Any image added, removed, replaced or touched, and any caption edited, changes it."""
+  files, captions = hashlib.sha256(), hashlib.sha256()
+  for rel, caps in items:
+    try:
+      st = os.stat(os.path.join(src, rel))
+      stat = [st.st_size, st.st_mtime_ns]
+    except OSError:
+      stat = None  # a jsonl row naming a missing file (skipped at load time)
+    files.update(json.dumps([rel, stat]).encode() + b'\n')
+    captions.update(json.dumps([rel, caps]).encode() + b'\n')
+  return {'images': files.hexdigest(), 'captions': captions.hexdigest(),
+          'settings': dict(settings), 'num_images': len(items)}
+
+
+def _read_fingerprint(path: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(path, FOLDER_FINGERPRINT), encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  what = [k for k in ('images', 'captions', 'settings') if old.get(k) != new.get(k)]
+  count = f'{old.get("num_images", "?")} -> {new["num_images"]} images'
+  return f'{" and ".join(what) or "content"} changed ({count})'
+
+
+def _writable_dir(path: str) -> None:
+  try:
+    os.makedirs(path, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()
+  except OSError as e:
+    raise FolderError(f'data_dir: cannot write to {path!r} ({e.strerror or e})') from None
+
+
+def prepare_folder(src: str, data_dir: str | None = None, name: str = 'default', *,
+                   tokenizer_style: str = 't5', vocab_size: int = 64) -> PreparedFolder:
+  """Prepares a captioned folder as array_record, with a word-level tokenizer of its
+  captions (`vocab_size` tokens, specials included: the frozen encoder's embedding size;
+  less frequent words map to unk), in DATA/captioned_folder/NAME/<version>.
+
+  The prepared directory records the folder's `folder_fingerprint`: preparing again an
+  unchanged folder writes nothing ('unchanged'); a changed one (or other settings) is
+  prepared again ('re-prepared'). A new version is built in a staging directory beside the
+  old one and swapped in by renames once complete (fingerprint written last), so a killed
+  run leaves either the old complete version or none, never a partial one; its leftovers
+  are removed by the next run (so prepare one NAME at a time). Raises FolderError (one
+  line) for bad input.
+  """
+  if not src or not os.path.isdir(src):
+    raise FolderError(f'--src: image folder {src!r} does not exist or is not a folder')
+  try:
+    items = list_folder(src)
+  except ValueError as e:  # a malformed captions.jsonl row
+    raise FolderError(str(e)) from None
+  if not any(os.path.isfile(os.path.join(src, rel)) for rel, _ in items):
+    raise FolderError(f'--src: no images ({", ".join(IMAGE_EXTENSIONS)}) found in {src!r}'
+                      + (' (captions.jsonl names none that exist)' if items else ''))
+  if not re.fullmatch(r'[A-Za-z0-9][\w.-]*', name or ''):
+    raise FolderError(f'--name: {name!r} is not a name (letters, digits, "_", "." and "-")')
+  if tokenizer_style not in ('t5', 'clip'):
+    raise FolderError(f"tokenizer_style must be 't5' or 'clip', got {tokenizer_style!r}")
+  if vocab_size < 4:
+    raise FolderError(f'vocab_size must be at least 4 (3 special tokens), got {vocab_size}')
   tfds = import_tfds()
-  builder = tfds_builder(folder_builder_class(), name, data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=src))
-  return os.fspath(builder.data_dir)
+  cls = folder_builder_class()
+  settings = {'version': str(cls.VERSION), 'tokenizer_style': tokenizer_style,
+              'vocab_size': int(vocab_size)}
+  fingerprint = folder_fingerprint(src, items, settings)
+  words = caption_words(items)
+  kept = words[:vocab_size - 3]  # t5: pad, eos, unk; clip: unk, bos, eos
+
+  final = os.path.abspath(os.path.expanduser(os.fspath(
+      tfds_builder(cls, name, data_dir).data_dir)))
+  parent = os.path.dirname(final)  # DATA/captioned_folder/NAME
+  root = os.path.dirname(os.path.dirname(parent))
+  result = functools.partial(
+      PreparedFolder, path=final, data_dir=root, name=name, num_images=len(items),
+      without_caption=sum(not caps for _, caps in items),
+      several_captions=sum(len(caps) > 1 for _, caps in items),
+      tokenizer_path=os.path.join(final, FOLDER_TOKENIZER), tokenizer_words=len(kept),
+      caption_words=len(words))
+  _writable_dir(parent)
+  for leftover in os.listdir(parent):  # from a killed run
+    if leftover.startswith(_STAGING_PREFIX):
+      shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+
+  old = _read_fingerprint(final) if os.path.isdir(final) else None
+  if old is not None and {k: old.get(k) for k in fingerprint} == fingerprint:
+    return result(status='unchanged', reason='the folder has not changed since it was prepared')
+  if old is not None:
+    status, reason = 're-prepared', _changes(old, fingerprint)
+  elif os.path.isdir(final):
+    status, reason = 're-prepared', 'the prepared data has no fingerprint (an older version)'
+  else:
+    status, reason = 'prepared', 'first time'
+
+  staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=parent)
+  try:
+    builder = tfds_builder(cls, name, staging)
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints the staging path
+      builder.download_and_prepare(
+          download_dir=os.path.join(staging, 'downloads'),
+          download_config=tfds.download.DownloadConfig(manual_dir=src))
+    built = os.fspath(builder.data_dir)
+    from diffusion_jax import tokenizer as tokenizer_lib  # noqa: PLC0415 - heavy import
+    tokenizer_lib.build_word_tokenizer(kept, os.path.join(built, FOLDER_TOKENIZER),
+                                       style=tokenizer_style)
+    with open(os.path.join(built, FOLDER_FINGERPRINT), 'w', encoding='utf-8') as f:
+      json.dump({**fingerprint, 'src': os.path.abspath(src)}, f, indent=1)
+    if os.path.isdir(final):  # out of the way first: TFDS ignores `incomplete.*`
+      os.rename(final, os.path.join(staging, 'old'))
+    os.rename(built, final)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return result(status=status, reason=reason)
 
 
 class RecordSource:
@@ -294,7 +464,8 @@ def _folder_source(input_cfg) -> RecordSource:
   return prepared_source(
       folder_builder_class(), field(input_cfg, 'folder_name', 'default'), dataset='folder',
       data_dir=field(input_cfg, 'data_dir', None), split=field(input_cfg, 'split', 'train'),
-      hint='python -m diffusion_jax.tools.prepare_folder --src=DIR --data_dir=...')
+      hint='python -m diffusion_jax.tools.prepare_folder --src=IMAGES --data_dir=DATA '
+      '--name=NAME')
 
 
 registry.register_dataset('coco_captions', _coco_source)
