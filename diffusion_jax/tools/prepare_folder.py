@@ -1,37 +1,89 @@
 """Prepares a local folder of captioned images as a TFDS dataset (array_record).
 
-  python -m diffusion_jax.tools.prepare_folder --src=DIR --data_dir=DIR [--name=default]
+  python -m diffusion_jax.tools.prepare_folder --src=IMAGES --data_dir=DATA --name=NAME
 
-DIR holds images (jpg, png, webp, bmp, gif; sub-folders allowed) and either a
+IMAGES holds images (jpg, png, webp, bmp, gif; sub-folders allowed) and either a
 `captions.jsonl` with {"file": "relative/path.jpg", "caption": "..."} (or "captions": [...])
 per line, or one `.txt` next to each image (one caption per non-empty line). The images'
 bytes are stored as they are; unreadable images and images without a caption are kept and
-skipped (and counted) by the input pipeline, so one bad file never stops a run. Train on it
-with `--config.input.dataset=folder --config.input.data_dir=DIR --config.input.folder_name=NAME`.
+skipped (and counted) by the input pipeline, so one bad file never stops a run.
+
+It writes DATA/captioned_folder/NAME/1.0.0/, with a word-level tokenizer of the captions in
+its `tokenizer/` (the --vocab_size most frequent words; the rest map to unk), and prints the
+flags that train on it:
+
+  python -m diffusion_jax.train --config=configs/imagen.py:stage=base64,size=tiny \\
+      --workdir=ROOT/base64 --config.input.dataset=folder --config.input.data_dir=DATA \\
+      --config.input.folder_name=NAME \\
+      --config.text_encoder.tokenizer_path=DATA/captioned_folder/NAME/1.0.0/tokenizer
+
+(with a pretrained encoder, `--config.text_encoder.path=DIR` instead of the tokenizer_path;
+unCLIP's CLIP stages want --tokenizer_style=clip). Run it again after changing the folder:
+it prepares it again, replacing the old version, and says why; for an unchanged folder it
+writes nothing and says so.
 """
 from __future__ import annotations
 
-import collections
+import sys
 
 from absl import app, flags
 
 from diffusion_jax.data import datasets
 
-_SRC = flags.DEFINE_string('src', None, 'Folder of images and captions.', required=True)
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default $TFDS_DATA_DIR).')
-_NAME = flags.DEFINE_string('name', 'default', 'Config name: one per prepared folder.')
+_SRC = flags.DEFINE_string('src', None, 'Folder of images and captions (required).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default $TFDS_DATA_DIR, '
+                                'else ~/tensorflow_datasets).')
+_NAME = flags.DEFINE_string('name', 'default', 'Config name: one per prepared folder '
+                            '(--config.input.folder_name).')
+_TOKENIZER_STYLE = flags.DEFINE_enum('tokenizer_style', 't5', ['t5', 'clip'],
+                                     'Special tokens of the word-level tokenizer: t5 (Imagen, '
+                                     'GLIDE) or clip (unCLIP prior and decoder64).')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 64, 'Tokens of the word-level tokenizer, '
+                                   'specials included: at most the embedding size of the '
+                                   'text encoder (64 for the tiny configs).')
+
+
+def _fail(message: str):
+  print(f'prepare_folder: error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(argv):
+  """absl's parser, but `--help` exits 0 (absl's exits 1) and a bad flag is one line."""
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as e:
+    asked = any(a.lstrip('-').split('=', 1)[0] in ('help', 'helpshort', 'helpfull', '?')
+                for a in argv[1:] if a.startswith('-'))
+    if e.code not in (0, None) and asked:
+      sys.exit(0)
+    raise
+  except flags.Error as e:
+    _fail(' '.join(str(e).split()))
 
 
 def main(argv):
-  del argv
-  items = datasets.list_folder(_SRC.value)
-  if not items:
-    raise app.UsageError(f'no images found in {_SRC.value}')
-  caption_counts = collections.Counter(min(len(caps), 2) for _, caps in items)
-  out = datasets.prepare_folder(_SRC.value, _DATA_DIR.value, _NAME.value)
-  print(f'prepared {len(items)} images ({caption_counts[0]} without caption, '
-        f'{caption_counts[2]} with several) in {out}')
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]} (flags are --name=value)')
+  if not _SRC.value:
+    _fail('--src is required: a folder of images with captions.jsonl or .txt captions')
+  try:
+    done = datasets.prepare_folder(_SRC.value, _DATA_DIR.value, _NAME.value,
+                                   tokenizer_style=_TOKENIZER_STYLE.value,
+                                   vocab_size=_VOCAB_SIZE.value)
+  except datasets.FolderError as e:
+    _fail(str(e))
+  if done.status == 'unchanged':
+    print(f'unchanged: {done.name!r} in {done.path} is already prepared from this folder '
+          f'({done.num_images} images); nothing to do')
+  else:
+    why = f' because {done.reason}' if done.status == 're-prepared' else ''
+    print(f'{done.status} {done.num_images} images ({done.without_caption} without caption, '
+          f'{done.several_captions} with several) in {done.path}{why}')
+    print(f'tokenizer: {done.tokenizer_words} of {done.caption_words} caption words '
+          f'(--vocab_size={_VOCAB_SIZE.value}; the rest map to unk) in {done.tokenizer_path}')
+  print(f'train on it with:\n  {done.train_flags()}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
