@@ -1,4 +1,4 @@
-"""CLI: evaluate a cascade: zero-shot COCO FID-30K (+ CLIP score); compare results.
+r"""Evaluates a cascade: zero-shot COCO FID-30K (+ CLIP score); compares results.
 
     python -m diffusion_jax.evaluate --config=configs/imagen.py:stage=cascade,size=tiny \
         --workdir=ROOT --inception_weights=pt_inception-2015-12-05.safetensors \
@@ -23,8 +23,9 @@ import json
 import os
 from typing import Any, Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
+
+from diffusion_jax import cli
 
 
 def sampling_info(config, guidance: float) -> dict[str, Any]:
@@ -114,58 +115,74 @@ def write_result(path: str, result: dict) -> None:
   os.replace(path + '.tmp', path)
 
 
-def main(argv):
-  F = flags.FLAGS
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
   if F.compare:
     out = F.out or 'compare'
-    results = compare(F.compare, out)
+    try:
+      results = compare(F.compare, out)
+    except FileNotFoundError as e:
+      raise cli.CLIError(e) from None
     print(f'wrote {out}.md and {out}.png ({len(results)} results)')
     return
   if F.config is None or not F.workdir:
-    raise app.UsageError('--config and --workdir are required (or --compare)')
+    raise cli.CLIError('--config and --workdir are required (or --compare)')
+  if set(F.metrics) - {'fid'}:
+    raise cli.CLIError(f'--metrics={",".join(F.metrics)}: this evaluates fid (a project '
+                       'evaluates its own, e.g. python -m projects.shapes.evaluate)')
+  if 'fid' in F.metrics and not F.inception_weights and F.random_inception_seed < 0:
+    raise cli.CLIError('FID needs --inception_weights (pytorch-fid weights converted with '
+                       'diffusion_jax.tools.convert_inception), or --random_inception_seed '
+                       'for a smoke test')
+  try:
+    guidance = [float(g) for g in F.guidance]
+  except ValueError:
+    raise cli.CLIError(f'--guidance={",".join(F.guidance)}: give numbers, e.g. 1,3,5') from None
+  from diffusion_jax import pipelines  # noqa: PLC0415
   from diffusion_jax.eval import protocol  # noqa: PLC0415
   cfg = protocol.ProtocolConfig(num_samples=F.num_samples, caption_seed=F.caption_seed,
                                 sample_seed=F.sample_seed, image_size=F.image_size,
                                 shard_size=F.shard_size, batch_size=F.batch_size,
                                 reference_images=F.reference_images, data_dir=F.tfds_data_dir)
-  results = evaluate(F.config, F.workdir, metrics=F.metrics,
-                     guidance=[float(g) for g in F.guidance],
-                     inception_weights=F.inception_weights,
-                     random_inception_seed=F.random_inception_seed,
-                     protocol_config=cfg, clip_path=F.clip_path)
+  try:
+    results = evaluate(F.config, F.workdir, metrics=F.metrics, guidance=guidance,
+                       inception_weights=F.inception_weights,
+                       random_inception_seed=F.random_inception_seed,
+                       protocol_config=cfg, clip_path=F.clip_path)
+  except pipelines.MissingCheckpointError as e:
+    raise cli.CLIError(e) from None
   for name, r in results.items():
     print(json.dumps({'run': name, **{k: r[k] for k in ('fid', 'clip_score')
                                       if k in r}}))
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
   """Flags exist only when run as a program (importing `evaluate` for its functions defines
   none, so it coexists with the other CLIs in one process)."""
-  config_flags.DEFINE_config_file('config', None, 'a stage=cascade config')
-  flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)')
+  fv = dict(flag_values=flag_values)
+  cli.define_config(flag_values, sys_argv, kind='cascade')
+  flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)', **fv)
   flags.DEFINE_string('inception_weights', None,
-                       'FID Inception .safetensors (tools/convert_inception)')
+                      'FID Inception .safetensors (tools/convert_inception)', **fv)
   flags.DEFINE_integer('random_inception_seed', -1,
-                       'smoke tests only: random Inception weights from this seed')
-  flags.DEFINE_list('metrics', ['fid'], 'fid (FID-30K; with --clip_path, CLIP score too)')
-  flags.DEFINE_list('guidance', [], "guidance scales (default: the config's)")
-  flags.DEFINE_integer('num_samples', 30_000, 'FID: captions / samples')
-  flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
-  flags.DEFINE_integer('sample_seed', 0, 'seed of the samples')
-  flags.DEFINE_integer('image_size', 256, 'generated and reference resolution')
-  flags.DEFINE_integer('shard_size', 1000, 'FID: captions per saved shard')
-  flags.DEFINE_integer('batch_size', 50, 'prompts per generate call')
-  flags.DEFINE_integer('reference_images', None, 'FID: reference images (default all)')
-  flags.DEFINE_string('tfds_data_dir', None, 'TFDS data dir holding coco_captions')
-  flags.DEFINE_string('clip_path', None, 'transformers CLIP directory: adds CLIP score')
-  flags.DEFINE_list('compare', [], 'result.json files or globs to compare')
-  flags.DEFINE_string('out', None, 'compare: output path prefix (.md, .png)')
+                       'smoke tests only: random Inception weights from this seed', **fv)
+  flags.DEFINE_list('metrics', ['fid'], 'fid (FID-30K; with --clip_path, CLIP score too)', **fv)
+  flags.DEFINE_list('guidance', [], "guidance scales (default: the config's)", **fv)
+  flags.DEFINE_integer('num_samples', 30_000, 'FID: captions / samples', **fv)
+  flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw', **fv)
+  flags.DEFINE_integer('sample_seed', 0, 'seed of the samples', **fv)
+  flags.DEFINE_integer('image_size', 256, 'generated and reference resolution', **fv)
+  flags.DEFINE_integer('shard_size', 1000, 'FID: captions per saved shard', **fv)
+  flags.DEFINE_integer('batch_size', 50, 'prompts per generate call', **fv)
+  flags.DEFINE_integer('reference_images', None, 'FID: reference images (default all)', **fv)
+  flags.DEFINE_string('tfds_data_dir', None, 'TFDS data dir holding coco_captions', **fv)
+  flags.DEFINE_string('clip_path', None, 'transformers CLIP directory: adds CLIP score', **fv)
+  flags.DEFINE_list('compare', [], 'result.json files or globs to compare', **fv)
+  flags.DEFINE_string('out', None, 'compare: output path prefix (.md, .png)', **fv)
 
 
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
   define_flags()
-  app.run(main)
+  cli.run(main, config='cascade')

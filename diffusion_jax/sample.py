@@ -1,4 +1,4 @@
-"""Sample a trained cascade:
+r"""Samples a trained cascade.
 
   python -m diffusion_jax.sample --config=configs/imagen.py:stage=cascade,size=tiny \
       --workdir=ROOT --prompt="a red circle" --num_images=4 --seed=0 --out=DIR
@@ -24,35 +24,38 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'cascade config: FILE:stage=cascade,...')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'ROOT holding one directory per stage')
-_PROMPT = flags.DEFINE_multi_string('prompt', [], 'a prompt (repeatable)')
-_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'a text file, one prompt per line')
-_NUM = flags.DEFINE_integer('num_images', 1, 'images per prompt')
-_SEED = flags.DEFINE_integer('seed', 0, 'random seed')
-_OUT = flags.DEFINE_string('out', 'samples', 'output directory')
-_STAGES = flags.DEFINE_list('stages', None, 'run only these stages of the chain, in order '
-                            '(default: the config\'s order)')
-_MODE = flags.DEFINE_enum('mode', 'generate', ['generate', 'inpaint', 'variations',
-                                               'interpolate', 'text_diff'], 'what to do')
-_IMAGE = flags.DEFINE_string('image', None, 'input image (inpaint, variations, text_diff, '
-                             'interpolate)')
-_IMAGE_B = flags.DEFINE_string('image_b', None, 'second image (interpolate)')
-_MASK = flags.DEFINE_string('mask', None, 'inpainting mask image: white = keep, black = fill')
-_ETA = flags.DEFINE_float('eta', 1.0, 'DDIM eta of variations')
-_NUM_INTERP = flags.DEFINE_integer('num', 5, 'interpolation frames')
-_NEW_PROMPT = flags.DEFINE_string('new_prompt', None, 'text_diff target caption')
-_WEIGHTS = flags.DEFINE_list('weights', ['0', '0.25', '0.5', '0.75'], 'text_diff slerp weights')
-_CLIP_GUIDANCE = flags.DEFINE_float('clip_guidance_scale', 0.0,
-                                    'GLIDE: CLIP guidance with the noised CLIP instead of CFG')
-_QUIET = flags.DEFINE_bool('quiet', False, 'no progress bar')
+from diffusion_jax import cli
+
+CLIError = cli.CLIError  # reported as one line, exit status 1
+MODES = ('generate', 'inpaint', 'variations', 'interpolate', 'text_diff')
 
 
-class CLIError(Exception):
-  """Reported as one line, exit status 1."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  """The CLI's flags (defined when it runs, not when it is imported)."""
+  fv = dict(flag_values=flag_values)
+  cli.define_config(flag_values, sys_argv, kind='cascade')
+  flags.DEFINE_string('workdir', None, 'ROOT holding one directory per stage', **fv)
+  flags.DEFINE_multi_string('prompt', [], 'a prompt (repeatable)', **fv)
+  flags.DEFINE_string('prompts_file', None, 'a text file, one prompt per line', **fv)
+  flags.DEFINE_integer('num_images', 1, 'images per prompt', **fv)
+  flags.DEFINE_integer('seed', 0, 'random seed', **fv)
+  flags.DEFINE_string('out', 'samples', 'output directory', **fv)
+  flags.DEFINE_list('stages', None, 'run only these stages of the chain, in order '
+                    '(default: the config\'s order)', **fv)
+  flags.DEFINE_enum('mode', 'generate', MODES, 'what to do', **fv)
+  flags.DEFINE_string('image', None, 'input image (inpaint, variations, text_diff, '
+                      'interpolate)', **fv)
+  flags.DEFINE_string('image_b', None, 'second image (interpolate)', **fv)
+  flags.DEFINE_string('mask', None, 'inpainting mask image: white = keep, black = fill', **fv)
+  flags.DEFINE_float('eta', 1.0, 'DDIM eta of variations', **fv)
+  flags.DEFINE_integer('num', 5, 'interpolation frames', **fv)
+  flags.DEFINE_string('new_prompt', None, 'text_diff target caption', **fv)
+  flags.DEFINE_list('weights', ['0', '0.25', '0.5', '0.75'], 'text_diff slerp weights', **fv)
+  flags.DEFINE_float('clip_guidance_scale', 0.0,
+                     'GLIDE: CLIP guidance with the noised CLIP instead of CFG', **fv)
+  flags.DEFINE_bool('quiet', False, 'no progress bar', **fv)
 
 
 def read_prompts(prompts, prompts_file) -> list[str]:
@@ -123,7 +126,10 @@ def write_outputs(out_dir: str, images, captions, meta) -> None:
 
 
 def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: int = 0,
-        out: str = 'samples', stages=None, mode: str = 'generate', progress: bool = True):
+        out: str = 'samples', stages=None, mode: str = 'generate', progress: bool = True,
+        image: str | None = None, image_b: str | None = None, mask: str | None = None,
+        eta: float = 1.0, num_interp: int = 5, new_prompt: str | None = None,
+        weights=('0', '0.25', '0.5', '0.75'), clip_guidance_scale: float = 0.0):
   import jax
   import numpy as np
   from diffusion_jax import pipelines
@@ -154,36 +160,38 @@ def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: 
     if mode == 'generate':
       rows = [p for p in prompts for _ in range(num_images)]
       extra = {}
-      if _CLIP_GUIDANCE.present and _CLIP_GUIDANCE.value > 0:
-        extra['clip_guidance_scale'] = _CLIP_GUIDANCE.value
+      if clip_guidance_scale > 0:
+        extra['clip_guidance_scale'] = clip_guidance_scale
       images = pipe.generate(rows, rng, **extra)
       captions = rows
     elif mode == 'inpaint':
       if not hasattr(pipe, 'inpaint'):
         raise CLIError(f'--mode=inpaint needs the GLIDE cascade, not {config.family}')
-      image, mask = _load_image(_IMAGE.value), _load_image(_MASK.value)
+      image, mask = _load_image(image), _load_image(mask)
       mask = (mask.mean(-1) > 127).astype(np.float32)
       prompt = prompts[0] if prompts else ''
       images = pipe.inpaint(np.repeat(image[None], num_images, 0), mask, prompt, rng)
       captions = [prompt] * num_images
     elif mode == 'variations':
       _need(pipe, 'variations')
-      image = _load_image(_IMAGE.value)
-      images = pipe.variations(np.repeat(image[None], num_images, 0), rng, _ETA.value)
-      captions = [f'variation {i} (eta={_ETA.value})' for i in range(num_images)]
+      source = _load_image(image)
+      images = pipe.variations(np.repeat(source[None], num_images, 0), rng, eta)
+      captions = [f'variation {i} (eta={eta})' for i in range(num_images)]
     elif mode == 'interpolate':
       _need(pipe, 'interpolate')
-      images = pipe.interpolate(_load_image(_IMAGE.value), _load_image(_IMAGE_B.value),
-                                _NUM_INTERP.value, rng)
-      captions = [f'interpolation {i}/{_NUM_INTERP.value - 1}' for i in range(_NUM_INTERP.value)]
+      images = pipe.interpolate(_load_image(image), _load_image(image_b), num_interp, rng)
+      captions = [f'interpolation {i}/{num_interp - 1}' for i in range(num_interp)]
     else:
       _need(pipe, 'text_diff')
-      if not prompts or not _NEW_PROMPT.value:
+      if not prompts or not new_prompt:
         raise CLIError('--mode=text_diff needs --prompt (the caption) and --new_prompt')
-      weights = [float(w) for w in _WEIGHTS.value]
-      images = pipe.text_diff(_load_image(_IMAGE.value), prompts[0], _NEW_PROMPT.value,
-                              weights, rng)
-      captions = [f'{prompts[0]} -> {_NEW_PROMPT.value} ({w})' for w in weights]
+      try:
+        weights = [float(w) for w in weights]
+      except ValueError:
+        raise CLIError(f'--weights={",".join(map(str, weights))}: give numbers, e.g. '
+                       '0,0.25,0.5') from None
+      images = pipe.text_diff(_load_image(image), prompts[0], new_prompt, weights, rng)
+      captions = [f'{prompts[0]} -> {new_prompt} ({w})' for w in weights]
   except pipelines.MissingCheckpointError as e:
     raise CLIError(str(e)) from None
   except pipelines.UnknownStageError as e:
@@ -206,33 +214,20 @@ def _need(pipe, method: str):
     raise CLIError(f'--mode={method} needs the unCLIP cascade')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  verbosity = F['verbosity'] if 'verbosity' in F else None
+  if verbosity is None or not verbosity.present:
     logging.set_verbosity(logging.WARNING)  # keep checkpoint-library chatter off the bar
-  try:
-    prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-    run(_CONFIG.value, _WORKDIR.value, prompts, num_images=_NUM.value, seed=_SEED.value,
-        out=_OUT.value, stages=_STAGES.value, mode=_MODE.value, progress=not _QUIET.value)
-  except CLIError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-
-
-def parse_flags(argv):
-  """absl's parser, with a bad --config (e.g. an unknown stage) as one line and status 1."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    reason = next((line for line in reversed(lines) if 'Error: ' in line), lines[-1] if lines
-                  else repr(e))
-    print(f'error: {reason.split("Error: ", 1)[-1]}', file=sys.stderr)
-    sys.exit(1)
+  prompts = read_prompts(F.prompt, F.prompts_file)
+  run(F.config, F.workdir, prompts, num_images=F.num_images, seed=F.seed, out=F.out,
+      stages=F.stages, mode=F.mode, progress=not F.quiet, image=F.image, image_b=F.image_b,
+      mask=F.mask, eta=F.eta, num_interp=F.num, new_prompt=F.new_prompt, weights=F.weights,
+      clip_guidance_scale=F.clip_guidance_scale)
 
 
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
-  app.run(main, flags_parser=parse_flags)
+  define_flags()
+  cli.run(main, config='cascade')
