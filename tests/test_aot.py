@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import flops, models
+from diffusion_jax import cli, flops, models
 from diffusion_jax.tools import aot
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -72,9 +72,14 @@ def test_set_changes_config_fields(monkeypatch):
   monkeypatch.setattr(aot, 'compile_train_step',
                       lambda config, topology, mfu: seen.update(config=config) or {})
   monkeypatch.setattr(aot, 'format_report', lambda report: '')
-  aot.main(['--config=configs/imagen.py:stage=base64,size=tiny', '--topology=cpu:1',
-            '--set=model.num_res_blocks=3', '--set=model.dropout=0.1'])
+  cli.call(aot, ['--config=configs/imagen.py:stage=base64,size=tiny', '--topology=cpu:1',
+                 '--set=model.num_res_blocks=3', '--set=model.dropout=0.1',
+                 '--config.model.model_channels=8'])
   assert seen['config'].model.num_res_blocks == 3 and seen['config'].model.dropout == 0.1
+  assert seen['config'].model.model_channels == 8, '--config.KEY=VALUE works beside --set'
+  with pytest.raises(SystemExit):
+    cli.call(aot, ['--config=configs/imagen.py:stage=base64,size=tiny', '--topology=cpu:1',
+                   '--set=model.num_blocks=2'])
 
 
 def test_host_memory_warning_for_paper_compiles_on_small_hosts(tmp_path):

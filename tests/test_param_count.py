@@ -7,6 +7,7 @@ import math
 import jax
 import pytest
 
+from diffusion_jax import cli
 from diffusion_jax.tools import param_count
 
 PUBLISHED = {
@@ -42,7 +43,7 @@ def test_glide_text_transformer_is_about_1_2B():
 
 def test_cli_prints_one_json_object_per_stage(capsys, monkeypatch, table):
   monkeypatch.setattr(param_count, 'paper_table', lambda: table)
-  param_count.main(['--paper'])
+  cli.call(param_count, ['--paper'])
   lines = capsys.readouterr().out.strip().splitlines()
   rows = [json.loads(line) for line in lines]
   assert len(rows) == len(PUBLISHED)
@@ -51,7 +52,7 @@ def test_cli_prints_one_json_object_per_stage(capsys, monkeypatch, table):
 
 
 def test_cli_counts_one_config_with_breakdown(capsys):
-  param_count.main(['--config=configs/unclip.py:stage=prior,size=tiny'])
+  cli.call(param_count, ['--config=configs/unclip.py:stage=prior,size=tiny'])
   row = json.loads(capsys.readouterr().out)
   assert row['family'] == 'unclip' and row['stage'] == 'prior'
   assert row['params'] == sum(row['modules'].values()) > 0

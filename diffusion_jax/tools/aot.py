@@ -2,7 +2,7 @@ r"""Ahead-of-time compile of a stage's real train step for a TPU topology, on an
 
   python -m diffusion_jax.tools.aot --config=configs/imagen.py:stage=base64,size=paper \
       --topology=v4:8x8x4 [--batch=2048] [--remat=POLICY] [--mesh=DATA,FSDP,TENSOR] [--mfu=0.4] \
-      [--set=model.num_res_blocks=2 ...]
+      [--set=model.num_res_blocks=2 ...] [--config.model.num_res_blocks=2 ...]
 
 `--topology` is `GEN:AxBxC` (v4, v5p: 3-d chip grids; v5e, v6e: 2-d), compiled with libtpu
 through `jax.experimental.topologies` (no TPU needed: `pip install -e '.[tpu]'`), or `cpu:N`
@@ -17,8 +17,8 @@ layer stack's body once) and the analytic count (`diffusion_jax.flops`: matmuls 
 convolutions of the whole step's jaxpr, backward and remat recomputation included); a step
 time PROJECTED from the analytic FLOPs at an assumed MFU (not a measurement). The last line
 is one JSON object. `--set=KEY=VALUE` (repeatable) changes any config field before the
-compile, as the trainer's `--config.KEY=VALUE` does, so a variant can be sized before it is
-trained.
+compile, as `--config.KEY=VALUE` does here and in the trainer, so a variant can be sized
+before it is trained.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ import sys
 import time
 from typing import Any
 
-from diffusion_jax import config_util
+from absl import flags
+
+from diffusion_jax import cli, config_util
 
 GIB = 1024**3
 
@@ -140,7 +142,10 @@ def apply_overrides(config, *, batch=None, remat=None, mesh=None, settings=()):
   if remat:
     config.model.remat_policy = remat
   if mesh:
-    sizes = [int(s) for s in mesh.split(',')]
+    try:
+      sizes = [int(s) for s in mesh.split(',')]
+    except ValueError:
+      sizes = []
     if len(sizes) != 3:
       raise ValueError(f'--mesh={mesh!r}: give DATA,FSDP,TENSOR sizes, e.g. 1,-1,1')
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
@@ -326,37 +331,53 @@ def format_report(r: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None):
-  import argparse
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--config', required=True, help='FILE:ARG, e.g. configs/imagen.py:stage=base64,size=paper')
-  p.add_argument('--topology', default='v4:8x8x4', help="e.g. v4:8x8x4, v5e:16x16, cpu:8")
-  p.add_argument('--batch', type=int, default=None, help='global batch (default: the config\'s)')
-  p.add_argument('--remat', default=None, help='model.remat_policy, e.g. nothing_saveable')
-  p.add_argument('--mesh', default=None, help='DATA,FSDP,TENSOR sizes (-1 fills), e.g. 1,-1,1')
-  p.add_argument('--mfu', type=float, default=0.4, help='assumed MFU of the projected step time')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='change a config field, e.g. --set=model.num_res_blocks=2 (repeatable)')
-  args = p.parse_args(argv)
-  if args.topology.startswith('cpu'):
-    n = args.topology.partition(':')[2] or '8'
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  fv = dict(flag_values=flag_values)
+  cli.define_config(flag_values, sys_argv, required=True)
+  flags.DEFINE_string('topology', 'v4:8x8x4', 'e.g. v4:8x8x4, v5e:16x16, cpu:8', **fv)
+  flags.DEFINE_integer('batch', None, "global batch (default: the config's input.batch_size)",
+                       **fv)
+  flags.DEFINE_string('remat', None, 'model.remat_policy, e.g. nothing_saveable', **fv)
+  flags.DEFINE_string('mesh', None, 'DATA,FSDP,TENSOR sizes (-1 fills), e.g. 1,-1,1', **fv)
+  flags.DEFINE_float('mfu', 0.4, 'assumed MFU of the projected step time', **fv)
+  flags.DEFINE_multi_string('set', [], 'KEY=VALUE: change a config field, e.g. '
+                            '--set=model.num_res_blocks=2 (repeatable; as --config.KEY=VALUE)',
+                            **fv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  topology = F.topology
+  gen, _, shape = topology.partition(':')
+  if gen != 'cpu' and gen not in CHIPS:
+    raise cli.CLIError(f'--topology={topology}: the generation must be one of '
+                       f'{", ".join(sorted(CHIPS))} or cpu')
+  if not all(d.isdigit() for d in (shape.split('x') if gen != 'cpu' else [shape or '8'])):
+    raise cli.CLIError(f'--topology={topology}: give GEN:AxBxC (e.g. v4:8x8x4) or cpu:N')
+  if gen == 'cpu':
+    n = shape or '8'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={n}').strip()
   # Compile-only TPU devices need no TPU backend: keep jax's own backend on the CPU.
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
   jax.config.update('jax_threefry_partitionable', True)
-  config = apply_overrides(load_config(args.config), batch=args.batch, remat=args.remat,
-                           mesh=args.mesh, settings=args.set)
-  warning = host_memory_warning(str(config_util.get(config, 'size', '')), args.topology,
+  try:
+    config = apply_overrides(F.config, batch=F.batch, remat=F.remat, mesh=F.mesh,
+                             settings=F.set)
+  except (ValueError, TypeError) as e:
+    raise cli.CLIError(e) from None
+  warning = host_memory_warning(str(config_util.get(config, 'size', '')), topology,
                                 *host_memory_bytes())
   if warning:
     print(warning, file=sys.stderr, flush=True)
-  report = compile_train_step(config, args.topology, mfu=args.mfu)
+  report = compile_train_step(config, topology, mfu=F.mfu)
   print(format_report(report), flush=True)
   print(json.dumps(report), flush=True)
 
 
 if __name__ == '__main__':
-  main()
+  # Before the config loads (and imports jax): compile-only TPU devices need no TPU backend.
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  define_flags()
+  cli.run(main, config='stage')

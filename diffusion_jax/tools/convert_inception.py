@@ -1,4 +1,4 @@
-"""Converts pytorch-fid's Inception weights (.pth) to safetensors, once.
+r"""Converts pytorch-fid's Inception weights (.pth) to safetensors, once.
 
     python -m diffusion_jax.tools.convert_inception \
         --src=pt_inception-2015-12-05-6726825d.pth --out=pt_inception-2015-12-05.safetensors
@@ -22,8 +22,9 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from diffusion_jax import cli
 
 
 def _sha256(path: str) -> str:
@@ -61,19 +62,27 @@ def convert(src: str, out: str) -> str:
   return _sha256(out)
 
 
-def main(argv):
+def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
-  digest = convert(flags.FLAGS.src, flags.FLAGS.out)
-  print(f'wrote {flags.FLAGS.out}')
+  if not os.path.isfile(F.src):
+    raise cli.CLIError(f'--src={F.src}: no such file (fetch pytorch-fid\'s weights yourself)')
+  try:
+    digest = convert(F.src, F.out)
+  except ValueError as e:  # the file's hash does not match its name
+    raise cli.CLIError(e) from None
+  print(f'wrote {F.out}')
   print(f'sha256 {digest}')
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
   """Flags exist only when run as a program, so importing `convert` defines none."""
-  flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth", required=True)
-  flags.DEFINE_string('out', None, 'output .safetensors file', required=True)
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('src', None, "pytorch-fid's pt_inception-2015-12-05-*.pth", required=True,
+                      **fv)
+  flags.DEFINE_string('out', None, 'output .safetensors file', required=True, **fv)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -3,8 +3,8 @@ which the prior and the decoder then load as their frozen encoder (`text_encoder
 
   python -m diffusion_jax.tools.export_clip --workdir=ROOT/clip --out=ROOT/clip/export
 
-Written: config.json, model.safetensors, the tokenizer the stage trained with (the
-workdir's, or `text_encoder.tokenizer_path`), preprocessor_config.json and export_info.json.
+Written: config.json, model.safetensors, the tokenizer the stage trained with (kept in
+its directory), preprocessor_config.json and export_info.json.
 The EMA parameters are exported (`--raw` for the raw ones), as every other stage of a cascade
 samples with its EMA. The trainer feeds images in [-1, 1], so the pixel statistics written
 are mean = std = 0.5: `encoders` then maps [0, 1] pixels to exactly what the tower saw.
@@ -18,13 +18,9 @@ import json
 import os
 from typing import Any
 
-from absl import app, flags
-import jax
-import numpy as np
-from flax import traverse_util
+from absl import flags
 
-from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import conditioning, config_util, convert, io_util
+from diffusion_jax import cli, config_util
 
 EXPORT_INFO = 'export_info.json'
 # Images reach the trainer in [-1, 1]; `encoders` normalises [0, 1] pixels as (x - mean) / std.
@@ -41,8 +37,10 @@ def export_info(out_dir: str) -> dict[str, Any] | None:
 
 
 def _tokenizer_dir(config, stage_dir: str) -> str:
-  path = (config_util.get(config.text_encoder, 'tokenizer_path')
-          or os.path.join(stage_dir, 'tokenizer'))
+  """The tokenizer the stage trained with: the one it keeps, else (older stages) its source."""
+  path = os.path.join(stage_dir, 'tokenizer')
+  if not os.path.isfile(os.path.join(path, 'tokenizer_config.json')):
+    path = conditioning.tokenizer_source(config, None) or path
   if not os.path.isfile(os.path.join(path, 'tokenizer_config.json')):
     raise FileNotFoundError(f'no tokenizer at {path}: the clip stage writes it when it trains')
   return path
@@ -50,6 +48,9 @@ def _tokenizer_dir(config, stage_dir: str) -> str:
 
 def _check_round_trip(params, out_dir: str) -> None:
   """Reads the export back with the importer: every tensor must come back bit-identical."""
+  import numpy as np
+  from flax import traverse_util
+  from diffusion_jax import convert
   _, loaded = convert.load_clip(out_dir)
   want, got = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
   bad = [k for k in want if k not in got or not np.array_equal(want[k], got[k])]
@@ -60,6 +61,9 @@ def _check_round_trip(params, out_dir: str) -> None:
 def export_stage(stage_dir: str, out_dir: str, *, use_ema: bool = True) -> dict:
   """Exports the clip stage's newest checkpoint in `stage_dir` (with the config saved beside
   it) to `out_dir` unless that checkpoint is already exported there; returns the export info."""
+  import jax
+  from diffusion_jax import checkpoint as ckpt_lib
+  from diffusion_jax import conditioning, convert, io_util
   ckpt_dir = os.path.abspath(os.path.join(stage_dir, 'checkpoints'))
   latest = None
   if os.path.isdir(ckpt_dir):
@@ -90,18 +94,27 @@ def export_stage(stage_dir: str, out_dir: str, *, use_ema: bool = True) -> dict:
   return info
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  info = export_stage(f.workdir, f.out, use_ema=not f.raw)
-  print(f'exported step {info["step"]} ({info["params"]} params) to {f.out}')
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  """Defined when run as a program, not at import: the Shapes demo imports this module for
+  export_stage."""
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('workdir', None, 'The clip stage directory (ROOT/clip).', required=True,
+                      **fv)
+  flags.DEFINE_string('out', None, 'Output directory (transformers CLIPModel layout).',
+                      required=True, **fv)
+  flags.DEFINE_bool('raw', False, 'Export the raw parameters instead of the EMA.', **fv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  try:
+    info = export_stage(F.workdir, F.out, use_ema=not F.raw)
+  except (FileNotFoundError, ValueError) as e:  # no checkpoint, no tokenizer, not a clip stage
+    raise cli.CLIError(e) from None
+  print(f'exported step {info["step"]} ({info["params"]} params) to {F.out}')
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: the Shapes demo imports this module for export_stage.
-  flags.DEFINE_string('workdir', None, 'The clip stage directory (ROOT/clip).', required=True)
-  flags.DEFINE_string('out', None, 'Output directory (transformers CLIPModel layout).',
-                      required=True)
-  flags.DEFINE_bool('raw', False, 'Export the raw parameters instead of the EMA.')
-  app.run(main)
+  define_flags()
+  cli.run(main)

@@ -1,36 +1,44 @@
 r"""Samples Gaussian data with its exact denoiser: a network-free check of every sampler.
 
+  python -m diffusion_jax.tools.gaussian_demo --schedule=cosine --num_steps=50
+
 For x0 ~ N(mean, std^2) the optimal eps-prediction is known in closed form
 (diffusion_jax.diffusion.analytic), so a correct sampler must return samples with that mean
 and standard deviation. Prints one JSON line per sampler.
-
-  python -m diffusion_jax.tools.gaussian_demo --schedule=cosine --num_steps=50
 """
 from __future__ import annotations
 
 import json
 import time
 
-from absl import app, flags
-import jax
-import numpy as np
+from absl import flags
 
-from diffusion_jax.diffusion import analytic, samplers, schedules
+from diffusion_jax import cli
 
-_SCHEDULE = flags.DEFINE_enum('schedule', 'cosine', ['cosine', 'linear', 'squaredcos_cap_v2'],
-                              'Noise schedule.')
-_SAMPLERS = flags.DEFINE_list('samplers', list(samplers.SAMPLERS), 'Samplers to run.')
-_NUM_STEPS = flags.DEFINE_integer('num_steps', 50, 'Model calls per sample.')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 4096, 'Samples (each of --dim values).')
-_DIM = flags.DEFINE_integer('dim', 64, 'Dimensions per sample.')
-_MEAN = flags.DEFINE_float('mean', 0.5, 'Data mean.')
-_STD = flags.DEFINE_float('std', 0.3, 'Data standard deviation.')
-_ETA = flags.DEFINE_float('eta', 0.0, 'DDIM eta.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+SCHEDULES = ('cosine', 'linear', 'squaredcos_cap_v2')
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_enum('schedule', 'cosine', SCHEDULES, 'Noise schedule.', **fv)
+  flags.DEFINE_list('samplers', None, 'Samplers to run (default: every one of '
+                    'diffusion_jax.diffusion.samplers.SAMPLERS: ddpm, ddim, dpmpp_2m, ...).',
+                    **fv)
+  flags.DEFINE_integer('num_steps', 50, 'Model calls per sample.', **fv)
+  flags.DEFINE_integer('num_samples', 4096, 'Samples (each of --dim values).', **fv)
+  flags.DEFINE_integer('dim', 64, 'Dimensions per sample.', **fv)
+  flags.DEFINE_float('mean', 0.5, 'Data mean.', **fv)
+  flags.DEFINE_float('std', 0.3, 'Data standard deviation.', **fv)
+  flags.DEFINE_float('eta', 0.0, 'DDIM eta.', **fv)
+  flags.DEFINE_integer('seed', 0, 'Random seed.', **fv)
 
 
 def run(schedule_name, sampler, num_steps, *, num_samples=4096, dim=64, mean=0.5, std=0.3,
         eta=0.0, seed=0):
+  import jax
+  import numpy as np
+  from diffusion_jax.diffusion import analytic, samplers, schedules
   schedule = schedules.get_schedule(schedule_name)
   denoiser = analytic.GaussianEpsDenoiser(schedule, mean, std)
   k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
@@ -47,13 +55,20 @@ def run(schedule_name, sampler, num_steps, *, num_samples=4096, dim=64, mean=0.5
   }
 
 
-def main(argv):
+def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
-  for sampler in _SAMPLERS.value:
-    print(json.dumps(run(_SCHEDULE.value, sampler, _NUM_STEPS.value,
-                         num_samples=_NUM_SAMPLES.value, dim=_DIM.value, mean=_MEAN.value,
-                         std=_STD.value, eta=_ETA.value, seed=_SEED.value)), flush=True)
+  from diffusion_jax.diffusion import samplers
+  names = F.samplers or list(samplers.SAMPLERS)
+  unknown = [n for n in names if n not in samplers.SAMPLERS]
+  if unknown:
+    raise cli.CLIError(f'--samplers: unknown {", ".join(unknown)}; the samplers are '
+                       f'{", ".join(samplers.SAMPLERS)}')
+  for sampler in names:
+    print(json.dumps(run(F.schedule, sampler, F.num_steps, num_samples=F.num_samples,
+                         dim=F.dim, mean=F.mean, std=F.std, eta=F.eta, seed=F.seed)),
+          flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  define_flags()
+  cli.run(main)

@@ -1,19 +1,20 @@
-"""Parameter counts of the denoising networks, from shapes only (`jax.eval_shape`, no memory).
+r"""Parameter counts of the denoising networks, from shapes only (`jax.eval_shape`, no memory).
 
   python -m diffusion_jax.tools.param_count --paper
       one JSON object per paper-size stage: {"family", "stage", "params", "published", "source"}
-  python -m diffusion_jax.tools.param_count --config=configs/imagen.py:stage=base64,size=shapes
-      the count of one config, with a per-top-level-module breakdown
+  python -m diffusion_jax.tools.param_count --config=configs/imagen.py:stage=base64,size=tiny \
+      [--config.model.model_channels=32 ...]
+      the count of one config (any config file, overrides applied), with a per-top-level-module
+      breakdown
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 
-import jax
+from absl import flags
 
-from diffusion_jax import config_util
+from diffusion_jax import cli, config_util
 
 # (family, stage, published parameter count, what the architecture follows)
 PAPER_STAGES = (
@@ -55,6 +56,7 @@ def _family_config(family: str, arg: str):
 
 def abstract_params(model_cfg):
   """The parameter tree of `model_cfg` as ShapeDtypeStructs (nothing is allocated)."""
+  import jax
   from diffusion_jax import models
   module = models.build(model_cfg)
   x, t, cond = models.example_inputs(model_cfg, 1)
@@ -63,8 +65,13 @@ def abstract_params(model_cfg):
   return meta.unbox(variables)['params']
 
 
+def _size(tree) -> int:
+  import jax
+  return int(sum(math.prod(p.shape) for p in jax.tree.leaves(tree)))
+
+
 def count_params(model_cfg) -> int:
-  return int(sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params(model_cfg))))
+  return _size(abstract_params(model_cfg))
 
 
 def paper_table():
@@ -76,27 +83,34 @@ def paper_table():
   return rows
 
 
-def main(argv=None):
-  import argparse
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--paper', action='store_true', help='count every paper-size stage')
-  p.add_argument('--config', help='FILE:ARG, e.g. configs/imagen.py:stage=base64,size=tiny')
-  args = p.parse_args(argv)
-  if args.paper:
+def config_row(cfg) -> dict:
+  """One config's count: {"family", "stage", "size", "params", "modules"} (per top-level
+  module of the network)."""
+  params = abstract_params(cfg.model)
+  top = {k: _size(v) for k, v in params.items()}
+  return {'family': cfg.family, 'stage': cfg.stage, 'size': cfg.size,
+          'params': sum(top.values()), 'modules': top}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  flags.DEFINE_bool('paper', False, 'count every paper-size stage', flag_values=flag_values)
+  cli.define_config(flag_values, sys_argv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  if not F.paper and F.config is None:
+    raise cli.CLIError('give --paper or --config=FILE:ARG')
+  if F.config is not None and 'model' not in F.config:
+    raise cli.CLIError(f'--config: stage={F.config.get("stage")!r} has no network to count '
+                       '(a stage config, not the cascade)')
+  if F.paper:
     for row in paper_table():
       print(json.dumps(row), flush=True)
-  if args.config:
-    path, _, arg = args.config.partition(':')
-    family = os.path.splitext(os.path.basename(path))[0]
-    cfg = _family_config(family, arg)
-    params = abstract_params(cfg.model)
-    top = {k: int(sum(math.prod(x.shape) for x in jax.tree.leaves(v)))
-           for k, v in params.items()}
-    print(json.dumps({'family': cfg.family, 'stage': cfg.stage, 'size': cfg.size,
-                      'params': sum(top.values()), 'modules': top}))
-  if not (args.paper or args.config):
-    p.error('give --paper or --config')
+  if F.config is not None:
+    print(json.dumps(config_row(F.config)), flush=True)
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  cli.run(main, config='stage')
