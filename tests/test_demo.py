@@ -208,9 +208,12 @@ def test_guided_samples_get_the_shape_pairs_and_unguided_ones_do_not(tmp_path):
 
 
 def test_demo_cli_refuses_unknown_family(capsys):
-  with pytest.raises(SystemExit):
-    demo.main(['--workdir=/nonexistent', '--family=dalle'])
-  assert 'invalid choice' in capsys.readouterr().err
+  from diffusion_jax import cli
+  with pytest.raises(SystemExit) as exit_:
+    cli.call(demo, ['--workdir=/nonexistent', '--family=dalle'])
+  assert exit_.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'value should be one of <glide|imagen|unclip>' in err[0], err
 
 
 def test_demo_process_samples_on_one_cpu_device_per_core_unless_xla_flags_say():

@@ -21,16 +21,16 @@ trained here (resumable like every stage).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
+from diffusion_jax import cli
 from projects.shapes import demo, shapes
 
 GUIDANCE_SWEEP = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -295,23 +295,31 @@ def _write(out: str, r: dict) -> None:
     f.write('\n'.join(lines))
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m projects.shapes.claims',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='the demo root (stages trained if missing)')
-  parser.add_argument('--out', default='claims', help='where claims.md and the figures go')
-  parser.add_argument('--captions_per_kind', type=int, default=12)
-  parser.add_argument('--seeds', type=int, default=3, help='samples per caption for diversity')
-  parser.add_argument('--noaug_steps', type=int, help='train steps of the no-augmentation SR')
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('workdir', None, 'the demo root (stages trained if missing)',
+                      required=True, **fv)
+  flags.DEFINE_string('out', 'claims', 'where claims.md and the figures go', **fv)
+  flags.DEFINE_integer('captions_per_kind', 12, 'held-out captions per caption kind', **fv)
+  flags.DEFINE_integer('seeds', 3, 'samples per caption for diversity', **fv)
+  flags.DEFINE_integer('noaug_steps', None, 'train steps of the no-augmentation SR '
+                       "(default: the demo's SR stage's)", **fv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS) -> None:
+  del argv
   demo.configure_logging(False)
-  r = run(args.workdir, args.out, captions_per_kind=args.captions_per_kind, seeds=args.seeds,
-          noaug_steps=args.noaug_steps)
-  print(f'wrote {args.out}/claims.md, claims.json and figures ({r["seconds"]:.0f} s)')
-  return 0
+  try:
+    r = run(F.workdir, F.out, captions_per_kind=F.captions_per_kind, seeds=F.seeds,
+            noaug_steps=F.noaug_steps)
+  except (ValueError, FileNotFoundError) as e:
+    raise cli.CLIError(e) from None
+  print(f'wrote {F.out}/claims.md, claims.json and figures ({r["seconds"]:.0f} s)')
 
 
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
-  sys.exit(main())
+  define_flags()
+  cli.run(main)

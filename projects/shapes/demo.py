@@ -50,12 +50,13 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
 import numpy as np
 
+from diffusion_jax import cli
 from projects.shapes import shapes
 
 log = logging.getLogger(__name__)
@@ -654,75 +655,87 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog='python -m projects.shapes.demo',
-      description='Train a small text-to-image cascade on Shapes on the CPU, sample held-out '
-                  'captions and score them with the Shapes oracle.')
-  parser.add_argument('--workdir', required=True, help='root of the run (one dir per stage)')
-  parser.add_argument('--family', default='imagen', choices=sorted(DEFAULT_STEPS))
-  parser.add_argument('--base_steps', type=int, help='train steps of the base stage')
-  parser.add_argument('--sr_steps', type=int, help='train steps of the super-resolution stage')
-  parser.add_argument('--steps',
-                      help='train steps per stage, e.g. clip:600,prior:1000,decoder64:1500')
-  parser.add_argument('--train_examples', type=int, help='Shapes training-set size')
-  parser.add_argument('--sample_steps', type=int,
-                      help='sampler steps of the first stage (and of any that is not an SR stage)')
-  parser.add_argument('--sr_sample_steps', type=int, help='sampler steps of each SR stage')
-  parser.add_argument('--guidance_scale', type=float, help='classifier-free guidance scale')
-  parser.add_argument('--contrast_scale', type=float,
-                      help='weight of the guided samples\' shape pairs, each object\'s noun '
-                           'phrase against it with the other object\'s shape (default: 1.5 '
-                           'for imagen; 0: none)')
-  parser.add_argument('--per_kind', type=int,
-                      help='evaluation captions per kind (single, count, conjunction, relation)')
-  parser.add_argument('--text_encoder_path', help='a converted transformers T5 directory')
-  parser.add_argument('--seed', type=int)
-  from diffusion_jax.data import registry
-  registry.import_modules(MODULES)
-  parser.add_argument('--caption_rewrite', choices=('none', *registry.caption_rewrites()),
-                      help='how the stages read captions (input.caption_rewrite; default: '
-                           'shapes_canonical for imagen, none for glide and unclip)')
-  parser.add_argument('--parallel_stages', type=int, default=2,
-                      help='independent stages trained at once, each in its own process '
-                           '(1: one after another)')
-  parser.add_argument('--cpu_devices', type=int,
-                      help='CPU devices this process samples on, the batch sharded over them '
-                           '(default: one per core)')
-  parser.add_argument('-v', '--verbose', action='store_true', help='library logs too')
-  args = parser.parse_args(argv)
-  configure_logging(args.verbose)
+VERBOSE_ALIASES = {'-v': '--verbose'}  # absl's own -v is --verbosity
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  """The CLI's flags: defined when the demo runs as a program (tests and `claims` import this
+  module for its functions)."""
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('workdir', None, 'root of the run (one dir per stage)', required=True,
+                      **fv)
+  flags.DEFINE_enum('family', 'imagen', sorted(DEFAULT_STEPS), 'the cascade to train', **fv)
+  flags.DEFINE_integer('base_steps', None, 'train steps of the base stage', **fv)
+  flags.DEFINE_integer('sr_steps', None, 'train steps of the super-resolution stage', **fv)
+  flags.DEFINE_string('steps', None,
+                      'train steps per stage, e.g. clip:600,prior:1000,decoder64:1500', **fv)
+  flags.DEFINE_integer('train_examples', None, 'Shapes training-set size', **fv)
+  flags.DEFINE_integer('sample_steps', None, 'sampler steps of the first stage (and of any '
+                       'that is not an SR stage)', **fv)
+  flags.DEFINE_integer('sr_sample_steps', None, 'sampler steps of each SR stage', **fv)
+  flags.DEFINE_float('guidance_scale', None, 'classifier-free guidance scale', **fv)
+  flags.DEFINE_float('contrast_scale', None,
+                     "weight of the guided samples' shape pairs, each object's noun phrase "
+                     "against it with the other object's shape (default: 1.5 for imagen; 0: "
+                     'none)', **fv)
+  flags.DEFINE_integer('per_kind', None, 'evaluation captions per kind (single, count, '
+                       'conjunction, relation)', **fv)
+  flags.DEFINE_string('text_encoder_path', None, 'a converted transformers T5 directory', **fv)
+  flags.DEFINE_integer('seed', None, 'seed of the training sets, the stages and the samples',
+                       **fv)
+  flags.DEFINE_string('caption_rewrite', None,
+                      'how the stages read captions (input.caption_rewrite): none or a '
+                      'registered rewrite (shapes_canonical; default: shapes_canonical for '
+                      'imagen, none for glide and unclip)', **fv)
+  flags.DEFINE_integer('parallel_stages', 2, 'independent stages trained at once, each in its '
+                       'own process (1: one after another)', **fv)
+  flags.DEFINE_integer('cpu_devices', None, 'CPU devices this process samples on, the batch '
+                       'sharded over them (default: one per core)', **fv)
+  flags.DEFINE_bool('verbose', False, 'library logs too (-v)', **fv)
+
+
+def plan_from_flags(F) -> Plan:
+  """The plan the command line asks for; ValueError for a bad combination."""
+  overrides: dict[str, Any] = dict(train_examples=F.train_examples,
+                                   sample_steps=F.sample_steps,
+                                   sr_sample_steps=F.sr_sample_steps,
+                                   guidance_scale=F.guidance_scale,
+                                   contrast_scale=F.contrast_scale, seed=F.seed,
+                                   text_encoder_path=F.text_encoder_path)
+  plan = default_plan(F.family, **overrides)
+  plan = with_steps(plan, F.base_steps, F.sr_steps, parse_steps(F.steps or ''))
+  if F.per_kind:
+    plan = dataclasses.replace(plan, per_kind={k: F.per_kind for k in KINDS})
+  if F.caption_rewrite:
+    from diffusion_jax.data import registry  # noqa: PLC0415
+    registry.import_modules(MODULES)
+    known = ('none', *registry.caption_rewrites())
+    if F.caption_rewrite not in known:
+      raise ValueError(f'--caption_rewrite={F.caption_rewrite}: choose one of '
+                       f'{", ".join(known)}')
+    plan = dataclasses.replace(
+        plan, caption_rewrite=None if F.caption_rewrite == 'none' else F.caption_rewrite)
+  return plan
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS) -> None:
+  del argv
+  configure_logging(F.verbose)
   from diffusion_jax import parallel
   try:
-    parallel.use_cpu_devices(args.cpu_devices)
+    parallel.use_cpu_devices(F.cpu_devices)
+    plan = plan_from_flags(F)
   except ValueError as e:
-    parser.error(str(e))
-  overrides: dict[str, Any] = dict(train_examples=args.train_examples,
-                                   sample_steps=args.sample_steps,
-                                   sr_sample_steps=args.sr_sample_steps,
-                                   guidance_scale=args.guidance_scale,
-                                   contrast_scale=args.contrast_scale, seed=args.seed,
-                                   text_encoder_path=args.text_encoder_path)
+    raise cli.CLIError(e) from None
   try:
-    plan = default_plan(args.family, **overrides)
-    plan = with_steps(plan, args.base_steps, args.sr_steps, parse_steps(args.steps or ''))
-  except ValueError as e:
-    parser.error(str(e))
-  if args.per_kind:
-    plan = dataclasses.replace(plan, per_kind={k: args.per_kind for k in KINDS})
-  if args.caption_rewrite:
-    plan = dataclasses.replace(
-        plan, caption_rewrite=None if args.caption_rewrite == 'none' else args.caption_rewrite)
-  try:
-    run(args.workdir, plan, max(1, args.parallel_stages))
+    run(F.workdir, plan, max(1, F.parallel_stages))
   except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+    raise cli.CLIError(e) from None
 
 
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
-  sys.exit(main())
+  define_flags()
+  cli.run(main, aliases=VERBOSE_ALIASES)

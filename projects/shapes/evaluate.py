@@ -1,4 +1,4 @@
-r"""CLI: the Shapes alignment of a cascade: the oracle's rates on held-out captions, per guidance.
+r"""The Shapes alignment of a cascade: the oracle's rates on held-out captions, per guidance.
 
     python -m projects.shapes.evaluate --config=projects/shapes/configs/imagen.py:stage=cascade \
         --workdir=ROOT --guidance=1,3,5 --samples=500 --train_examples=5000
@@ -19,13 +19,11 @@ import json
 import os
 from typing import Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 import numpy as np
 
-from diffusion_jax import config_util
+from diffusion_jax import cli, config_util
 from diffusion_jax import evaluate as library_evaluate
-from diffusion_jax.data import pipeline as data_pipeline
 from projects.shapes import alignment
 from projects.shapes import data as shapes_data  # registers the caption rewrite  # noqa: F401
 from projects.shapes import shapes
@@ -37,6 +35,7 @@ def captions_for(input_cfg, n: int, *, caption_seed: int, train_seed: int,
   restored from its checkpoint): held out as it reads them, through the caption rewrite it
   was trained with, if any. Where the training set covers almost every caption, fresh random
   ones instead."""
+  from diffusion_jax.data import pipeline as data_pipeline  # noqa: PLC0415 - grain, jax
   rewrite_name = config_util.get(input_cfg, 'caption_rewrite')
   try:
     return alignment.heldout_captions(
@@ -74,38 +73,45 @@ def evaluate(config, workdir: str, *, guidance: Sequence[float] = (), samples: i
   return results
 
 
-def main(argv):
-  F = flags.FLAGS
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
   if F.config is None or not F.workdir:
-    raise app.UsageError('--config and --workdir are required')
-  results = evaluate(F.config, F.workdir, guidance=[float(g) for g in F.guidance],
-                     samples=F.samples, train_seed=F.train_seed,
-                     train_examples=F.train_examples, sample_seed=F.sample_seed,
-                     batch_size=F.batch_size, caption_seed=F.caption_seed)
+    raise cli.CLIError('--config and --workdir are required')
+  try:
+    guidance = [float(g) for g in F.guidance]
+  except ValueError:
+    raise cli.CLIError(f'--guidance={",".join(F.guidance)}: give numbers, e.g. 1,3,5') from None
+  from diffusion_jax import pipelines  # noqa: PLC0415
+  try:
+    results = evaluate(F.config, F.workdir, guidance=guidance, samples=F.samples,
+                       train_seed=F.train_seed, train_examples=F.train_examples,
+                       sample_seed=F.sample_seed, batch_size=F.batch_size,
+                       caption_seed=F.caption_seed)
+  except pipelines.MissingCheckpointError as e:
+    raise cli.CLIError(e) from None
   for name, r in results.items():
     print(json.dumps({'run': name, 'alignment_all': r['alignment_all'],
                       'num_samples': r['num_samples'], 'heldout': r['heldout']}))
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
   """Flags exist only when run as a program (importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'a stage=cascade config')
-  flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)')
-  flags.DEFINE_list('guidance', [], "guidance scales (default: the first stage's)")
-  flags.DEFINE_integer('samples', 500, 'captions to sample and score')
+  fv = dict(flag_values=flag_values)
+  cli.define_config(flag_values, sys_argv, kind='cascade')
+  flags.DEFINE_string('workdir', None, 'cascade root (stages in ROOT/<stage>)', **fv)
+  flags.DEFINE_list('guidance', [], "guidance scales (default: the first stage's)", **fv)
+  flags.DEFINE_integer('samples', 500, 'captions to sample and score', **fv)
   flags.DEFINE_integer('train_seed', 0, "the first stage's training set: its seed "
-                       '(input.shapes_seed)')
+                       '(input.shapes_seed)', **fv)
   flags.DEFINE_integer('train_examples', 100_000, "the first stage's training set: its "
-                       'number of examples (input.shapes_num_examples)')
-  flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw')
-  flags.DEFINE_integer('sample_seed', 0, 'seed of the samples')
-  flags.DEFINE_integer('batch_size', 50, 'prompts per generate call')
+                       'number of examples (input.shapes_num_examples)', **fv)
+  flags.DEFINE_integer('caption_seed', 0, 'seed of the caption draw', **fv)
+  flags.DEFINE_integer('sample_seed', 0, 'seed of the samples', **fv)
+  flags.DEFINE_integer('batch_size', 50, 'prompts per generate call', **fv)
 
 
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
   define_flags()
-  app.run(main)
+  cli.run(main, config='cascade')
