@@ -18,7 +18,6 @@ importable (`--peer`, on by default for the matched model) its Unet runs the sam
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -28,14 +27,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
+from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 
 def build(cfg, matched: bool):
-  from diffusion_jax import models, parallel
-  from diffusion_jax.train import loop, step as step_lib
+  import jax
+  from diffusion_jax import conditioning, models, parallel
+  from diffusion_jax.train import step as step_lib
   mesh = parallel.create_mesh(cfg.mesh)
   rules = parallel.logical_rules(cfg.mesh)
   model = models.build(cfg.model)
@@ -44,7 +43,7 @@ def build(cfg, matched: bool):
     # replicated over the mesh, as the trainer places a frozen encoder's parameters
     encoder, frozen = table, jax.device_put(table.params(), parallel.replicated(mesh))
   else:
-    encoder = loop.build_encoder(cfg, mesh, rules)
+    encoder = conditioning.build_encoder(cfg, mesh, rules)
     frozen = None if encoder is None else encoder.params
   train_step, tx = step_lib.make_train_step(cfg, model, encoder, mesh=mesh, rules=rules)
   state, state_sh = step_lib.init_state(cfg, model, tx, mesh, rules, jax.random.PRNGKey(0))
@@ -56,6 +55,8 @@ def build(cfg, matched: bool):
 
 
 def run_ours(cfg, matched: bool, steps: int, warmup: int) -> dict:
+  import flax.linen as nn
+  import jax
   from diffusion_jax import flops
   mesh, rules, train_step, step_fn, state, batch, frozen = build(cfg, matched)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -85,36 +86,32 @@ def run_ours(cfg, matched: bool, steps: int, warmup: int) -> dict:
           'kernel_ms_per_step': (usage.ru_stime - usage_before.ru_stime) / steps * 1e3}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--model', default=common.MATCHED)
-  p.add_argument('--batch', type=int, default=None, help='default: 8 (matched) or the config\'s')
-  p.add_argument('--steps', type=int, default=10, help='timed steps (median reported)')
-  p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--peer', default='auto', choices=('auto', 'yes', 'no'),
-                 help='also run imagen-pytorch (auto: for the matched model, when importable)')
-  common.add_cpu_devices_flag(p)
-  args = p.parse_args(argv)
-  matched = args.model == common.MATCHED
-  cfg = common.model_config(args.model, args.batch)
-  common.set_cpu_devices(args.cpu_devices, int(cfg.input.batch_size))
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  common.define_model_flags(flag_values)
+  flags.DEFINE_integer('warmup', 2, 'untimed steps first', flag_values=flag_values)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  matched = F.model == common.MATCHED
+  cfg = common.configure(F)
   from diffusion_jax.tools import param_count
   peak = common.matmul_peak_gflops()
-  result = {'benchmark': 'train_step', 'model': args.model, 'batch': int(cfg.input.batch_size),
+  result = {'benchmark': 'train_step', 'model': F.model, 'batch': int(cfg.input.batch_size),
             'image_size': int(cfg.input.image_size),
             'train_crop_size': cfg.input.get('train_crop_size'), 'dtype': 'float32',
-            'steps': args.steps,
+            'steps': F.steps,
             'params': param_count.count_params(cfg.model), **common.machine(),
             'matmul_peak_gflops': peak}
-  result.update(run_ours(cfg, matched, args.steps, args.warmup))
+  result.update(run_ours(cfg, matched, F.steps, F.warmup))
   result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
-  if args.peer == 'yes' or (args.peer == 'auto' and matched):
-    common.add_peer(result, 'train', batch=int(cfg.input.batch_size), steps=args.steps,
-                    warmup=args.warmup)
+  if F.peer == 'yes' or (F.peer == 'auto' and matched):
+    common.add_peer(result, 'train', batch=int(cfg.input.batch_size), steps=F.steps,
+                    warmup=F.warmup)
   result['peak_rss_mb'] = common.peak_rss_mb()
-  print(f"{args.model}: {result['images_per_sec']:.2f} images/s, step "
-        f"{result['step_ms_median']:.1f} ms (median of {args.steps}), compile "
+  print(f"{F.model}: {result['images_per_sec']:.2f} images/s, step "
+        f"{result['step_ms_median']:.1f} ms (median of {F.steps}), compile "
         f"{result['compile_s']:.1f} s, {result['achieved_gflops']:.1f} GFLOP/s = "
         f"{result['fraction_of_matmul_peak']:.0%} of the measured matmul peak "
         f"{peak:.1f} GFLOP/s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
@@ -124,4 +121,5 @@ def main(argv=None):
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
-  main()
+  define_flags()
+  common.run(main)

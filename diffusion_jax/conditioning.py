@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -166,22 +167,53 @@ def build_encoder(config, mesh, rules):
   return encoders.build_encoder(cfg, mesh, rules)
 
 
-def build_tokenizer(config, encoder, stage_dir: str):
-  """The tokenizer of whatever reads `text_ids`: `text_encoder.tokenizer_path`, else the
-  frozen encoder's own (loaded from `text_encoder.path`), else the word-level tokenizer in
-  the stage directory, written there at the first training step from the vocabulary of a
-  registered dataset (procedural captions, offline). It applies the stage's `input.caption_rewrite`, so that the trainer and
-  the pipelines tokenize alike."""
-  max_len = int(config.input.text_max_len)
-  rewrite = data_pipeline.caption_rewrite(config.input)
+def tokenizer_source(config, encoder) -> str | None:
+  """Where a stage's tokenizer comes from: `text_encoder.tokenizer_path`, else the frozen
+  encoder's own directory (`text_encoder.path`), else the tokenizer that comes with the
+  registered dataset (a prepared folder's), else None (the dataset's vocabulary)."""
   te = config_util.get(config, 'text_encoder')
   path = config_util.get(te, 'tokenizer_path') if te is not None else None
   if not path and encoder is not None and encoder.tokenizer is not None:
     path = config_util.get(te, 'path')
-  if path:
-    return tokenizer_lib.load_tokenizer(path, max_len, rewrite=rewrite)
+  dataset = config_util.get(config.input, 'dataset')
+  if not path and dataset:
+    tokenizer_fn = registry.dataset(dataset).tokenizer_fn
+    path = tokenizer_fn(config.input) if tokenizer_fn else None
+  return path
+
+
+def build_tokenizer(config, encoder, stage_dir: str, *, keep: bool = False):
+  """The tokenizer of whatever reads `text_ids`, applying the stage's `input.caption_rewrite`
+  so that the trainer and the pipelines tokenize alike.
+
+  A stage keeps the tokenizer it trains with in its directory (`ROOT/<stage>/tokenizer`,
+  written at its first step: `keep=True`, the trainer) and reads it from there ever after,
+  sampling included, so a tokenizer directory changed or removed later cannot change what a
+  trained stage's prompts mean. What is kept: `tokenizer_source`'s tokenizer, else a
+  word-level tokenizer of the registered dataset's vocabulary (procedural captions, offline).
+  """
+  max_len = int(config.input.text_max_len)
+  rewrite = data_pipeline.caption_rewrite(config.input)
   out = os.path.join(stage_dir, 'tokenizer')
-  if not os.path.exists(os.path.join(out, 'tokenizer.json')):
+  source = tokenizer_source(config, encoder)
+  if not os.path.isfile(os.path.join(out, 'tokenizer_config.json')):
+    if not keep:
+      if source:  # a stage trained before stages kept their tokenizer
+        return tokenizer_lib.load_tokenizer(source, max_len, rewrite=rewrite)
+      raise FileNotFoundError(f'no tokenizer in {out}: the stage writes it when it trains')
+    if jax.process_index() == 0:
+      _keep_tokenizer(config, source, out, max_len)
+    sync_processes('tokenizer')
+  return tokenizer_lib.load_tokenizer(out, max_len, rewrite=rewrite)
+
+
+def _keep_tokenizer(config, source: str | None, out: str, max_len: int) -> None:
+  """Writes the stage's tokenizer into `out` (whole or not at all)."""
+  tmp = f'{out}.tmp{os.getpid()}'
+  if source:
+    tokenizer_lib.load_tokenizer(source, max_len).hf.save_pretrained(tmp)
+  else:
+    te = config_util.get(config, 'text_encoder')
     dataset = config_util.get(config.input, 'dataset')
     vocabulary = registry.dataset(dataset).vocabulary if dataset else None
     if not vocabulary:
@@ -191,10 +223,10 @@ def build_tokenizer(config, encoder, stage_dir: str):
     style = config_util.get(te, 'tokenizer_style') if te is not None else None
     if not style:  # the conventions of the frozen encoder that reads the ids
       style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
-    if jax.process_index() == 0:
-      tokenizer_lib.build_word_tokenizer(vocabulary, out, style=style)
-  sync_processes('tokenizer')
-  return tokenizer_lib.load_tokenizer(out, max_len, rewrite=rewrite)
+    tokenizer_lib.build_word_tokenizer(vocabulary, tmp, style=style)
+  if os.path.isdir(out):  # a partial copy left by a killed run
+    shutil.rmtree(out)
+  os.replace(tmp, out)
 
 
 def sync_processes(name: str):

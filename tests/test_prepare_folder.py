@@ -71,7 +71,7 @@ def test_readme_journey_trains_on_a_prepared_folder(tmp_path):
   assert 'prepared 4 images' in result.stdout, result.stdout
   # The flags the tool prints, those its docstring gives and the README's train flags agree.
   readme_flags = _flags(train_cmd)
-  assert len(readme_flags) == 4, train_cmd
+  assert len(readme_flags) == 3, train_cmd
   assert _flags(result.stdout.split('train on it with:')[-1]) == _flags(fill(train_cmd))
   assert _flags(' '.join(tool.__doc__.replace('\\\n', ' ').split())) == readme_flags
   assert prepared_captions(values['DATA'], 'mine') == {
@@ -85,6 +85,9 @@ def test_readme_journey_trains_on_a_prepared_folder(tmp_path):
   saved = conditioning.restore_stage(str(values['ROOT'] / 'base64')).config.input
   assert (saved.dataset, saved.folder_name, saved.data_dir) == (
       'folder', 'mine', str(values['DATA']))
+  # The stage trained with the folder's tokenizer and keeps it: every caption word is known.
+  kept = (values['ROOT'] / 'base64' / 'tokenizer' / 'tokenizer.json').read_text()
+  assert all(f'"{w}"' in kept for w in ('photo', 'number', '3')), kept[:500]
 
 
 def test_prepare_again_replaces_a_changed_folder_and_skips_an_unchanged_one(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from configs import glide, imagen, unclip
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import parallel
+from diffusion_jax import conditioning, parallel
 from diffusion_jax.train import loop, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def _loss_and_grads(cfg, mesh_shape=None, devices=None):
   rules = parallel.logical_rules(cfg.mesh)
   from diffusion_jax import models
   model = models.build(cfg.model)
-  encoder = loop.build_encoder(cfg, mesh, rules)
+  encoder = conditioning.build_encoder(cfg, mesh, rules)
   train_step, tx = step_lib.make_train_step(cfg, model, encoder, mesh=mesh, rules=rules)
   state, _ = step_lib.init_state(cfg, model, tx, mesh, rules, jax.random.PRNGKey(0))
   batch = parallel.shard_batch(_batch(cfg), mesh)
@@ -96,7 +96,7 @@ def test_frozen_encoder_takes_the_configs_length_and_batch():
   cfg.text_encoder.max_length = 12
   cfg.text_encoder.batch_size = 24
   mesh = parallel.create_mesh(cfg.mesh)
-  encoder = loop.build_encoder(cfg, mesh, parallel.logical_rules(cfg.mesh))
+  encoder = conditioning.build_encoder(cfg, mesh, parallel.logical_rules(cfg.mesh))
   assert (encoder.max_length, encoder.batch_size) == (12, 24), (
       'build_encoder dropped text_encoder.max_length / batch_size from the stage config')
 
@@ -456,11 +456,11 @@ def test_low_res_blur_is_drawn_in_training_fixed_at_sampling_and_off_by_default(
   # Off (the default): the noise augmentation draws from the same key as before blur existed.
   want, _ = guidance.noise_augment(low_res, rng, schedules.from_config(cfg.diffusion),
                                    max_level=float(cfg.diffusion.get('noise_aug_max', 1.0)))
-  plain = step_lib.Conditioner(cfg).low_res_cond(low_res, rng)
+  plain = conditioning.Conditioner(cfg).low_res_cond(low_res, rng)
   np.testing.assert_array_equal(plain['low_res'], want, err_msg='no blur must change nothing')
   cfg.diffusion.noise_aug = False
   cfg.diffusion.low_res_blur_max = 1.5
-  cond = step_lib.Conditioner(cfg)
+  cond = conditioning.Conditioner(cfg)
   drawn = np.asarray(cond.low_res_cond(low_res, rng)['low_res'])
   roughness = np.abs(np.diff(drawn, axis=1)).mean(axis=(1, 2, 3))
   raw = np.abs(np.diff(np.asarray(low_res), axis=1)).mean(axis=(1, 2, 3))

@@ -245,8 +245,7 @@ class PreparedFolder:
     """The train command-line flags that read this prepared folder."""
     q = shlex.quote
     return (f'--config.input.dataset=folder --config.input.data_dir={q(self.data_dir)} '
-            f'--config.input.folder_name={q(self.name)} '
-            f'--config.text_encoder.tokenizer_path={q(self.tokenizer_path)}')
+            f'--config.input.folder_name={q(self.name)}')
 
 
 def caption_words(items: Sequence[tuple[str, list[str]]]) -> list[str]:
@@ -468,8 +467,16 @@ def _folder_source(input_cfg) -> RecordSource:
       '--name=NAME')
 
 
+def _folder_tokenizer(input_cfg) -> str | None:
+  """The word-level tokenizer `prepare_folder` wrote beside the prepared folder."""
+  builder = tfds_builder(folder_builder_class(), field(input_cfg, 'folder_name', 'default'),
+                         field(input_cfg, 'data_dir', None))
+  path = os.path.join(os.fspath(builder.data_dir), FOLDER_TOKENIZER)
+  return path if os.path.isdir(path) else None
+
+
 registry.register_dataset('coco_captions', _coco_source)
-registry.register_dataset('folder', _folder_source)
+registry.register_dataset('folder', _folder_source, tokenizer_fn=_folder_tokenizer)
 
 
 def source_from_config(input_cfg):

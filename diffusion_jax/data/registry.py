@@ -8,9 +8,10 @@ trainer and the pipelines import before they read the names:
     registry.register_dataset('shapes', source_fn, vocabulary=WORDS)
     registry.register_caption_rewrite('shapes_canonical', canonical_caption)
 
-`source_fn(input_cfg)` returns a random-access source of raw records (`data.datasets`);
-`vocabulary`, when given, is the word list of an offline word-level tokenizer for datasets
-whose captions are procedural (used when the config names no tokenizer directory).
+`source_fn(input_cfg)` returns a random-access source of raw records (`data.datasets`).
+Where the config names no tokenizer directory, a stage tokenizes with the dataset's own:
+`tokenizer_fn(input_cfg)`, the directory of a tokenizer that comes with the prepared data (a
+captioned folder's), or else a word-level tokenizer of `vocabulary` (procedural captions).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Dataset:
   name: str
   source_fn: Callable[[Any], Any]
   vocabulary: tuple[str, ...] | None = None
+  tokenizer_fn: Callable[[Any], str | None] | None = None
 
 
 _DATASETS: dict[str, Dataset] = {}
@@ -31,8 +33,10 @@ _CAPTION_REWRITES: dict[str, Callable[[str], str]] = {}
 
 
 def register_dataset(name: str, source_fn: Callable[[Any], Any], *,
-                     vocabulary: Sequence[str] | None = None) -> None:
-  _DATASETS[name] = Dataset(name, source_fn, None if vocabulary is None else tuple(vocabulary))
+                     vocabulary: Sequence[str] | None = None,
+                     tokenizer_fn: Callable[[Any], str | None] | None = None) -> None:
+  _DATASETS[name] = Dataset(name, source_fn, None if vocabulary is None else tuple(vocabulary),
+                            tokenizer_fn)
 
 
 def register_caption_rewrite(name: str, fn: Callable[[str], str]) -> None:

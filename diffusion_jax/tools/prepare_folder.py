@@ -9,16 +9,15 @@ bytes are stored as they are; unreadable images and images without a caption are
 skipped (and counted) by the input pipeline, so one bad file never stops a run.
 
 It writes DATA/captioned_folder/NAME/1.0.0/, with a word-level tokenizer of the captions in
-its `tokenizer/` (the --vocab_size most frequent words; the rest map to unk), and prints the
-flags that train on it:
+its `tokenizer/` (the --vocab_size most frequent words; the rest map to unk), which a stage
+trained on the folder uses unless its config names another (`text_encoder.tokenizer_path`,
+or a pretrained encoder's `text_encoder.path`), and prints the flags that train on it:
 
   python -m diffusion_jax.train --config=configs/imagen.py:stage=base64,size=tiny \\
       --workdir=ROOT/base64 --config.input.dataset=folder --config.input.data_dir=DATA \\
-      --config.input.folder_name=NAME \\
-      --config.text_encoder.tokenizer_path=DATA/captioned_folder/NAME/1.0.0/tokenizer
+      --config.input.folder_name=NAME
 
-(with a pretrained encoder, `--config.text_encoder.path=DIR` instead of the tokenizer_path;
-unCLIP's CLIP stages want --tokenizer_style=clip). Run it again after changing the folder:
+(unCLIP's CLIP stages want --tokenizer_style=clip). Run it again after changing the folder:
 it prepares it again, replacing the old version, and says why; for an unchanged folder it
 writes nothing and says so.
 """

@@ -79,7 +79,7 @@ def build_trainer(config, workdir: str) -> Trainer:
   rules = parallel.logical_rules(config.mesh)
   model = models.build(config.model)
   encoder = conditioning.build_encoder(config, mesh, rules)
-  tokenizer = conditioning.build_tokenizer(config, encoder, workdir)
+  tokenizer = conditioning.build_tokenizer(config, encoder, workdir, keep=True)
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
   parallelism = config_util.get(config, 'parallelism', 'gspmd')
@@ -110,8 +110,8 @@ def _warn_unsharded_state(placement: dict[str, Any]) -> None:
 
 
 def init_state(trainer: Trainer):
-  fn = jax.jit(lambda k: nn.meta.unbox(trainer.init_fn(k)), out_shardings=trainer.state_shardings)
-  return fn(jax.random.PRNGKey(trainer.config.seed))
+  return step_lib.init_into(trainer.init_fn, trainer.state_shardings,
+                            jax.random.PRNGKey(trainer.config.seed))
 
 
 # The loop -------------------------------------------------------------------------------------

@@ -211,9 +211,13 @@ def init_state(config, model: nn.Module, tx, mesh, rules, rng):
   """A fresh TrainState initialised directly into its shardings. Returns (state, shardings)."""
   init, abstract = abstract_state(config, model, tx, rng)
   shardings = state_shardings(abstract, mesh, rules, config_util.get(config, 'parallelism', 'gspmd'))
-  # out_shardings places the parameters; no activation constraints are needed to initialise.
-  state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(rng)
-  return state, shardings
+  return init_into(init, shardings, rng), shardings
+
+
+def init_into(init, shardings, rng):
+  """`init(rng)` (abstract_state's) computed directly into `shardings`: out_shardings place
+  the parameters, nothing is materialised unsharded."""
+  return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(rng)
 
 
 def batch_shardings(batch_example, mesh):
