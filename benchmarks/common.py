@@ -20,9 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+# The flags defined below belong to the benchmark that asks for them (its --help).
+flags.disclaim_key_flags()
 
 MATCHED = 'matched_imagen_unet'
 # imagen-pytorch: Unet(dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
@@ -39,6 +41,8 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, rounds: int = 3) -> float:
   """This machine's float32 matmul throughput (GFLOP/s): the fastest of `rounds` medians of
   `reps` n x n matmuls, a second apart. One median alone read as low as half the usual peak
   when something else briefly had a core, which put a run above "100% of peak"."""
+  import jax
+  import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(jnp.matmul)
@@ -56,12 +60,31 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, rounds: int = 3) -> float:
   return 2 * n**3 / min(medians) / 1e9
 
 
-def add_cpu_devices_flag(parser) -> None:
-  parser.add_argument(
-      '--cpu_devices', default='auto',
-      help='split the CPU into N JAX devices and shard the batch over them (data parallel). '
-           'auto: one per core, at most the batch and dividing it; 1: one device. XLA_FLAGS '
-           'with --xla_force_host_platform_device_count takes precedence')
+def define_cpu_devices_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  flags.DEFINE_string(
+      'cpu_devices', 'auto',
+      'split the CPU into N JAX devices and shard the batch over them (data parallel). '
+      'auto: one per core, at most the batch and dividing it; 1: one device. XLA_FLAGS '
+      'with --xla_force_host_platform_device_count takes precedence', flag_values=flag_values)
+
+
+def define_model_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """--model, --batch, --steps, --warmup, --peer and --cpu_devices of train_step and sample."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('model', MATCHED, f'{MATCHED} or a stage CONFIG:ARG, e.g. '
+                      'configs/imagen.py:stage=base64,size=tiny (the stages: above)', **fv)
+  flags.DEFINE_integer('batch', None, f"default: {MATCHED_BATCH} ({MATCHED}) or the config's",
+                       **fv)
+  flags.DEFINE_integer('steps', 10, 'timed iterations (median reported)', **fv)
+  flags.DEFINE_enum('peer', 'auto', ('auto', 'yes', 'no'),
+                    f'also run imagen-pytorch (auto: for {MATCHED}, when importable)', **fv)
+  define_cpu_devices_flag(flag_values)
+
+
+def run(main) -> None:
+  """The benchmark's command line (diffusion_jax.cli: absl flags, one-line errors)."""
+  from diffusion_jax import cli
+  cli.run(main, config='stage', config_flag='model')
 
 
 def set_cpu_devices(flag: str, batch: int) -> None:
@@ -80,6 +103,21 @@ def set_cpu_devices(flag: str, batch: int) -> None:
     if n < 1:
       raise ValueError(f'--cpu_devices={flag}: give auto or a positive device count')
   parallel.use_cpu_devices(n)
+
+
+def configure(F):
+  """The config of --model and --batch, and the CPU devices of --cpu_devices, before the first
+  JAX computation; a bad value is one line (diffusion_jax.cli.CLIError)."""
+  from diffusion_jax import cli
+  try:
+    cfg = model_config(F.model, F.batch)
+  except (ValueError, OSError, ImportError, AttributeError) as e:
+    raise cli.CLIError(f'--model={F.model}: {e}') from None
+  try:
+    set_cpu_devices(F.cpu_devices, int(cfg.input.batch_size))
+  except ValueError as e:
+    raise cli.CLIError(e) from None
+  return cfg
 
 
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 2) -> list[float]:
@@ -162,9 +200,12 @@ class TokenTable:
     self.vocab, self.dim = vocab, dim
 
   def params(self):
+    import jax
+    import jax.numpy as jnp
     return {'table': jax.random.normal(jax.random.key(7), (self.vocab, self.dim), jnp.float32)}
 
   def text_forward(self, params, ids_BL, mask_BL):
+    import jax.numpy as jnp
     tokens = params['table'][ids_BL] * mask_BL[..., None].astype(jnp.float32)
     return tokens, jnp.mean(tokens, axis=1)
 
@@ -196,6 +237,7 @@ def random_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def machine() -> dict[str, Any]:
+  import jax
   return {'cpu_count': os.cpu_count(), 'jax': jax.__version__,
           'backend': jax.default_backend(), 'devices': jax.device_count(),
           'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}

@@ -10,24 +10,30 @@ decodes, resizes, crops and tokenizes them. Prints one JSON line per pipeline.
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 
+from absl import flags
 import numpy as np
-from PIL import Image
 
-from diffusion_jax.data import datasets, pipeline
-from projects.shapes import shapes
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion_jax import cli  # noqa: E402
 
-_WORDS = {w: i + 2 for i, w in enumerate(shapes.VOCABULARY)}
+
+@functools.cache
+def _words() -> dict[str, int]:
+  from projects.shapes import shapes
+  return {w: i + 2 for i, w in enumerate(shapes.VOCABULARY)}
 
 
 def tokenizer(texts):
-  rows = [[_WORDS.get(w, 1) for w in t.split()] for t in texts]
+  words = _words()
+  rows = [[words.get(w, 1) for w in t.split()] for t in texts]
   ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
   for i, r in enumerate(rows):
     ids[i, :len(r)] = r
@@ -35,6 +41,7 @@ def tokenizer(texts):
 
 
 def measure(name, cfg, batches):
+  from diffusion_jax.data import pipeline
   it = pipeline.make_train_iterator(cfg, tokenizer=tokenizer, seed=0, process_index=0,
                                     process_count=1)
   next(it)  # warm-up: threads started, first files opened
@@ -51,17 +58,24 @@ def measure(name, cfg, batches):
   return result
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--batches', type=int, default=40)
-  parser.add_argument('--threads', type=int, default=4)
-  args = parser.parse_args()
-  common = dict(batch_size=args.batch_size, image_size=64, text_max_len=16,
-                num_threads=args.threads, prefetch_buffer_size=4 * args.batch_size)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer('batch_size', 64, 'examples per batch', **fv)
+  flags.DEFINE_integer('batches', 40, 'timed batches (after one untimed)', **fv)
+  flags.DEFINE_integer('threads', 4, 'grain worker threads', **fv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  from PIL import Image
+  from diffusion_jax.data import datasets
+  from projects.shapes import shapes
+  common = dict(batch_size=F.batch_size, image_size=64, text_max_len=16,
+                num_threads=F.threads, prefetch_buffer_size=4 * F.batch_size)
   shapes_cfg = dict(common, dataset='shapes', modules=('projects.shapes.data',))
-  measure('shapes', shapes_cfg, args.batches)
-  measure('shapes+low_res32', dict(shapes_cfg, low_res_size=32), args.batches)
+  measure('shapes', shapes_cfg, F.batches)
+  measure('shapes+low_res32', dict(shapes_cfg, low_res_size=32), F.batches)
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, 'images')
     os.makedirs(src)
@@ -78,8 +92,9 @@ def main():
     datasets.prepare_folder(src, data_dir, 'bench')
     folder = dict(common, dataset='folder', data_dir=data_dir, folder_name='bench',
                   random_crop=True)
-    measure('folder', folder, args.batches)
+    measure('folder', folder, F.batches)
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  cli.run(main)

@@ -9,7 +9,6 @@ a process. Prints one JSON line (`{"peer": "imagen-pytorch not importable"}` wit
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+from absl import flags  # noqa: E402
 
 
 def _import_peer_unet():
@@ -144,23 +145,28 @@ def sample(batch: int, steps: int, warmup: int, num_steps: int, guidance_scale: 
           'peer_flops_per_chain': chain_flops, 'peer_achieved_gflops': chain_flops / median / 1e9}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--kind', required=True, choices=('train', 'sample'))
-  p.add_argument('--batch', type=int, default=common.MATCHED_BATCH)
-  p.add_argument('--steps', type=int, default=10)
-  p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--num_steps', type=int, default=50)
-  p.add_argument('--guidance', type=float, default=5.0)
-  a = p.parse_args(argv)
-  if a.kind == 'train':
-    out = train_step(a.batch, a.steps, a.warmup)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_enum('kind', None, ('train', 'sample'), 'what to time', required=True, **fv)
+  flags.DEFINE_integer('batch', common.MATCHED_BATCH, 'batch', **fv)
+  flags.DEFINE_integer('steps', 10, 'timed iterations (median reported)', **fv)
+  flags.DEFINE_integer('warmup', 2, 'untimed iterations first', **fv)
+  flags.DEFINE_integer('num_steps', 50, 'sample: DDIM steps per chain', **fv)
+  flags.DEFINE_float('guidance', 5.0, 'sample: guidance scale', **fv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  if F.kind == 'train':
+    out = train_step(F.batch, F.steps, F.warmup)
   else:
-    out = sample(a.batch, a.steps, a.warmup, a.num_steps, a.guidance)
+    out = sample(F.batch, F.steps, F.warmup, F.num_steps, F.guidance)
   print(json.dumps(out or {'peer': 'imagen-pytorch not importable'}))
 
 
 if __name__ == '__main__':
-  from diffusion_jax import hugepages
+  from diffusion_jax import cli, hugepages
   hugepages.reexec_with_huge_pages()
-  main()
+  define_flags()
+  cli.run(main)

@@ -15,7 +15,6 @@ which evaluates the conditional and null branches) plus the DDIM update, in the 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,12 +23,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 
 def random_cond(model_cfg, batch: int, seed: int = 0):
+  import jax.numpy as jnp
   from diffusion_jax import models
   _, _, cond = models.example_inputs(model_cfg, batch)
   rng = np.random.default_rng(seed)
@@ -47,6 +46,8 @@ def random_cond(model_cfg, batch: int, seed: int = 0):
 
 
 def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float) -> dict:
+  import jax
+  import jax.numpy as jnp
   from diffusion_jax import flops, models, parallel
   from diffusion_jax.diffusion import guidance, samplers, schedules
   mesh = parallel.create_mesh(cfg.mesh)
@@ -93,34 +94,32 @@ def run_ours(cfg, steps: int, warmup: int, num_steps: int, guidance_scale: float
           'output_finite': bool(np.isfinite(np.asarray(out['x'])).all())}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--model', default=common.MATCHED)
-  p.add_argument('--batch', type=int, default=None)
-  p.add_argument('--steps', type=int, default=10, help='timed chains (median reported)')
-  p.add_argument('--warmup', type=int, default=1)
-  p.add_argument('--num_steps', type=int, default=50, help='DDIM steps per chain')
-  p.add_argument('--guidance', type=float, default=5.0)
-  p.add_argument('--peer', default='auto', choices=('auto', 'yes', 'no'))
-  common.add_cpu_devices_flag(p)
-  args = p.parse_args(argv)
-  matched = args.model == common.MATCHED
-  cfg = common.model_config(args.model, args.batch)
-  common.set_cpu_devices(args.cpu_devices, int(cfg.input.batch_size))
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  common.define_model_flags(flag_values)
+  flags.DEFINE_integer('warmup', 1, 'untimed chains first', **fv)
+  flags.DEFINE_integer('num_steps', 50, 'DDIM steps per chain', **fv)
+  flags.DEFINE_float('guidance', 5.0, 'classifier-free guidance scale', **fv)
+
+
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  matched = F.model == common.MATCHED
+  cfg = common.configure(F)
   peak = common.matmul_peak_gflops()
-  result = {'benchmark': 'sample', 'model': args.model, 'batch': int(cfg.input.batch_size),
+  result = {'benchmark': 'sample', 'model': F.model, 'batch': int(cfg.input.batch_size),
             'image_size': int(cfg.model.get('image_size', 0)), 'sampler': 'ddim',
-            'num_steps': args.num_steps, 'guidance': args.guidance, 'dtype': 'float32',
-            'steps': args.steps, **common.machine(), 'matmul_peak_gflops': peak}
-  result.update(run_ours(cfg, args.steps, args.warmup, args.num_steps, args.guidance))
+            'num_steps': F.num_steps, 'guidance': F.guidance, 'dtype': 'float32',
+            'steps': F.steps, **common.machine(), 'matmul_peak_gflops': peak}
+  result.update(run_ours(cfg, F.steps, F.warmup, F.num_steps, F.guidance))
   result['fraction_of_matmul_peak'] = result['achieved_gflops'] / peak
-  if args.peer == 'yes' or (args.peer == 'auto' and matched):
-    common.add_peer(result, 'sample', batch=int(cfg.input.batch_size), steps=args.steps,
-                    warmup=args.warmup, num_steps=args.num_steps, guidance=args.guidance)
+  if F.peer == 'yes' or (F.peer == 'auto' and matched):
+    common.add_peer(result, 'sample', batch=int(cfg.input.batch_size), steps=F.steps,
+                    warmup=F.warmup, num_steps=F.num_steps, guidance=F.guidance)
   result['peak_rss_mb'] = common.peak_rss_mb()
-  print(f"{args.model}: {result['images_per_sec']:.3f} images/s ({args.num_steps}-step guided "
-        f"DDIM, chain {result['chain_ms_median'] / 1e3:.2f} s median of {args.steps}), compile "
+  print(f"{F.model}: {result['images_per_sec']:.3f} images/s ({F.num_steps}-step guided "
+        f"DDIM, chain {result['chain_ms_median'] / 1e3:.2f} s median of {F.steps}), compile "
         f"{result['compile_s']:.1f} s, {result['achieved_gflops']:.1f} GFLOP/s = "
         f"{result['fraction_of_matmul_peak']:.0%} of the measured matmul peak, peak RSS "
         f"{result['peak_rss_mb']:.0f} MB", flush=True)
@@ -130,4 +129,5 @@ def main(argv=None):
 if __name__ == '__main__':
   from diffusion_jax import hugepages
   hugepages.reexec_with_huge_pages()
-  main()
+  define_flags()
+  common.run(main)
