@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from absl import flags, logging
 
-from diffusion_jax import cli
+from diffusion_jax import cli, io_util
 
 
 def sampling_info(config, guidance: float) -> dict[str, Any]:
@@ -109,10 +109,7 @@ def write_result(path: str, result: dict) -> None:
   import jax  # noqa: PLC0415
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  io_util.write_json(path, result)
 
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):

@@ -46,9 +46,11 @@ def replace_atomically(path: str, write_fn) -> str:
   return path
 
 
-def write_json(path: str, obj: Any, *, indent: int = 2, sort_keys: bool = True) -> str:
-  """JSON written atomically."""
+def write_json(path: str, obj: Any, **json_kw) -> str:
+  """JSON written atomically (`json.dump` keywords; default indent 2, sorted keys)."""
+  json_kw = {'indent': 2, 'sort_keys': True, **json_kw}
+
   def write(tmp):
     with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+      json.dump(obj, f, **json_kw)
   return replace_atomically(path, write)

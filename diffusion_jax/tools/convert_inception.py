@@ -17,7 +17,6 @@ file's sha256 is checked against it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -25,14 +24,6 @@ import sys
 from absl import flags
 
 from diffusion_jax import cli
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def convert(src: str, out: str) -> str:
@@ -43,7 +34,7 @@ def convert(src: str, out: str) -> str:
 
   from diffusion_jax import convert as convert_lib  # noqa: PLC0415
 
-  src_sha = _sha256(src)
+  src_sha = convert_lib.file_sha256(src)
   m = re.search(r'-([0-9a-f]{8,})\.pth?$', os.path.basename(src))
   if m and not src_sha.startswith(m.group(1)):
     raise ValueError(f'{src}: sha256 {src_sha} does not start with the {m.group(1)} in its '
@@ -59,7 +50,7 @@ def convert(src: str, out: str) -> str:
   save_file(tensors, out, metadata={'format': 'pytorch-fid FID InceptionV3 state dict',
                                     'source': os.path.basename(src), 'source_sha256': src_sha})
   convert_lib.load_inception(out)  # Every tensor the FID graph needs is there, with the right shape.
-  return _sha256(out)
+  return convert_lib.file_sha256(out)
 
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):

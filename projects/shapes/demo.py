@@ -56,7 +56,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 import numpy as np
 
-from diffusion_jax import cli
+from diffusion_jax import cli, io_util
 from projects.shapes import shapes
 
 log = logging.getLogger(__name__)
@@ -297,10 +297,7 @@ def _hash(obj) -> str:
 
 
 def _atomic_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  io_util.write_json(path, obj, indent=1, sort_keys=False, allow_nan=False)
 
 
 # The run ----------------------------------------------------------------------------------------
@@ -526,9 +523,7 @@ def sample_setting(pipe, plan: Plan, settings: dict, captions: Sequence[str], gu
     print(f'    guidance {guidance:g}: {done}/{len(captions)} images  '
           f'({rate:.2f} images/s)', flush=True)
   images = np.concatenate(out)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, images=images)
-  os.replace(tmp, path)
+  io_util.replace_atomically(path, lambda tmp: np.savez(tmp, images=images))
   return images
 
 
