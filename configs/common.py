@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from diffusion_jax.data import INPUT_DEFAULTS
 from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
 
 SIZES = ('tiny', 'paper')
@@ -125,15 +126,6 @@ SAMPLER_SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold'
                     'percentile', 'aug_level', 'blur_sigma', 'best_of', 'contrast_scale')
 
 
-# Every field of the input pipeline (diffusion_jax.data.pipeline and datasets), with its
-# default; a stage config lists them all so that each can be set with --config.input.<field>.
-INPUT_DEFAULTS = {
-    'dataset': None, 'modules': (), 'data_dir': None, 'split': 'train',
-    'folder_name': 'default', 'batch_size': 8, 'image_size': 64, 'low_res_size': None,
-    'low_res_degradation': 'none', 'text_max_len': 64, 'shuffle': True, 'num_epochs': None,
-    'random_crop': False, 'train_crop_size': None, 'caption_choice': 'random',
-    'caption_rewrite': None, 'num_threads': 4, 'prefetch_buffer_size': 256,
-}
 # The type of each field that may be unset (None): placeholders of these types can be set
 # from the command line (`--config.text_encoder.path=DIR`); None is the one spelling of unset.
 OPTIONAL_FIELDS = {
@@ -144,8 +136,9 @@ OPTIONAL_FIELDS = {
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Completes a stage config: every input field present (INPUT_DEFAULTS), and every unset
-  field a typed placeholder. A None field of an undeclared type is refused."""
+  """Completes a stage config: every input field present (the input pipeline's
+  INPUT_DEFAULTS, so each can be set with --config.input.<field>), and every unset field a
+  typed placeholder. A None field of an undeclared type is refused."""
   if 'input' in c:
     for key, value in INPUT_DEFAULTS.items():
       if key not in c.input:

@@ -7,7 +7,8 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from configs import common, glide, imagen, unclip
+from configs import glide, imagen, unclip
+from diffusion_jax import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALUES = {'DIR': '/models/t5', 'DATA': '/data/tfds', 'NAME': 'mine', 'ROOT': '/runs'}
@@ -72,7 +73,7 @@ def test_stage_configs_are_complete(family, stage):
   unset fields are typed placeholders that the command line can set."""
   module = {'imagen': imagen, 'glide': glide, 'unclip': unclip}[family]
   config = module.get_config(f'stage={stage},size=tiny')
-  assert set(common.INPUT_DEFAULTS) <= set(config.input.keys())
+  assert set(data.INPUT_DEFAULTS) | {'batch_size', 'image_size'} <= set(config.input.keys())
   unset = []
 
   def walk(cfg, prefix):

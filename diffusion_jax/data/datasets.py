@@ -45,28 +45,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from diffusion_jax.data import registry
+from diffusion_jax.data import field, registry  # noqa: F401 - field: for the projects' sources
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
-_REQUIRED = object()
 
 
 class DatasetEmptyError(ValueError):
   """A source with no examples; the message names it."""
-
-
-def field(input_cfg, name: str, default: Any = _REQUIRED) -> Any:
-  """`input_cfg.<name>` (a ConfigDict, a dict or any object with the attribute); `default`
-  where the field is absent or None. Without a default an absent field is a KeyError."""
-  if isinstance(input_cfg, Mapping):
-    value = input_cfg.get(name)
-  else:
-    value = getattr(input_cfg, name, None)
-  if value is not None:
-    return value
-  if default is _REQUIRED:
-    raise KeyError(f'input config has no field {name!r} (and it has no default)')
-  return default
 
 
 # ----------------------------------------------------------------------------- folders

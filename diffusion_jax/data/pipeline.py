@@ -79,45 +79,20 @@ import grain
 import numpy as np
 from PIL import Image, ImageFilter
 
-from diffusion_jax.data import datasets, registry
+from diffusion_jax.data import datasets, field, registry
 from diffusion_jax.data.datasets import DatasetEmptyError
 
 # tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool), injected by the caller.
 Tokenizer = Callable[[list], tuple]
 DEGRADATIONS = ('none', 'blur', 'bsr')
 
-_DEFAULTS = {
-    'low_res_size': None,
-    'low_res_degradation': 'none',
-    'text_max_len': 64,
-    'shuffle': True,
-    'num_epochs': None,
-    'random_crop': False,
-    'train_crop_size': None,
-    'caption_choice': 'random',
-    'caption_rewrite': None,
-    'modules': (),
-    'num_threads': 4,
-    'prefetch_buffer_size': 256,
-}
 
 
 def caption_rewrite(input_cfg) -> Callable[[str], str] | None:
   """The rewrite `input_cfg.caption_rewrite` names (None: none), looked up in `data.registry`
   after importing `input_cfg.modules`."""
-  registry.import_modules(_cfg_get(input_cfg, 'modules'))
-  return registry.caption_rewrite(_cfg_get(input_cfg, 'caption_rewrite'))
-
-
-def _cfg_get(cfg, name: str):
-  if isinstance(cfg, Mapping):
-    if name in cfg:
-      return cfg[name]
-  elif hasattr(cfg, name):
-    return getattr(cfg, name)
-  if name in _DEFAULTS:
-    return _DEFAULTS[name]
-  raise KeyError(f'input config has no field {name!r} (and it has no default)')
+  registry.import_modules(field(input_cfg, 'modules'))
+  return registry.caption_rewrite(field(input_cfg, 'caption_rewrite'))
 
 
 # ----------------------------------------------------------------------------- images
@@ -453,13 +428,13 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
 def batch_shapes(input_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Name -> (shape, dtype) of the arrays of one global training batch: what the train step
   is compiled for (an SR stage's images and low-res inputs at its training crop size)."""
-  b, size = int(_cfg_get(input_cfg, 'batch_size')), int(_cfg_get(input_cfg, 'image_size'))
-  length = int(_cfg_get(input_cfg, 'text_max_len'))
-  crop = int(_cfg_get(input_cfg, 'train_crop_size') or 0) or size
+  b, size = int(field(input_cfg, 'batch_size')), int(field(input_cfg, 'image_size'))
+  length = int(field(input_cfg, 'text_max_len'))
+  crop = int(field(input_cfg, 'train_crop_size') or 0) or size
   shapes = {'image': ((b, crop, crop, 3), np.dtype(np.float32)),
             'text_ids': ((b, length), np.dtype(np.int32)),
             'text_mask': ((b, length), np.dtype(bool))}
-  low_res = _cfg_get(input_cfg, 'low_res_size')
+  low_res = field(input_cfg, 'low_res_size')
   if low_res:
     r = int(low_res) * crop // size
     shapes['low_res'] = ((b, r, r, 3), np.dtype(np.float32))
@@ -501,37 +476,37 @@ def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
   records, see diffusion_jax.data.datasets).
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
-  global_batch = int(_cfg_get(input_cfg, 'batch_size'))
+  global_batch = int(field(input_cfg, 'batch_size'))
   if global_batch % process_count:
     raise ValueError(f'input.batch_size={global_batch} is not divisible by the '
                      f'{process_count} processes')
-  degradation = _cfg_get(input_cfg, 'low_res_degradation')
+  degradation = field(input_cfg, 'low_res_degradation')
   if degradation not in DEGRADATIONS:
     raise ValueError(f'input.low_res_degradation={degradation!r} is not one of '
                      f'{", ".join(DEGRADATIONS)}')
-  caption_choice = _cfg_get(input_cfg, 'caption_choice')
+  caption_choice = field(input_cfg, 'caption_choice')
   if caption_choice not in ('random', 'first'):
     raise ValueError(f'input.caption_choice={caption_choice!r} is not random or first')
-  low_res = _cfg_get(input_cfg, 'low_res_size')
+  low_res = field(input_cfg, 'low_res_size')
   spec = ExampleSpec(
-      image_size=int(_cfg_get(input_cfg, 'image_size')),
+      image_size=int(field(input_cfg, 'image_size')),
       low_res_size=int(low_res) if low_res else None,
       low_res_degradation=degradation,
-      random_crop=bool(_cfg_get(input_cfg, 'random_crop')),
+      random_crop=bool(field(input_cfg, 'random_crop')),
       caption_choice=caption_choice,
-      train_crop_size=int(_cfg_get(input_cfg, 'train_crop_size') or 0) or None)
+      train_crop_size=int(field(input_cfg, 'train_crop_size') or 0) or None)
   source = source_from_config(input_cfg) if source is None else source
-  num_epochs = _cfg_get(input_cfg, 'num_epochs')
-  ds = make_dataset(source, spec, seed=seed, shuffle=bool(_cfg_get(input_cfg, 'shuffle')),
+  num_epochs = field(input_cfg, 'num_epochs')
+  ds = make_dataset(source, spec, seed=seed, shuffle=bool(field(input_cfg, 'shuffle')),
                     num_epochs=int(num_epochs) if num_epochs else None,
                     process_index=process_index, process_count=process_count,
                     block=global_batch // process_count)
   read_options = grain.ReadOptions(
-      num_threads=int(_cfg_get(input_cfg, 'num_threads')),
-      prefetch_buffer_size=int(_cfg_get(input_cfg, 'prefetch_buffer_size')))
+      num_threads=int(field(input_cfg, 'num_threads')),
+      prefetch_buffer_size=int(field(input_cfg, 'prefetch_buffer_size')))
   return TrainIterator(
       ds.to_iter_dataset(read_options), local_batch_size=global_batch // process_count,
-      tokenizer=tokenizer, text_max_len=int(_cfg_get(input_cfg, 'text_max_len')),
+      tokenizer=tokenizer, text_max_len=int(field(input_cfg, 'text_max_len')),
       source_name=repr(source), epoch_length=len(source))
 
 
