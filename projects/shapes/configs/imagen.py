@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.input.update(batch_size=16, image_size=res, low_res_size=low, text_max_len=T5['max_length'])
   c.input.train_crop_size = 32 if stage == 'sr256' else None  # the SR trains on 32 px crops
+  c.input.caption_rewrite = 'shapes_canonical'  # relations read one way round (README.md)
   c.text_encoder.update(T5)
 
   c.diffusion.parameterization = 'v'
