@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from configs import unclip
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import convert, encoders, parallel
+from diffusion_jax import conditioning, convert, encoders, parallel
 from diffusion_jax import tokenizer as tokenizer_lib
 from diffusion_jax.models import clip
 from diffusion_jax.tools import export_clip
@@ -162,11 +162,15 @@ def test_unclip_demo_end_to_end(tiny_demo):
     assert os.path.isfile(os.path.join(export, name)), name
   assert export_clip.export_info(export)['step'] == CLIP_STEPS
   # The prior and the decoder trained, and sample, with that CLIP and its tokenizer.
+  exported = tokenizer_lib.load_tokenizer(export, 16)
   for stage in ('prior', 'decoder64'):
     assert demo.stage_config(plan, stage, 2, root).text_encoder.path == export
-    assert demo.cascade_config(plan, root).stages[stage].text_encoder_path == export
-    assert not os.path.exists(os.path.join(root, stage, 'tokenizer')), \
-        f'{stage} built its own tokenizer instead of reading the export\'s'
+    assert conditioning.restore_stage(os.path.join(root, stage)).config.text_encoder.path == export
+    # The tokenizer the stage keeps is the export's, not one of its own.
+    kept = tokenizer_lib.load_tokenizer(os.path.join(root, stage, 'tokenizer'), 16)
+    assert kept.hf.get_vocab() == exported.hf.get_vocab(), stage
+    captions = ['a red circle', 'two blue squares above a green triangle']
+    np.testing.assert_array_equal(kept(captions)[0], exported(captions)[0])
 
 
 def test_clip_export_is_skipped_when_done(tiny_demo, capsys):

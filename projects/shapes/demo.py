@@ -364,10 +364,7 @@ def cascade_config(plan: Plan, root: str | None = None):
     e.eta = 1.0 if plan.sampler == 'ddpm' else 0.0
     if not sr:  # recorded with the sampler settings; the guided samples pass their pairs
       e.contrast_scale = plan.contrast_scale
-    if plan.text_encoder_path and plan.family == 'imagen':
-      e.text_encoder_path = plan.text_encoder_path
-    if 'clip' in dict(plan.stages) and _uses_clip(stage_cfg):
-      e.text_encoder_path = own_clip_dir(plan, root)
+  # Each stage samples with the encoder it trained with (the config saved in its checkpoint).
   return c
 
 
