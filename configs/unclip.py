@@ -10,8 +10,7 @@ Run a stage:
 Without a pretrained CLIP (offline, tiny), train one first and point the prior and
 decoder at its export (stage 1 of the recipe; see `clip_config`):
   python -m diffusion_jax.train --config=configs/unclip.py:stage=clip,size=tiny --workdir=/tmp/run/clip
-  python -m diffusion_jax.tools.export_clip --config=configs/unclip.py:stage=clip,size=tiny \
-      --workdir=/tmp/run/clip --out=/tmp/run/clip/export
+  python -m diffusion_jax.tools.export_clip --workdir=/tmp/run/clip --out=/tmp/run/clip/export
   python -m diffusion_jax.train --config=configs/unclip.py:stage=prior,size=tiny \
       --config.text_encoder.path=/tmp/run/clip/export --workdir=/tmp/run/prior
 

@@ -2,8 +2,7 @@
 32->64 and 64->128 px.
 
   python -m diffusion_jax.train --config=projects/shapes/configs/unclip.py:stage=clip --workdir=/tmp/run/clip
-  python -m diffusion_jax.tools.export_clip --config=projects/shapes/configs/unclip.py:stage=clip \
-      --workdir=/tmp/run/clip --out=/tmp/run/clip/export
+  python -m diffusion_jax.tools.export_clip --workdir=/tmp/run/clip --out=/tmp/run/clip/export
   python -m diffusion_jax.train --config=projects/shapes/configs/unclip.py:stage=prior \
       --config.text_encoder.path=/tmp/run/clip/export --workdir=/tmp/run/prior
 
