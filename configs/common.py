@@ -121,11 +121,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# The sampler settings of a cascade stage (diffusion_jax.pipelines.Settings has the same).
-SAMPLER_SETTINGS = ('sampler', 'num_steps', 'eta', 'guidance_scale', 'threshold',
-                    'percentile', 'aug_level', 'blur_sigma', 'best_of', 'contrast_scale')
-
-
 # The type of each field that may be unset (None): placeholders of these types can be set
 # from the command line (`--config.text_encoder.path=DIR`); None is the one spelling of unset.
 OPTIONAL_FIELDS = {
