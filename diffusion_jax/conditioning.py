@@ -300,7 +300,7 @@ def restore_stage(stage_dir: str, *, use_ema: bool = True, expected=None,
   `expected`: the config the caller would build the stage from; where it differs from the
   saved one in what the weights mean (`WEIGHT_FIELDS`) a warning lists the fields, and the
   saved config is used. A checkpoint with no saved config is restored with `expected`.
-  Raises checkpoint.NoCheckpointError when there is no checkpoint at all.
+  Raises FileNotFoundError, naming the directory, when there is no checkpoint at all.
   """
   reader = ckpt_lib.Checkpointer(os.path.join(stage_dir, 'checkpoints'), read_only=True)
   which = 'ema_params' if use_ema else 'params'
@@ -327,6 +327,9 @@ def restore_stage(stage_dir: str, *, use_ema: bool = True, expected=None,
     stage = reader.restore_newest(restore)
   finally:
     reader.close()
+  if stage is None:
+    raise FileNotFoundError(f'stage {label!r}: no checkpoint in {reader.directory}; train it '
+                            'first')
   if expected is not None:
     diffs = config_differences(stage.config, expected)
     if diffs:

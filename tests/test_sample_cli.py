@@ -135,3 +135,10 @@ def test_samples_the_stage_as_it_was_trained(tmp_path):
   np.testing.assert_array_equal(ids, trained_ids)
   saved = conditioning.restore_stage(str(root / 'base64')).config
   assert saved.text_encoder.tokenizer_path == str(words)
+
+
+def test_restoring_a_stage_without_checkpoints_names_the_directory(tmp_path):
+  from diffusion_jax import conditioning
+  (tmp_path / 'base64' / 'checkpoints').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='no checkpoint in .*base64/checkpoints'):
+    conditioning.restore_stage(str(tmp_path / 'base64'))
