@@ -1,9 +1,14 @@
 """The grain pipeline: determinism, bit-exact resume through orbax, sharding, conditioning."""
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from diffusion_jax.data import datasets, pipeline
 from projects.shapes import data as shapes_data
@@ -285,3 +290,112 @@ def test_batches_become_global_arrays(num_devices):
     assert v.shape == local[k].shape and v.dtype == local[k].dtype, k
     assert len(v.sharding.device_set) == num_devices, f'{k} is not sharded over the batch'
     np.testing.assert_array_equal(np.asarray(v), local[k])
+
+
+# ----------------------------------------------------------------------------- hostile images
+
+
+def _encode(im, fmt='PNG', **kw) -> bytes:
+  buf = io.BytesIO()
+  im.save(buf, format=fmt, **kw)
+  return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def _raw_png(width, height, bit_depth, color_type, rows: bytes) -> bytes:
+  """A PNG of unfiltered `rows` (each already prefixed with filter byte 0)."""
+  header = struct.pack('>IIBBBBB', width, height, bit_depth, color_type, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', header)
+          + _png_chunk(b'IDAT', zlib.compress(rows)) + _png_chunk(b'IEND', b''))
+
+
+def _png_header_claiming(width, height) -> bytes:
+  """A 1x1 gray PNG whose IHDR says width x height: tiny on disk, huge if decoded."""
+  return _raw_png(width, height, 8, 0, b'\x00\x80')
+
+
+def test_16bit_png_is_scaled_not_white():
+  gray = Image.fromarray(np.full((4, 4), 32768, np.uint16))  # PIL mode I;16
+  out = pipeline.decode_image(_encode(gray))
+  assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+  assert np.abs(out.astype(int) - 128).max() <= 1, f'16-bit mid grey decoded as {out[0, 0]}'
+  rgb48 = _raw_png(2, 1, 16, 2, b'\x00' + struct.pack('>HHH', 32768, 65535, 0) * 2)
+  np.testing.assert_allclose(pipeline.decode_image(rgb48)[0, 0], [128, 255, 0], atol=1)
+
+
+def test_exif_orientation_is_applied():
+  stored = np.zeros((16, 32, 3), np.uint8)
+  stored[...] = (0, 0, 255)
+  stored[:8, :8] = (255, 0, 0)  # red top-left corner, as stored
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+  data = _encode(Image.fromarray(stored), 'JPEG', quality=95, exif=exif.tobytes())
+  out = pipeline.decode_image(data).astype(int)
+  assert out.shape == (32, 16, 3), f'orientation 6 not applied: shape {out.shape}'
+  # After a clockwise quarter turn the stored top-left corner is the top-right one.
+  assert np.abs(out[2:6, -6:-2] - (255, 0, 0)).max() < 40, out[2:6, -6:-2].mean((0, 1))
+  assert np.abs(out[2:6, 2:6] - (0, 0, 255)).max() < 40, out[2:6, 2:6].mean((0, 1))
+
+
+def test_transparency_is_composited_over_white():
+  rgba = np.zeros((1, 3, 4), np.uint8)
+  rgba[0] = [(0, 0, 0, 0), (200, 0, 0, 255), (200, 0, 0, 128)]
+  blend = np.round(np.array([200, 0, 0]) * 128 / 255 + 255 * 127 / 255)
+  for image in (_encode(Image.fromarray(rgba, 'RGBA')), rgba):  # bytes and decoded arrays
+    out = pipeline.decode_image(image).astype(int)
+    assert out[0, 0].tolist() == [255, 255, 255], f'alpha 0 is not white: {out[0, 0]}'
+    assert out[0, 1].tolist() == [200, 0, 0], f'alpha 255 changed: {out[0, 1]}'
+    assert np.abs(out[0, 2] - blend).max() <= 1, f'alpha 128: {out[0, 2]} vs {blend}'
+  palette = Image.new('P', (2, 1))
+  palette.putpalette([0, 200, 0, 0, 0, 0] + [0] * 762)
+  palette.putpixel((1, 0), 1)  # index 1 (black) is the transparent one
+  for fmt in ('PNG', 'GIF'):
+    out = pipeline.decode_image(_encode(palette, fmt, transparency=1))
+    assert out[0].tolist() == [[0, 200, 0], [255, 255, 255]], f'{fmt}: {out[0].tolist()}'
+
+
+def test_other_modes_and_first_frame():
+  cmyk = pipeline.decode_image(_encode(Image.new('CMYK', (8, 8), (0, 255, 255, 0)), 'JPEG'))
+  assert np.abs(cmyk[4, 4].astype(int) - (255, 0, 0)).max() < 10, f'CMYK red is {cmyk[4, 4]}'
+  bits = pipeline.decode_image(_encode(Image.new('1', (2, 1), 1)))
+  assert bits.tolist() == [[[255] * 3] * 2]
+  frames = [Image.new('RGB', (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+  gif = _encode(frames[0], 'GIF', save_all=True, append_images=frames[1:])
+  assert pipeline.decode_image(gif)[0, 0].tolist() == [255, 0, 0], 'not the first frame'
+  raw16 = pipeline.decode_image(np.full((2, 2, 1), 32768, np.uint16))
+  assert raw16.tolist() == [[[128] * 3] * 2] * 2, 'a uint16 array is not scaled to 8 bits'
+
+
+@pytest.mark.filterwarnings('error')  # PIL's DecompressionBombWarning must not fire first
+def test_huge_header_is_too_large_before_decoding():
+  for side in (12000, 20000):  # over our bound, over PIL's warning and over its error limit
+    with pytest.raises(pipeline.BadExample) as e:
+      pipeline.decode_image(_png_header_claiming(side, side))
+    assert e.value.reason == 'too_large', str(e.value)
+  small = _encode(Image.new('RGB', (16, 16)))
+  assert pipeline.decode_image(small, max_pixels=256).shape == (16, 16, 3)
+  with pytest.raises(pipeline.BadExample, match='too_large'):
+    pipeline.decode_image(small, max_pixels=255)
+
+
+def test_images_over_max_image_pixels_are_skipped_and_counted():
+  good = shapes_data.ShapesSource(8, 16, 0)  # 16 x 16 = 256 pixels each
+
+  class WithLarge:
+    def __len__(self):
+      return 10
+
+    def __getitem__(self, i):
+      if i < 8:
+        return good[i]
+      large = (_encode(Image.new('RGB', (17, 16))), _png_header_claiming(12000, 12000))[i - 8]
+      return {'image': large, 'captions': ['x']}
+
+  it = pipeline.make_train_iterator(shapes_cfg(batch_size=2, num_epochs=1, max_image_pixels=256),
+                                    tokenizer=tokenizer, seed=0, process_index=0,
+                                    process_count=1, source=WithLarge())
+  assert sum(1 for _ in it) == 4 and it.examples == 8
+  assert it.skip_reasons == {'too_large': 2}, it.skip_reasons

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from diffusion_jax import io_util
+
 INPUT_DEFAULTS = {
     'dataset': None,                # a registered dataset (data.registry)
     'modules': (),                  # modules imported first: they register datasets, rewrites
@@ -24,6 +26,7 @@ INPUT_DEFAULTS = {
     'train_crop_size': None,        # SR stages: train on crops of this side
     'caption_choice': 'random',     # 'random' | 'first'
     'caption_rewrite': None,        # a registered rewrite, in training and sampling alike
+    'max_image_pixels': io_util.MAX_IMAGE_PIXELS,  # larger images: skipped, counted, unread
     'num_threads': 4,
     'prefetch_buffer_size': 256,
 }

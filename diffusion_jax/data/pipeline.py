@@ -21,8 +21,9 @@ the very batches of a single-host one). Every random
 choice for an example (crop, caption, degradation) is seeded by (seed, pos), so a batch is
 a pure function of (seed, position) and does not depend on threads or timing.
 
-Fault tolerance. An example whose image does not decode, is empty, or has no caption is
-skipped and counted (`iterator.skipped`, by reason in `iterator.skip_reasons`); the batch
+Fault tolerance. An example whose image does not decode, is empty, is larger than
+`max_image_pixels` (read from its header, before decoding), or has no caption is skipped and
+counted (`iterator.skipped`, by reason in `iterator.skip_reasons`); the batch
 is filled from the next examples. A source with no examples, or one where a whole epoch's
 worth of consecutive examples fails, raises `DatasetEmptyError` naming the source.
 
@@ -59,6 +60,9 @@ Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
                        upsamplers train on crops; the convolutional U-Net then samples
                        whole images) [None: whole images]
   caption_choice       'random' | 'first' among an example's captions ['random']
+  max_image_pixels     images with more pixels (W x H in the file's header) are skipped and
+                       counted as too_large without being decoded [io_util.MAX_IMAGE_PIXELS:
+                       8192 x 8192]
   caption_rewrite      name of a meaning-preserving rewrite of every caption before it is
                        tokenized, in training and in sampling alike (registered in
                        `data.registry`; the trainer's and the pipelines' tokenizer applies
@@ -79,6 +83,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageFilter
 
+from diffusion_jax import io_util
 from diffusion_jax.data import datasets, field, registry
 from diffusion_jax.data.datasets import DatasetEmptyError
 
@@ -106,29 +111,17 @@ class BadExample(Exception):
     self.reason = reason
 
 
-def decode_image(image) -> np.ndarray:
-  """uint8 [H, W, 3] from encoded bytes or an array; raises BadExample."""
-  if isinstance(image, (bytes, bytearray, np.bytes_)):
-    if len(image) == 0:
-      raise BadExample('empty_file')
-    try:
-      with Image.open(io.BytesIO(bytes(image))) as im:
-        im.load()
-        array = np.asarray(im.convert('RGB'))
-    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data.
-      raise BadExample('undecodable_image', f'{type(e).__name__}: {e}') from None
-  else:
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] == 1:
-      array = np.repeat(array, 3, axis=-1)
-    if array.ndim == 2:
-      array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-      raise BadExample('bad_image_shape', str(array.shape))
-    array = array[..., :3].astype(np.uint8, copy=False)
-  if array.shape[0] == 0 or array.shape[1] == 0:
-    raise BadExample('empty_image')
-  return array
+def decode_image(image, max_pixels: int = io_util.MAX_IMAGE_PIXELS) -> np.ndarray:
+  """uint8 [H, W, 3] from encoded bytes (`io_util.decode_image_bytes`: EXIF orientation,
+  16-bit, transparency over white, first frame; over `max_pixels` skipped as too_large before
+  decoding) or an already decoded array (`io_util.image_array_to_rgb8`); raises BadExample
+  under the decoder's reason."""
+  try:
+    if isinstance(image, (bytes, bytearray, np.bytes_)):
+      return io_util.decode_image_bytes(image, max_pixels=max_pixels)
+    return io_util.image_array_to_rgb8(image)
+  except io_util.ImageDecodeError as e:
+    raise BadExample(e.reason, e.detail) from None
 
 
 def resize_and_crop(image_HW3: np.ndarray, size: int, rng: np.random.Generator | None
@@ -221,6 +214,7 @@ class ExampleSpec:
   random_crop: bool = False
   caption_choice: str = 'random'
   train_crop_size: int | None = None
+  max_image_pixels: int = io_util.MAX_IMAGE_PIXELS
 
   def __post_init__(self):
     crop = self.train_crop_size
@@ -247,7 +241,8 @@ def process_example(record: Mapping[str, Any], spec: ExampleSpec,
   caption = captions[pick]
   crop_rng = rng.spawn(1)[0] if spec.random_crop else None
   degrade_rng = rng.spawn(1)[0]
-  image = resize_and_crop(decode_image(record.get('image', b'')), spec.image_size, crop_rng)
+  image = resize_and_crop(decode_image(record.get('image', b''), spec.max_image_pixels),
+                          spec.image_size, crop_rng)
   low_res = (degrade(image, spec.low_res_size, spec.low_res_degradation, degrade_rng)
              if spec.low_res_size else None)
   if spec.train_crop_size:
@@ -494,7 +489,8 @@ def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
       low_res_degradation=degradation,
       random_crop=bool(field(input_cfg, 'random_crop')),
       caption_choice=caption_choice,
-      train_crop_size=int(field(input_cfg, 'train_crop_size') or 0) or None)
+      train_crop_size=int(field(input_cfg, 'train_crop_size') or 0) or None,
+      max_image_pixels=int(field(input_cfg, 'max_image_pixels')))
   source = source_from_config(input_cfg) if source is None else source
   num_epochs = field(input_cfg, 'num_epochs')
   ds = make_dataset(source, spec, seed=seed, shuffle=bool(field(input_cfg, 'shuffle')),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
@@ -90,13 +89,13 @@ def _sha256_json(obj) -> str:
 
 
 def center_crop_resize(image, size: int) -> np.ndarray:
-  """uint8 [size, size, 3]: shorter side to `size` (PIL bicubic), then a center crop."""
+  """uint8 [size, size, 3]: shorter side to `size` (PIL bicubic), then a center crop. Bytes
+  and arrays are decoded as training images are (`io_util`)."""
   from PIL import Image  # noqa: PLC0415
   if isinstance(image, (bytes, bytearray, np.bytes_)):
-    im = Image.open(io.BytesIO(bytes(image)))
+    im = Image.fromarray(io_util.decode_image_bytes(image))
   else:
-    im = Image.fromarray(np.asarray(image, np.uint8).squeeze())
-  im = im.convert('RGB')
+    im = Image.fromarray(io_util.image_array_to_rgb8(np.squeeze(image)))
   w, h = im.size
   s = size / min(w, h)
   im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
@@ -230,6 +229,9 @@ def run(generate_fn: Callable, *, workdir: str, inception_path: str,
   if missing:
     raise ValueError(f'sampling must record {missing} (they change the number)')
   start = time.time()
+  # First, so a missing or bad weights file is reported before any caption scan or sampling.
+  module, params = convert.load_inception(inception_path, **(inception_overrides or {}))
+  weights_sha = convert.file_sha256(inception_path)
   os.makedirs(workdir, exist_ok=True)
 
   all_captions = coco_captions(cfg)
@@ -246,8 +248,6 @@ def run(generate_fn: Callable, *, workdir: str, inception_path: str,
       json.dump({'sha256': captions_sha, 'seed': cfg.caption_seed, 'splits': list(cfg.splits),
                  'pool': len(all_captions), 'captions': captions}, f)
 
-  weights_sha = convert.file_sha256(inception_path)
-  module, params = convert.load_inception(inception_path, **(inception_overrides or {}))
   extractor = fid.InceptionFeatures(module, params, mesh=mesh,
                                     batch_size=cfg.feature_batch_size)
   ref = reference_statistics(extractor, cfg, weights_sha256=weights_sha,
