@@ -256,6 +256,7 @@ def test_bad_records_are_skipped_and_counted():
   assert it.skipped == 4 and it.skip_reasons == {'empty_file': 1, 'undecodable_image': 1,
                                                  'missing_caption': 2}, it.skip_reasons
   assert it.metrics()['data/skipped'] == 4
+  assert it.metrics()['data/skipped/missing_caption'] == 2, 'the logs must say why'
 
 
 def test_dataset_of_only_bad_examples_fails_fast():

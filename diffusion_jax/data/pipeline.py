@@ -387,8 +387,9 @@ class TrainIterator:
     self.close()
 
   def metrics(self) -> dict[str, float]:
-    """Counters for the trainer's logs."""
-    return {'data/skipped': float(self.skipped), 'data/examples': float(self.examples)}
+    """Counters for the trainer's logs: examples, skipped, and skipped by reason."""
+    return {'data/skipped': float(self.skipped), 'data/examples': float(self.examples),
+            **{f'data/skipped/{reason}': float(n) for reason, n in self.skip_reasons.items()}}
 
 
 def tokenize(tokenizer: Tokenizer, captions: list[str], max_len: int
