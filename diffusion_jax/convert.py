@@ -7,21 +7,25 @@ module (`jax.eval_shape`, nothing allocated). Missing, unexpected and mis-shaped
 reported by name. The safetensors header is parsed here (it is a length-prefixed JSON
 header followed by raw little-endian data), so that a truncated file is reported with the
 name of the tensor that runs past its end, and tensors are memory-mapped rather than read.
+A tensor holding NaN or infinity is refused by name. Every failure to read weights or their
+config.json is a `WeightImportError` (an `errors.InputError`): one line naming the file, the
+tensor or field at fault, and what to do.
 
-Pickle-based formats (.bin, .pt, .pth, .ckpt, .pkl) are refused: unpickling runs arbitrary
-code. Convert such a checkpoint once, in an environment you trust, with transformers:
+Pickle-based formats (.bin, .pt, .pth, .ckpt, .pkl, or such a file under another name, known
+by its first bytes) are refused: unpickling runs arbitrary code. Convert such a checkpoint
+once, in an environment you trust, with transformers:
 `Model.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import glob
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import struct
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -29,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from diffusion_jax import io_util
+from diffusion_jax import errors, io_util
 from diffusion_jax.models import clip, inception, t5
 
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
@@ -44,8 +48,11 @@ _DTYPES = {
 }
 
 
-class WeightImportError(ValueError):
-  """A checkpoint that cannot be imported: wrong format, truncated, missing or mis-shaped keys."""
+class WeightImportError(errors.InputError):
+  """A checkpoint that cannot be imported: wrong format, truncated, missing or mis-shaped keys.
+
+  The message is one line that names the file (and the tensor or field, when one is at fault).
+  """
 
 
 def pickle_refusal(path: str) -> str:
@@ -55,52 +62,164 @@ def pickle_refusal(path: str) -> str:
           ".save_pretrained('OUT', safe_serialization=True)\", and point to OUT")
 
 
-def _refuse_if_pickle(path: str) -> None:
+# The safetensors format caps its JSON header at 100 MB: a larger length is not a header.
+MAX_HEADER_BYTES = 100_000_000
+# How many names an error lists before it says "and N more".
+_NAMES_SHOWN = 8
+_CORRUPT_HINT = 'the file is corrupt or incomplete: download or export it again'
+
+
+def _some(names: Sequence[str], sep: str = ', ') -> str:
+  """'a, b, c' or 'a, ..., h and 12 more': error messages stay one readable line."""
+  names = list(names)
+  shown = sep.join(names[:_NAMES_SHOWN])
+  return shown + (f' and {len(names) - _NAMES_SHOWN} more' if len(names) > _NAMES_SHOWN else '')
+
+
+def _unreadable(path: str, e: OSError) -> WeightImportError:
+  return WeightImportError(f'{path}: cannot be read ({e.strerror or e}); check that it exists '
+                           'and that its permissions let you read it')
+
+
+def _stat(path: str) -> os.stat_result | None:
+  """os.stat of `path`, None when nothing is there; a path it may not look at is refused."""
+  try:
+    return os.stat(path)
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  except OSError as e:
+    raise _unreadable(path, e) from None
+
+
+def _require_file(path: str, expected: str) -> None:
+  """Refuses a missing path or a directory where `expected` (a file) should be."""
+  info = _stat(path)
+  if info is None:
+    raise WeightImportError(f'{path}: no such file; expected {expected}')
+  if stat.S_ISDIR(info.st_mode):
+    raise WeightImportError(f'{path}: is a directory; expected {expected}')
+
+
+def _has_pickle_magic(head: bytes) -> bool:
+  """torch.save's zip ('PK\\x03\\x04') or a protocol 2-5 pickle ('\\x80\\x02'..'\\x80\\x05').
+
+  A safetensors header always starts with '{' at byte 8, which no such file has there, so a
+  safetensors file whose header length happens to begin with these bytes is not mistaken.
+  """
+  if head[8:9] == b'{':
+    return False
+  return head.startswith(b'PK\x03\x04') or (len(head) >= 2 and head[0] == 0x80
+                                             and 2 <= head[1] <= 5)
+
+
+def is_pickle_file(path: str) -> bool:
+  """A pickle checkpoint, by its name or by its first bytes (read, never unpickled)."""
   if path.lower().endswith(PICKLE_SUFFIXES):
+    return True
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, 'rb') as f:
+      return _has_pickle_magic(f.read(9))
+  except OSError as e:
+    raise _unreadable(path, e) from None
+
+
+def _refuse_if_pickle(path: str) -> None:
+  if is_pickle_file(path):
     raise WeightImportError(pickle_refusal(path))
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_layout(info, base: int, size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  """(dtype, shape, begin, end) of one header entry; a ValueError says what is wrong with it."""
+  if not isinstance(info, dict):
+    raise ValueError(f'header entry is {type(info).__name__}, not an object')
+  name = info.get('dtype')
+  dtype = _DTYPES.get(name) if isinstance(name, str) else None
+  if dtype is None:
+    raise ValueError(f'unsupported dtype {name!r}')
+  shape, offsets = info.get('shape'), info.get('data_offsets')
+  if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+    raise ValueError(f'shape {shape!r} is not a list of non-negative integers')
+  if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
+      or offsets[0] > offsets[1]):
+    raise ValueError(f'data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end')
+  begin, end = offsets
+  need = math.prod(shape) * dtype.itemsize
+  if end - begin != need:
+    raise ValueError(f'header gives {end - begin} bytes but shape {tuple(shape)} {name} '
+                     f'needs {need}')
+  if base + end > size:
+    raise ValueError(f'ends at byte {base + end} but the file has {size} bytes (truncated file)')
+  return dtype, tuple(shape), begin, end
+
+
+def _overlaps(layouts: Mapping[str, tuple]) -> list[str]:
+  """Pairs of tensors whose byte ranges overlap (a forged or corrupt header)."""
+  spans = sorted((begin, end, key) for key, (_, _, begin, end) in layouts.items() if end > begin)
+  return [f'tensors {a!r} and {b!r} share bytes {b_begin}..{min(a_end, b_end)}'
+          for (_, a_end, a), (b_begin, b_end, b) in zip(spans, spans[1:]) if b_begin < a_end]
+
+
+def _read_header(path: str, size: int) -> tuple[dict, int]:
+  """(the parsed JSON header, the byte where the data starts) of a safetensors file."""
+  if size == 0:
+    raise WeightImportError(f'{path}: empty file (0 bytes), not safetensors; {_CORRUPT_HINT}')
+  try:
+    with open(path, 'rb') as f:
+      prefix = f.read(8)
+      if len(prefix) < 8:
+        raise WeightImportError(f'{path}: truncated safetensors file ({size} bytes, no header); '
+                                f'{_CORRUPT_HINT}')
+      (header_len,) = struct.unpack('<Q', prefix)
+      if header_len > MAX_HEADER_BYTES:
+        raise WeightImportError(f'{path}: not a safetensors file (its first 8 bytes give a '
+                                f'header of {header_len} bytes, over the format\'s 100 MB)')
+      if 8 + header_len > size:
+        raise WeightImportError(f'{path}: truncated safetensors file: its header claims '
+                                f'{header_len} bytes but the file has {size}; {_CORRUPT_HINT}')
+      raw = f.read(header_len)
+  except OSError as e:
+    raise _unreadable(path, e) from None
+  try:
+    header = json.loads(raw.decode('utf-8'))
+  except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+    raise WeightImportError(f'{path}: the safetensors header is not JSON ({e}); '
+                            f'{_CORRUPT_HINT}') from None
+  if not isinstance(header, dict):
+    raise WeightImportError(f'{path}: the safetensors header is a {type(header).__name__}, '
+                            f'not an object; {_CORRUPT_HINT}')
+  return header, 8 + header_len
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Name -> memory-mapped numpy array for one .safetensors file, with integrity checks."""
+  _require_file(path, 'a .safetensors file')
   _refuse_if_pickle(path)
   size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    prefix = f.read(8)
-    if len(prefix) < 8:
-      raise WeightImportError(f'{path}: truncated safetensors file ({size} bytes, no header)')
-    (header_len,) = struct.unpack('<Q', prefix)
-    if 8 + header_len > size:
-      raise WeightImportError(f'{path}: truncated safetensors file: its header claims '
-                              f'{header_len} bytes but the file has {size}')
-    try:
-      header = json.loads(f.read(header_len))
-    except ValueError as e:
-      raise WeightImportError(f'{path}: unreadable safetensors header ({e})') from None
-  base = 8 + header_len
-  data = np.memmap(path, dtype=np.uint8, mode='r') if size > base else np.zeros(0, np.uint8)
-  out, problems = {}, []
+  header, base = _read_header(path, size)
+  layouts, problems = {}, []
   for key, info in header.items():
     if key == '__metadata__':
       continue
-    dtype = _DTYPES.get(info.get('dtype'))
-    if dtype is None:
-      problems.append(f'tensor {key!r}: unsupported dtype {info.get("dtype")!r}')
-      continue
-    shape = tuple(int(s) for s in info['shape'])
-    begin, end = (int(o) for o in info['data_offsets'])
-    need = math.prod(shape) * dtype.itemsize
-    if end - begin != need:
-      problems.append(f'tensor {key!r}: header gives {end - begin} bytes but shape {shape} '
-                      f'{info["dtype"]} needs {need}')
-      continue
-    if base + end > size:
-      problems.append(f'tensor {key!r} ends at byte {base + end} but the file has {size} '
-                      f'bytes (truncated file)')
-      continue
-    out[key] = data[base + begin:base + end].view(dtype).reshape(shape)
+    try:
+      layouts[key] = _tensor_layout(info, base, size)
+    except ValueError as e:
+      problems.append(f'tensor {key!r}: {e}')
+  problems += _overlaps(layouts)
   if problems:
-    raise WeightImportError(f'{path}: ' + '; '.join(problems))
-  return out
+    raise WeightImportError(f'{path}: {_some(problems, "; ")}; {_CORRUPT_HINT}')
+  try:
+    data = np.memmap(path, dtype=np.uint8, mode='r') if size > base else np.zeros(0, np.uint8)
+  except OSError as e:
+    raise _unreadable(path, e) from None
+  # Each tensor is a view of the memmap: its `filename` names the file in later errors.
+  return {key: data[base + begin:base + end].view(dtype).reshape(shape)
+          for key, (dtype, shape, begin, end) in layouts.items()}
 
 
 def read_weights(path: str) -> dict[str, np.ndarray]:
@@ -109,30 +228,85 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   if os.path.isfile(path):
     return read_safetensors(path)
   if not os.path.isdir(path):
-    raise WeightImportError(f'{path}: no such file or directory')
-  indices = sorted(glob.glob(os.path.join(path, '*.safetensors.index.json')))
+    raise WeightImportError(f'{path}: no such file or directory; expected a .safetensors file '
+                            'or a transformers model directory')
+  names = _list_dir(path)
+  indices = sorted(n for n in names if n.endswith('.safetensors.index.json'))
   if indices:
-    return _read_sharded(indices[0])
-  files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
+    return _read_sharded(os.path.join(path, indices[0]))
+  files = sorted(os.path.join(path, n) for n in names if n.endswith('.safetensors'))
   if not files:
-    pickles = sorted(p for p in os.listdir(path) if p.lower().endswith(PICKLE_SUFFIXES))
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles:
       raise WeightImportError(pickle_refusal(os.path.join(path, pickles[0])))
-    raise WeightImportError(f'{path}: no *.safetensors weights found')
+    raise WeightImportError(f'{path}: no *.safetensors weights found (expected model.safetensors'
+                            ' or shards listed in model.safetensors.index.json)')
   out: dict[str, np.ndarray] = {}
+  origin: dict[str, str] = {}
   for f in files:
     for key, value in read_safetensors(f).items():
       if key in out:
-        raise WeightImportError(f'{path}: tensor {key!r} appears in more than one file')
-      out[key] = value
+        raise WeightImportError(f'{path}: tensor {key!r} is in both {origin[key]} and {f}; '
+                                'keep one checkpoint per directory')
+      out[key], origin[key] = value, f
   return out
 
 
+def _list_dir(path: str) -> list[str]:
+  """The entries of `path` that a shell glob would see (no hidden files)."""
+  try:
+    return [n for n in os.listdir(path) if not n.startswith('.')]
+  except OSError as e:
+    raise _unreadable(path, e) from None
+
+
+def _refuse_duplicate_keys(path: str):
+  """A json object_pairs_hook that refuses a key given twice (the last would win silently)."""
+  def build(pairs):
+    seen = set()
+    for key, _ in pairs:
+      if key in seen:
+        raise WeightImportError(f'{path}: {key!r} is given twice; keep one entry')
+      seen.add(key)
+    return dict(pairs)
+  return build
+
+
+def read_json_object(path: str, *, unique_keys: bool = False) -> dict[str, Any]:
+  """A JSON file that must hold an object; every failure is a one-line WeightImportError."""
+  _require_file(path, 'a JSON file')
+  hook = _refuse_duplicate_keys(path) if unique_keys else None
+  try:
+    with open(path, 'rb') as f:
+      value = json.loads(f.read().decode('utf-8'), object_pairs_hook=hook)
+  except OSError as e:
+    raise _unreadable(path, e) from None
+  except WeightImportError:
+    raise
+  except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+    raise WeightImportError(f'{path}: not valid JSON ({e}); restore the file saved with the '
+                            'weights') from None
+  if not isinstance(value, dict):
+    raise WeightImportError(f'{path}: holds a JSON {type(value).__name__}, expected an object '
+                            '({"field": value, ...}); restore the file saved with the weights')
+  return value
+
+
+def _shard_is_inside(shard: str) -> bool:
+  """A shard name from an index: a path below the index's directory, never above or absolute."""
+  parts = shard.replace('\\', '/').split('/')
+  return bool(shard) and not os.path.isabs(shard) and '..' not in parts
+
+
 def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
-  with open(index_path) as f:
-    weight_map = json.load(f).get('weight_map')
-  if not isinstance(weight_map, dict):
-    raise WeightImportError(f'{index_path}: no "weight_map" in the index')
+  weight_map = read_json_object(index_path, unique_keys=True).get('weight_map')
+  if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+    raise WeightImportError(f'{index_path}: no "weight_map" of tensor name -> shard file in the '
+                            'index; restore the index saved with the shards')
+  outside = sorted({s for s in weight_map.values() if not _shard_is_inside(s)})
+  if outside:
+    raise WeightImportError(f'{index_path}: shard names {_some(map(repr, outside))} point '
+                            'outside its directory; shards must sit beside the index')
   root = os.path.dirname(index_path)
   by_file: dict[str, list[str]] = {}
   for key, shard in weight_map.items():
@@ -140,25 +314,109 @@ def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   for shard, keys in sorted(by_file.items()):
     shard_path = os.path.join(root, shard)
-    _refuse_if_pickle(shard_path)
-    if not os.path.isfile(shard_path):
+    if not os.path.exists(shard_path):
       raise WeightImportError(f'{index_path}: shard {shard} is missing (holds {keys[0]!r}'
-                              f'{" and %d more" % (len(keys) - 1) if len(keys) > 1 else ""})')
+                              f'{" and %d more" % (len(keys) - 1) if len(keys) > 1 else ""}); '
+                              'copy every shard the index lists')
     tensors = read_safetensors(shard_path)
     absent = [k for k in keys if k not in tensors]
     if absent:
       raise WeightImportError(f'{shard_path}: tensor {absent[0]!r} listed in the index is not '
-                              f'in the shard ({len(absent)} missing)')
+                              f'in the shard ({len(absent)} missing); {_CORRUPT_HINT}')
+    elsewhere = sorted(k for k in tensors if weight_map.get(k, shard) != shard)
+    if elsewhere:
+      raise WeightImportError(f'{shard_path}: tensor {elsewhere[0]!r} is also in shard '
+                              f'{weight_map[elsewhere[0]]} (the index puts it there; '
+                              f'{len(elsewhere)} such duplicates); {_CORRUPT_HINT}')
     out.update((k, tensors[k]) for k in keys)
   return out
 
 
+def config_path(path: str) -> str:
+  """The config.json of a model directory (or `path` itself when it names a .json file)."""
+  is_json_file = path.endswith('.json') and not os.path.isdir(path)
+  return path if is_json_file else os.path.join(path, 'config.json')
+
+
 def read_config(path: str) -> dict[str, Any]:
-  cfg_path = path if path.endswith('.json') else os.path.join(path, 'config.json')
-  if not os.path.isfile(cfg_path):
-    raise WeightImportError(f'{path}: no config.json (expected the transformers layout)')
-  with open(cfg_path) as f:
-    return json.load(f)
+  """config.json of a transformers model directory, as a dict."""
+  layout = 'a transformers model directory (config.json and *.safetensors)'
+  cfg_path = config_path(path)
+  if cfg_path != path:
+    if os.path.isfile(path):
+      raise WeightImportError(f'{path}: is a file; expected {layout}')
+    if not os.path.isdir(path):
+      raise WeightImportError(f'{path}: no such directory; expected {layout}')
+  if _stat(cfg_path) is None:
+    raise WeightImportError(f'{path}: no config.json (expected the transformers layout); copy '
+                            'the config.json saved with the weights')
+  return read_json_object(cfg_path)
+
+
+# Kinds of config.json fields: what each accepts, and how a message names it.
+_FIELD_KINDS = {
+    'count': (lambda v: _is_count(v) and v > 0, 'a positive integer'),
+    'index': (lambda v: v is None or _is_count(v), 'a non-negative integer or null'),
+    'number': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v), 'a finite number'),
+    'name': (lambda v: isinstance(v, str), 'a string'),
+    'name?': (lambda v: v is None or isinstance(v, str), 'a string or null'),
+    'object': (lambda v: isinstance(v, dict), 'an object'),
+}
+# config.json fields that load_t5 reads, and those that every T5 config.json has.
+T5_CONFIG_FIELDS = {
+    'model_type': 'name', 'vocab_size': 'count', 'd_model': 'count', 'num_layers': 'count',
+    'num_heads': 'count', 'd_kv': 'count', 'd_ff': 'count', 'feed_forward_proj': 'name',
+    'dense_act_fn': 'name?', 'relative_attention_num_buckets': 'count',
+    'relative_attention_max_distance': 'count', 'layer_norm_epsilon': 'number'}
+T5_REQUIRED = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_kv', 'd_ff')
+# The same for load_clip: the top level, and each tower's sub-config.
+CLIP_CONFIG_FIELDS = {'model_type': 'name', 'projection_dim': 'count',
+                      'logit_scale_init_value': 'number', 'text_config': 'object',
+                      'vision_config': 'object'}
+CLIP_REQUIRED = ('text_config', 'vision_config')
+_CLIP_TOWER_FIELDS = {'hidden_size': 'count', 'num_hidden_layers': 'count',
+                      'num_attention_heads': 'count', 'intermediate_size': 'count',
+                      'hidden_act': 'name', 'layer_norm_eps': 'number'}
+CLIP_TEXT_FIELDS = {**_CLIP_TOWER_FIELDS, 'vocab_size': 'count',
+                    'max_position_embeddings': 'count', 'eos_token_id': 'index'}
+CLIP_VISION_FIELDS = {**_CLIP_TOWER_FIELDS, 'image_size': 'count', 'patch_size': 'count',
+                      'num_channels': 'count'}
+
+
+def check_config_fields(cfg: Mapping[str, Any], where: str, kinds: Mapping[str, str],
+                        required: Sequence[str] = (), prefix: str = '') -> None:
+  """Refuses a missing required field or a field of the wrong type, naming file and field."""
+  for name in required:
+    if name not in cfg:
+      raise WeightImportError(f'{where}: required field "{prefix}{name}" is missing; restore '
+                              'the config.json saved with the weights')
+  for name, kind in kinds.items():
+    accepts, expected = _FIELD_KINDS[kind]
+    if name in cfg and not accepts(cfg[name]):
+      raise WeightImportError(f'{where}: field "{prefix}{name}" is {cfg[name]!r}; expected '
+                              f'{expected}')
+
+
+def _model_fields(path: str, from_hf, check) -> dict[str, Any]:
+  """Constructor fields from a directory's config.json, checked first, errors naming the file."""
+  cfg = read_config(path)
+  where = config_path(path)
+  check(cfg, where)
+  try:
+    return from_hf(cfg)
+  except ValueError as e:  # an unsupported model_type or activation
+    raise WeightImportError(f'{where}: {e}') from None
+
+
+def _check_t5_config(cfg: Mapping[str, Any], where: str) -> None:
+  check_config_fields(cfg, where, T5_CONFIG_FIELDS, T5_REQUIRED)
+
+
+def _check_clip_config(cfg: Mapping[str, Any], where: str) -> None:
+  check_config_fields(cfg, where, CLIP_CONFIG_FIELDS, CLIP_REQUIRED)
+  check_config_fields(cfg['text_config'], where, CLIP_TEXT_FIELDS, prefix='text_config.')
+  check_config_fields(cfg['vision_config'], where, CLIP_VISION_FIELDS, prefix='vision_config.')
 
 
 # --- name mapping ------------------------------------------------------------------------------
@@ -218,7 +476,7 @@ def assemble(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
   if uncovered:  # A mapping bug, not a checkpoint problem.
     raise AssertionError(f'{what}: no mapping rule for parameters {uncovered}')
   used: set[str] = set()
-  missing, mis_shaped, conflicts, flat = [], [], [], {}
+  missing, mis_shaped, conflicts, non_finite, flat = [], [], [], [], {}
   for rule in rules:
     if rule.target not in template:
       raise AssertionError(f'{what}: rule for unknown parameter {"/".join(rule.target)}')
@@ -245,23 +503,44 @@ def assemble(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
                           f'(for {"/".join(rule.target)})')
         ok = False
         continue
-      parts.append(_transform(rule, a, shape, spec.dtype))
+      part = _transform(rule, a, shape, spec.dtype)
+      if not _all_finite(part):
+        non_finite.append(_tensor_source(present[0], a))
+        ok = False
+        continue
+      parts.append(part)
     if ok:
       flat[rule.target] = np.stack(parts) if rule.stacked else parts[0]
   unexpected = sorted(k for k in tensors
                       if k not in used and not any(re.fullmatch(p, k) for p in ignore))
   problems = []
+  if non_finite:
+    problems.append('NaN or infinite values in ' + _some(non_finite, '; ') + ' (a diverged or '
+                    'corrupt checkpoint: use one saved before it went non-finite)')
   if mis_shaped:
-    problems.append('shape mismatch: ' + '; '.join(mis_shaped))
+    problems.append('shape mismatch: ' + _some(mis_shaped, '; '))
   if conflicts:
-    problems.append('conflicting tied tensors: ' + '; '.join(conflicts))
+    problems.append('conflicting tied tensors: ' + _some(conflicts, '; '))
   if missing:
-    problems.append('missing keys: ' + ', '.join(missing))
+    problems.append('missing keys: ' + _some(missing))
   if unexpected and strict:
-    problems.append('unexpected keys: ' + ', '.join(unexpected))
+    problems.append('unexpected keys: ' + _some(unexpected))
   if problems:
-    raise WeightImportError(f'{what}: ' + ' | '.join(problems))
+    hint = (' (is it the checkpoint of this model and size?)'
+            if missing or mis_shaped or (unexpected and strict) else '')
+    raise WeightImportError(f'{what}: ' + ' | '.join(problems) + hint)
   return traverse_util.unflatten_dict(flat)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+  """False when a float tensor holds a NaN or an infinity; integer and bool tensors pass."""
+  return a.dtype.kind in 'biu' or bool(np.isfinite(a).all())
+
+
+def _tensor_source(key: str, a: np.ndarray) -> str:
+  """'KEY in FILE' for a tensor memory-mapped by `read_safetensors`, else 'KEY'."""
+  filename = getattr(a, 'filename', None)
+  return f'{key} in {filename}' if filename else key
 
 
 def _untransform(rule: Rule, a: np.ndarray) -> np.ndarray:
@@ -336,13 +615,20 @@ def t5_rules(gated: bool) -> list[Rule]:
   return rules
 
 
+def _t5_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """`T5Encoder` fields of a config.json; a ValueError names an unsupported feed-forward."""
+  fields = t5.config_from_hf(cfg)
+  t5.parse_ffn(fields['feed_forward_proj'], fields['dense_act_fn'])
+  return fields
+
+
 # A full T5ForConditionalGeneration checkpoint also holds the decoder and LM head.
 T5_IGNORE = (r'decoder\..*', r'lm_head\..*')
 
 
 def load_t5(path: str, *, strict: bool = True, **overrides):
   """(T5Encoder, params) from a transformers T5 / T5EncoderModel directory."""
-  fields = {**t5.config_from_hf(read_config(path)), **overrides}
+  fields = {**_model_fields(path, _t5_fields, _check_t5_config), **overrides}
   module = t5.T5Encoder(**fields)
   gated, _ = t5.parse_ffn(module.feed_forward_proj, module.dense_act_fn)
   template = traverse_util.flatten_dict(t5.abstract_params(module))
@@ -402,12 +688,31 @@ CLIP_IGNORE = (r'.*\.position_ids',)
 
 def load_clip(path: str, *, strict: bool = True, **overrides):
   """(CLIP, params) from a transformers CLIPModel directory."""
-  fields = {**clip.config_from_hf(read_config(path)), **overrides}
+  fields = {**_model_fields(path, clip.config_from_hf, _check_clip_config), **overrides}
   module = clip.CLIP(**fields)
   template = traverse_util.flatten_dict(clip.abstract_params(module))
   params = assemble(read_weights(path), clip_rules(), template, ignore=CLIP_IGNORE,
                     strict=strict, what=f'CLIP weights in {path}')
   return module, params
+
+
+def read_image_stats(model_dir: str, mean: Sequence[float],
+                     std: Sequence[float]) -> tuple[list[float], list[float]]:
+  """(image_mean, image_std) from a CLIP directory's preprocessor_config.json, each falling
+  back to the given one; a malformed file or statistic is refused naming the file."""
+  path = os.path.join(model_dir, 'preprocessor_config.json')
+  if not os.path.exists(path):
+    return list(mean), list(std)
+  cfg = read_json_object(path)
+  out = []
+  for name, default, least in (('image_mean', mean, -math.inf), ('image_std', std, 0.0)):
+    value = cfg.get(name, list(default))
+    if (not isinstance(value, list) or len(value) != len(default)
+        or not all(_FIELD_KINDS['number'][0](v) and v > least for v in value)):
+      raise WeightImportError(f'{path}: "{name}" is {value!r}; expected {len(default)} finite '
+                              f'numbers{" above 0" if least == 0 else ""} (one per channel)')
+    out.append([float(v) for v in value])
+  return out[0], out[1]
 
 
 def _clip_fields(module_config) -> dict[str, Any]:
@@ -569,11 +874,16 @@ def load_inception(path: str, *, strict: bool = True, **overrides):
   `pt_inception-2015-12-05-6726825d.pth` once with
   `python -m diffusion_jax.tools.convert_inception --src=FILE.pth --out=FILE.safetensors`.
   """
-  if path.lower().endswith(PICKLE_SUFFIXES):
+  convert_command = ('python -m diffusion_jax.tools.convert_inception '
+                     '--src=pt_inception-2015-12-05-6726825d.pth --out={}')
+  if not os.path.exists(path) and not path.lower().endswith(PICKLE_SUFFIXES):
+    raise WeightImportError(f'{path}: no such Inception weights file; fetch pytorch-fid\'s '
+                            f'weights and convert them once with `{convert_command.format(path)}`')
+  if is_pickle_file(path):
     raise WeightImportError(
         f'refusing to load {path}: pickle checkpoints can run arbitrary code; convert it once '
-        'with `python -m diffusion_jax.tools.convert_inception --src=FILE.pth '
-        '--out=FILE.safetensors` and point to the .safetensors file')
+        f'with `{convert_command.format("FILE.safetensors")}` and point to that file')
+  _require_file(path, 'the Inception weights .safetensors file (from convert_inception)')
   module = inception.InceptionV3(**overrides)
   template = traverse_util.flatten_dict(inception.abstract_params(module))
   params = assemble(read_safetensors(path), inception_rules(module), template,

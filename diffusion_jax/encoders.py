@@ -339,11 +339,8 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
   if name == 't5':
     return TextEncoder('t5', module, params, tokenizer, **kw)
   mean, std = CLIP_MEAN, CLIP_STD
-  pre = os.path.join(config_util.get(cfg, 'path') or '', 'preprocessor_config.json')
-  if config_util.get(cfg, 'path') and os.path.isfile(pre):
-    with open(pre) as f:
-      p = json.load(f)
-    mean, std = p.get('image_mean', mean), p.get('image_std', std)
+  if config_util.get(cfg, 'path'):
+    mean, std = convert.read_image_stats(config_util.get(cfg, 'path'), mean, std)
   return CLIPEncoder(module, params, tokenizer, image_mean=mean, image_std=std, **kw)
 
 

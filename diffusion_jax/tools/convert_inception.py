@@ -23,7 +23,7 @@ import sys
 
 from absl import flags
 
-from diffusion_jax import cli
+from diffusion_jax import cli, errors
 
 
 def convert(src: str, out: str) -> str:
@@ -34,16 +34,16 @@ def convert(src: str, out: str) -> str:
 
   from diffusion_jax import convert as convert_lib  # noqa: PLC0415
 
+  if os.path.isdir(out):
+    raise errors.InputError(f'{out}: is a directory; give the .safetensors file to write')
   src_sha = convert_lib.file_sha256(src)
   m = re.search(r'-([0-9a-f]{8,})\.pth?$', os.path.basename(src))
   if m and not src_sha.startswith(m.group(1)):
-    raise ValueError(f'{src}: sha256 {src_sha} does not start with the {m.group(1)} in its '
-                     'name: the file is corrupt or not the published one')
+    raise errors.InputError(f'{src}: sha256 {src_sha} does not start with the {m.group(1)} in '
+                            'its name: the file is corrupt or not the published one')
   print(f'loading {src} with torch.load(weights_only=True): tensors only, no code runs',
         file=sys.stderr)
-  state = torch.load(src, map_location='cpu', weights_only=True)
-  if isinstance(state, dict) and 'state_dict' in state:
-    state = state['state_dict']
+  state = _load_state_dict(src)
   tensors = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in state.items()
              if isinstance(v, torch.Tensor)}
   tensors = {k: v.astype(np.float32) if v.dtype.kind == 'f' else v for k, v in tensors.items()}
@@ -53,14 +53,28 @@ def convert(src: str, out: str) -> str:
   return convert_lib.file_sha256(out)
 
 
+def _load_state_dict(src: str) -> dict:
+  """The state dict in `src`, unpickled by torch with weights_only=True (tensors only)."""
+  import torch  # noqa: PLC0415
+  try:
+    state = torch.load(src, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001 - what torch raises on garbage varies (IndexError, ...)
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise errors.InputError(f'{src}: not a torch checkpoint of tensors ({first_line}); give '
+                            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth") from None
+  if isinstance(state, dict) and 'state_dict' in state:
+    state = state['state_dict']
+  if not isinstance(state, dict):
+    raise errors.InputError(f'{src}: holds a {type(state).__name__}, not a state dict; give '
+                            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+  return state
+
+
 def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
   if not os.path.isfile(F.src):
     raise cli.CLIError(f'--src={F.src}: no such file (fetch pytorch-fid\'s weights yourself)')
-  try:
-    digest = convert(F.src, F.out)
-  except ValueError as e:  # the file's hash does not match its name
-    raise cli.CLIError(e) from None
+  digest = convert(F.src, F.out)  # an errors.InputError is one line and exit status 2
   print(f'wrote {F.out}')
   print(f'sha256 {digest}')
 
