@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from diffusion_jax.errors import InputError
 from diffusion_jax.data import INPUT_DEFAULTS
 from diffusion_jax.parallel import DEFAULT_LOGICAL_RULES
 
@@ -20,19 +21,20 @@ def _convert(key: str, raw: str, default):
       return True
     if raw.lower() in ('0', 'false', 'no'):
       return False
-    raise ValueError(f'config arg {key}={raw!r}: expected a boolean (true/false)')
-  if isinstance(default, int):
-    return int(raw)
-  if isinstance(default, float):
-    return float(raw)
-  return raw
+    raise InputError(f'config arg {key}={raw!r}: expected a boolean (true/false)')
+  kind = type(default) if isinstance(default, (int, float)) else str
+  try:
+    return kind(raw)
+  except ValueError:
+    raise InputError(f'config arg {key}={raw!r}: expected {kind.__name__} '
+                     f'(e.g. {key}={default!r})') from None
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
   """Parses "k1=v1,k2=v2" into a ConfigDict, typed and defaulted by `spec`.
 
-  Unknown keys are refused so that a typo (`stgae=base64`) cannot silently fall back to a
-  default. Values take the type of their default (bool, int, float or str).
+  Unknown keys are refused (InputError) so that a typo (`stgae=base64`) cannot silently fall
+  back to a default. Values take the type of their default (bool, int, float or str).
   """
   result = ml_collections.ConfigDict(dict(spec))
   if not arg:
@@ -42,17 +44,19 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
     if not item:
       continue
     if '=' not in item:
-      raise ValueError(f'config arg {item!r} must look like key=value (e.g. "stage=base64,size=tiny")')
+      raise InputError(f'config arg {item!r} must look like key=value '
+                       '(e.g. "stage=base64,size=tiny")')
     key, raw = (s.strip() for s in item.split('=', 1))
     if key not in spec:
-      raise ValueError(f'unknown config arg {key!r}; known: {", ".join(sorted(spec))}')
+      raise InputError(f'unknown config arg {key!r}; known: {", ".join(sorted(spec))}')
     result[key] = _convert(key, raw, spec[key])
   return result
 
 
 def check_choice(name: str, value: str, choices) -> str:
+  """`value`, or an InputError naming the choices."""
   if value not in choices:
-    raise ValueError(f'{name}={value!r} is not one of {", ".join(choices)}')
+    raise InputError(f'{name}={value!r} is not one of {", ".join(choices)}')
   return value
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from diffusion_jax.errors import InputError
 from diffusion_jax.models import prior, unet
 
 STAGES = ('clip', 'prior', 'decoder64', 'up256', 'up1024', 'cascade')
@@ -96,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return _cascade_config(a)
   if a.stage == 'clip':
     if a.size == 'paper':
-      raise ValueError('stage=clip trains a small CLIP for size=tiny only; at paper size use a '
+      raise InputError('stage=clip trains a small CLIP for size=tiny only; at paper size use a '
                        'pretrained CLIP: --config.text_encoder.path=DIR (a transformers '
                        'CLIPModel directory)')
     return clip_config(get_config(f'stage=decoder64,size={a.size}'), _CLIP[a.size][0])

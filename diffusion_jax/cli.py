@@ -1,6 +1,8 @@
 r"""The command lines' one library: absl flags, `--config=FILE:ARG` configs (ml_collections) with
 `--config.a.b=v` overrides, a help text that names every family's stages and the config
-fields, and bad command lines as one line on stderr with exit status 1.
+fields, and bad input as one line on stderr with exit status 2 (`errors.InputError`, raised
+anywhere in the library, included), checked before any compilation: a config is validated
+(`validation`) as soon as its flag is parsed.
 
 A CLI module is written
 
@@ -18,8 +20,9 @@ A CLI module is written
 Its flags are defined when it runs as a program, never when another module imports it for its
 functions; `call(module, args)` runs the same in this process on a fresh FlagValues (tests).
 `--help` (exit status 0) prints the module docstring (the run command at its top), the help
-text of `config_help` and the flags. Importing this module imports absl and ml_collections
-only, neither jax nor TensorFlow: `--help` and a bad command line answer before either loads.
+text of `config_help` and the flags. Importing this module imports absl, ml_collections and
+`errors` only, neither jax nor TensorFlow: `--help` and a bad command line answer before
+either loads.
 """
 from __future__ import annotations
 
@@ -32,7 +35,10 @@ import sys
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
+
+from diffusion_jax import errors
 
 # Flags defined through the helpers below belong to the CLI that calls them (its --help).
 flags.disclaim_key_flags()
@@ -74,8 +80,8 @@ CASCADE_FIELDS = (
 )
 
 
-class CLIError(Exception):
-  """A bad command line, or an input it names that is missing: one line, exit status 1."""
+# A bad command line, or an input it names that is missing: one line, exit status 2.
+CLIError = errors.InputError
 
 
 # The configs' stages, read without importing them (importing a config imports jax) ---------
@@ -159,12 +165,13 @@ def define_config(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None, *,
       lock_config=lock_config, sys_argv=sys_argv)
   if required:
     flags.mark_flag_as_required('config', flag_values=flag_values)
+  flag_values['config'].config_kind = kind  # which checks its config gets once parsed
   return holder
 
 
 # Parsing, errors, running --------------------------------------------------------------------
 
-def fail(message: Any, status: int = 1):
+def fail(message: Any, status: int = errors.INPUT_EXIT_STATUS):
   """`error: MESSAGE` as one line on stderr, then exit with `status`."""
   text = ' '.join(line.strip() for line in str(message).splitlines() if line.strip())
   print(f'error: {text or type(message).__name__}', file=sys.stderr, flush=True)
@@ -213,7 +220,8 @@ def _config_load_error(flag_values: flags.FlagValues) -> str | None:
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-  """absl's parser: `--help` exits 0, a bad flag or config is one line and status 1."""
+  """absl's parser: `--help` exits 0, a bad flag or config (`validation`) is one line and
+  status 2."""
   try:
     rest = flag_values(list(argv))
   except SystemExit as e:
@@ -223,6 +231,8 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   except BrokenPipeError:  # --help | head
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0 if _asked_for_help(argv) else 1)
+  except KeyboardInterrupt:
+    fail('interrupted', errors.INTERRUPTED_EXIT_STATUS)
   except flags.Error as e:
     fail(error_line(e))
   except (AttributeError, KeyError) as e:  # an override of a field the config lacks
@@ -232,7 +242,30 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   problem = _config_load_error(flag_values)
   if problem:
     fail(problem)
+  for config, kind in _configs(flag_values):
+    try:
+      _validate(config, kind)
+    except errors.InputError as e:
+      fail(e)
   return rest
+
+
+def _configs(flag_values: flags.FlagValues) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """(config, kind) of each config flag: what it loaded and the kind `define_config` gave
+  it ('any' for a config flag defined otherwise)."""
+  found = [flag_values[name] for name in flag_values]
+  return [(f.value, getattr(f, 'config_kind', 'any')) for f in found
+          if isinstance(f.value, ml_collections.ConfigDict)]
+
+
+def _validate(config, kind: str) -> None:
+  """The checks of the config a CLI takes (kind 'stage' or 'cascade'; 'any': the kind the
+  config says it is): errors.InputError."""
+  from diffusion_jax import validation  # noqa: PLC0415 - after the config loaded jax
+  if kind == 'cascade' or (kind == 'any' and config.get('stage') == 'cascade'):
+    validation.check_cascade_config(config)
+  else:
+    validation.check_stage_config(config)
 
 
 def _run_main(main: Callable, argv: Sequence[str], *args):
@@ -240,8 +273,10 @@ def _run_main(main: Callable, argv: Sequence[str], *args):
     fail(f'unexpected arguments {list(argv[1:])}: every option is a --flag (see --help)')
   try:
     return main(argv, *args)
-  except (CLIError, app.UsageError) as e:
+  except (errors.InputError, app.UsageError) as e:
     fail(e)
+  except KeyboardInterrupt:
+    fail('interrupted', errors.INTERRUPTED_EXIT_STATUS)
 
 
 def _aliased(argv: Sequence[str], aliases: dict[str, str] | None) -> list[str]:
@@ -250,8 +285,9 @@ def _aliased(argv: Sequence[str], aliases: dict[str, str] | None) -> list[str]:
 
 def run(main: Callable, *, config: str | None = None, config_flag: str = 'config',
         aliases: dict[str, str] | None = None) -> None:
-  """`app.run(main)` with `parse_flags`; `main`'s CLIError or app.UsageError is one line
-  and status 1. `config` ('stage', 'cascade' or 'any'): the CLI takes a config of that kind,
+  """`app.run(main)` with `parse_flags`; an errors.InputError (CLIError) or app.UsageError
+  that `main` raises is one line and status 2, Ctrl-C `error: interrupted` and status 130.
+  `config` ('stage', 'cascade' or 'any'): the CLI takes a config of that kind,
   whose help text (`config_help`) follows the module docstring in `--help`. `aliases`:
   arguments spelled otherwise before parsing (e.g. {'-v': '--verbose'})."""
   module = sys.modules['__main__']

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from typing import Any
 
+from diffusion_jax import errors
+
 
 def get(cfg, key: str, default: Any = None) -> Any:
   """cfg[key], or `default` when the field is absent or None."""
@@ -30,7 +32,8 @@ def flatten(cfg, prefix: str = '') -> dict[str, Any]:
 def load_config(config_file: str, arg: str | None = None):
   """`get_config(arg)` of a config file, as `--config=FILE:ARG` reads it ('configs/imagen.py'
   with arg 'stage=base64,size=tiny', or the spec 'configs/imagen.py:stage=base64,size=tiny'
-  alone): the file itself when it exists, else the module of that dotted name (installed)."""
+  alone): the file itself when it exists, else the module of that dotted name (installed);
+  errors.InputError when there is neither."""
   if arg is None and ':' in config_file:
     config_file, arg = config_file.split(':', 1)
   if os.path.isfile(config_file):
@@ -39,5 +42,12 @@ def load_config(config_file: str, arg: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   else:
-    module = importlib.import_module(os.path.splitext(config_file)[0].replace('/', '.'))
+    dotted = os.path.splitext(config_file)[0].replace('/', '.')
+    try:
+      module = importlib.import_module(dotted)
+    except ModuleNotFoundError as e:  # the config itself missing, not a module it imports
+      if e.name is None or not (dotted + '.').startswith(e.name + '.'):
+        raise
+      raise errors.InputError(f'config {config_file!r}: no such file or module (e.g. '
+                              'configs/imagen.py, configs/glide.py, configs/unclip.py)') from None
   return module.get_config(arg) if arg is not None else module.get_config()

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from absl import flags, logging
 
-from diffusion_jax import cli, io_util
+from diffusion_jax import cli, errors, io_util, validation
 
 
 def sampling_info(config, guidance: float) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def compare(patterns: Sequence[str], out: str) -> list[dict]:
   from diffusion_jax.eval import protocol  # noqa: PLC0415
   files = sorted({f for pat in patterns for f in glob.glob(pat)})
   if not files:
-    raise FileNotFoundError(f'--compare: no result files match {list(patterns)}')
+    raise errors.InputError(f'--compare: no result files match {list(patterns)}')
   results = []
   for f in files:
     with open(f) as fh:
@@ -60,24 +60,34 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
              random_inception_seed: int = -1, protocol_config=None,
              clip_path: str | None = None) -> dict[str, dict]:
   """Runs the metrics (`fid`: FID-30K, with CLIP score when `clip_path` is given) for each
-  guidance scale; returns {directory name: result}."""
+  guidance scale; returns {directory name: result}. Bad input (the config, the metrics, the
+  scales, a missing weights file, a workdir that cannot hold ROOT/eval) raises
+  errors.InputError before anything is built."""
   from diffusion_jax import convert, encoders, pipelines  # noqa: PLC0415
   from diffusion_jax.eval import protocol  # noqa: PLC0415
   from diffusion_jax.models import inception  # noqa: PLC0415
+  validation.check_cascade_config(config)
   unknown = set(metrics) - {'fid'}
   if unknown:
-    raise ValueError(f'unknown metrics {sorted(unknown)}; this evaluates fid (a project '
-                     'evaluates its own, e.g. python -m projects.shapes.evaluate)')
-  pipe = pipelines.load(config, workdir)
+    raise errors.InputError(f'--metrics={",".join(metrics)}: this evaluates fid (a project '
+                            'evaluates its own, e.g. python -m projects.shapes.evaluate)')
   scales = guidance_scales(config, guidance)
-  eval_root = os.path.join(workdir, 'eval')
-  os.makedirs(eval_root, exist_ok=True)
   weights, random_weights = inception_weights, False
+  if 'fid' in metrics and not weights and random_inception_seed < 0:
+    raise errors.InputError('FID needs --inception_weights (pytorch-fid weights converted '
+                            'with diffusion_jax.tools.convert_inception), or '
+                            '--random_inception_seed for a smoke test')
+  if weights and not os.path.isfile(weights):
+    raise errors.InputError(f'--inception_weights={weights}: no such file (convert '
+                            "pytorch-fid's weights with diffusion_jax.tools.convert_inception)")
+  if clip_path and not os.path.isdir(clip_path):
+    raise errors.InputError(f'--clip_path={clip_path}: no such directory (a transformers '
+                            'CLIPModel directory)')
+  eval_root = os.path.join(workdir, 'eval')
+  validation.check_writable_dir(workdir, '--workdir')  # it holds ROOT/eval
+  pipe = pipelines.load(config, workdir)
+  os.makedirs(eval_root, exist_ok=True)
   if 'fid' in metrics and not weights:
-    if random_inception_seed < 0:
-      raise ValueError('FID needs --inception_weights (pytorch-fid weights converted with '
-                       'diffusion_jax.tools.convert_inception), or --random_inception_seed '
-                       'for a smoke test')
     weights = os.path.join(eval_root, f'inception_random_seed{random_inception_seed}.safetensors')
     if not os.path.isfile(weights):
       convert.save_inception(weights, inception.random_params(random_inception_seed))
@@ -100,8 +110,13 @@ def evaluate(config, workdir: str, *, metrics: Sequence[str] = ('fid',),
 
 
 def guidance_scales(config, guidance: Sequence[float] = ()) -> list[float]:
-  """The scales to evaluate: `guidance`, else the cascade's first stage's own."""
-  return [float(g) for g in guidance] or [float(config.stages[config.order[0]].guidance_scale)]
+  """The scales to evaluate: `guidance` (each >= 0), else the cascade's first stage's own."""
+  scales = [float(g) for g in guidance]
+  bad = [g for g in scales if not g >= 0]
+  if bad:
+    raise errors.InputError(f'--guidance={",".join(f"{g:g}" for g in scales)}: guidance '
+                            'scales must be >= 0 (1: none), e.g. 1,3,5')
+  return scales or [float(config.stages[config.order[0]].guidance_scale)]
 
 
 def write_result(path: str, result: dict) -> None:
@@ -116,38 +131,27 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
   if F.compare:
     out = F.out or 'compare'
-    try:
-      results = compare(F.compare, out)
-    except FileNotFoundError as e:
-      raise cli.CLIError(e) from None
+    results = compare(F.compare, out)
     print(f'wrote {out}.md and {out}.png ({len(results)} results)')
     return
   if F.config is None or not F.workdir:
     raise cli.CLIError('--config and --workdir are required (or --compare)')
-  if set(F.metrics) - {'fid'}:
-    raise cli.CLIError(f'--metrics={",".join(F.metrics)}: this evaluates fid (a project '
-                       'evaluates its own, e.g. python -m projects.shapes.evaluate)')
-  if 'fid' in F.metrics and not F.inception_weights and F.random_inception_seed < 0:
-    raise cli.CLIError('FID needs --inception_weights (pytorch-fid weights converted with '
-                       'diffusion_jax.tools.convert_inception), or --random_inception_seed '
-                       'for a smoke test')
+  for name in ('num_samples', 'image_size', 'shard_size', 'batch_size', 'reference_images'):
+    if F[name].value is not None and F[name].value < 1:
+      raise cli.CLIError(f'--{name}={F[name].value}: must be at least 1')
   try:
     guidance = [float(g) for g in F.guidance]
   except ValueError:
     raise cli.CLIError(f'--guidance={",".join(F.guidance)}: give numbers, e.g. 1,3,5') from None
-  from diffusion_jax import pipelines  # noqa: PLC0415
   from diffusion_jax.eval import protocol  # noqa: PLC0415
   cfg = protocol.ProtocolConfig(num_samples=F.num_samples, caption_seed=F.caption_seed,
                                 sample_seed=F.sample_seed, image_size=F.image_size,
                                 shard_size=F.shard_size, batch_size=F.batch_size,
                                 reference_images=F.reference_images, data_dir=F.tfds_data_dir)
-  try:
-    results = evaluate(F.config, F.workdir, metrics=F.metrics, guidance=guidance,
-                       inception_weights=F.inception_weights,
-                       random_inception_seed=F.random_inception_seed,
-                       protocol_config=cfg, clip_path=F.clip_path)
-  except pipelines.MissingCheckpointError as e:
-    raise cli.CLIError(e) from None
+  results = evaluate(F.config, F.workdir, metrics=F.metrics, guidance=guidance,
+                     inception_weights=F.inception_weights,
+                     random_inception_seed=F.random_inception_seed,
+                     protocol_config=cfg, clip_path=F.clip_path)
   for name, r in results.items():
     print(json.dumps({'run': name, **{k: r[k] for k in ('fid', 'clip_score')
                                       if k in r}}))

@@ -13,9 +13,9 @@ from --prompt (repeatable) and/or --prompts_file (one per line); each is sampled
   --mode=interpolate --image=A --image_b=B --num=5    (unCLIP)
   --mode=text_diff --image=IMG --prompt=OLD --new_prompt=NEW --weights=0,0.25,0.5 (unCLIP)
 
-Per-stage sampler settings: `--config.stages.base64.num_steps=32` and so on. Errors (a
-missing checkpoint, an unknown stage, an empty prompt file) are one line on stderr and exit
-status 1.
+Per-stage sampler settings: `--config.stages.base64.num_steps=32` and so on. Bad input (a
+setting out of range, a missing checkpoint, an unknown stage, an empty prompt file, an --out
+that cannot be written) is one line on stderr and exit status 2, before anything compiles.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from absl import flags, logging
 
 from diffusion_jax import cli
 
-CLIError = cli.CLIError  # reported as one line, exit status 1
+CLIError = cli.CLIError  # errors.InputError: reported as one line, exit status 2
 MODES = ('generate', 'inpaint', 'variations', 'interpolate', 'text_diff')
 
 
@@ -102,11 +102,20 @@ class ProgressBar:
 
 
 def _load_image(path):
-  import numpy as np
-  from PIL import Image
+  """uint8 [H, W, 3], decoded as training images are (`io_util.decode_image_bytes`);
+  a missing, undecodable or too large file raises InputError."""
+  from diffusion_jax import io_util
+  from diffusion_jax.errors import InputError
   if not path or not os.path.isfile(path):
-    raise CLIError(f'image {path!r}: no such file')
-  return np.asarray(Image.open(path).convert('RGB'))
+    raise InputError(f'image {path!r}: no such file; pass the path of an image file')
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return io_util.decode_image_bytes(data)
+  except io_util.ImageDecodeError as e:
+    fix = (f'shrink it to at most {io_util.MAX_IMAGE_PIXELS} pixels' if e.reason == 'too_large'
+           else 'pass a PNG, JPEG or other image PIL reads')
+    raise InputError(f'image {path!r} cannot be used ({e}); {fix}') from None
 
 
 def write_outputs(out_dir: str, images, captions, meta) -> None:
@@ -132,13 +141,14 @@ def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: 
         weights=('0', '0.25', '0.5', '0.75'), clip_guidance_scale: float = 0.0):
   import jax
   import numpy as np
-  from diffusion_jax import pipelines
+  from diffusion_jax import pipelines, validation
   if config is None:
     raise CLIError('--config is required, e.g. --config=configs/imagen.py:stage=cascade,size=tiny')
   if not workdir:
     raise CLIError('--workdir is required: the ROOT that holds one directory per stage')
-  if config.get('stage') != 'cascade':
-    raise CLIError(f'--config must be a cascade (stage=cascade), got stage={config.get("stage")!r}')
+  validation.check_cascade_config(config)
+  _check_numbers(num_images=num_images, eta=eta, clip_guidance_scale=clip_guidance_scale,
+                 **({'num': num_interp} if mode == 'interpolate' else {}))
   if stages:
     for name in stages:
       if name not in config.stages:
@@ -147,10 +157,8 @@ def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: 
     config.order = tuple(stages)
   if mode == 'generate' and not prompts:
     raise CLIError('no prompts: pass --prompt="..." or --prompts_file=FILE')
-  try:
-    pipe = pipelines.load(config, workdir)
-  except pipelines.MissingCheckpointError as e:
-    raise CLIError(str(e)) from None
+  validation.check_writable_dir(out, '--out')
+  pipe = pipelines.load(config, workdir)  # a stage without a checkpoint: errors.InputError
   bar = ProgressBar(enabled=progress)
   pipe.progress.listener = bar
   rng = jax.random.PRNGKey(seed)
@@ -192,10 +200,6 @@ def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: 
                        '0,0.25,0.5') from None
       images = pipe.text_diff(_load_image(image), prompts[0], new_prompt, weights, rng)
       captions = [f'{prompts[0]} -> {new_prompt} ({w})' for w in weights]
-  except pipelines.MissingCheckpointError as e:
-    raise CLIError(str(e)) from None
-  except pipelines.UnknownStageError as e:
-    raise CLIError(str(e)) from None
   finally:
     bar.close()
   total = time.perf_counter() - start
@@ -207,6 +211,16 @@ def run(config, workdir: str, prompts: list[str], *, num_images: int = 1, seed: 
                                         'stage_seconds': timings, 'workdir': workdir})
   print(f'wrote {len(images)} images, grid.png and captions.json to {out}')
   return images
+
+
+# The least value of each numeric flag of `run`.
+_FLAG_MINIMA = {'num_images': 1, 'num': 2, 'eta': 0.0, 'clip_guidance_scale': 0.0}
+
+
+def _check_numbers(**values) -> None:
+  for name, value in values.items():
+    if not value >= _FLAG_MINIMA[name]:
+      raise CLIError(f'--{name}={value}: must be at least {_FLAG_MINIMA[name]}')
 
 
 def _need(pipe, method: str):

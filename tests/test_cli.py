@@ -1,5 +1,5 @@
 """Every command line answers `--help` (exit status 0, the stages of each family and the config
-fields named, without loading jax) and a bad flag with one line on stderr and status 1."""
+fields named, without loading jax) and a bad flag with one line on stderr and status 2."""
 from __future__ import annotations
 
 import os
@@ -90,11 +90,11 @@ def test_help_exits_0_and_names_stages_and_fields(runner, target, config, names)
 
 
 @pytest.mark.parametrize('runner,target,config,names', CLIS, ids=IDS)
-def test_bad_flag_is_one_line_and_status_1(runner, target, config, names):
+def test_bad_flag_is_one_line_and_status_2(runner, target, config, names):
   del config, names
   proc = _run(runner, target, '--no_such_flag=1')
   lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.returncode == 2, proc.stderr[-3000:]
   assert lines == ["error: Unknown command line flag 'no_such_flag'"], proc.stderr[-3000:]
 
 
@@ -113,7 +113,7 @@ def test_bad_config_lines():
   ]:
     proc = _run('-m', 'diffusion_jax.tools.param_count', *args)
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith('error:')]
-    assert proc.returncode == 1 and lines == [want], proc.stderr[-3000:]
+    assert proc.returncode == 2 and lines == [want], proc.stderr[-3000:]
     assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
 
 
@@ -156,5 +156,5 @@ def test_call_parses_a_fresh_flag_set_each_time(capsys):
                                  "--flag (see --help)")]:
     with pytest.raises(SystemExit) as exit_:
       cli.call(_Tool, args)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [want]

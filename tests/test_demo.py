@@ -211,7 +211,7 @@ def test_demo_cli_refuses_unknown_family(capsys):
   from diffusion_jax import cli
   with pytest.raises(SystemExit) as exit_:
     cli.call(demo, ['--workdir=/nonexistent', '--family=dalle'])
-  assert exit_.value.code == 1
+  assert exit_.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'value should be one of <glide|imagen|unclip>' in err[0], err
 

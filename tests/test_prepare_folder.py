@@ -177,8 +177,8 @@ def test_bad_input_is_one_line_without_a_traceback(tmp_path):
   ]
   for args, message in cases:
     result = run([sys.executable, '-m', 'diffusion_jax.tools.prepare_folder', *args])
-    assert result.returncode == 1, (args, result.stderr)
-    lines = [l for l in result.stderr.splitlines() if l.startswith('prepare_folder: error:')]
+    assert result.returncode == 2, (args, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
     assert len(lines) == 1 and message in lines[0], (args, result.stderr)
     assert 'Traceback' not in result.stderr, result.stderr
   assert not (tmp_path / 'empty' / 'captioned_folder').exists()

@@ -57,7 +57,7 @@ def test_writes_images_grid_and_captions(root, tmp_path):
 def test_missing_checkpoint_is_one_line(tmp_path):
   rc, _, stderr = _run(CONFIG, f'--workdir={tmp_path}', '--prompt=a red circle')
   errors = _error_lines(stderr)
-  assert rc == 1 and len(errors) == 1, stderr[-2000:]
+  assert rc == 2 and len(errors) == 1, stderr[-2000:]
   assert str(tmp_path / 'base64' / 'checkpoints') in errors[0]
   assert 'python -m diffusion_jax.train --config=configs/imagen.py:stage=base64' in errors[0]
   assert 'Traceback' not in stderr
@@ -66,11 +66,11 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_unknown_stage_is_one_line(tmp_path):
   rc, _, stderr = _run('--config=configs/imagen.py:stage=sr512,size=tiny',
                        f'--workdir={tmp_path}', '--prompt=x')
-  assert rc == 1 and 'Traceback' not in stderr, stderr[-2000:]
+  assert rc == 2 and 'Traceback' not in stderr, stderr[-2000:]
   assert _error_lines(stderr) == [
       "error: stage='sr512' is not one of base64, sr256, sr1024, cascade"], stderr[-2000:]
   rc, _, stderr = _run(CONFIG, f'--workdir={tmp_path}', '--prompt=x', '--stages=base64,sr512')
-  assert rc == 1 and len(_error_lines(stderr)) == 1, stderr[-2000:]
+  assert rc == 2 and len(_error_lines(stderr)) == 1, stderr[-2000:]
   assert "unknown stage 'sr512'" in stderr
 
 
@@ -78,7 +78,7 @@ def test_empty_prompt_file_is_one_line(tmp_path):
   empty = tmp_path / 'empty.txt'
   empty.write_text('\n  \n')
   rc, _, stderr = _run(CONFIG, f'--workdir={tmp_path}', f'--prompts_file={empty}')
-  assert rc == 1, stderr[-2000:]
+  assert rc == 2, stderr[-2000:]
   assert _error_lines(stderr) == [f'error: --prompts_file={empty} is empty: write one prompt '
                                   'per line'], stderr[-2000:]
 
@@ -142,3 +142,32 @@ def test_restoring_a_stage_without_checkpoints_names_the_directory(tmp_path):
   (tmp_path / 'base64' / 'checkpoints').mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match='no checkpoint in .*base64/checkpoints'):
     conditioning.restore_stage(str(tmp_path / 'base64'))
+
+
+def test_input_images_decode_as_training_images_and_bad_ones_are_input_errors(tmp_path):
+  import struct
+  import zlib
+
+  from diffusion_jax import sample
+  from diffusion_jax.errors import InputError
+  grey16 = tmp_path / 'grey16.png'
+  Image.fromarray(np.full((3, 5), 32768, np.uint16)).save(grey16)
+  image = sample._load_image(str(grey16))
+  assert image.shape == (3, 5, 3) and np.abs(image.astype(int) - 128).max() <= 1, image[0, 0]
+
+  junk = tmp_path / 'junk.png'
+  junk.write_bytes(b'\x89PNG not really')
+  with pytest.raises(InputError, match=r"junk\.png.*undecodable_image") as e:
+    sample._load_image(str(junk))
+  assert '\n' not in str(e.value)
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+  header = struct.pack('>IIBBBBB', 12000, 12000, 8, 0, 0, 0, 0)
+  huge = tmp_path / 'huge.png'  # a 1x1 PNG whose header says 12000 x 12000
+  huge.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header)
+                   + chunk(b'IDAT', zlib.compress(b'\x00\x80')) + chunk(b'IEND', b''))
+  with pytest.raises(InputError, match=r'huge\.png.*too_large.*shrink it'):
+    sample._load_image(str(huge))
+  with pytest.raises(InputError, match='no such file'):
+    sample._load_image(str(tmp_path / 'missing.png'))

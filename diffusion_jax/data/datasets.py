@@ -45,13 +45,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.data import field, registry  # noqa: F401 - field: for the projects' sources
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
 
 
-class DatasetEmptyError(ValueError):
-  """A source with no examples; the message names it."""
+class DatasetEmptyError(errors.InputError):
+  """A source with no examples (or not prepared); the message names it and how to prepare it."""
 
 
 # ----------------------------------------------------------------------------- folders
@@ -199,7 +200,7 @@ def tfds_builder(cls, name: str, data_dir: str | None):
   return cls(config=config, data_dir=data_dir, file_format='array_record')
 
 
-class FolderError(ValueError):
+class FolderError(errors.InputError):
   """Bad input to `prepare_folder` (no such folder, no images, a data dir that cannot be
   written); the message is one line meant for the user."""
 

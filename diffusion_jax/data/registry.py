@@ -19,6 +19,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Sequence
 
+from diffusion_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -49,8 +51,8 @@ def import_modules(modules: Sequence[str] | None) -> None:
     try:
       importlib.import_module(module)
     except ImportError as e:
-      raise ValueError(f'input.modules: cannot import {module!r} ({e}); it must be importable '
-                       'from the working directory or installed') from None
+      raise errors.InputError(f'input.modules: cannot import {module!r} ({e}); it must be '
+                              'importable from the working directory or installed') from None
 
 
 def _hint() -> str:
@@ -60,8 +62,8 @@ def _hint() -> str:
 
 def dataset(name: str) -> Dataset:
   if name not in _DATASETS:
-    raise ValueError(f'input.dataset={name!r} is not registered (registered: '
-                     f'{", ".join(sorted(_DATASETS))}); {_hint()}')
+    raise errors.InputError(f'input.dataset={name!r} is not registered (registered: '
+                            f'{", ".join(sorted(_DATASETS))}); {_hint()}')
   return _DATASETS[name]
 
 
@@ -70,8 +72,8 @@ def caption_rewrite(name: str | None) -> Callable[[str], str] | None:
   if not name:
     return None
   if name not in _CAPTION_REWRITES:
-    raise ValueError(f'input.caption_rewrite={name!r} is not registered (registered: '
-                     f'{", ".join(sorted(_CAPTION_REWRITES)) or "none"}); {_hint()}')
+    raise errors.InputError(f'input.caption_rewrite={name!r} is not registered (registered: '
+                            f'{", ".join(sorted(_CAPTION_REWRITES)) or "none"}); {_hint()}')
   return _CAPTION_REWRITES[name]
 
 

@@ -170,7 +170,9 @@ def diffusion_loss(apply_fn: Callable, params, batch, rng, cfg) -> tuple[jax.Arr
   aux = {'mse': jnp.mean(mse_B), 't_mean': jnp.mean(t_B)}
 
   if learned_variance:
-    num_timesteps = schedule.num_timesteps or int(_cfg_get(cfg, 'num_timesteps', 1000))
+    # continuous time: the config's step count, 0 meaning the discrete schedules' default
+    num_timesteps = (schedule.num_timesteps or int(_cfg_get(cfg, 'num_timesteps', 0)) or
+                     schedules.DEFAULT_NUM_TIMESTEPS)
     s_B = jnp.maximum(t_B - 1.0 / num_timesteps, 0.0)
     vlb_B = vlb_terms(x0, x_t, s_B, t_B, jax.lax.stop_gradient(mean_output), variance_raw,
                       schedule=schedule, parameterization=parameterization)

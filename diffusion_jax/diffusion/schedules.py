@@ -25,6 +25,10 @@ import numpy as np
 LOGSNR_MIN = -15.0
 LOGSNR_MAX = 15.0
 LOGSNR_SPACING_CLIP = 10.0
+# Schedule names (get_schedule); the discrete ones have a grid of num_timesteps (default 1000).
+SCHEDULES = ('cosine', 'shifted_cosine', 'linear_logsnr', 'linear', 'squaredcos_cap_v2')
+DISCRETE_SCHEDULES = ('linear', 'squaredcos_cap_v2')
+DEFAULT_NUM_TIMESTEPS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +193,8 @@ def get_schedule(name: str, **kw) -> Schedule:
   - 'squaredcos_cap_v2': discrete improved-DDPM cosine (GLIDE). kw: num_timesteps (1000).
   """
   clip_kw = {k: float(kw.pop(k)) for k in ('logsnr_min', 'logsnr_max') if k in kw}
+  if name in DISCRETE_SCHEDULES and int(kw.get('num_timesteps', 1)) < 1:
+    raise ValueError(f'schedule {name!r} needs num_timesteps >= 1, got {kw["num_timesteps"]}')
   if name == 'cosine':
     sched = CosineSchedule(**clip_kw)
   elif name == 'shifted_cosine':
@@ -199,15 +205,15 @@ def get_schedule(name: str, **kw) -> Schedule:
   elif name == 'linear_logsnr':
     sched = LinearLogSNRSchedule(**clip_kw)
   elif name == 'linear':
-    betas = linear_betas(int(kw.pop('num_timesteps', 1000)), float(kw.pop('beta_start', 1e-4)),
+    betas = linear_betas(int(kw.pop('num_timesteps', DEFAULT_NUM_TIMESTEPS)),
+                         float(kw.pop('beta_start', 1e-4)),
                          float(kw.pop('beta_end', 0.02)))
     sched = DiscreteSchedule(betas=tuple(float(b) for b in betas), **clip_kw)
   elif name == 'squaredcos_cap_v2':
-    betas = squaredcos_cap_v2_betas(int(kw.pop('num_timesteps', 1000)))
+    betas = squaredcos_cap_v2_betas(int(kw.pop('num_timesteps', DEFAULT_NUM_TIMESTEPS)))
     sched = DiscreteSchedule(betas=tuple(float(b) for b in betas), **clip_kw)
   else:
-    raise ValueError(f'unknown schedule {name!r}; choose one of cosine, shifted_cosine, '
-                     'linear_logsnr, linear, squaredcos_cap_v2')
+    raise ValueError(f'unknown schedule {name!r}; choose one of {", ".join(SCHEDULES)}')
   if kw:
     raise ValueError(f'schedule {name!r} got unknown arguments {sorted(kw)}')
   return sched
@@ -217,12 +223,13 @@ _SCHEDULE_FIELDS = ('num_timesteps', 'shift', 'logsnr_min', 'logsnr_max', 'beta_
 
 
 def from_config(diffusion_cfg) -> Schedule:
-  """The schedule named by a config's `diffusion` section (fields it has are passed on)."""
+  """The schedule named by a config's `diffusion` section (fields it has are passed on).
+  `num_timesteps` 0 (a continuous-time config's) gives a discrete schedule its default 1000."""
   kw = {k: diffusion_cfg[k] for k in _SCHEDULE_FIELDS
         if k in diffusion_cfg and diffusion_cfg[k] is not None}
   name = diffusion_cfg['schedule']
-  if name in ('cosine', 'shifted_cosine', 'linear_logsnr'):
-    kw.pop('num_timesteps', None)  # Continuous: a num_timesteps field is for the VLB only.
+  if name not in DISCRETE_SCHEDULES or not kw.get('num_timesteps'):
+    kw.pop('num_timesteps', None)  # continuous: the field counts the VLB's steps only
   if name != 'shifted_cosine':
     kw.pop('shift', None)
   if name != 'linear':

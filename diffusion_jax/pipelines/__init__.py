@@ -9,6 +9,9 @@ EMA parameters by default, and sampled with its cascade-config settings; see
 """
 from __future__ import annotations
 
+import os
+
+from diffusion_jax import errors, validation
 from diffusion_jax.pipelines import glide, imagen, unclip
 from diffusion_jax.pipelines.common import MissingCheckpointError, UnknownStageError
 
@@ -18,13 +21,15 @@ PIPELINES = {'imagen': imagen.ImagenPipeline, 'glide': glide.GlidePipeline,
 
 
 def load(config, workdir: str):
-  """The pipeline of a `stage=cascade` config rooted at `workdir`."""
-  if config.get('stage') != 'cascade':
-    raise ValueError(f'pipelines.load needs a stage=cascade config, got stage='
-                     f'{config.get("stage")!r} (e.g. configs/imagen.py:stage=cascade,size=tiny)')
+  """The pipeline of a `stage=cascade` config rooted at `workdir`; errors.InputError for a
+  config out of range (`validation.check_cascade_config`) or a stage without a checkpoint."""
+  validation.check_cascade_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.InputError(f'--workdir={workdir}: is a file; name the cascade root, the '
+                            'directory with one directory per stage')
   family = config.family
   if family not in PIPELINES:
-    raise ValueError(f'unknown family {family!r}; choose {", ".join(PIPELINES)}')
+    raise errors.InputError(f'unknown family {family!r}; choose {", ".join(PIPELINES)}')
   return PIPELINES[family](config, workdir)
 
 

@@ -22,17 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import conditioning, config_util, io_util, models, parallel
+from diffusion_jax import conditioning, config_util, errors, io_util, models, parallel
+from diffusion_jax import validation
 from diffusion_jax.diffusion import guidance, samplers, schedules
 
 log = logging.getLogger(__name__)
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(errors.InputError, FileNotFoundError):
   """A stage of the cascade has no checkpoint under ROOT."""
 
 
-class UnknownStageError(ValueError):
+class UnknownStageError(errors.InputError):
   """A stage name that the cascade config does not define."""
 
 
@@ -129,7 +130,8 @@ class Settings:
   def replace(self, **kw) -> 'Settings':
     unknown = sorted(set(kw) - set(SETTINGS))
     if unknown:
-      raise ValueError(f'unknown sampler setting(s) {unknown}; known: {SETTINGS}')
+      raise errors.InputError(f'unknown sampler setting(s) {unknown}; known: {SETTINGS}')
+    validation.check_settings(kw)
     return dataclasses.replace(self, **kw)
 
 
@@ -317,6 +319,10 @@ class Stage:
     """One jitted sampling loop. `extra(stage, denoise, extra_args) -> (denoise, grad_fn)`
     composes further guidance (inpainting, CLIP guidance); it must be a stable callable."""
     s = settings or self.settings
+    timesteps = self.schedule.num_timesteps
+    if timesteps and int(s.num_steps) > timesteps:
+      raise errors.InputError(f'--config.stages.{self.name}.num_steps={s.num_steps}: must be at '
+                              f'most the {timesteps} timesteps of the stage\'s schedule')
     use_cfg = bool(self.uncond_flags()) and float(s.guidance_scale) != 1.0
     report = self.progress.listener is not None
     self.progress.start(self.name, int(s.num_steps))
@@ -433,8 +439,8 @@ class Cascade:
     known = set(SETTINGS) | set(self.config.stages.keys()) | set(allowed)
     unknown = sorted(set(overrides) - known)
     if unknown:
-      raise ValueError(f'unknown override(s) {unknown}; pass sampler settings '
-                       f'{SETTINGS} or a stage name with a dict of them')
+      raise errors.InputError(f'unknown override(s) {unknown}; pass sampler settings '
+                              f'{SETTINGS} or a stage name with a dict of them')
 
   def timed(self, name: str, fn, *args, **kw):
     start = time.perf_counter()

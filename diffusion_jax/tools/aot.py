@@ -34,7 +34,7 @@ from typing import Any
 
 from absl import flags
 
-from diffusion_jax import cli, config_util
+from diffusion_jax import cli, config_util, validation
 
 GIB = 1024**3
 
@@ -116,6 +116,14 @@ def topology_devices(topology: str):
     raise RuntimeError(f'libtpu could not describe topology {topology!r} ({type(e).__name__}: '
                        f"{e}); install it with pip install -e '.[tpu]'") from e
   return list(topo.devices), CHIPS[gen]
+
+
+def topology_device_count(topology: str) -> int:
+  """The devices of 'v4:8x8x4' (one per chip) or 'cpu:8' (default 8), without building them."""
+  gen, _, shape = topology.partition(':')
+  if gen == 'cpu':
+    return int(shape or 8)
+  return math.prod(int(d) for d in shape.split('x'))
 
 
 def apply_overrides(config, *, batch=None, remat=None, mesh=None, settings=()):
@@ -367,6 +375,7 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
                              settings=F.set)
   except (ValueError, TypeError) as e:
     raise cli.CLIError(e) from None
+  validation.check_stage_config(config, num_devices=topology_device_count(topology))
   warning = host_memory_warning(str(config_util.get(config, 'size', '')), topology,
                                 *host_memory_bytes())
   if warning:

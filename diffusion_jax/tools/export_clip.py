@@ -20,7 +20,7 @@ from typing import Any
 
 from absl import flags
 
-from diffusion_jax import cli, config_util
+from diffusion_jax import cli, config_util, validation
 
 EXPORT_INFO = 'export_info.json'
 # Images reach the trainer in [-1, 1]; `encoders` normalises [0, 1] pixels as (x - mean) / std.
@@ -108,6 +108,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> 
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
+  validation.check_writable_dir(F.out, '--out')
   try:
     info = export_stage(F.workdir, F.out, use_ema=not F.raw)
   except (FileNotFoundError, ValueError) as e:  # no checkpoint, no tokenizer, not a clip stage

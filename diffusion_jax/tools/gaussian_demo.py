@@ -57,12 +57,20 @@ def run(schedule_name, sampler, num_steps, *, num_samples=4096, dim=64, mean=0.5
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
-  from diffusion_jax.diffusion import samplers
+  from diffusion_jax.diffusion import samplers, schedules
   names = F.samplers or list(samplers.SAMPLERS)
   unknown = [n for n in names if n not in samplers.SAMPLERS]
   if unknown:
     raise cli.CLIError(f'--samplers: unknown {", ".join(unknown)}; the samplers are '
                        f'{", ".join(samplers.SAMPLERS)}')
+  for name, least in (('num_steps', 1), ('num_samples', 1), ('dim', 1), ('std', 0.0),
+                      ('eta', 0.0)):
+    if not F[name].value >= least:
+      raise cli.CLIError(f'--{name}={F[name].value}: must be at least {least}')
+  timesteps = schedules.DEFAULT_NUM_TIMESTEPS
+  if F.schedule in schedules.DISCRETE_SCHEDULES and F.num_steps > timesteps:
+    raise cli.CLIError(f'--num_steps={F.num_steps}: must be at most the {timesteps} '
+                       f'timesteps of the {F.schedule} schedule')
   for sampler in names:
     print(json.dumps(run(F.schedule, sampler, F.num_steps, num_samples=F.num_samples,
                          dim=F.dim, mean=F.mean, std=F.std, eta=F.eta, seed=F.seed)),

@@ -23,55 +23,35 @@ writes nothing and says so.
 """
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
+from diffusion_jax import cli, errors
 from diffusion_jax.data import datasets
 
-_SRC = flags.DEFINE_string('src', None, 'Folder of images and captions (required).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default $TFDS_DATA_DIR, '
-                                'else ~/tensorflow_datasets).')
-_NAME = flags.DEFINE_string('name', 'default', 'Config name: one per prepared folder '
-                            '(--config.input.folder_name).')
-_TOKENIZER_STYLE = flags.DEFINE_enum('tokenizer_style', 't5', ['t5', 'clip'],
-                                     'Special tokens of the word-level tokenizer: t5 (Imagen, '
-                                     'GLIDE) or clip (unCLIP prior and decoder64).')
-_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 64, 'Tokens of the word-level tokenizer, '
-                                   'specials included: at most the embedding size of the '
-                                   'text encoder (64 for the tiny configs).')
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  del sys_argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('src', None, 'Folder of images and captions (required).', **fv)
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir (default $TFDS_DATA_DIR, else '
+                      '~/tensorflow_datasets).', **fv)
+  flags.DEFINE_string('name', 'default', 'Config name: one per prepared folder '
+                      '(--config.input.folder_name).', **fv)
+  flags.DEFINE_enum('tokenizer_style', 't5', ['t5', 'clip'], 'Special tokens of the '
+                    'word-level tokenizer: t5 (Imagen, GLIDE) or clip (unCLIP prior and '
+                    'decoder64).', **fv)
+  flags.DEFINE_integer('vocab_size', 64, 'Tokens of the word-level tokenizer, specials '
+                       'included: at most the embedding size of the text encoder (64 for the '
+                       'tiny configs).', **fv)
 
 
-def _fail(message: str):
-  print(f'prepare_folder: error: {message}', file=sys.stderr)
-  sys.exit(1)
-
-
-def _parse_flags(argv):
-  """absl's parser, but `--help` exits 0 (absl's exits 1) and a bad flag is one line."""
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit as e:
-    asked = any(a.lstrip('-').split('=', 1)[0] in ('help', 'helpshort', 'helpfull', '?')
-                for a in argv[1:] if a.startswith('-'))
-    if e.code not in (0, None) and asked:
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    _fail(' '.join(str(e).split()))
-
-
-def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]} (flags are --name=value)')
-  if not _SRC.value:
-    _fail('--src is required: a folder of images with captions.jsonl or .txt captions')
-  try:
-    done = datasets.prepare_folder(_SRC.value, _DATA_DIR.value, _NAME.value,
-                                   tokenizer_style=_TOKENIZER_STYLE.value,
-                                   vocab_size=_VOCAB_SIZE.value)
-  except datasets.FolderError as e:
-    _fail(str(e))
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  del argv
+  if not F.src:
+    raise errors.InputError('--src is required: a folder of images with captions.jsonl or '
+                            '.txt captions')
+  done = datasets.prepare_folder(F.src, F.data_dir, F.name, tokenizer_style=F.tokenizer_style,
+                                 vocab_size=F.vocab_size)  # bad input: datasets.FolderError
   if done.status == 'unchanged':
     print(f'unchanged: {done.name!r} in {done.path} is already prepared from this folder '
           f'({done.num_images} images); nothing to do')
@@ -80,9 +60,10 @@ def main(argv):
     print(f'{done.status} {done.num_images} images ({done.without_caption} without caption, '
           f'{done.several_captions} with several) in {done.path}{why}')
     print(f'tokenizer: {done.tokenizer_words} of {done.caption_words} caption words '
-          f'(--vocab_size={_VOCAB_SIZE.value}; the rest map to unk) in {done.tokenizer_path}')
+          f'(--vocab_size={F.vocab_size}; the rest map to unk) in {done.tokenizer_path}')
   print(f'train on it with:\n  {done.train_flags()}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  define_flags()
+  cli.run(main)

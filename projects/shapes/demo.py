@@ -56,7 +56,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 import numpy as np
 
-from diffusion_jax import cli, io_util
+from diffusion_jax import cli, errors, io_util, validation
 from projects.shapes import shapes
 
 log = logging.getLogger(__name__)
@@ -527,6 +527,8 @@ def sample_setting(pipe, plan: Plan, settings: dict, captions: Sequence[str], gu
 def run(root: str, plan: Plan, parallel: int = 2) -> dict[str, Any]:
   """The whole demo; returns what it writes to ROOT/alignment.json. `parallel`: how many
   independent stages train at once (1: one after another, in this process)."""
+  validation.check_writable_dir(root, '--workdir')
+  check_plan(plan, root)
   root = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
   result_path = os.path.join(root, 'alignment.json')
@@ -621,16 +623,44 @@ def parse_steps(spec: str) -> dict[str, int]:
   return out
 
 
+def check_plan(plan: Plan, root: str) -> None:
+  """Every stage config and the cascade config the plan makes are valid
+  (`diffusion_jax.validation`), and its counts and scales in range: errors.InputError
+  before anything trains."""
+  for name, value in (('--train_examples', plan.train_examples),
+                      ('--sample_steps', plan.sample_steps),
+                      ('--sr_sample_steps', plan.sr_sample_steps),
+                      ('--per_kind', min(plan.per_kind.values()))):
+    if not value >= 1:
+      raise errors.InputError(f'{name}={value}: must be at least 1')
+  for name, value in (('--guidance_scale', plan.guidance_scale),
+                      ('--contrast_scale', plan.contrast_scale)):
+    if not value >= 0:
+      raise errors.InputError(f'{name}={value}: must be >= 0')
+  for stage, steps in plan.stages:
+    if steps < 1:
+      raise errors.InputError(f'{stage} train steps={steps}: must be at least 1 '
+                              '(--base_steps, --sr_steps, --steps=STAGE:N)')
+    config = stage_config(plan, stage, steps, root)
+    if 'clip' in dict(plan.stages) and _uses_clip(config):
+      config.text_encoder.path = None  # the plan's own CLIP: exported once its stage trains
+    validation.check_stage_config(config)
+  validation.check_cascade_config(cascade_config(plan, root))
+
+
 def with_steps(plan: Plan, base: int | None, sr: int | None, steps: dict[str, int]) -> Plan:
   """The plan with train steps overridden: --base_steps/--sr_steps for a two-stage (base +
   super-resolution) family, --steps=stage:N for any stage."""
   names = [s for s, _ in plan.stages]
+  for flag_name, value in (('--base_steps', base), ('--sr_steps', sr)):
+    if value is not None and value < 1:
+      raise ValueError(f'{flag_name}={value}: must be at least 1')
   new = dict(plan.stages)
-  if base or sr:
+  if base is not None or sr is not None:
     if len(names) != 2:
       raise ValueError(f'--base_steps/--sr_steps name the two stages of imagen/glide; for '
                        f'{plan.family} use --steps={",".join(f"{n}:N" for n in names)}')
-    new.update({k: v for k, v in zip(names, (base, sr)) if v})
+    new.update({k: v for k, v in zip(names, (base, sr)) if v is not None})
   unknown = sorted(set(steps) - set(names))
   if unknown:
     raise ValueError(f'--steps: {plan.family} has no stage {", ".join(unknown)} '

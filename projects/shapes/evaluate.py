@@ -22,7 +22,7 @@ from typing import Sequence
 from absl import flags, logging
 import numpy as np
 
-from diffusion_jax import cli, config_util
+from diffusion_jax import cli, config_util, errors, validation
 from diffusion_jax import evaluate as library_evaluate
 from projects.shapes import alignment
 from projects.shapes import data as shapes_data  # registers the caption rewrite  # noqa: F401
@@ -50,15 +50,24 @@ def captions_for(input_cfg, n: int, *, caption_seed: int, train_seed: int,
 def evaluate(config, workdir: str, *, guidance: Sequence[float] = (), samples: int = 500,
              train_seed: int = 0, train_examples: int = 100_000, sample_seed: int = 0,
              batch_size: int = 50, caption_seed: int = 0) -> dict[str, dict]:
-  """The alignment rates for each guidance scale; returns {'shapes_g<scale>': result}."""
+  """The alignment rates for each guidance scale; returns {'shapes_g<scale>': result}.
+  Bad input (the config, a count below 1, a negative scale, a workdir that cannot hold
+  ROOT/eval, an untrained stage) raises errors.InputError before anything is built."""
   import jax  # noqa: PLC0415
   from diffusion_jax import pipelines  # noqa: PLC0415
+  validation.check_cascade_config(config)
+  for name, value in (('samples', samples), ('batch_size', batch_size),
+                      ('train_examples', train_examples)):
+    if not value >= 1:
+      raise errors.InputError(f'--{name}={value}: must be at least 1')
+  scales = library_evaluate.guidance_scales(config, guidance)
+  validation.check_writable_dir(workdir, '--workdir')  # it holds ROOT/eval
   pipe = pipelines.load(config, workdir)
   captions, rewrite_name, heldout = captions_for(
       pipe.stage(config.order[0]).config.input, samples, caption_seed=caption_seed,
       train_seed=train_seed, train_examples=train_examples)
   results: dict[str, dict] = {}
-  for g in library_evaluate.guidance_scales(config, guidance):
+  for g in scales:
     generate = lambda prompts, rng, g=g: pipe.generate(prompts, rng, guidance_scale=g)
     rates = alignment.evaluate(generate, captions, jax.random.PRNGKey(sample_seed),
                                batch_size=batch_size)
@@ -81,14 +90,10 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
     guidance = [float(g) for g in F.guidance]
   except ValueError:
     raise cli.CLIError(f'--guidance={",".join(F.guidance)}: give numbers, e.g. 1,3,5') from None
-  from diffusion_jax import pipelines  # noqa: PLC0415
-  try:
-    results = evaluate(F.config, F.workdir, guidance=guidance, samples=F.samples,
-                       train_seed=F.train_seed, train_examples=F.train_examples,
-                       sample_seed=F.sample_seed, batch_size=F.batch_size,
-                       caption_seed=F.caption_seed)
-  except pipelines.MissingCheckpointError as e:
-    raise cli.CLIError(e) from None
+  results = evaluate(F.config, F.workdir, guidance=guidance, samples=F.samples,
+                     train_seed=F.train_seed, train_examples=F.train_examples,
+                     sample_seed=F.sample_seed, batch_size=F.batch_size,
+                     caption_seed=F.caption_seed)
   for name, r in results.items():
     print(json.dumps({'run': name, 'alignment_all': r['alignment_all'],
                       'num_samples': r['num_samples'], 'heldout': r['heldout']}))
