@@ -263,6 +263,21 @@ WEIGHT_FIELDS = ('model', 'diffusion', 'text_encoder', 'objective', 'target', 'i
                  'input.text_max_len', 'input.caption_rewrite')
 
 
+# Leaves that set how a network runs (precision, memory), not what its weights mean.
+EXECUTION_LEAVES = ('dtype', 'param_dtype', 'remat_policy', 'cpu_kernels', 'batch_size')
+# What a resumed run may change freely beside them: fine-tuning on other data or sizes.
+RESUMABLE_FIELDS = ('input.dataset', 'input.modules', 'input.image_size')
+
+
+def meaning_changes(saved, other) -> list[str]:
+  """`config_differences` in what the weights mean (network, diffusion, encoder, objective),
+  execution settings and the data excepted: what resuming a checkpoint must not change
+  silently."""
+  fields = tuple(f for f in WEIGHT_FIELDS if f not in RESUMABLE_FIELDS)
+  return [line for line in config_differences(saved, other, fields)
+          if line.split(':', 1)[0].rsplit('.', 1)[-1] not in EXECUTION_LEAVES]
+
+
 def config_from_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A stage config from the dict a checkpoint saved (JSON lists back to tuples)."""
   def freeze(v):

@@ -17,7 +17,7 @@ import pytest
 
 from configs import glide, imagen, unclip
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import conditioning, parallel
+from diffusion_jax import conditioning, errors, parallel
 from diffusion_jax.train import loop, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,17 +147,14 @@ def _poison_batches_from(first: int, monkeypatch) -> None:
 
 
 def test_run_of_nonfinite_steps_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
-  # Batches from the third on carry a NaN: steps 3, 4, 5 are skipped, and the third of them
-  # in a row (max_nonfinite_steps=3) stops the run before its sixth step.
+  # Batches from the third on carry a NaN: steps 3, 4, 5 are skipped, step 4 (in the streak)
+  # is not checkpointed, and the third in a row (max_nonfinite_steps=3) stops the run.
   _poison_batches_from(3, monkeypatch)
   cfg = tiny_config(glide, 'base64', total_steps=10, ckpt_steps=2, max_nonfinite_steps=3)
   with pytest.raises(loop.NonFiniteError, match='3 consecutive steps.*step 5'):
     loop.train(cfg, str(tmp_path))
   steps = _checkpoint_steps(tmp_path)
-  assert steps == [2, 4], f'checkpoints {steps}: the stop must come at step 5, after 4 saved'
-  _, at2, _ = _restore_raw(str(tmp_path), 2)
-  _, at4, _ = _restore_raw(str(tmp_path), 4)
-  _assert_identical(at2['params'], at4['params'], 'skipped steps changed the checkpointed params')
+  assert steps == [2], f'checkpoints {steps}: step 4 came in a run of skipped steps'
 
 
 def test_run_of_nonfinite_steps_ending_on_a_checkpoint_step_is_not_saved(tmp_path,
@@ -471,3 +468,113 @@ def test_low_res_blur_is_drawn_in_training_fixed_at_sampling_and_off_by_default(
                              atol=1e-6, err_msg='sampling must blur by the fixed sigma')
   np.testing.assert_array_equal(cond.low_res_cond(low_res, rng, 0.0)['low_res'], low_res,
                                 err_msg='sampling without blur_sigma must not blur')
+
+
+# Faults ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('lr', [1e39, float('nan')])
+def test_step_whose_update_is_not_finite_is_skipped_and_counted(lr):
+  # lr=1e39 is inf in float32: finite gradients, but every new parameter is inf or NaN.
+  cfg = tiny_config(glide, 'base64', **{'optimizer.lr': lr})
+  mesh = parallel.create_mesh(cfg.mesh)
+  rules = parallel.logical_rules(cfg.mesh)
+  from diffusion_jax import models
+  model = models.build(cfg.model)
+  train_step, tx = step_lib.make_train_step(cfg, model, None, mesh=mesh, rules=rules)
+  state, _ = step_lib.init_state(cfg, model, tx, mesh, rules, jax.random.PRNGKey(0))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    new, metrics = jax.jit(train_step)(state, parallel.shard_batch(_batch(cfg), mesh), None)
+  assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
+  _assert_identical(_as_dict(new.params), _as_dict(state.params), 'params after a bad update')
+  _assert_identical(_as_dict(new.ema_params), _as_dict(state.ema_params), 'EMA after a bad update')
+  _assert_identical(_as_dict(new.opt_state.inner_state), _as_dict(state.opt_state.inner_state),
+                    'optimizer moments after a bad update')
+  assert int(metrics['nonfinite_consecutive']) == 1 and int(metrics['nonfinite_total']) == 1
+
+
+def test_a_diverged_run_saves_nothing_and_warns_each_skipped_step(tmp_path, caplog):
+  cfg = tiny_config(glide, 'base64', total_steps=10, ckpt_steps=1, max_nonfinite_steps=3,
+                    **{'optimizer.lr': 1e39})
+  with caplog.at_level(logging.WARNING, logger=loop.__name__):
+    with pytest.raises(loop.NonFiniteError, match='3 consecutive steps'):
+      loop.train(cfg, str(tmp_path))
+  assert _checkpoint_steps(tmp_path) == [], 'a state after skipped steps was checkpointed'
+  skipped = [r.getMessage() for r in caplog.records if 'skipped: its loss' in r.getMessage()]
+  assert [m.split()[1] for m in skipped] == ['1', '2', '3'], skipped
+
+
+def test_second_trainer_on_a_held_workdir_is_refused_before_building(tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, 'build_trainer', lambda *a: pytest.fail('built a trainer'))
+  with ckpt_lib.WorkdirLock(str(tmp_path)):
+    with pytest.raises(ckpt_lib.WorkdirLockedError, match='another run'):
+      loop.train(tiny_config(glide, 'base64'), str(tmp_path))
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('')
+  with pytest.raises(errors.InputError, match='is a file'):
+    loop.train(tiny_config(glide, 'base64'), str(path))
+
+
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_goes_on(tmp_path, trained_workdir):
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained_workdir, workdir)
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, 'checkpoints', '6'))
+           for f in fs if 'state' in d]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:  # 64 bytes flipped: decodes, but as other numbers
+    f.seek(os.path.getsize(largest) // 2)
+    chunk = f.read(64)
+    f.seek(-len(chunk), 1)
+    f.write(bytes(b ^ 0x5A for b in chunk))
+  metrics = loop.train(tiny_config(glide, 'base64', sample_steps=6), workdir)
+  assert metrics['step'] == 6, 'the run must retrain from step 3 and save step 6 again'
+  assert [d.split('-')[0] for d in os.listdir(os.path.join(workdir, 'checkpoints_corrupt'))] == ['6']
+  _, again, _ = _restore_raw(workdir, 6)
+  _, straight, _ = _restore_raw(trained_workdir, 6)
+  _assert_identical(again, straight, 'state retrained after moving the corrupt step aside')
+
+
+@pytest.mark.parametrize('field,value,refused', [
+    ('diffusion.parameterization', 'v', True), ('diffusion.schedule', 'linear', True),
+    ('model.dropout', 0.3, True), ('seed', 7, False), ('optimizer.lr', 2e-3, False),
+    ('model.remat_policy', 'full', False)])
+def test_resume_with_a_changed_config(tmp_path, trained_workdir, caplog, field, value, refused):
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained_workdir, workdir)
+  cfg = tiny_config(glide, 'base64', sample_steps=6, **{field: value})
+  with caplog.at_level(logging.WARNING, logger=loop.__name__):
+    if refused:
+      with pytest.raises(loop.ConfigChangeError, match=f'{field}.*--allow_config_change'):
+        loop.train(cfg, workdir)
+      assert loop.train(cfg, workdir, allow_config_change=True)['step'] == 6
+    else:
+      assert loop.train(cfg, workdir)['step'] == 6
+  assert any('changed config' in r.getMessage() and field in r.getMessage()
+             for r in caplog.records), f'{field} changed without a word'
+
+
+def test_ctrl_c_saves_the_current_step_and_reports_its_signal(tmp_path):
+  cfg = tiny_config(glide, 'base64', total_steps=6, ckpt_steps=100)
+
+  def press_ctrl_c(step, state, trainer, metrics):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  metrics = loop.train(cfg, str(tmp_path), hooks=(press_ctrl_c,))
+  assert (metrics['step'], metrics['signal']) == (2, signal.SIGINT)
+  assert _checkpoint_steps(tmp_path) == [2], 'Ctrl-C must save the current step first'
+
+
+@pytest.mark.parametrize('signum,status', [(signal.SIGTERM, 75), (signal.SIGINT, 130), (0, 0)])
+def test_train_cli_exit_status_tells_preemption_from_done(monkeypatch, tmp_path, signum, status):
+  from diffusion_jax import cli
+  from diffusion_jax.train import __main__ as train_main
+  result = {'step': 4, **({'signal': signum} if signum else {})}
+  monkeypatch.setattr(loop, 'train', lambda *a, **k: result)
+  got = cli.call(train_main, ['--config=configs/glide.py:stage=base64,size=tiny',
+                              f'--workdir={tmp_path}'])
+  assert got == status

@@ -3,6 +3,11 @@ r"""Trains one stage of a cascade.
   python -m diffusion_jax.train --config=configs/imagen.py:stage=base64,size=tiny \
       --workdir=/tmp/run/base64 [--config.total_steps=100]
 
+Exit status: 0 when total_steps are done; 75 (EX_TEMPFAIL) when SIGTERM (preemption) stopped
+the run after saving the current step, 130 after a first Ctrl-C did the same; 2 for bad input
+(a config, a workdir that another run holds); a traceback is a bug. Resuming with a config
+that changes what the weights mean is refused unless --allow_config_change.
+
 Multi-host: launch one process per host with the same flags and --distributed (on TPU VMs
 and SLURM, jax finds its peers itself), or with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 and JAX_PROCESS_ID set by the launcher; each process feeds its share of the global batch.
@@ -11,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from absl import flags
 
-from diffusion_jax import cli
+from diffusion_jax import cli, errors
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
@@ -24,6 +30,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> 
   flags.DEFINE_bool('distributed', False,
                     'Call jax.distributed.initialize() (multi-host runs).',
                     flag_values=flag_values)
+  flags.DEFINE_bool('allow_config_change', False,
+                    'Resume even if the config changes what the saved weights mean (network, '
+                    'diffusion, encoder): fine-tuning from them.', flag_values=flag_values)
   flags.DEFINE_string('compilation_cache', None,
                       'Persistent compilation cache dir (default: ROOT/.jax_cache).',
                       flag_values=flag_values)
@@ -43,8 +52,14 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   cache = F.compilation_cache or os.path.join(os.path.dirname(workdir), '.jax_cache')
   jax.config.update('jax_compilation_cache_dir', cache)
   from diffusion_jax.train import loop  # after distributed init
-  metrics = loop.train(F.config, workdir)
+  metrics = loop.train(F.config, workdir, allow_config_change=F.allow_config_change)
+  if metrics.get('signal'):
+    logging.warning('stopped by signal %d at step %d: resume with the same command',
+                    metrics['signal'], metrics['step'])
+    return (errors.PREEMPTED_EXIT_STATUS if metrics['signal'] == signal.SIGTERM else
+            errors.INTERRUPTED_EXIT_STATUS)
   logging.info('done: %s', metrics)
+  return 0
 
 
 if __name__ == '__main__':

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import conditioning, config_util, models, parallel
+from diffusion_jax import conditioning, config_util, errors, models, parallel, validation
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.train import sampling
+from diffusion_jax.train import state as state_lib
 from diffusion_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,11 @@ KILL_AT_STEP_ENV = 'DIFFUSION_JAX_KILL_AT_STEP'
 
 
 class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with a non-finite loss or gradient."""
+  """Too many consecutive steps with a non-finite loss, gradient or update."""
+
+
+class ConfigChangeError(errors.InputError):
+  """Resuming with a config that changes what the saved weights mean."""
 
 
 # Building blocks ------------------------------------------------------------------------------
@@ -117,27 +122,39 @@ def init_state(trainer: Trainer):
 # The loop -------------------------------------------------------------------------------------
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked between steps."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a request checked between steps: the
+  loop saves the current step and returns. A second Ctrl-C abandons the save."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal = 0
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return bool(self.signal)
 
   def __enter__(self):
     def handler(signum, frame):
       del frame
-      log.warning('received signal %d: saving a checkpoint at the current step, then exiting',
-                  signum)
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals to the caller
-      self._previous = None
+      if signum == signal.SIGINT and self.signal:
+        raise KeyboardInterrupt
+      log.warning('received signal %d: saving a checkpoint at the end of this step, then '
+                  'exiting%s', signum,
+                  ' (Ctrl-C again abandons the save)' if signum == signal.SIGINT else '')
+      self.signal = signum
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread: leave signals to the caller
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def _any_process(flag: bool) -> bool:
@@ -147,20 +164,57 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str, Any]:
-  """Trains one stage in `workdir`; returns the last step's metrics (host floats).
+def check_config_change(saved: dict, config, step: int, allow: bool) -> None:
+  """Lists what differs from the config saved with checkpoint `step`; raises
+  ConfigChangeError for what changes the meaning of the weights unless `allow`."""
+  saved_config = conditioning.config_from_saved(saved)
+  fields = tuple(sorted(set(saved_config.keys()) | set(config.keys())))
+  changed = conditioning.config_differences(saved_config, config, fields)
+  if not changed:
+    return
+  meaning = conditioning.meaning_changes(saved_config, config)
+  log.warning('resuming checkpoint step %d with a changed config: %s', step, '; '.join(changed))
+  if meaning and not allow:
+    raise ConfigChangeError(
+        f'resuming checkpoint step {step} with a config that changes what its weights mean '
+        f'({"; ".join(meaning)}): use the config it was trained with, or another --workdir, '
+        'or --allow_config_change to fine-tune from it')
+
+
+def train(config, workdir: str, *, hooks: tuple[Callable, ...] = (),
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains one stage in `workdir`; returns the last step's metrics (host floats), with
+  'step' and, when SIGTERM or Ctrl-C stopped the run early, 'signal' (its number).
 
   `hooks`: callables `hook(step, state, trainer, metrics)` run after every step (e.g.
   evaluations); `metrics` are the step's, on the device (reading one waits for the step).
+  `allow_config_change`: resume even when the config changes what the saved weights mean
+  (fine-tuning from them); the changes are listed either way.
+  Raises errors.InputError (bad config, unusable workdir, another run holding it) before any
+  compilation.
   """
+  validation.check_stage_config(config, num_devices=jax.device_count())
+  validation.check_writable_dir(workdir, '--workdir')
   os.makedirs(workdir, exist_ok=True)
+  with ckpt_lib.WorkdirLock(workdir):
+    return _train(config, workdir, hooks, allow_config_change)
+
+
+def _train(config, workdir: str, hooks, allow_config_change: bool) -> dict[str, Any]:
   trainer = build_trainer(config, workdir)
   data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
                                            seed=int(config.seed))
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), max_to_keep=int(config_util.get(config, 'keep_checkpoints', 3)),
       keep_period=int(config_util.get(config, 'keep_every_steps', 0)) or None)
-  restored = checkpointer.restore_latest(trainer.abstract_state, data)
+
+  def restore(step):
+    saved = checkpointer.saved_config(step)
+    if saved is not None:
+      check_config_change(saved, config, step, allow_config_change)
+    return checkpointer.restore(step, trainer.abstract_state, data), step
+
+  restored = checkpointer.restore_newest(restore)
   if restored is None:
     state = init_state(trainer)
     log.info('no checkpoint in %s: initialised a fresh state', workdir)
@@ -187,15 +241,24 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   sample_grid = None
   if sample_steps > 0:
     sample_grid = sampling.SampleGrid(trainer, seed=int(config.seed))
+  skipped_so_far = [int(jax.device_get(state_lib.nonfinite_counts(state.opt_state)[1]))]
 
-  def check_finite(at_step: int, metrics_at_step) -> None:
-    consecutive = int(jax.device_get(metrics_at_step['nonfinite_consecutive']))
+  def check_finite(at_step: int, metrics_at_step) -> int:
+    """Warns about a skipped step, stops a run of them; returns the current streak."""
+    consecutive, skipped = (int(x) for x in jax.device_get(
+        (metrics_at_step['nonfinite_consecutive'], metrics_at_step['nonfinite_total'])))
+    if skipped > skipped_so_far[0]:
+      log.warning('step %d skipped: its loss, gradients or updated parameters were not finite '
+                  '(%d in a row, %d in this run; the run stops at %d in a row)', at_step,
+                  consecutive, skipped, max_nonfinite)
+    skipped_so_far[0] = skipped
     if consecutive >= max_nonfinite:
       checkpointer.wait()
       raise NonFiniteError(
-          f'{consecutive} consecutive steps had a non-finite loss or gradient (step '
+          f'{consecutive} consecutive steps had a non-finite loss, gradient or update (step '
           f'{at_step}); the last good checkpoint in {checkpointer.directory} is intact. Lower '
           'the learning rate or check the data, then resume.')
+    return consecutive
 
   batch_shardings = None
   step_fn = None
@@ -234,11 +297,16 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
         writer.write_scalars(step, metrics_host)
       stop = _any_process(preemption.requested) or checkpointer.reached_preemption(step)
       if step % ckpt_steps == 0 or step == total or stop:
-        check_finite(*unchecked)  # a step that ends the run is never saved
+        streak = check_finite(*unchecked)  # a step that ends the run is never saved
         unchecked = None
-        checkpointer.save(step, state, data, config, force=True)
+        if streak:
+          log.warning('step %d not checkpointed: the last %d step(s) were skipped as '
+                      'non-finite; the last checkpoint is kept', step, streak)
+        else:
+          checkpointer.save(step, state, data, config, force=True)
       if stop:
-        log.warning('preempted at step %d: checkpoint saved, exiting', step)
+        log.warning('preempted at step %d: %s, exiting', step,
+                    'not saved (non-finite steps)' if streak else 'checkpoint saved')
         break
       if kill_at and step == kill_at:
         checkpointer.wait()
@@ -251,4 +319,6 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = ()) -> dict[str
   if not metrics_host and step > start_step:
     metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   metrics_host['step'] = step
+  if preemption.signal:
+    metrics_host['signal'] = preemption.signal
   return metrics_host

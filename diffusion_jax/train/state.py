@@ -37,3 +37,13 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     zero = jnp.zeros((), jnp.int32)
     return zero, zero
   return found[0].notfinite_count, found[0].total_notfinite
+
+
+def count_skipped(opt_state):
+  """`opt_state` with one more skipped step counted (apply_if_finite's counters), as
+  apply_if_finite leaves it after non-finite gradients."""
+  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+    return opt_state
+  return opt_state._replace(
+      notfinite_count=opt_state.notfinite_count + 1, last_finite=jnp.bool_(False),
+      total_notfinite=opt_state.total_notfinite + 1)

@@ -58,8 +58,9 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   """Gradient clipping + AdamW or Adafactor, wrapped in optax.apply_if_finite.
 
   A step with non-finite gradients leaves the optimizer state untouched and applies a zero
-  update; apply_if_finite counts such steps (consecutive and total), and the loop stops the
-  run after `max_nonfinite_steps` consecutive ones.
+  update; apply_if_finite counts such steps (consecutive and total; the train step counts
+  steps whose update makes a parameter non-finite too), and the loop stops the run after
+  `max_nonfinite_steps` consecutive ones.
   """
   lr = learning_rate_schedule(opt_cfg, total_steps)
   name = opt_cfg.name
@@ -167,9 +168,14 @@ def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=
     # A non-finite loss poisons the gradients so that apply_if_finite skips the step.
     loss_finite = jnp.isfinite(loss)
     grads = jax.tree.map(lambda g: jnp.where(loss_finite, g, jnp.nan), grads)
-    finite = loss_finite & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Finite gradients can still make non-finite parameters (a huge learning rate): such a
+    # step is skipped and counted like a non-finite gradient, and the state is unchanged.
+    finite = loss_finite & _all_finite(grads) & _all_finite(params)
+    keep_new = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep_new(params, state.params)
+    opt_state = keep_new(opt_state, state_lib.count_skipped(state.opt_state))
     decay = ema_decay_at(config.optimizer, state.step)
     ema = jax.tree.map(lambda e, p: jnp.where(finite, decay * e + (1.0 - decay) * p, e),
                        state.ema_params, params)
