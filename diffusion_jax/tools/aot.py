@@ -360,8 +360,10 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   if gen != 'cpu' and gen not in CHIPS:
     raise cli.CLIError(f'--topology={topology}: the generation must be one of '
                        f'{", ".join(sorted(CHIPS))} or cpu')
-  if not all(d.isdigit() for d in (shape.split('x') if gen != 'cpu' else [shape or '8'])):
-    raise cli.CLIError(f'--topology={topology}: give GEN:AxBxC (e.g. v4:8x8x4) or cpu:N')
+  if not all(d.isdigit() and int(d) > 0
+             for d in (shape.split('x') if gen != 'cpu' else [shape or '8'])):
+    raise cli.CLIError(f'--topology={topology}: give GEN:AxBxC with sizes >= 1 (e.g. v4:8x8x4) '
+                       'or cpu:N')
   if gen == 'cpu':
     n = shape or '8'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +

@@ -40,6 +40,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> 
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):
   del argv
+  if not F.workdir.strip():
+    raise errors.InputError('--workdir is empty: name the directory of this stage (ROOT/<stage>)')
   import jax  # after the flags: --help and a bad command line answer without it
   if F.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     env = os.environ.get
