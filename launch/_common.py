@@ -2,7 +2,9 @@
 commands (--dry_run prints every command, one per line, and runs nothing).
 
 The scripts use only the standard library: they run on a laptop or a login node where the
-package itself need not be installed.
+package itself need not be installed. Where it is, the train command is parsed here first as
+every host will parse it, so a bad config is one line and exit status 2 before any machine is
+touched.
 """
 from __future__ import annotations
 
@@ -24,7 +26,23 @@ def train_command(config: str, workdir: str, overrides: Sequence[str] = (),
     # Accept both "total_steps=10" and "--config.total_steps=10".
     o = o if o.startswith('--') else f'--config.{o}'
     cmd.append(o)
+  check_train_command(cmd)
   return cmd
+
+
+def check_train_command(cmd: Sequence[str]) -> None:
+  """Parses the train command's flags (the config file, its overrides, validation) where the
+  package is importable; a bad one exits with one line and status 2. Elsewhere: nothing."""
+  try:
+    from absl import flags
+    from diffusion_jax import cli
+    from diffusion_jax.train import __main__ as train_main
+  except ImportError:
+    return
+  argv = [TRAIN_MODULE, *cmd[3:]]
+  values = flags.FlagValues()
+  train_main.define_flags(values, sys_argv=argv)
+  cli.parse_flags(argv, values)
 
 
 def join(cmd: Sequence[str]) -> str:

@@ -112,3 +112,18 @@ def test_dry_run_runs_nothing(tmp_path):
   _dry_run('gpu_multinode.py', 'slurm', '--nodes=2', f'--config={CONFIG}', '--workdir=/w',
            f'--script={tmp_path}/x.sbatch', f'--log_dir={tmp_path}/logs')
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('script,args', [
+    ('tpu_pod.py', ['--name=n', '--zone=z']), ('gpu_multinode.py', ['ssh', '--hosts=a,b'])])
+@pytest.mark.parametrize('config,override,words', [
+    ('configs/imagen.py:stage=base64,size=paper', '--override=total_steps=-5', 'total_steps=-5'),
+    ('configs/nope.py:stage=base64', None, 'nope.py')])
+def test_bad_train_config_is_refused_before_any_machine_is_touched(script, args, config,
+                                                                   override, words):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', script), *args,
+                        f'--config={config}', '--workdir=/shared/w', *([override] if override else []),
+                        '--dry_run'], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 2 and out.stdout == '', (out.returncode, out.stdout)
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and words in lines[0], lines
