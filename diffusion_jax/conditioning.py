@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import config_util, encoders, models, parallel
+from diffusion_jax import config_util, encoders, errors, models, parallel
 from diffusion_jax import tokenizer as tokenizer_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.data import registry
@@ -215,11 +215,14 @@ def _keep_tokenizer(config, source: str | None, out: str, max_len: int) -> None:
   else:
     te = config_util.get(config, 'text_encoder')
     dataset = config_util.get(config.input, 'dataset')
-    vocabulary = registry.dataset(dataset).vocabulary if dataset else None
-    if not vocabulary:
-      raise ValueError(f'no tokenizer for input.dataset={dataset!r}: set '
-                       '--config.text_encoder.tokenizer_path (or text_encoder.path) to a local '
-                       'transformers tokenizer directory')
+    entry = registry.dataset(dataset) if dataset else None
+    if entry is None or not entry.vocabulary:
+      prepared = (' (its prepared data holds none: is it prepared in input.data_dir?)'
+                  if entry is not None and entry.tokenizer_fn else '')
+      raise errors.InputError(
+          f'no tokenizer for input.dataset={dataset!r}{prepared}: set '
+          '--config.text_encoder.tokenizer_path (or text_encoder.path) to a local '
+          'transformers tokenizer directory')
     style = config_util.get(te, 'tokenizer_style') if te is not None else None
     if not style:  # the conventions of the frozen encoder that reads the ids
       style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'

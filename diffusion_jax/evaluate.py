@@ -44,8 +44,14 @@ def compare(patterns: Sequence[str], out: str) -> list[dict]:
     raise errors.InputError(f'--compare: no result files match {list(patterns)}')
   results = []
   for f in files:
-    with open(f) as fh:
-      r = json.load(fh)
+    try:
+      with open(f, encoding='utf-8') as fh:
+        r = json.load(fh)
+    except (OSError, ValueError) as e:
+      raise errors.InputError(f'--compare: {f} is not a readable result JSON ({e}); remove it '
+                              'or narrow the pattern') from None
+    if not isinstance(r, dict):
+      raise errors.InputError(f'--compare: {f} holds a JSON {type(r).__name__}, not a result')
     r.setdefault('name', os.path.basename(os.path.dirname(os.path.abspath(f))))
     results.append(r)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -63,8 +63,12 @@ def read_prompts(prompts, prompts_file) -> list[str]:
   if prompts_file:
     if not os.path.isfile(prompts_file):
       raise CLIError(f'--prompts_file={prompts_file}: no such file')
-    with open(prompts_file) as f:
-      lines = [line.strip() for line in f]
+    try:
+      with open(prompts_file, encoding='utf-8') as f:
+        lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+      raise CLIError(f'--prompts_file={prompts_file}: cannot be read as UTF-8 text ({e}); '
+                     'write one prompt per line') from None
     lines = [line for line in lines if line]
     if not lines:
       raise CLIError(f'--prompts_file={prompts_file} is empty: write one prompt per line')

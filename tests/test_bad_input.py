@@ -65,8 +65,12 @@ def paths(tmp_path):
   images.mkdir()
   Image.new('RGB', (8, 8)).save(images / 'im0.png')
   (images / 'im0.txt').write_text('red\n')
+  (tmp_path / 'binary').write_bytes(bytes(range(128, 256)))
+  (tmp_path / 'results').mkdir()
+  (tmp_path / 'results' / 'bad.json').write_text('{bad')
   return {'ROOT': str(tmp_path / 'root'), 'FILE': str(a_file), 'EMPTY': str(tmp_path / 'empty'),
-          'IMAGES': str(images), 'OUT': str(tmp_path / 'out'), 'TMP': str(tmp_path)}
+          'IMAGES': str(images), 'OUT': str(tmp_path / 'out'), 'TMP': str(tmp_path),
+          'BINARY': str(tmp_path / 'binary'), 'RESULTS': str(tmp_path / 'results')}
 
 
 def _cli_error(module, args, capsys) -> str:
@@ -246,6 +250,10 @@ CASES = [
                                          '--config.stages.base64.percentile=0.995'],
      ['stages.base64.percentile=0.995']),
     ('evaluate-compare-nothing', 'evaluate', ['--compare=ROOT/*.json'], ['no result files']),
+    ('evaluate-compare-bad-json', 'evaluate', ['--compare=RESULTS/*.json', '--out=OUT/c'],
+     ['bad.json', 'not a readable result JSON']),
+    ('sample-prompts_file-binary', 'sample', [CASCADE, '--prompts_file=BINARY'],
+     ['--prompts_file=', 'UTF-8']),
     ('shapes-evaluate-samples-zero', 'shapes_evaluate', [SHAPES_CASCADE, '--samples=0'],
      ['--samples=0']),
     ('shapes-evaluate-guidance-negative', 'shapes_evaluate', [SHAPES_CASCADE, '--guidance=-3'],
@@ -482,3 +490,13 @@ def test_input_error_from_anywhere_is_status_2_and_ctrl_c_is_130(capsys, monkeyp
     cli.call(_Tool)
   assert exit_.value.code == 130 and capsys.readouterr().err.splitlines() == ['error: interrupted']
   assert cli.CLIError is errors.InputError
+
+
+def test_a_folder_dataset_without_its_prepared_tokenizer_is_an_input_error(tmp_path):
+  from configs import imagen
+  from diffusion_jax import conditioning
+  config = imagen.get_config('stage=base64,size=tiny')
+  config.input.dataset = 'folder'
+  config.input.data_dir = str(tmp_path / 'not_prepared')
+  with pytest.raises(errors.InputError, match="input.dataset='folder'.*is it prepared"):
+    conditioning.build_tokenizer(config, None, str(tmp_path / 'stage'), keep=True)

@@ -62,6 +62,9 @@ def prepared(folder, tmp_path_factory):
       timeout=300)
   assert result.returncode == 0, f'prepare_folder failed:\n{result.stderr[-2000:]}'
   assert f'prepared {NUM_IMAGES} images' in result.stdout, result.stdout
+  # 'junk' and 'empty' have no image header; the truncated PNG's header reads (its pixels
+  # fail at load time)
+  assert '2 unreadable' in result.stdout, result.stdout
   return data_dir
 
 

@@ -100,6 +100,16 @@ def list_folder(src: str) -> list[tuple[str, list[str]]]:
   return sorted(items)
 
 
+def _opens_as_image(path: str) -> bool:
+  """Whether an image library reads the file's header (the pixels are decoded at load time)."""
+  from PIL import Image
+  try:
+    with Image.open(path):
+      return True
+  except Exception:  # noqa: BLE001 - PIL raises many types on files that are not images
+    return False
+
+
 def _read_bytes(path: str) -> bytes:
   try:
     with open(path, 'rb') as f:
@@ -222,6 +232,7 @@ class PreparedFolder:
   name: str
   num_images: int
   without_caption: int  # images with no caption (skipped, counted, at load time)
+  unreadable: int  # files whose header is not an image's (skipped, counted, at load time)
   several_captions: int  # images with more than one (one is drawn per example)
   tokenizer_path: str
   tokenizer_words: int  # caption words in the tokenizer (the rest map to its unk token)
@@ -326,6 +337,7 @@ def prepare_folder(src: str, data_dir: str | None = None, name: str = 'default',
   result = functools.partial(
       PreparedFolder, path=final, data_dir=root, name=name, num_images=len(items),
       without_caption=sum(not caps for _, caps in items),
+      unreadable=sum(not _opens_as_image(os.path.join(src, rel)) for rel, _ in items),
       several_captions=sum(len(caps) > 1 for _, caps in items),
       tokenizer_path=os.path.join(final, FOLDER_TOKENIZER), tokenizer_words=len(kept),
       caption_words=len(words))

@@ -58,7 +58,8 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   else:
     why = f' because {done.reason}' if done.status == 're-prepared' else ''
     print(f'{done.status} {done.num_images} images ({done.without_caption} without caption, '
-          f'{done.several_captions} with several) in {done.path}{why}')
+          f'{done.unreadable} unreadable: skipped and counted in training; '
+          f'{done.several_captions} with several captions) in {done.path}{why}')
     print(f'tokenizer: {done.tokenizer_words} of {done.caption_words} caption words '
           f'(--vocab_size={F.vocab_size}; the rest map to unk) in {done.tokenizer_path}')
   print(f'train on it with:\n  {done.train_flags()}')
