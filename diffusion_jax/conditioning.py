@@ -226,7 +226,7 @@ def _keep_tokenizer(config, source: str | None, out: str, max_len: int) -> None:
     style = config_util.get(te, 'tokenizer_style') if te is not None else None
     if not style:  # the conventions of the frozen encoder that reads the ids
       style = 'clip' if te is not None and config_util.get(te, 'name') == 'clip' else 't5'
-    tokenizer_lib.build_word_tokenizer(vocabulary, tmp, style=style)
+    tokenizer_lib.build_word_tokenizer(entry.vocabulary, tmp, style=style)
   if os.path.isdir(out):  # a partial copy left by a killed run
     shutil.rmtree(out)
   os.replace(tmp, out)

@@ -38,6 +38,7 @@ def export_info(out_dir: str) -> dict[str, Any] | None:
 
 def _tokenizer_dir(config, stage_dir: str) -> str:
   """The tokenizer the stage trained with: the one it keeps, else (older stages) its source."""
+  from diffusion_jax import conditioning
   path = os.path.join(stage_dir, 'tokenizer')
   if not os.path.isfile(os.path.join(path, 'tokenizer_config.json')):
     path = conditioning.tokenizer_source(config, None) or path
