@@ -57,13 +57,20 @@ def forward_log_variance(s_B, t_B, schedule):
   return jnp.log(-jnp.expm1(log_alpha2_ratio))
 
 
-def learned_log_variance(frac_raw, s_B, t_B, schedule):
+def learned_log_variance(frac_raw, s_B, t_B, schedule, t_next_B=None):
   """Improved DDPM's learned variance: interpolate log beta and log beta-tilde.
 
   `frac_raw` is the network's variance output in [-1, 1] (v = (frac_raw + 1) / 2), with the
   shape of x; -1 gives the posterior variance beta-tilde, +1 the forward variance beta.
+  At s = 0 beta-tilde is 0 (or the clipping's tiny value), so there, as improved DDPM's
+  `posterior_log_variance_clipped`, the lower end is beta-tilde of the next step up,
+  (t, t_next); `t_next_B` defaults to 2 t - s, the next point of a uniform grid.
   """
   _, _, _, log_beta_tilde = posterior_coefficients(s_B, t_B, schedule)
+  if t_next_B is None:
+    t_next_B = 2.0 * t_B - s_B
+  _, _, _, log_beta_tilde_next = posterior_coefficients(t_B, t_next_B, schedule)
+  log_beta_tilde = jnp.where(s_B <= 0.0, log_beta_tilde_next, log_beta_tilde)
   log_beta = forward_log_variance(s_B, t_B, schedule)
   frac = (frac_raw + 1.0) / 2.0
   return frac * bcast(log_beta, frac_raw) + (1.0 - frac) * bcast(log_beta_tilde, frac_raw)

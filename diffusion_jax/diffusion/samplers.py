@@ -6,8 +6,11 @@ twice the channels (mean part, then the variance interpolation of improved DDPM)
 is composed into `denoise_fn` beforehand (see guidance.classifier_free).
 
 Every update is written for an arbitrary pair of times s < t, so respacing to any number of
-steps needs nothing special: the chain visits `schedule.timesteps(num_steps)`. The last step
-(to t = 0) returns the predicted x0 without noise, as DDPM does.
+steps needs nothing special: the chain visits `schedule.timesteps(num_steps, spacing)`, which
+also takes the released models' integer spacings on discrete schedules (glide-text2im's
+'100' / 'fast27' / 'ddim25', diffusers' 'leading' / 'trailing' / 'linspace'). The last step
+(to t = 0) returns the predicted x0 without noise, as DDPM does (and glide-text2im, whose
+last step has alphas_cumprod_prev = 1).
 
 - 'ddpm': ancestral sampling from p(x_s | x_t) with variance 'small' (posterior beta-tilde),
   'large' (beta) or 'learned'.
@@ -59,19 +62,31 @@ def denoise(denoise_fn, x_t, t_B, cond, *, schedule, parameterization='eps',
   return x0_hat, eps_hat, variance_raw
 
 
-def ddpm_step(x_t, x0_hat, variance_raw, s_B, t_B, noise, *, schedule, variance='small'):
-  """Ancestral step x_t -> x_s from the posterior mean at x0_hat."""
+def p_mean_variance(x_t, x0_hat, variance_raw, s_B, t_B, *, schedule, variance='small',
+                    t_next_B=None):
+  """Mean and log-variance (shaped as x_t) of p(x_s | x_t): the posterior mean at x0_hat and
+  the chosen variance (glide-text2im's p_mean_variance once x0_hat is known). With
+  'learned', `t_next_B` is the next time up the grid, which sets the variance at s = 0
+  (process.learned_log_variance)."""
   mean, _, log_var_small = process.posterior(x0_hat, x_t, s_B, t_B, schedule)
   if variance == 'small':
-    log_var = process.bcast(log_var_small, x_t)
+    log_var = process.bcast(log_var_small, x_t) + jnp.zeros_like(x_t)
   elif variance == 'large':
     log_var = process.bcast(process.forward_log_variance(s_B, t_B, schedule), x_t)
+    log_var = log_var + jnp.zeros_like(x_t)
   elif variance == 'learned':
     if variance_raw is None:
       raise ValueError("variance='learned' needs a denoiser with learned_variance=True")
-    log_var = process.learned_log_variance(variance_raw, s_B, t_B, schedule)
+    log_var = process.learned_log_variance(variance_raw, s_B, t_B, schedule, t_next_B)
   else:
     raise ValueError(f'unknown variance {variance!r}; choose one of {VARIANCES}')
+  return mean, log_var
+
+
+def ddpm_step(x_t, x0_hat, variance_raw, s_B, t_B, noise, *, schedule, variance='small'):
+  """Ancestral step x_t -> x_s from the posterior mean at x0_hat."""
+  mean, log_var = p_mean_variance(x_t, x0_hat, variance_raw, s_B, t_B, schedule=schedule,
+                                  variance=variance)
   return mean + jnp.exp(0.5 * log_var) * noise
 
 
@@ -111,11 +126,13 @@ def dpmpp_2m_step(x_t, x0_hat, x0_prev, s_B, t_B, t_prev_B, has_prev, *, schedul
                      'parameterization',
                      'learned_variance', 'variance', 'threshold', 'percentile',
                      'grad_guidance_fn', 'progress_fn', 'return_x0_trajectory'))
-def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', num_steps: int,
-           spacing: str | None = None, eta: float = 0.0, cond=None, parameterization: str = 'eps',
+def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
+           num_steps: int | None = None, spacing: str | None = None, eta: float = 0.0,
+           cond=None, parameterization: str = 'eps',
            learned_variance: bool = False, variance: str | None = None, threshold=None,
            percentile: float = 99.5, grad_guidance_fn: Callable | None = None,
-           progress_fn: Callable | None = None, return_x0_trajectory: bool = False):
+           progress_fn: Callable | None = None, return_x0_trajectory: bool = False,
+           step_noise=None):
   """Runs the reverse chain from x_T (at t = 1) down to t = 0 in `num_steps` model calls.
 
   Args:
@@ -124,8 +141,10 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', n
     rng: key for the stochastic samplers' noise.
     schedule: a diffusion_jax.diffusion.schedules.Schedule.
     sampler: 'ddpm', 'ddim' or 'dpmpp_2m'.
-    spacing: the time grid, 'time' or 'logsnr' (see Schedule.timesteps); default 'logsnr'
-      for 'dpmpp_2m' (equal steps in lambda, as DPM-Solver recommends) and 'time' otherwise.
+    num_steps: model calls; None only with a glide-text2im respacing string, which fixes it.
+    spacing: the time grid, 'time' or 'logsnr', or on a discrete schedule an integer spacing
+      (see Schedule.timesteps); default 'logsnr' for 'dpmpp_2m' (equal steps in lambda, as
+      DPM-Solver recommends) and 'time' otherwise.
     eta: DDIM's stochasticity (traced: changing it does not recompile).
     cond: conditioning pytree handed to denoise_fn unchanged.
     variance: for 'ddpm': 'small', 'large' or 'learned' (default: 'learned' when
@@ -134,6 +153,8 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', n
     progress_fn: host callback called with the step index (0-based) after each step; it
       runs through jax.debug.callback, so the loop never leaves jit.
     return_x0_trajectory: also return x0_hat at every step, [num_steps, *x_T.shape].
+    step_noise: optional [num_steps, *x_T.shape] normal draws used, step by step, instead of
+      draws from `rng` (to replay a reference implementation's noise).
 
   Returns:
     x_0 (and the x0 trajectory when asked).
@@ -146,19 +167,24 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', n
   if spacing is None:
     spacing = 'logsnr' if sampler == 'dpmpp_2m' else 'time'
   times = jnp.asarray(schedule.timesteps(num_steps, spacing), jnp.float32)
+  num_steps = times.shape[0] - 1
   batch = x_T.shape[0]
   x_T = x_T.astype(jnp.float32)
+  if step_noise is not None and step_noise.shape != (num_steps,) + x_T.shape:
+    raise ValueError(f'step_noise has shape {step_noise.shape}, expected '
+                     f'{(num_steps,) + x_T.shape}')
 
   def step(carry, inputs):
     x_t, x0_prev, t_prev = carry
-    index, t, s, key = inputs
+    index, t, s, key_or_noise = inputs
     t_B = jnp.full((batch,), t)
     s_B = jnp.full((batch,), s)
     x0_hat, eps_hat, variance_raw = denoise(
         denoise_fn, x_t, t_B, cond, schedule=schedule, parameterization=parameterization,
         learned_variance=learned_variance, threshold_fn=threshold_fn,
         grad_guidance_fn=grad_guidance_fn)
-    noise = jax.random.normal(key, x_t.shape, jnp.float32)
+    noise = (jax.random.normal(key_or_noise, x_t.shape, jnp.float32) if step_noise is None
+             else key_or_noise.astype(jnp.float32))
     if sampler == 'ddpm':
       x_s = ddpm_step(x_t, x0_hat, variance_raw, s_B, t_B, noise, schedule=schedule,
                       variance=variance)
@@ -173,7 +199,7 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', n
       jax.debug.callback(progress_fn, index)  # unordered: ordered effects need 1 device
     return (x_s, x0_hat, t), (x0_hat if return_x0_trajectory else None)
 
-  keys = jax.random.split(rng, num_steps)
+  keys = jax.random.split(rng, num_steps) if step_noise is None else step_noise
   inputs = (jnp.arange(num_steps), times[:-1], times[1:], keys)
   (x_0, _, _), trajectory = jax.lax.scan(step, (x_T, jnp.zeros_like(x_T), times[0]), inputs)
   if return_x0_trajectory:
@@ -185,7 +211,8 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim', n
     jax.jit,
     static_argnames=('denoise_fn', 'schedule', 'num_steps', 'spacing', 'parameterization',
                      'learned_variance', 'threshold', 'percentile', 'progress_fn'))
-def ddim_invert(denoise_fn: Callable, x0, *, schedule, num_steps: int, spacing: str = 'time',
+def ddim_invert(denoise_fn: Callable, x0, *, schedule, num_steps: int | None = None,
+                spacing: str = 'time',
                 cond=None,
                 parameterization: str = 'eps', learned_variance: bool = False, threshold=None,
                 percentile: float = 99.5, progress_fn: Callable | None = None):
@@ -198,6 +225,7 @@ def ddim_invert(denoise_fn: Callable, x0, *, schedule, num_steps: int, spacing: 
   """
   threshold_fn = guidance.get_threshold_fn(threshold, percentile)
   times = jnp.asarray(schedule.timesteps(num_steps, spacing), jnp.float32)[::-1]  # 0 -> 1
+  num_steps = times.shape[0] - 1
   batch = x0.shape[0]
 
   def step(x_s, inputs):

@@ -12,11 +12,21 @@ linearly between grid points and `sample_t` draws grid points only.
 
 Schedules are frozen dataclasses of Python scalars and tuples, so they are hashable and can be
 static arguments of `jax.jit`.
+
+Released discrete models need exact numbers at their integer timesteps (glide-text2im's step k
+is our t = (k + 1) / T): the default clipping to [-15, 15] moves improved DDPM's cosine at both
+ends (log-SNR -19.8 at its last step, +inf at the clean end), so converted configs pass
+`logsnr_min=-WIDE_LOGSNR, logsnr_max=WIDE_LOGSNR`, which clip no released step and keep every
+float32 quantity finite (sigmoid(-40) = 4e-18, exp(40) = 2e17).
+
+Sampling grids (`Schedule.timesteps`): 'time' and 'logsnr' for any schedule; discrete schedules
+also take the released models' integer-timestep spacings (see `integer_timesteps`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +35,10 @@ import numpy as np
 LOGSNR_MIN = -15.0
 LOGSNR_MAX = 15.0
 LOGSNR_SPACING_CLIP = 10.0
+# log-SNR bound that clips no step of a released discrete schedule, float32-safe.
+WIDE_LOGSNR = 40.0
+# Spacings that pick integer timesteps of a discrete schedule (besides glide-text2im's strings).
+DIFFUSERS_SPACINGS = ('leading', 'trailing', 'linspace')
 # Schedule names (get_schedule); the discrete ones have a grid of num_timesteps (default 1000).
 SCHEDULES = ('cosine', 'shifted_cosine', 'linear_logsnr', 'linear', 'squaredcos_cap_v2')
 DISCRETE_SCHEDULES = ('linear', 'squaredcos_cap_v2')
@@ -56,7 +70,7 @@ class Schedule:
     steps = jax.random.randint(rng, shape, 1, self.num_timesteps + 1)
     return steps.astype(jnp.float32) / self.num_timesteps
 
-  def timesteps(self, num_steps: int, spacing: str = 'time') -> np.ndarray:
+  def timesteps(self, num_steps: int | None, spacing: str = 'time') -> np.ndarray:
     """Sampling grid of `num_steps + 1` decreasing times from 1 to 0 (respacing).
 
     spacing='time': evenly spaced in t ("trailing" spacing: the chain starts at t = 1 and
@@ -64,16 +78,30 @@ class Schedule:
     spacing='logsnr': model calls evenly spaced in log-SNR (the spacing DPM-Solver
       recommends: equal steps in lambda keep multistep solvers stable), then t = 0.
     Discrete schedules snap the grid to multiples of 1 / T (distinct points), so
-    num_steps == T visits every step of the original chain.
+    num_steps == T visits every step of the original chain. They also take the integer
+    spacings of `integer_timesteps` (glide-text2im's respacing strings, which fix the step
+    count themselves, so num_steps may be None; diffusers' 'leading' / 'leading+N' /
+    'trailing' / 'linspace'): the chain calls the model at t = (k + 1) / T for the chosen
+    steps k, highest first, then ends at t = 0.
     """
-    if num_steps < 1:
-      raise ValueError(f'num_steps must be >= 1, got {num_steps}')
     T = self.num_timesteps
+    if spacing not in ('time', 'logsnr'):
+      if not is_integer_spacing(spacing):
+        raise ValueError(f"unknown spacing {spacing!r}; choose 'time', 'logsnr', "
+                         "'leading', 'leading+N', 'trailing', 'linspace' or a glide-text2im "
+                         "respacing ('100', '10,10,3,2,2', 'fast27', 'ddim25')")
+      if T is None:
+        raise ValueError(f'spacing {spacing!r} picks integer timesteps of a discrete '
+                         f"schedule; {type(self).__name__} is continuous: use 'time' or 'logsnr'")
+      steps = integer_timesteps(T, num_steps, spacing)
+      return np.concatenate([(steps[::-1] + 1) / T, [0.0]])
+    if num_steps is None or num_steps < 1:
+      raise ValueError(f'num_steps must be >= 1, got {num_steps}')
     if T is not None and num_steps > T:
       raise ValueError(f'num_steps={num_steps} exceeds the schedule\'s {T} timesteps')
     if spacing == 'time':
       times = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
-    elif spacing == 'logsnr':
+    else:
       # Invert the decreasing log-SNR on a dense grid. The model points span log-SNR
       # [-LOGSNR_SPACING_CLIP, +LOGSNR_SPACING_CLIP] (within the schedule's range): steps
       # spent deeper in pure noise or in already-clean data change nothing.
@@ -85,8 +113,6 @@ class Schedule:
       times = np.interp(np.linspace(lo, hi, num_steps), dense_l[::-1], dense_t[::-1])
       times[0] = 1.0
       times = np.concatenate([times, [0.0]])
-    else:
-      raise ValueError(f"unknown spacing {spacing!r}; choose 'time' or 'logsnr'")
     if T is None:
       return times
     steps = np.round(times[:-1] * T).astype(np.int64)
@@ -96,6 +122,111 @@ class Schedule:
     for k in range(num_steps - 1, -1, -1):
       steps[k] = max(steps[k], num_steps - k)
     return np.concatenate([steps / T, [0.0]])
+
+
+_GLIDE_SPACING = re.compile(r'\d+(,\d+)*|fast27|ddim\d+')
+_LEADING = re.compile(r'leading(\+\d+)?')
+
+
+def is_glide_spacing(spacing) -> bool:
+  """Whether `spacing` is a glide-text2im respacing string (it fixes the number of steps)."""
+  return isinstance(spacing, str) and bool(_GLIDE_SPACING.fullmatch(spacing))
+
+
+def is_integer_spacing(spacing) -> bool:
+  """Whether `spacing` is a glide-text2im respacing string or a diffusers spacing."""
+  return isinstance(spacing, str) and bool(
+      _GLIDE_SPACING.fullmatch(spacing) or _LEADING.fullmatch(spacing) or
+      spacing in DIFFUSERS_SPACINGS)
+
+
+def glide_timesteps(num_timesteps: int, respacing: str) -> np.ndarray:
+  """The 0-based integer timesteps, ascending, that a glide-text2im respacing string keeps.
+
+  'a,b,c': the T steps cut into len equal sections (the first T % len one step longer), each
+  strided to its count from its first to its last step (rounded half to even, as Python's
+  round); 'ddimN': the smallest integer stride giving exactly N steps from 0; 'fast27':
+  '10,10,3,2,2' with its noisiest step T - 1 moved to T - 3.
+  """
+  T = int(num_timesteps)
+  if respacing.startswith('ddim'):
+    count = int(respacing[len('ddim'):])
+    for stride in range(1, T):
+      if -(-T // stride) == count:  # len(range(0, T, stride))
+        return np.arange(0, T, stride, dtype=np.int64)
+    raise ValueError(f'respacing {respacing!r}: no integer stride gives exactly {count} of '
+                     f'{T} steps')
+  if respacing == 'fast27':
+    steps = set(glide_timesteps(T, '10,10,3,2,2').tolist())
+    steps.discard(T - 1)  # the noisiest step gives DDIM artifacts (glide-text2im's note)
+    steps.add(T - 3)
+    return np.array(sorted(steps), np.int64)
+  counts = [int(c) for c in respacing.split(',')]
+  sizes = [T // len(counts) + (1 if i < T % len(counts) else 0) for i in range(len(counts))]
+  steps, start = set(), 0
+  for size, count in zip(sizes, counts):
+    if count > size:
+      raise ValueError(f'respacing {respacing!r}: a section of {size} steps cannot hold '
+                       f'{count}')
+    stride = (size - 1) / (count - 1) if count > 1 else 1.0
+    # A running sum of the stride, rounded half to even: the reference's exact positions.
+    offsets = np.concatenate([[0.0], np.cumsum(np.full(max(count - 1, 0), stride))])
+    steps.update(int(start + o) for o in np.round(offsets[:count]))
+    start += size
+  return np.array(sorted(steps), np.int64)
+
+
+def diffusers_timesteps(num_timesteps: int, num_steps: int, spacing: str,
+                        steps_offset: int = 0) -> np.ndarray:
+  """The 0-based integer timesteps, ascending, of diffusers' `timestep_spacing`.
+
+  'linspace': round(linspace(0, T - 1, n)); 'leading': multiples of T // n plus
+  `steps_offset` (the config's; Stable Diffusion's is 1); 'trailing': round(T - i T / n) - 1,
+  i < n, so the chain starts at the last step T - 1. (diffusers' DDIMScheduler steps from k to
+  k - T // n, which is the next chosen step for 'leading' only, and to alphas_cumprod[0]
+  after the last one unless set_alpha_to_one; its DDPMScheduler, like our chain, goes to the
+  next chosen step and then to clean data.)
+  """
+  T, n = int(num_timesteps), int(num_steps)
+  if spacing == 'linspace':
+    steps = np.round(np.linspace(0, T - 1, n)).astype(np.int64)
+  elif spacing == 'leading':
+    steps = np.arange(n, dtype=np.int64) * (T // n) + int(steps_offset)
+  elif spacing == 'trailing':
+    # np.arange's own float steps (ties at .5 fall as diffusers' do); its n + 1-th point, which
+    # float error sometimes adds, would be step -1.
+    steps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1
+  else:
+    raise ValueError(f'unknown diffusers spacing {spacing!r}; choose one of {DIFFUSERS_SPACINGS}')
+  if steps.min() < 0 or steps.max() >= T:
+    raise ValueError(f'spacing {spacing!r} with {n} steps and steps_offset {steps_offset} '
+                     f'leaves the {T} timesteps')
+  return np.sort(steps)
+
+
+def integer_timesteps(num_timesteps: int, num_steps: int | None, spacing: str) -> np.ndarray:
+  """The 0-based integer timesteps, ascending, an integer spacing picks from T steps.
+
+  glide-text2im's respacing strings ('100', '10,10,3,2,2', 'fast27', 'ddim25') fix the count
+  themselves: `num_steps` must be None or equal it. diffusers' spacings ('leading',
+  'leading+N' for steps_offset N, 'trailing', 'linspace') take 1 <= num_steps <= T.
+  """
+  T = int(num_timesteps)
+  if _GLIDE_SPACING.fullmatch(spacing):
+    steps = glide_timesteps(T, spacing)
+    if num_steps is not None and int(num_steps) != len(steps):
+      raise ValueError(f'spacing {spacing!r} gives {len(steps)} steps of {T}, but '
+                       f'num_steps={num_steps}: pass num_steps={len(steps)} or None')
+    if not len(steps):
+      raise ValueError(f'spacing {spacing!r} keeps no step')
+    return steps
+  if num_steps is None or not 1 <= int(num_steps) <= T:
+    raise ValueError(f'spacing {spacing!r} needs 1 <= num_steps <= {T}, got {num_steps}')
+  leading = _LEADING.fullmatch(spacing)
+  if leading:
+    offset = int(leading.group(1) or 0)
+    return diffusers_timesteps(T, num_steps, 'leading', offset)
+  return diffusers_timesteps(T, num_steps, spacing)
 
 
 def _clip_logsnr(logsnr, logsnr_min, logsnr_max):
@@ -162,6 +293,8 @@ class DiscreteSchedule(Schedule):
     t = jnp.asarray(t, jnp.float32)
     grid = jnp.asarray(self.logsnr_grid(), jnp.float32)
     u = jnp.clip(t, 0.0, 1.0) * self.num_timesteps
+    # (k + 1) / T in float32 times T can land just below k + 1: snap it onto the grid point.
+    u = jnp.where(jnp.abs(u - jnp.round(u)) < 1e-3, jnp.round(u), u)
     lo = jnp.clip(jnp.floor(u), 0, self.num_timesteps - 1).astype(jnp.int32)
     frac = u - lo
     return grid[lo] * (1.0 - frac) + grid[lo + 1] * frac
