@@ -54,8 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 mlp=5120, act='gelu'), 1024),
 }
 
-# Noised CLIP shapes. 'glide' follows the released filtered noised CLIP (64 px, patch 4, 12
-# layers, width 512) with CLIP's BPE vocabulary and 77-token context.
+# Noised CLIP shapes. 'glide' is near the released filtered noised CLIP (64 px, patch 4, 12
+# layers, width 512) with CLIP's BPE vocabulary and 77-token context; the exact released
+# towers (image width 768, 65536 embeddings, per-timestep class token) are
+# `convert_glide_clip.clip_model_config()`.
 NOISED_PRESETS: dict[str, dict[str, Any]] = {
     'tiny': PRESETS['tiny'],
     'small': PRESETS['small'],
@@ -63,6 +65,15 @@ NOISED_PRESETS: dict[str, dict[str, Any]] = {
                      dict(image_size=64, patch_size=4, width=512, layers=12, heads=8, mlp=2048),
                      512),
 }
+
+
+# How the noised CLIP's image tower reads t (see `CLIPVisionTower`).
+TIME_EMBEDDINGS = ('mlp', 'class_table')
+
+
+def _frozen_fields(fields) -> FrozenDict:
+  """Tower fields as a hashable FrozenDict (a list from a saved config becomes a tuple)."""
+  return FrozenDict({k: tuple(v) if isinstance(v, list) else v for k, v in dict(fields).items()})
 
 
 def _activation(name: str):
@@ -242,9 +253,15 @@ class CLIPTextTower(nn.Module):
 class CLIPVisionTower(nn.Module):
   """ViT: patch conv (no bias), class token, positions, pre-LN, blocks, LN on the class token.
 
-  With `time_conditioned`, an MLP of the sinusoidal embedding of 1000 * t is added to every
-  token (class and patches) before the pre-LN. Its output layer starts at zero, so a noised
-  CLIP initialised from a pretrained CLIP computes exactly that CLIP at the first step.
+  With `time_conditioned`, `time_embedding` says how t enters:
+  - 'mlp': an MLP of the sinusoidal embedding of 1000 * t is added to every token (class and
+    patches) before the pre-LN. Its output layer starts at zero, so a noised CLIP initialised
+    from a pretrained CLIP computes exactly that CLIP at the first step.
+  - 'class_table': the class token is row k of a learned [num_timesteps, width] table
+    (`time_table`, no `class_embedding`), k = round(t * num_timesteps) - 1 clipped to the
+    table, i.e. t = (k + 1) / num_timesteps reads row k (glide-text2im's released noised CLIP).
+  `input_mean` / `input_std` (per channel, 0..255 units) make the tower read x in [-1, 1] as
+  ((x + 1) * 127.5 - mean) / std, as glide-text2im's CLIP does; None: pixels are used as given.
   """
   image_size: int
   patch_size: int
@@ -256,9 +273,22 @@ class CLIPVisionTower(nn.Module):
   channels: int = 3
   layer_norm_eps: float = 1e-5
   time_conditioned: bool = False
+  time_embedding: str = 'mlp'
+  num_timesteps: int = 1000
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+
+  def _normalise(self, pixels_BHWC):
+    if self.input_mean is None and self.input_std is None:
+      return pixels_BHWC
+    if self.input_mean is None or self.input_std is None:
+      raise ValueError('CLIP vision: give both input_mean and input_std, or neither')
+    mean_111C = jnp.asarray(self.input_mean, jnp.float32).reshape(1, 1, 1, -1)
+    std_111C = jnp.asarray(self.input_std, jnp.float32).reshape(1, 1, 1, -1)
+    return ((pixels_BHWC.astype(jnp.float32) + 1.0) * 127.5 - mean_111C) / std_111C
 
   @nn.compact
   def __call__(self, pixels_BHWC, t_B=None):
@@ -266,6 +296,12 @@ class CLIPVisionTower(nn.Module):
     if (h, w) != (self.image_size, self.image_size) or c != self.channels:
       raise ValueError(f'CLIP vision: input {h}x{w}x{c}, model expects '
                        f'{self.image_size}x{self.image_size}x{self.channels}')
+    if self.time_embedding not in TIME_EMBEDDINGS:
+      raise ValueError(f'CLIP vision: unknown time_embedding {self.time_embedding!r}; known: '
+                       f'{", ".join(TIME_EMBEDDINGS)}')
+    if self.time_conditioned and t_B is None:
+      raise ValueError('noised CLIP: the image tower needs the diffusion time t_B')
+    pixels_BHWC = self._normalise(pixels_BHWC)
     p = self.patch_size
     patches = nn.Conv(
         self.width, (p, p), strides=(p, p), padding='VALID', use_bias=False, dtype=self.dtype,
@@ -274,20 +310,28 @@ class CLIPVisionTower(nn.Module):
                                                  (None, None, 'conv_in', 'embed')),
         name='patch_embedding')(pixels_BHWC.astype(self.dtype))
     patches = patches.reshape(b, -1, self.width)
-    cls = self.param('class_embedding',
-                     nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5),
-                                                  ('embed',)),
-                     (self.width,), self.param_dtype)
+    table = self.time_conditioned and self.time_embedding == 'class_table'
+    if table:
+      # One learned class token per timestep: t = (k + 1) / T reads row k.
+      rows = self.param('time_table',
+                        nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5),
+                                                     (None, 'embed')),
+                        (self.num_timesteps, self.width), self.param_dtype)
+      k_B = jnp.round(t_B.astype(jnp.float32) * self.num_timesteps).astype(jnp.int32) - 1
+      cls_B1D = jnp.take(rows, jnp.clip(k_B, 0, self.num_timesteps - 1), axis=0)[:, None]
+    else:
+      cls = self.param('class_embedding',
+                       nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5),
+                                                    ('embed',)),
+                       (self.width,), self.param_dtype)
+      cls_B1D = jnp.broadcast_to(cls, (b, 1, self.width))
     n = patches.shape[1] + 1
     pos = self.param('position_embedding',
                      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
                      (n, self.width), self.param_dtype)
-    x_BLD = jnp.concatenate(
-        [jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), patches], axis=1)
+    x_BLD = jnp.concatenate([cls_B1D.astype(self.dtype), patches], axis=1)
     x_BLD = x_BLD + pos[None].astype(self.dtype)
-    if self.time_conditioned:
-      if t_B is None:
-        raise ValueError('noised CLIP: the image tower needs the diffusion time t_B')
+    if self.time_conditioned and not table:
       e = timestep_embedding(t_B, self.width)
       e = _dense(self.width, -1, (None, 'embed'), self.dtype, self.param_dtype, 'time_fc1')(e)
       e = _dense(self.width, -1, ('embed', None), self.dtype, self.param_dtype, 'time_fc2',
@@ -320,8 +364,8 @@ class CLIP(nn.Module):
 
   def __post_init__(self):
     # Tower fields arrive as dicts; frozen, the module stays hashable (jit static args, clone).
-    object.__setattr__(self, 'text', FrozenDict(self.text))
-    object.__setattr__(self, 'vision', FrozenDict(self.vision))
+    object.__setattr__(self, 'text', _frozen_fields(self.text))
+    object.__setattr__(self, 'vision', _frozen_fields(self.vision))
     super().__post_init__()
 
   def setup(self):
@@ -369,7 +413,8 @@ class NoisedCLIP(nn.Module):
   `cond['text_mask']`; returns (image_emb_BP, text_emb_BP, logit_scale). For CLIP guidance,
   `encode_image(x_t, t_B)` and `encode_text(ids, mask)` give the two sides separately.
   The parameter tree is a `CLIP` tree (under 'clip') plus the time MLP, so pretrained CLIP
-  weights can seed it.
+  weights can seed it; with `vision['time_embedding'] == 'class_table'` (glide-text2im's
+  released towers, `diffusion_jax.convert_glide_clip`) the class token is a per-timestep table.
   """
   text: Any
   vision: Any
@@ -382,8 +427,8 @@ class NoisedCLIP(nn.Module):
 
   def __post_init__(self):
     # Tower fields arrive as dicts; frozen, the module stays hashable (jit static args, clone).
-    object.__setattr__(self, 'text', FrozenDict(self.text))
-    object.__setattr__(self, 'vision', FrozenDict(self.vision))
+    object.__setattr__(self, 'text', _frozen_fields(self.text))
+    object.__setattr__(self, 'vision', _frozen_fields(self.vision))
     super().__post_init__()
 
   def setup(self):
