@@ -167,5 +167,8 @@ def _cascade_config(a) -> ml_collections.ConfigDict:
         --workdir=ROOT --prompt="a red circle"
   """
   size = a.size
-  return common.cascade_config('glide', 'configs/glide.py', size, get_config, ('base64', 'up256'),
-                             extra=('inpaint64', 'inpaint256', 'noised_clip'))
+  c = common.cascade_config('glide', 'configs/glide.py', size, get_config, ('base64', 'up256'),
+                            extra=('inpaint64', 'inpaint256', 'noised_clip'))
+  c.inpaint_stages = ('inpaint64', 'inpaint256')  # GlidePipeline.inpaint, in order
+  c.clip_stage = 'noised_clip'  # CLIP guidance
+  return c

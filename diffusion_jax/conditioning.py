@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import config_util, encoders, errors, models, parallel
+from diffusion_jax import config_util, encoders, errors, models, parallel, pretrained
 from diffusion_jax import tokenizer as tokenizer_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.data import registry
@@ -354,3 +354,22 @@ def restore_stage(stage_dir: str, *, use_ema: bool = True, expected=None,
       log.warning('stage %r is sampled with the config saved in its checkpoint (step %d), '
                   'which differs from the one given: %s', label, stage.step, '; '.join(diffs))
   return stage
+
+
+def load_pretrained_stage(stage_dir: str) -> TrainedStage:
+  """A pretrained stage directory (`pretrained`: config.json + model.safetensors) as sampling
+  and fine-tuning see it: its config, network and parameters, laid out on the config's mesh."""
+  config = config_from_saved(pretrained.read_config(stage_dir))
+  registry.import_modules(config_util.get(config_util.get(config, 'input', {}), 'modules'))
+  try:
+    model = models.build(config.model)
+  except (ValueError, KeyError, AttributeError, TypeError) as e:
+    raise errors.InputError(f'{os.path.join(stage_dir, pretrained.CONFIG_FILE)}: its model '
+                            f'section does not build a network ({e})') from None
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.logical_rules(config.mesh)
+  abstract = abstract_params(config, model, mesh, rules)
+  host = pretrained.read_params(stage_dir, abstract)
+  params = jax.tree.map(lambda a, spec: jax.device_put(a.astype(spec.dtype), spec.sharding),
+                        host, abstract)
+  return TrainedStage(config, 0, model, mesh, rules, params)

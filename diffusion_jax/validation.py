@@ -140,6 +140,9 @@ SETTING_RULES = (
     ('blur_sigma', number(0)),
     ('best_of', integer(1)),
     ('contrast_scale', number(0)),
+    ('spacing', text(note="the time grid: '' (the sampler's), time, logsnr, leading, trailing, "
+                          "linspace, or glide-text2im's respacing such as 100, fast27, ddim25")),
+    ('noise_scale', number(above=0, note='x_T = noise_scale * N(0, I)')),
 )
 
 STAGE_RULES = (
@@ -152,6 +155,8 @@ STAGE_RULES = (
     ('keep_every_steps', integer(0)),
     ('max_nonfinite_steps', integer(1)),
     ('parallelism', choice(PARALLELISMS)),
+    ('init_from', text(optional=True, note='a pretrained stage directory (config.json + '
+                       'model.safetensors) or a trained ROOT/<stage>')),
     ('objective', choice(OBJECTIVES)),
     ('target', choice(('image', 'image_embed'))),
     ('mesh.data', integer(-1, note='-1 fills')),

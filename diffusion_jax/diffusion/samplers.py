@@ -125,12 +125,14 @@ def dpmpp_2m_step(x_t, x0_hat, x0_prev, s_B, t_B, t_prev_B, has_prev, *, schedul
     static_argnames=('denoise_fn', 'schedule', 'sampler', 'num_steps', 'spacing',
                      'parameterization',
                      'learned_variance', 'variance', 'threshold', 'percentile',
-                     'grad_guidance_fn', 'progress_fn', 'return_x0_trajectory'))
+                     'grad_guidance_fn', 'guide_mean', 'progress_fn',
+                     'return_x0_trajectory'))
 def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
            num_steps: int | None = None, spacing: str | None = None, eta: float = 0.0,
            cond=None, parameterization: str = 'eps',
            learned_variance: bool = False, variance: str | None = None, threshold=None,
            percentile: float = 99.5, grad_guidance_fn: Callable | None = None,
+           guide_mean: bool = False,
            progress_fn: Callable | None = None, return_x0_trajectory: bool = False,
            step_noise=None):
   """Runs the reverse chain from x_T (at t = 1) down to t = 0 in `num_steps` model calls.
@@ -152,6 +154,11 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
     threshold: None, 'static', 'dynamic' or a callable on x0_hat.
     progress_fn: host callback called with the step index (0-based) after each step; it
       runs through jax.debug.callback, so the loop never leaves jit.
+    grad_guidance_fn: (x_t, t_B, cond) -> the scaled gradient of log p(y | x_t) (classifier or
+      CLIP guidance); by default it shifts eps before thresholding (see `denoise`).
+    guide_mean: 'ddpm' only: the gradient shifts the mean of p(x_s | x_t), computed from the
+      thresholded x0, by the step's variance times the gradient (glide-text2im's and ADM's
+      `condition_mean`; with a learned variance, that variance).
     return_x0_trajectory: also return x0_hat at every step, [num_steps, *x_T.shape].
     step_noise: optional [num_steps, *x_T.shape] normal draws used, step by step, instead of
       draws from `rng` (to replay a reference implementation's noise).
@@ -161,6 +168,9 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'unknown sampler {sampler!r}; choose one of {SAMPLERS}')
+  if guide_mean and sampler != 'ddpm':
+    raise ValueError(f"guide_mean shifts an ancestral step's mean: sampler='ddpm', not "
+                     f'{sampler!r}')
   if variance is None:
     variance = 'learned' if learned_variance else 'small'
   threshold_fn = guidance.get_threshold_fn(threshold, percentile)
@@ -182,10 +192,17 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
     x0_hat, eps_hat, variance_raw = denoise(
         denoise_fn, x_t, t_B, cond, schedule=schedule, parameterization=parameterization,
         learned_variance=learned_variance, threshold_fn=threshold_fn,
-        grad_guidance_fn=grad_guidance_fn)
+        grad_guidance_fn=None if guide_mean else grad_guidance_fn)
     noise = (jax.random.normal(key_or_noise, x_t.shape, jnp.float32) if step_noise is None
              else key_or_noise.astype(jnp.float32))
-    if sampler == 'ddpm':
+    last = x0_hat  # the final step lands on t = 0: the prediction itself, without noise
+    if sampler == 'ddpm' and guide_mean and grad_guidance_fn is not None:
+      mean, log_var = p_mean_variance(x_t, x0_hat, variance_raw, s_B, t_B, schedule=schedule,
+                                      variance=variance)
+      mean = mean + jnp.exp(log_var) * grad_guidance_fn(x_t, t_B, cond).astype(jnp.float32)
+      x_s = mean + jnp.exp(0.5 * log_var) * noise
+      last = mean  # at t = 0 the posterior mean is x0_hat; the guidance still shifts it
+    elif sampler == 'ddpm':
       x_s = ddpm_step(x_t, x0_hat, variance_raw, s_B, t_B, noise, schedule=schedule,
                       variance=variance)
     elif sampler == 'ddim':
@@ -193,8 +210,7 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
     else:
       x_s = dpmpp_2m_step(x_t, x0_hat, x0_prev, s_B, t_B, jnp.full((batch,), t_prev),
                           index > 0, schedule=schedule)
-    # The final step lands on t = 0: return the prediction itself, without noise.
-    x_s = jnp.where(s <= 0.0, x0_hat, x_s)
+    x_s = jnp.where(s <= 0.0, last, x_s)
     if progress_fn is not None:
       jax.debug.callback(progress_fn, index)  # unordered: ordered effects need 1 device
     return (x_s, x0_hat, t), (x0_hat if return_x0_trajectory else None)

@@ -203,14 +203,15 @@ class DenseND(nn.Module):
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         padding: Any = 'SAME', dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
          matmul_weight_grad_max_kernel: int = 0, name: str | None = None):
-  """A SAME conv with logical names; see `conv_nhwc` for `matmul_weight_grad_max_kernel`."""
+  """A conv (SAME by default) with logical names; see `conv_nhwc` for
+  `matmul_weight_grad_max_kernel`."""
   extra = {}
   if kernel <= matmul_weight_grad_max_kernel:
     extra['conv_general_dilated'] = _flax_conv_fn(matmul_weight_grad_max_kernel)
   return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding='SAME', dtype=dtype,
+      features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
       param_dtype=param_dtype, **extra,
       kernel_init=boxed(zeros if zero_init else _default_kernel_init,
                         (None, None, 'conv_in', 'conv_out')),
@@ -297,15 +298,22 @@ def sinusoidal_embedding(x_B: jax.Array, dim: int, max_period: float = 10000.0) 
 
 
 class TimeEmbedding(nn.Module):
-  """sin(1000 t) -> Dense -> SiLU -> Dense, as in ADM."""
+  """sin(1000 t) -> Dense -> SiLU -> Dense, as in ADM.
+
+  `scale` and `shift` set the embedded number, scale * t + shift: glide-text2im's networks
+  embed the integer step k = T t - 1 of a T-step schedule (scale T, shift -1).
+  """
   features: int
   sin_dim: int
+  scale: float = 1000.0
+  shift: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, t_B):
-    h = sinusoidal_embedding(1000.0 * t_B, self.sin_dim).astype(self.dtype)
+    steps_B = self.scale * t_B.astype(jnp.float32) + self.shift
+    h = sinusoidal_embedding(steps_B, self.sin_dim).astype(self.dtype)
     h = dense(self.features, ('kv', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype)(h)
     h = nn.silu(h)
     return dense(self.features, ('embed', 'mlp'), dtype=self.dtype,
@@ -325,9 +333,14 @@ def _resample(x_BHWC, up: bool, down: bool):
 
 
 class Downsample(nn.Module):
-  """Halves the resolution: strided 3x3 conv (ADM) or average pooling."""
+  """Halves the resolution: strided 3x3 conv (ADM) or average pooling.
+
+  `pad_both_sides`: the conv pads one pixel on every side, as ADM (torch padding=1) does;
+  SAME padding pads only the bottom and right of an even-sized input.
+  """
   out_channels: int
   use_conv: bool = True
+  pad_both_sides: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_weight_grad_max_kernel: int = 0  # see conv_nhwc
@@ -335,7 +348,9 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC):
     if self.use_conv:
-      return conv(self.out_channels, 3, 2, dtype=self.dtype, param_dtype=self.param_dtype,
+      padding = ((1, 1), (1, 1)) if self.pad_both_sides else 'SAME'
+      return conv(self.out_channels, 3, 2, padding=padding, dtype=self.dtype,
+                  param_dtype=self.param_dtype,
                   matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)(x_BHWC)
     assert x_BHWC.shape[-1] == self.out_channels, 'pool downsampling cannot change channels'
     return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
@@ -665,6 +680,7 @@ class TransformerBlock(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
+  exact_gelu: bool = False  # erf GELU (torch's nn.GELU) instead of the tanh approximation
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -681,8 +697,9 @@ class TransformerBlock(nn.Module):
     h = dense_general(W, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out', **kw)(h)
     x_BLW = x_BLW + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = layer_norm(**kw)(x_BLW)
-    h = constrain(nn.gelu(dense(self.mlp_ratio * W, ('embed', 'mlp'), **kw)(h)), MLP_AXES)
-    h = dense(W, ('mlp', 'embed'), **kw)(h)
+    h = nn.gelu(dense(self.mlp_ratio * W, ('embed', 'mlp'), **kw)(h),
+                approximate=not self.exact_gelu)
+    h = dense(W, ('mlp', 'embed'), **kw)(constrain(h, MLP_AXES))
     x_BLW = x_BLW + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     return constrain(x_BLW, SEQ_AXES), None
 
@@ -698,6 +715,7 @@ class TransformerStack(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
+  exact_gelu: bool = False
   deterministic: bool = True
   scan_layers: bool = True
   remat_policy: str = 'none'
@@ -707,7 +725,8 @@ class TransformerStack(nn.Module):
   @nn.compact
   def __call__(self, x_BLW, mask):
     block_kw = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                    dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
+                    dropout=self.dropout, exact_gelu=self.exact_gelu,
+                    deterministic=self.deterministic, dtype=self.dtype,
                     param_dtype=self.param_dtype)
     block = maybe_remat(TransformerBlock, self.remat_policy, prevent_cse=not self.scan_layers)
     if self.scan_layers:

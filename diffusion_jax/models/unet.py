@@ -82,6 +82,16 @@ class ConditionedUNetBase(nn.Module):
   xf_width: int = 0
   xf_layers: int = 0
   xf_heads: int = 0
+  xf_padding: bool = True            # padding positions carry a learned embedding
+  xf_final_ln: bool = True
+  xf_exact_gelu: bool = False        # erf GELU (glide-text2im) instead of the tanh approximation
+  # False: padding text tokens stay visible to every attention (glide-text2im's released
+  # models, which mask nothing); True: they are masked out.
+  text_mask_keys: bool = True
+  # The time embedding embeds time_embed_scale * t + time_embed_shift: 1000 t by default;
+  # glide-text2im's networks embed the integer step k = T t - 1 (scale T, shift -1).
+  time_embed_scale: float = 1000.0
+  time_embed_shift: float = 0.0
   # numerics and memory
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -164,7 +174,8 @@ class ConditionedUNetBase(nn.Module):
     """Returns (emb_BE, context_BLD or None, context_mask_BL or None)."""
     name, kw, E = type(self).__name__, self._kw(), self.emb_dim
     p_dtype = self.param_dtype
-    emb = layers.TimeEmbedding(E, self.model_channels, name='time_embed', **kw)(t_B)
+    emb = layers.TimeEmbedding(E, self.model_channels, self.time_embed_scale,
+                               self.time_embed_shift, name='time_embed', **kw)(t_B)
     if self.aug_cond:
       aug_t = require(cond, 'aug_t', name)
       emb = emb + layers.TimeEmbedding(E, self.model_channels, name='aug_embed', **kw)(
@@ -194,6 +205,8 @@ class ConditionedUNetBase(nn.Module):
       xf, final = TextTransformer(
           vocab_size=self.vocab_size, text_len=self.text_len, width=self.xf_width,
           num_layers=self.xf_layers, num_heads=self.xf_heads, dropout=0.0,
+          mask_padding_keys=self.text_mask_keys, padding_embedding=self.xf_padding,
+          final_ln=self.xf_final_ln, exact_gelu=self.xf_exact_gelu,
           deterministic=deterministic, scan_layers=self.scan_layers,
           remat_policy=self.remat_policy, name='text_transformer', **kw)(ids, mask)
       emb = emb + layers.dense(E, ('embed', 'mlp'), name='text_final_proj', **kw)(final)
@@ -238,6 +251,8 @@ class ConditionedUNetBase(nn.Module):
 
     if ctx is not None:
       ctx = layers.constrain(ctx, layers.SEQ_AXES)
+      if not self.text_mask_keys:
+        ctx_mask = jnp.ones(ctx.shape[:2], bool)
     return emb, ctx, ctx_mask
 
   def output(self, h_BHWC, inference: bool = False):
@@ -316,8 +331,8 @@ class UNet(ConditionedUNetBase):
     def attends_after(i, n):
       return res in self.attention_resolutions and (self.attention_per == 'block' or i == n - 1)
 
-    h = layers.conv(self.model_channels, 3, name='in_conv', **kw)(self.prepare_input(x_BHWC,
-                                                                                    cond))
+    h = layers.conv(self.channel_mult[0] * self.model_channels, 3, name='in_conv', **kw)(
+        self.prepare_input(x_BHWC, cond))
     hs, res = [h], self.image_size
     nblocks = self.blocks_per_level()
     for level, mult in enumerate(self.channel_mult):
@@ -331,7 +346,8 @@ class UNet(ConditionedUNetBase):
         if self.resblock_updown:
           h = res_block(ch, **rb_kw, down=True, name=f'down{level}_downsample')(h, emb)
         else:
-          h = layers.Downsample(ch, name=f'down{level}_downsample', **self._conv_kw())(h)
+          h = layers.Downsample(ch, pad_both_sides=True, name=f'down{level}_downsample',
+                                **self._conv_kw())(h)
         hs.append(h)
         res //= 2
 

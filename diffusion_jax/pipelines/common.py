@@ -10,6 +10,7 @@ does not recompile. Progress reaches the host from inside the loop through an un
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import logging
 import os
@@ -122,6 +123,8 @@ class Settings:
   blur_sigma: float = 0.0
   best_of: int = 1
   contrast_scale: float = 0.0
+  spacing: str = ''          # the time grid (schedules.Schedule.timesteps); '': the sampler's
+  noise_scale: float = 1.0   # x_T = noise_scale * N(0, I) (glide-text2im's upsample_temp)
 
   @classmethod
   def from_entry(cls, entry) -> 'Settings':
@@ -168,19 +171,27 @@ def check_checkpoint(name: str, entry, stage_dir: str) -> str:
 
 
 class Stage:
-  """One trained stage: network, EMA (or raw) parameters, frozen encoder, tokenizer,
-  conditioner, schedule and its jitted sampling program."""
+  """One trained or pretrained stage: network, EMA (or raw) parameters, frozen encoder,
+  tokenizer, conditioner, schedule and its jitted sampling program.
 
-  def __init__(self, name: str, entry, root: str, progress: Progress, encoders: dict):
+  A cascade root's stage is restored from its newest checkpoint; with `pretrained` the stage
+  directory holds config.json + model.safetensors (`diffusion_jax.pretrained`).
+  """
+
+  def __init__(self, name: str, entry, root: str, progress: Progress, encoders: dict,
+               *, pretrained: bool = False):
     self.name = name
     self.entry = entry
     self.dir = os.path.join(root, entry.dir)
-    check_checkpoint(name, entry, self.dir)
-    # What was trained is what samples: network, encoder, tokenizer and schedule come from
-    # the config saved with the checkpoint; the cascade entry gives only sampler settings.
-    trained = conditioning.restore_stage(
-        self.dir, use_ema=bool(config_util.get(entry, 'use_ema', True)),
-        expected=_entry_config(entry), name=name)
+    if pretrained:
+      trained = conditioning.load_pretrained_stage(self.dir)
+    else:
+      check_checkpoint(name, entry, self.dir)
+      # What was trained is what samples: network, encoder, tokenizer and schedule come from
+      # the config saved with the checkpoint; the cascade entry gives only sampler settings.
+      trained = conditioning.restore_stage(
+          self.dir, use_ema=bool(config_util.get(entry, 'use_ema', True)),
+          expected=_entry_config(entry), name=name)
     config = self.config = trained.config
     self.step, self.model, self.params = trained.step, trained.model, trained.params
     self.mesh, self.rules = trained.mesh, trained.rules
@@ -207,7 +218,10 @@ class Stage:
     self.progress = progress
     self.frozen = None if self.encoder is None else self.encoder.params
     self._sample_jit = jax.jit(self._sample_program, static_argnames=(
-        'sampler', 'num_steps', 'threshold', 'percentile', 'use_cfg', 'report', 'extra'))
+        'sampler', 'num_steps', 'spacing', 'threshold', 'percentile', 'use_cfg', 'report',
+        'extra'))
+    self._apply_jit = jax.jit(lambda params, x, t, cond: self.model.apply(
+        {'params': params}, x, t, cond, train=False))
     self._invert_jit = jax.jit(self._invert_program, static_argnames=('num_steps', 'report'))
     self._cond_jit = jax.jit(self._cond_program, static_argnames=('aug_level', 'blur_sigma'))
 
@@ -302,7 +316,7 @@ class Stage:
     return tuple(f for f in guidance.DEFAULT_UNCOND_FLAGS if f in self.keys)
 
   def _sample_program(self, params, cond, x_T, rng, scale, eta, extra_args, *, sampler,
-                      num_steps, threshold, percentile, use_cfg, report, extra):
+                      num_steps, spacing, threshold, percentile, use_cfg, report, extra):
     denoise = self.guided_denoise_fn(params, scale, use_cfg)
     grad_fn = None
     if extra is not None:
@@ -310,9 +324,9 @@ class Stage:
     denoise = self._reporting(denoise, report)
     return samplers.sample(
         denoise, x_T, rng, schedule=self.schedule, sampler=sampler, num_steps=num_steps,
-        eta=eta, cond=cond, parameterization=self.parameterization,
+        spacing=spacing or None, eta=eta, cond=cond, parameterization=self.parameterization,
         learned_variance=self.learned_variance, threshold=threshold, percentile=percentile,
-        grad_guidance_fn=grad_fn)
+        grad_guidance_fn=grad_fn, guide_mean=grad_fn is not None and sampler == 'ddpm')
 
   def sample(self, cond, x_T, rng, settings: Settings | None = None, *,
              extra: Callable | None = None, extra_args=None):
@@ -320,22 +334,34 @@ class Stage:
     composes further guidance (inpainting, CLIP guidance); it must be a stable callable."""
     s = settings or self.settings
     timesteps = self.schedule.num_timesteps
-    if timesteps and int(s.num_steps) > timesteps:
+    num_steps = self.num_steps(s)
+    if timesteps and num_steps > timesteps:
       raise errors.InputError(f'--config.stages.{self.name}.num_steps={s.num_steps}: must be at '
                               f'most the {timesteps} timesteps of the stage\'s schedule')
     use_cfg = bool(self.uncond_flags()) and float(s.guidance_scale) != 1.0
     report = self.progress.listener is not None
-    self.progress.start(self.name, int(s.num_steps))
+    self.progress.start(self.name, num_steps)
     with self.context():
       out = self._sample_jit(
           self.params, cond, x_T, rng, jnp.float32(s.guidance_scale), jnp.float32(s.eta),
-          extra_args, sampler=s.sampler, num_steps=int(s.num_steps),
+          extra_args, sampler=s.sampler, num_steps=num_steps, spacing=str(s.spacing),
           threshold=s.threshold, percentile=float(s.percentile), use_cfg=use_cfg,
           report=report, extra=extra)
       out = jax.block_until_ready(out)
     if report:
       jax.effects_barrier()
     return out
+
+  def num_steps(self, s: Settings) -> int:
+    """Model calls of a run: a glide-text2im respacing string ('100', 'fast27', 'ddim25')
+    fixes them; otherwise `num_steps`."""
+    spacing, steps = str(s.spacing), self.schedule.num_timesteps
+    if steps and schedules.is_glide_spacing(spacing):
+      try:
+        return len(schedules.glide_timesteps(steps, spacing))
+      except ValueError as e:
+        raise errors.InputError(f'stage {self.name!r}: spacing={spacing}: {e}') from None
+    return int(s.num_steps)
 
   def _invert_program(self, params, cond, x0, *, num_steps, report):
     denoise = self._reporting(self.denoise_fn(params, report), report)
@@ -355,13 +381,83 @@ class Stage:
       jax.effects_barrier()
     return out
 
-  def noise(self, rng, n_pad: int):
-    """x_T of this stage's output shape, sharded over the batch."""
+  @property
+  def output_shape(self) -> tuple[int, ...]:
+    """[H, W, C] of one x_t."""
     x, _, _ = _example_x(self.config.model)
-    shape = (n_pad,) + tuple(x.shape[1:])
+    return tuple(x.shape[1:])
+
+  def noise(self, rng, n_pad: int, scale: float = 1.0):
+    """x_T of this stage's output shape (scale * N(0, I)), sharded over the batch."""
+    shape = (n_pad,) + self.output_shape
     sharding = parallel.batch_sharding(self.mesh, len(shape))
-    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32),
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32) * scale,
                    out_shardings=sharding)(rng)
+
+  def initial_noise(self, rng, n: int, n_pad: int, settings: Settings, latents=None):
+    """x_T: the caller's `latents` of this stage ([n, H, W, C]) when given, else noise."""
+    if latents is None or self.name not in latents:
+      return self.noise(rng, n_pad, float(settings.noise_scale))
+    x_T = np.asarray(latents[self.name], np.float32)
+    if x_T.shape != (n,) + self.output_shape:
+      raise errors.InputError(f'latents[{self.name!r}] has shape {x_T.shape}; stage '
+                              f'{self.name!r} takes x_T of shape {(n,) + self.output_shape}')
+    return self.put(x_T, n_pad)
+
+  # Comparing implementations -------------------------------------------------------------------
+
+  def model_output(self, x_t, t, prompts=None, **cond):
+    """The network's raw output (NHWC float32, no guidance) for `x_t` [N, H, W, C] at
+    timesteps `t` [N] (or one for all): for a discrete schedule of T steps the reference's
+    integer steps 0..T-1 (step k is our time (k + 1) / T), else times in [0, 1].
+
+    `prompts` are tokenized as the stage's training (and the reference) does; `cond` gives
+    the other inputs by name: `low_res` (an upsampler's input, NHWC in [-1, 1]),
+    `inpaint_image` (NHWC in [-1, 1]) and `inpaint_mask` (NHW or NHW1, 1 = known pixel).
+    """
+    if self.objective != 'diffusion':
+      raise errors.InputError(f'stage {self.name!r} is not a diffusion network')
+    x = np.asarray(x_t, np.float32)
+    if x.ndim != 4 or x.shape[1:] != self.output_shape:
+      raise errors.InputError(f'x_t has shape {x.shape}; stage {self.name!r} takes '
+                              f'[N, {", ".join(map(str, self.output_shape))}]')
+    n = x.shape[0]
+    t_B = np.broadcast_to(np.asarray(t), (n,))
+    steps = self.schedule.num_timesteps
+    if steps:
+      if not np.all(np.equal(np.mod(t_B, 1), 0)) or t_B.min() < 0 or t_B.max() >= steps:
+        raise errors.InputError(f't must be integer steps in [0, {steps}), got {t_B.tolist()}')
+      t_B = (t_B.astype(np.float64) + 1.0) / steps
+    n_pad = self.padded(n)
+    inputs: dict[str, Any] = {}
+    if _TEXT_KEYS & self.keys:
+      if prompts is None:
+        raise errors.InputError(f'stage {self.name!r} reads a prompt: pass prompts')
+      prompts = check_prompts(prompts)
+      if len(prompts) == 1 and n > 1:
+        prompts = prompts * n
+      if len(prompts) != n:
+        raise errors.InputError(f'{len(prompts)} prompts for {n} inputs')
+      ids, mask = self.tokenize(prompts)
+      inputs.update(self.put({'text_ids': ids, 'text_mask': mask}, n_pad))
+    known = {'low_res', 'inpaint_image', 'inpaint_mask'} & self.keys
+    unknown = sorted(set(cond) - known)
+    if unknown:
+      raise errors.InputError(f'stage {self.name!r} takes no {unknown}; its inputs: '
+                              f'{sorted(known) or "none beside x_t, t and prompts"}')
+    missing = sorted(known - set(cond))
+    if missing:
+      raise errors.InputError(f'stage {self.name!r} needs {missing}')
+    for key, value in cond.items():
+      value = np.asarray(value, np.float32)
+      if key == 'inpaint_mask' and value.ndim == 3:
+        value = value[..., None]
+      inputs[key] = self.put(value, n_pad)
+    cond_tree = self.build_cond(inputs, jax.random.PRNGKey(0), 0.0, 0.0)
+    with self.context():
+      out = self._apply_jit(self.params, self.put(x, n_pad),
+                            self.put(t_B.astype(np.float32), n_pad), cond_tree)
+    return np.asarray(jax.device_get(out))[:n]
 
 
 # The cond entries through which a network reads the prompt.
@@ -401,17 +497,24 @@ class _Context:
 class Cascade:
   """Base of the three pipelines: stages loaded lazily by name from the cascade config."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, pretrained: bool = False):
     self.config = config
     self.root = workdir
+    self.pretrained = pretrained
     self.progress = Progress()
     self._encoders: dict = {}
     self._stages: dict[str, Stage] = {}
     self.timings: dict[str, float] = {}
     self.order = tuple(config.order)
     # Fail fast, with every missing stage named, before anything is built.
-    for name in self.order:
+    for name in self.order if not pretrained else ():
       check_checkpoint(name, self._entry(name), os.path.join(workdir, self._entry(name).dir))
+
+  @property
+  def stages(self) -> 'StageMap':
+    """name -> Stage for every stage of the cascade (its order, then the extra ones), each
+    loaded when first asked for."""
+    return StageMap(self)
 
   def _entry(self, name: str):
     if name not in self.config.stages:
@@ -422,7 +525,7 @@ class Cascade:
   def stage(self, name: str) -> Stage:
     if name not in self._stages:
       self._stages[name] = Stage(name, self._entry(name), self.root, self.progress,
-                                 self._encoders)
+                                 self._encoders, pretrained=self.pretrained)
     return self._stages[name]
 
   def settings(self, name: str, overrides: Mapping[str, Any]) -> Settings:
@@ -488,12 +591,12 @@ class Cascade:
             jnp.float32(s.contrast_scale))
 
   def image_chain(self, names, prompts, rng, overrides, *, first_low_res=None,
-                  first_inputs=None, collect=None, contrasts=None):
+                  first_inputs=None, collect=None, contrasts=None, latents=None):
     """Runs image stages in order; each output (resized, blurred by the stage's blur_sigma
     and noise-augmented at its aug_level) is the next stage's low_res. `contrasts` (one
     list of (positive, negative) prompt pairs per prompt) guide the first stage at its
-    contrast_scale (`guidance.prompt_contrast`). Returns float images [N, H, W, 3] in
-    [-1, 1]."""
+    contrast_scale (`guidance.prompt_contrast`). `latents`: {stage: x_T} for the stages
+    whose initial noise the caller gives. Returns float images [N, H, W, 3] in [-1, 1]."""
     n = len(prompts)
     x = first_low_res
     for i, name in enumerate(names):
@@ -509,7 +612,7 @@ class Cascade:
           raise ValueError(f'stage {name!r} needs a low-resolution input')
         inputs['low_res'] = stage.put(x, n_pad)
       cond = stage.build_cond(inputs, k_cond, s.aug_level, s.blur_sigma)
-      x_T = stage.noise(k_noise, n_pad)
+      x_T = stage.initial_noise(k_noise, n, n_pad, s, latents)
       contrast = self.contrast_args(stage, contrasts, n, n_pad, k_cond, s) if i == 0 else None
       out = self.timed(name, stage.sample, cond, x_T, k_run, s,
                        extra=None if contrast is None else _contrast_extra,
@@ -542,3 +645,36 @@ def uint8_result(x, collect, return_stages: bool):
   if not return_stages:
     return images
   return images, {k: io_util.to_uint8(jax.device_get(v)) for k, v in collect.items()}
+
+
+class StageMap(collections.abc.Mapping):
+  """A cascade's stages by name, in order, each built on first access."""
+
+  def __init__(self, cascade: Cascade):
+    self._cascade = cascade
+    config = cascade.config
+    self._names = tuple(config.order) + tuple(n for n in config_util.get(config, 'extra', ())
+                                              if n not in config.order)
+
+  def __getitem__(self, name: str) -> Stage:
+    if name not in self._names:
+      raise KeyError(f'no stage {name!r}; the cascade has {", ".join(self._names)}')
+    return self._cascade.stage(name)
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self):
+    return len(self._names)
+
+
+def check_latents(latents, stage_names) -> None:
+  """`latents` is None or a dict naming stages of the run."""
+  if latents is None:
+    return
+  if not isinstance(latents, Mapping):
+    raise errors.InputError('latents: pass a dict {stage name: x_T}')
+  unknown = sorted(set(latents) - set(stage_names))
+  if unknown:
+    raise errors.InputError(f'latents names {unknown}, not stages this call runs: '
+                            f'{", ".join(stage_names)}')

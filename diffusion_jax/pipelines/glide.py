@@ -34,16 +34,13 @@ def known_region_output(x_t, t_B, image, mask, output, *, schedule, parameteriza
 
 
 def _inpaint_extra(stage, denoise, args):
-  """Inpainting around any denoiser: the model sees the known region as the forward-noised
-  original at the current t (fresh noise each step), and its prediction of x0 there is the
-  original itself (GLIDE's released sampler), so the known pixels survive to t = 0."""
-  image, mask, key = args
+  """Inpainting as glide-text2im's released sampler does it: the network sees the image and
+  mask as conditioning, and its prediction of x0 in the known region is replaced by the
+  original (its `denoised_fn`), so the known pixels survive to t = 0."""
+  image, mask = args
 
   def wrapped(x_t, t_B, cond):
-    step_key = jax.random.fold_in(key, jnp.round(t_B[0] * 1e6).astype(jnp.int32))
-    noise = jax.random.normal(step_key, x_t.shape, jnp.float32)
-    known = process.q_sample(image, t_B, noise, stage.schedule)
-    out = denoise(mask * known + (1.0 - mask) * x_t, t_B, cond)
+    out = denoise(x_t, t_B, cond)
     return known_region_output(x_t, t_B, image, mask, out, schedule=stage.schedule,
                                parameterization=stage.parameterization,
                                learned_variance=stage.learned_variance)
@@ -51,13 +48,15 @@ def _inpaint_extra(stage, denoise, args):
 
 
 def _clip_guidance_extra(clip_module, stage, denoise, args):
-  """CLIP guidance (GLIDE sec. 2.4): grad_x of the noised CLIP's image-text dot product at
-  (x_t, t), scaled by the guidance weight; the sampler turns it into a mean shift by the
-  step's variance (eps - sigma * grad)."""
+  """CLIP guidance (GLIDE sec. 2.4): grad_x of the noised CLIP's logit, exp(logit_scale) times
+  the image-text cosine at (x_t, t), scaled by the guidance weight, as glide-text2im's
+  `cond_fn`; an ancestral sampler shifts the step's mean by its variance times it
+  (`samplers.sample(guide_mean=True)`), DDIM shifts eps by -sigma times it."""
   del stage
   params, ids, mask, scale = args
   text = clip_module.apply({'params': params}, ids, mask, method='encode_text')
   text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+  logit_scale = jnp.exp(params['clip']['logit_scale'].astype(jnp.float32))
 
   def grad_fn(x_t, t_B, cond):
     del cond
@@ -65,7 +64,7 @@ def _clip_guidance_extra(clip_module, stage, denoise, args):
     def score(x):
       img = clip_module.apply({'params': params}, x, t_B, method='encode_image')
       img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
-      return jnp.sum(img * text)
+      return logit_scale * jnp.sum(img * text)
     return scale * jax.grad(score)(x_t)
   return denoise, grad_fn
 
@@ -73,30 +72,33 @@ def _clip_guidance_extra(clip_module, stage, denoise, args):
 class GlidePipeline(common.Cascade):
   """`generate(prompts, rng, **overrides)`; `inpaint(image, mask, prompt, rng)`."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, *, pretrained: bool = False):
+    super().__init__(config, workdir, pretrained=pretrained)
     self._clip_extra = None
 
-  def generate(self, prompts, rng, *, clip_guidance_scale: float = 0.0,
+  def generate(self, prompts, rng, *, clip_guidance_scale: float = 0.0, latents=None,
                return_stages: bool = False, **overrides):
     """Text -> images. With `clip_guidance_scale` > 0 the base stage is guided by the noised
-    CLIP (stage `noised_clip`) instead of classifier-free guidance."""
+    CLIP (the cascade's `clip_stage`) instead of classifier-free guidance. `latents`:
+    {stage: x_T} for the stages whose initial noise the caller gives."""
     prompts = common.check_prompts(prompts)
     self.check_overrides(overrides)
+    common.check_latents(latents, self.order)
     collect: dict = {}
     names = self.order
     if clip_guidance_scale > 0:
-      x = self._clip_guided_base(prompts, rng, clip_guidance_scale, overrides)
+      x = self._clip_guided_base(prompts, rng, clip_guidance_scale, overrides, latents)
       collect[names[0]] = x
       rng = jax.random.fold_in(rng, 1)
-      x = self.image_chain(names[1:], prompts, rng, overrides, first_low_res=x, collect=collect)
+      x = self.image_chain(names[1:], prompts, rng, overrides, first_low_res=x, collect=collect,
+                           latents=latents)
     else:
-      x = self.image_chain(names, prompts, rng, overrides, collect=collect)
+      x = self.image_chain(names, prompts, rng, overrides, collect=collect, latents=latents)
     return common.uint8_result(x, collect, return_stages)
 
-  def _clip_guided_base(self, prompts, rng, scale, overrides):
+  def _clip_guided_base(self, prompts, rng, scale, overrides, latents=None):
     base = self.stage(self.order[0])
-    clip = self.stage('noised_clip')
+    clip = self.stage(self.config.clip_stage)
     if self._clip_extra is None:
       self._clip_extra = functools.partial(_clip_guidance_extra, clip.model)
     n = len(prompts)
@@ -107,21 +109,26 @@ class GlidePipeline(common.Cascade):
     clip_text = clip.put({'ids': ids, 'mask': mask}, n_pad)
     # CLIP guidance replaces classifier-free guidance (GLIDE compares the two).
     s = self.settings(self.order[0], overrides).replace(guidance_scale=1.0)
-    x_T = base.noise(k_noise, n_pad)
+    x_T = base.initial_noise(k_noise, n, n_pad, s, latents)
     args = (clip.params, clip_text['ids'], clip_text['mask'], jnp.float32(scale))
     out = self.timed(self.order[0], base.sample, cond, x_T, k_run, s, extra=self._clip_extra,
                      extra_args=args)
     return out[:n]
 
-  def inpaint(self, image, mask, prompt, rng, *, return_stages: bool = False, **overrides):
+  def inpaint(self, image, mask, prompt, rng, *, latents=None, return_stages: bool = False,
+              **overrides):
     """Fills the unknown region of `image` (uint8 or [-1, 1] float, [N, H, W, 3] or [H, W, 3])
     where `mask` ([N, H, W], [N, H, W, 1] or [H, W]) is 0; pixels where it is 1 are kept.
 
-    Runs the inpainting stages named in the cascade config (`inpaint64`, then `inpaint256`
-    when configured), each at its own resolution, the second conditioned on the first's
-    output as its low-res input. Returns uint8 images at the last stage's resolution.
+    Runs the cascade's `inpaint_stages` (e.g. `inpaint64`, then `inpaint256`), each at its
+    own resolution, the second conditioned on the first's output as its low-res input.
+    `latents`: {stage: x_T}. Returns uint8 images at the last stage's resolution.
     """
     self.check_overrides(overrides)
+    names = tuple(self.config.inpaint_stages)
+    if not names:
+      raise ValueError('the cascade config names no inpainting stage (inpaint_stages)')
+    common.check_latents(latents, names)
     image = io_util.to_float(image)
     if image.ndim == 3:
       image = image[None]
@@ -135,9 +142,6 @@ class GlidePipeline(common.Cascade):
     prompts = [prompt] * n if isinstance(prompt, str) else common.check_prompts(prompt)
     if len(prompts) != n:
       raise ValueError(f'{len(prompts)} prompts for {n} images')
-    names = [s for s in self.config.extra if s.startswith('inpaint')]
-    if not names:
-      raise ValueError('the cascade config names no inpainting stage (config.extra)')
     collect: dict = {}
     x = None
     for name in names:
@@ -145,7 +149,7 @@ class GlidePipeline(common.Cascade):
       s = self.settings(name, overrides)
       size = stage.config.model.image_size
       n_pad = stage.padded(n)
-      rng, k_cond, k_noise, k_run, k_inp = jax.random.split(rng, 5)
+      rng, k_cond, k_noise, k_run = jax.random.split(rng, 4)
       img = common.resize(jnp.asarray(image), size)
       # Nearest resize keeps the mask binary.
       msk = jax.image.resize(jnp.asarray(mask), (n, size, size, 1), 'nearest')
@@ -154,8 +158,8 @@ class GlidePipeline(common.Cascade):
       if 'low_res' in stage.keys:
         inputs['low_res'] = stage.put(x, n_pad)
       cond = stage.build_cond(inputs, k_cond, s.aug_level, s.blur_sigma)
-      x_T = stage.noise(k_noise, n_pad)
-      args = (stage.put(img, n_pad), stage.put(msk, n_pad), k_inp)
+      x_T = stage.initial_noise(k_noise, n, n_pad, s, latents)
+      args = (stage.put(img, n_pad), stage.put(msk, n_pad))
       out = self.timed(name, stage.sample, cond, x_T, k_run, s, extra=_inpaint_extra,
                        extra_args=args)
       x = out[:n]

@@ -1,0 +1,87 @@
+"""Pretrained stage directories: a stage's weights and the config that says what they mean,
+without training state.
+
+    DIR/<stage>/config.json         the stage config (as a trainer would use it)
+    DIR/<stage>/model.safetensors   its parameters, our tree, '/'-joined paths, float32
+    DIR/<stage>/tokenizer/          the tokenizer of whatever reads its token ids (optional)
+
+`tools/convert_glide` writes such directories from glide-text2im's releases;
+`pipelines.from_pretrained(DIR)` samples them; `--config.init_from=DIR/<stage>` fine-tunes
+one. Reading refuses pickles and names every missing, unexpected or mis-shaped tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from diffusion_jax import convert, errors, io_util
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+TOKENIZER_DIR = 'tokenizer'
+
+
+def is_stage_dir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
+
+
+def stage_dirs(root: str) -> dict[str, str]:
+  """name -> directory of every pretrained stage directly under `root`, sorted by name."""
+  if not os.path.isdir(root):
+    raise errors.InputError(f'{root}: no such directory; give a directory of pretrained stages '
+                            '(written by python -m diffusion_jax.tools.convert_glide)')
+  return {name: os.path.join(root, name) for name in sorted(os.listdir(root))
+          if is_stage_dir(os.path.join(root, name))}
+
+
+def write_stage(out_dir: str, config: Mapping[str, Any], params: Mapping,
+                metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `config` (a ConfigDict or dict) and `params` (a nested dict of arrays)."""
+  os.makedirs(out_dir, exist_ok=True)
+  flat = traverse_util.flatten_dict(dict(params))
+  tensors = {'/'.join(k): np.array(v, np.float32, order='C') for k, v in flat.items()}
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  meta = {'format': 'diffusion_jax', **dict(metadata or {})}
+  io_util.replace_atomically(os.path.join(out_dir, WEIGHTS_FILE),
+                             lambda tmp: save_file(tensors, tmp, metadata=meta))
+  as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  text = json.dumps(_plain(as_dict), indent=1, sort_keys=True)
+
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      f.write(text + '\n')
+  io_util.replace_atomically(os.path.join(out_dir, CONFIG_FILE), write)
+
+
+def _plain(value):
+  """JSON-ready: tuples to lists, numpy scalars to Python, placeholders (None) kept."""
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def read_config(stage_dir: str) -> dict[str, Any]:
+  """The stage config dict saved in `stage_dir` (one-line errors for what is wrong)."""
+  if not os.path.isdir(stage_dir):
+    raise errors.InputError(f'{stage_dir}: no such directory; expected a pretrained stage '
+                            f'directory ({CONFIG_FILE} + {WEIGHTS_FILE})')
+  return convert.read_json_object(os.path.join(stage_dir, CONFIG_FILE))
+
+
+def read_params(stage_dir: str, template: Mapping) -> dict:
+  """The parameters of `stage_dir` as numpy arrays, checked against `template` (the network's
+  abstract parameters): every tensor there, of the right shape, finite, nothing else."""
+  tensors = convert.read_weights(os.path.join(stage_dir, WEIGHTS_FILE))
+  flat_template = traverse_util.flatten_dict(dict(template))
+  rules = [convert.Rule(path, ('/'.join(path),)) for path in flat_template]
+  return convert.assemble(tensors, rules, flat_template,
+                          what=os.path.join(stage_dir, WEIGHTS_FILE))
