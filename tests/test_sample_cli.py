@@ -1,5 +1,7 @@
 """The sample CLI on a tiny trained Imagen cascade: images, grid, captions, progress and
-timing; one-line errors for a missing checkpoint, an unknown stage and an empty prompt file."""
+timing; one-line errors for a missing checkpoint, an unknown stage and an empty prompt file.
+With --pretrained, on a tiny converted GLIDE release: the images of `pipelines.from_pretrained`
+bit for bit, --set overrides, inpainting and one-line errors."""
 import json
 import os
 import subprocess
@@ -171,3 +173,183 @@ def test_input_images_decode_as_training_images_and_bad_ones_are_input_errors(tm
     sample._load_image(str(huge))
   with pytest.raises(InputError, match='no such file'):
     sample._load_image(str(tmp_path / 'missing.png'))
+
+
+# --pretrained: a tiny converted GLIDE release -------------------------------------------------
+
+PRETRAINED_FAST = ['--set=spacing=2', '--quiet']  # glide respacing '2': two model calls a stage
+
+
+def _convert(kinds, out, tmp):
+  """Converts glide_fixtures' seeded state dicts of `kinds` into `out` (as the release)."""
+  torch = pytest.importorskip('torch')
+  import glide_fixtures
+  from diffusion_jax.tools import convert_glide
+  ref = np.load(glide_fixtures.REFERENCE)
+  for kind in kinds:
+    state = glide_fixtures.state_dict(json.loads(str(ref[f'{kind}/keys'])),
+                                      int(ref[f'{kind}/seed']))
+    pt = str(tmp / f'{kind}.pt')
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pt)
+    convert_glide.convert(pt, kind, str(out), options=glide_fixtures.CASES[kind],
+                          tokenizer=glide_fixtures.TOKENIZER if kind == kinds[0] else None)
+  return str(out)
+
+
+@pytest.fixture(scope='module')
+def plain(tmp_path_factory):
+  """base + upsample: text-to-image only."""
+  tmp = tmp_path_factory.mktemp('plain')
+  return _convert(('base', 'upsample'), tmp / 'release', tmp)
+
+
+@pytest.fixture(scope='module')
+def full(plain, tmp_path_factory):
+  """plain + the two inpainting stages."""
+  import shutil
+  tmp = tmp_path_factory.mktemp('full')
+  shutil.copytree(plain, tmp / 'release')
+  return _convert(('base-inpaint', 'upsample-inpaint'), tmp / 'release', tmp)
+
+
+@pytest.fixture(scope='module')
+def full_pipe(full):
+  from diffusion_jax import pipelines
+  return pipelines.from_pretrained(full)
+
+
+def _call(args):
+  """The CLI in this process: its exit status (0 when it returned)."""
+  from diffusion_jax import cli, sample
+  try:
+    cli.call(sample, args)
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
+def _pngs(out):
+  files = sorted(f for f in os.listdir(out) if f[0].isdigit())
+  return np.stack([np.asarray(Image.open(os.path.join(out, f))) for f in files])
+
+
+def test_pretrained_writes_the_last_stage_without_trainer_or_tensorflow(plain, tmp_path):
+  code = ('import atexit, runpy, sys\n'
+          'atexit.register(lambda: print("LOADED", sorted(m for m in sys.modules if '
+          'm.split(".")[0] in ("tensorflow", "clu") or m.startswith("diffusion_jax.train"))))\n'
+          'sys.argv = ["sample"] + sys.argv[1:]\n'
+          'runpy.run_module("diffusion_jax.sample", run_name="__main__")\n')
+  out = tmp_path / 'out'
+  proc = subprocess.run([sys.executable, '-c', code, f'--pretrained={plain}',
+                         '--prompt=a red circle', '--num_images=2', '--seed=3',
+                         '--set=spacing=2', '--set=base.guidance_scale=2.5', f'--out={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'LOADED []' in proc.stdout, proc.stdout
+  images = _pngs(out)
+  assert images.shape == (2, 32, 32, 3), f'upsample stage is 32 px, got {images.shape}'
+  assert not np.array_equal(images[0], images[1]), 'two samples of one prompt are identical'
+  caps = json.load(open(out / 'captions.json'))
+  assert caps['pretrained'] == plain and caps['family'] == 'glide'
+  assert set(caps['stage_seconds']) == {'base', 'upsample'}
+  assert caps['settings']['base']['guidance_scale'] == 2.5
+  assert caps['settings']['upsample']['guidance_scale'] == 1.0  # released setting kept
+  assert caps['settings']['base']['steps'] == caps['settings']['upsample']['steps'] == 2
+  assert 'upsample' in proc.stderr and '2/2' in proc.stderr, proc.stderr[-2000:]
+  assert 'stage base:' in proc.stderr and '2 steps' in proc.stderr
+
+
+# Overrides of the bit-exact test: every stage, one stage, and a traced setting of one stage.
+SETS = ['--set=spacing=3', '--set=upsample.spacing=2', '--set=base.guidance_scale=4']
+OVERRIDES = dict(spacing='3', upsample={'spacing': '2'}, base={'guidance_scale': 4.0})
+ROWS = ['a red circle', 'a blue square']
+
+
+@pytest.fixture(scope='module')
+def reference(full_pipe):
+  import jax
+  return full_pipe.generate(ROWS, jax.random.PRNGKey(5), **OVERRIDES)
+
+
+def test_pretrained_images_equal_from_pretrained_generate(full, reference, tmp_path):
+  out = tmp_path / 'out'
+  assert _call([f'--pretrained={full}', f'--prompt={ROWS[0]}', f'--prompt={ROWS[1]}',
+                '--seed=5', f'--out={out}', '--quiet', *SETS]) == 0
+  np.testing.assert_array_equal(_pngs(out), reference)
+  settings = json.load(open(out / 'captions.json'))['settings']
+  assert (settings['base']['steps'], settings['upsample']['steps']) == (3, 2)
+  assert (settings['base']['spacing'], settings['upsample']['spacing']) == ('3', '2')
+
+
+def test_pretrained_overrides_reach_the_sampler(full, full_pipe, reference, tmp_path):
+  # Only base's guidance differs from the reference's settings: the images must too.
+  out = tmp_path / 'out'
+  assert _call([f'--pretrained={full}', f'--prompt={ROWS[0]}', f'--prompt={ROWS[1]}',
+                '--seed=5', f'--out={out}', '--quiet', *SETS, '--set=base.guidance_scale=2']) == 0
+  images = _pngs(out)
+  assert images.shape == reference.shape
+  assert np.abs(images.astype(int) - reference).max() > 8, 'guidance_scale did not reach base'
+  import jax
+  np.testing.assert_array_equal(images, full_pipe.generate(
+      ROWS, jax.random.PRNGKey(5), **dict(OVERRIDES, base={'guidance_scale': 2.0})))
+  assert json.load(open(out / 'captions.json'))['settings']['base']['guidance_scale'] == 2.0
+
+
+def test_pretrained_inpaint_equals_pipeline_inpaint(full, full_pipe, tmp_path):
+  import jax
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  mask = np.zeros((32, 32, 3), np.uint8)
+  mask[:, :16] = 255  # keep the left half
+  Image.fromarray(image).save(tmp_path / 'image.png')
+  Image.fromarray(mask).save(tmp_path / 'mask.png')
+  out = tmp_path / 'out'
+  assert _call([f'--pretrained={full}', '--mode=inpaint', f'--image={tmp_path / "image.png"}',
+                f'--mask={tmp_path / "mask.png"}', '--prompt=a red circle', '--seed=2',
+                f'--out={out}', *PRETRAINED_FAST]) == 0
+  got = _pngs(out)
+  assert got.shape == (1, 32, 32, 3)
+  want = full_pipe.inpaint(image[None], (mask[..., 0] > 127).astype(np.float32), 'a red circle',
+                           jax.random.PRNGKey(2), spacing='2')
+  np.testing.assert_array_equal(got, want)
+  caps = json.load(open(out / 'captions.json'))
+  assert set(caps['stage_seconds']) == {'base-inpaint', 'upsample-inpaint'}
+
+
+def test_pretrained_bad_input_is_one_line(plain, tmp_path, capsys):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  prompt = '--prompt=a red circle'
+  cases = [
+      ([f'--pretrained={plain}', CONFIG, f'--workdir={tmp_path}', prompt], 'not both'),
+      ([f'--pretrained={plain}', f'--workdir={tmp_path}', prompt], 'not both'),
+      ([prompt], 'give --pretrained=DIR'),
+      ([f'--pretrained={tmp_path / "missing"}', prompt],
+       'no such directory; write one with python -m diffusion_jax.tools.convert_glide'),
+      ([f'--pretrained={empty}', prompt],
+       'holds no pretrained stage (a subdirectory with config.json and model.safetensors); '
+       'write one with python -m diffusion_jax.tools.convert_glide --checkpoint=base.pt'),
+      ([f'--pretrained={plain}', '--mode=inpaint', f'--image={tmp_path}/i.png',
+        f'--mask={tmp_path}/m.png'], 'has no inpainting stage'),
+      ([f'--pretrained={plain}', prompt, '--clip_guidance_scale=100'], 'no noised CLIP stage'),
+      ([f'--pretrained={plain}', prompt, '--set=num_steps=2'],
+       "stage 'base' samples with glide-text2im's respacing spacing=100"),
+      ([f'--pretrained={plain}', prompt, '--set=upsample.num_steps=2'],
+       'give --set=upsample.spacing=2'),
+      ([f'--pretrained={plain}', prompt, '--set=guidance_scale'], 'give KEY=VALUE'),
+      ([f'--pretrained={plain}', prompt, '--set=bse.eta=1'], "no stage 'bse'"),
+      ([f'--pretrained={plain}', prompt, '--set=base.etta=1'], "unknown setting 'etta'"),
+      ([f'--pretrained={plain}', prompt, '--set=eta=much'], 'eta takes a number'),
+      ([f'--pretrained={plain}', prompt, '--set=base.eta=-1'], '--set=base.eta=-1: '),
+      ([f'--pretrained={plain}', prompt, '--stages=base,sr'], "unknown stage 'sr'"),
+      ([CONFIG, f'--workdir={tmp_path}', prompt, '--set=eta=1'], '--set is for --pretrained'),
+  ]
+  for args, needle in cases:
+    capsys.readouterr()
+    rc = _call(args)
+    err = capsys.readouterr().err
+    errors = _error_lines(err)
+    assert rc == 2 and len(errors) == 1, (args, rc, err[-2000:])
+    assert needle in errors[0], (args, errors[0])
+    assert 'Traceback' not in err
