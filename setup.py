@@ -42,6 +42,7 @@ setup(
     extras_require={
         'test': [
             'pytest',
+            'pytest-xdist',  # the suite runs on two workers, one test file each at a time
             'torch==2.13.0',
         ],
         'tpu': [f'jax[tpu]=={JAX_VERSION}'],
