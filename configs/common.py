@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_every_steps = 0      # ... plus every K-th step (0: none)
   c.max_nonfinite_steps = 20  # stop after this many consecutive non-finite steps
   c.parallelism = 'gspmd'     # or 'shard_map' (pure data parallelism, explicit psum)
+  c.init_from = None          # a fresh run starts from this stage dir's weights (train/loop.py)
   c.mesh = mesh_config()
   return c
 
@@ -131,6 +132,7 @@ OPTIONAL_FIELDS = {
     'dataset': str, 'data_dir': str, 'low_res_size': int, 'num_epochs': int,
     'train_crop_size': int, 'caption_rewrite': str, 'name': str, 'preset': str, 'path': str,
     'tokenizer_path': str, 'tokenizer_style': str, 'max_length': int, 'eos_token_id': int,
+    'init_from': str,
 }
 
 

@@ -8,6 +8,11 @@ the run after saving the current step, 130 after a first Ctrl-C did the same; 2 
 (a config, a workdir that another run holds); a traceback is a bug. Resuming with a config
 that changes what the weights mean is refused unless --allow_config_change.
 
+Fine-tuning: --config.init_from=DIR/<stage> (a pretrained stage directory, e.g. converted by
+diffusion_jax.tools.convert_glide, or a trained ROOT/<stage>) starts a fresh run from its
+weights, EMA included, with the network, diffusion and text fields of its config (a warning
+lists each one replaced); a run that finds a checkpoint resumes it and ignores the flag.
+
 Multi-host: launch one process per host with the same flags and --distributed (on TPU VMs
 and SLURM, jax finds its peers itself), or with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 and JAX_PROCESS_ID set by the launcher; each process feeds its share of the global batch.

@@ -9,24 +9,38 @@ its shardings), then runs the jitted train step, writing metrics (clu: TensorBoa
 iterator + config) and periodic sample grids. SIGTERM (preemption) saves the current step,
 waits for the save and returns; a run of `max_nonfinite_steps` consecutive non-finite steps
 stops with an error and leaves the last good checkpoint intact.
+
+Fine-tuning: `config.init_from` names a pretrained stage directory (`pretrained`:
+config.json + model.safetensors [+ tokenizer/], e.g. written by tools/convert_glide) or a
+trained stage directory ROOT/<stage> (its newest readable checkpoint's EMA parameters). A
+fresh run (no checkpoint in `workdir`) then starts at step 0 with parameters and EMA equal to
+those weights and a fresh optimizer; the fields that say what the weights mean (`ADOPTED_FIELDS`:
+network, diffusion, text encoder, objective, target, the input sizes and caption rewrite) come
+from the source's config with a warning listing each one replaced, execution leaves (dtype,
+remat, cpu_kernels, batch sizes) and the local encoder/tokenizer paths where set stay the
+run's, and the stage keeps the source's tokenizer. A run that finds a checkpoint resumes it
+and never reads `init_from`; the checkpoint's config records it, and its adopted fields are
+taken from there again, so resuming needs neither the flag nor the source directory.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
+import shutil
 import signal
-import time
 from typing import Any, Callable
 
 from clu import metric_writers, parameter_overview, periodic_actions
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import conditioning, config_util, errors, models, parallel, validation
+from diffusion_jax import conditioning, config_util, errors, models, parallel, pretrained
+from diffusion_jax import validation
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.train import sampling
 from diffusion_jax.train import state as state_lib
@@ -74,7 +88,8 @@ class Trainer:
     return None if self.encoder is None else self.encoder.param_shardings
 
 
-def build_trainer(config, workdir: str) -> Trainer:
+def build_trainer(config, workdir: str, source: InitSource | None = None) -> Trainer:
+  """`source`: the weights a fresh run starts from; its tokenizer becomes the stage's."""
   crop = config_util.get(config.input, 'train_crop_size', None)
   if crop and not config_util.get(config.input, 'low_res_size', None):
     raise ValueError(f'input.train_crop_size={crop}: only super-resolution stages (with '
@@ -84,6 +99,8 @@ def build_trainer(config, workdir: str) -> Trainer:
   rules = parallel.logical_rules(config.mesh)
   model = models.build(config.model)
   encoder = conditioning.build_encoder(config, mesh, rules)
+  if source is not None and source.tokenizer_dir:
+    _keep_source_tokenizer(source.tokenizer_dir, workdir)
   tokenizer = conditioning.build_tokenizer(config, encoder, workdir, keep=True)
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
@@ -114,9 +131,203 @@ def _warn_unsharded_state(placement: dict[str, Any]) -> None:
               fsdp, placement['state_best_bytes_per_chip'] / 2**30)
 
 
-def init_state(trainer: Trainer):
-  return step_lib.init_into(trainer.init_fn, trainer.state_shardings,
-                            jax.random.PRNGKey(trainer.config.seed))
+def init_state(trainer: Trainer, source: InitSource | None = None):
+  """A step-0 state: freshly initialised, or (`source`) parameters and EMA equal to the
+  source's weights with a fresh optimizer, laid out in the trainer's shardings."""
+  rng = jax.random.PRNGKey(trainer.config.seed)
+  if source is None:
+    return step_lib.init_into(trainer.init_fn, trainer.state_shardings, rng)
+  params = source_params(source, trainer.abstract_state.params)
+  create = jax.jit(lambda p, key: state_lib.create(p, trainer.tx, key),
+                   out_shardings=trainer.state_shardings, donate_argnums=0)
+  return create(params, rng)
+
+
+# Starting from pretrained weights (config.init_from) --------------------------------------------
+
+# What the weights mean (network, diffusion, encoder, objective) and the input sizes the network
+# is built for: with init_from these come from the source's config. The data stays the run's.
+ADOPTED_FIELDS = tuple(f for f in conditioning.WEIGHT_FIELDS
+                       if f not in ('input.dataset', 'input.modules'))
+# Where this machine keeps the frozen encoder and tokenizer: the run's value wins where set.
+LOCATION_LEAVES = ('text_encoder.path', 'text_encoder.tokenizer_path')
+_PICKLE_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt', '.pkl')
+
+
+@dataclasses.dataclass
+class InitSource:
+  """The weights a fresh run starts from and the config that says what they mean."""
+  path: str
+  config: ml_collections.ConfigDict
+  tokenizer_dir: str | None     # the tokenizer of whatever reads its token ids, if it has one
+  stage: Any = None             # a trained stage's restored EMA (TrainedStage); None: safetensors
+
+
+def read_init_source(path: str) -> InitSource:
+  """The pretrained stage directory or trained ROOT/<stage> that `path` names; one-line
+  errors.InputError for anything else. A trained stage's EMA parameters are restored here."""
+  flag = f'--config.init_from={path}'
+  want = ('name a pretrained stage directory (config.json + model.safetensors, e.g. written by '
+          'python -m diffusion_jax.tools.convert_glide) or a trained stage directory ROOT/<stage>')
+  if os.path.isfile(path):
+    how = (f'; convert a glide-text2im .pt once: python -m diffusion_jax.tools.convert_glide '
+           f'--checkpoint={path} --kind=KIND --out=DIR, then --config.init_from=DIR/KIND'
+           if path.endswith(_PICKLE_SUFFIXES) else '')
+    raise errors.InputError(f'{flag}: is a file; {want}{how}')
+  if not os.path.isdir(path):
+    raise errors.InputError(f'{flag}: no such directory; {want}')
+  if pretrained.is_stage_dir(path):
+    config = conditioning.config_from_saved(pretrained.read_config(path))
+    return InitSource(path, config, _tokenizer_dir(os.path.join(path, pretrained.TOKENIZER_DIR)))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    try:
+      stage = conditioning.restore_stage(path, use_ema=True)
+    except FileNotFoundError:
+      raise errors.InputError(f'{flag}: its checkpoints/ holds no checkpoint; train that stage '
+                              f'first, or {want}') from None
+    return InitSource(path, stage.config, _tokenizer_dir(os.path.join(path, 'tokenizer')), stage)
+  stages = pretrained.stage_dirs(path)
+  if stages:
+    raise errors.InputError(f'{flag}: holds the pretrained stages {", ".join(stages)}; name '
+                            f'one, e.g. --config.init_from={next(iter(stages.values()))}')
+  names = sorted(os.listdir(path))
+  missing = ' and '.join(n for n in (pretrained.CONFIG_FILE, pretrained.WEIGHTS_FILE)
+                         if n not in names)
+  pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+  how = (f' ({pickles[0]} is a pickle: convert it once with python -m '
+         'diffusion_jax.tools.convert_glide)' if pickles else '')
+  raise errors.InputError(f'{flag}: has no {missing} and no checkpoints/{how}; {want}')
+
+
+def _tokenizer_dir(path: str) -> str | None:
+  return path if os.path.isfile(os.path.join(path, 'tokenizer_config.json')) else None
+
+
+def adopt_weight_fields(config, source_config, origin: str) -> ml_collections.ConfigDict:
+  """`config` with `ADOPTED_FIELDS` taken from `source_config` (execution leaves and set
+  locations kept); a warning names `origin` and lists every field replaced."""
+  run, source = config.to_dict(), source_config.to_dict()
+  out = copy.deepcopy(run)
+  for field in ADOPTED_FIELDS:
+    *parents, leaf = field.split('.')
+    src, dst = source, out
+    for key in parents:
+      src, dst = src.get(key, {}), dst.setdefault(key, {})
+    if leaf in src:
+      dst[leaf] = copy.deepcopy(src[leaf])
+    else:
+      dst.pop(leaf, None)
+  run_flat = config_util.flatten(run)
+  for key, value in run_flat.items():
+    keep = (key.rsplit('.', 1)[-1] in conditioning.EXECUTION_LEAVES or
+            (key in LOCATION_LEAVES and value is not None))
+    if keep and _adopted(key):
+      _set_if_parent(out, key, value)
+  adopted = ml_collections.ConfigDict(out)
+  out_flat = config_util.flatten(adopted)
+  replaced = [f'{k}: {run_flat.get(k)!r} -> {out_flat.get(k)!r}'
+              for k in sorted(set(run_flat) | set(out_flat))
+              if _adopted(k) and run_flat.get(k) != out_flat.get(k)]
+  if replaced:
+    log.warning('%s: the fields that say what its weights mean come from its config; '
+                'replaced %d of the given config: %s', origin, len(replaced), '; '.join(replaced))
+  return adopted
+
+
+def _adopted(key: str) -> bool:
+  return any(key == f or key.startswith(f + '.') for f in ADOPTED_FIELDS)
+
+
+def _set_if_parent(tree: dict, key: str, value) -> None:
+  """tree[a][b][c] = value for key 'a.b.c' where tree[a][b] exists."""
+  *parents, leaf = key.split('.')
+  for p in parents:
+    tree = tree.get(p) if isinstance(tree, dict) else None
+    if tree is None:
+      return
+  if isinstance(tree, dict):
+    tree[leaf] = value
+
+
+def resolve_init_from(config, checkpointer: ckpt_lib.Checkpointer
+                      ) -> tuple[ml_collections.ConfigDict, InitSource | None]:
+  """(the config the run trains with, the source a fresh run starts from or None).
+
+  With a checkpoint in the workdir nothing is read from `init_from`: a run that was started
+  from pretrained weights (its saved config names them) takes the adopted fields from the
+  saved config again, so a resume is bit-exact with or without the flag."""
+  given = config_util.get(config, 'init_from')
+  steps = checkpointer.all_steps()
+  if steps:
+    if given:
+      log.info('checkpoint step %d in %s: resuming it; --config.init_from=%s only starts a '
+               'fresh run and is not read', steps[-1], checkpointer.directory, given)
+    saved, step = _newest_saved_config(checkpointer, steps)
+    started_from = config_util.get(saved or {}, 'init_from')
+    if not started_from:
+      return config, None
+    adopted = adopt_weight_fields(config, conditioning.config_from_saved(saved),
+                                  f'checkpoint step {step} (started from {started_from})')
+    adopted.init_from = started_from
+    return adopted, None
+  if not given:
+    return config, None
+  source = read_init_source(given)
+  adopted = adopt_weight_fields(config, source.config, f'--config.init_from={given}')
+  adopted.init_from = os.path.abspath(given)  # recorded in every checkpoint's config
+  try:
+    validation.check_stage_config(adopted, num_devices=jax.device_count())
+  except errors.InputError as e:
+    raise errors.InputError(f'{e} (with the fields adopted from --config.init_from={given})'
+                            ) from None
+  needs_ids = 'text_ids' in models.example_inputs(adopted.model, 1)[2]
+  if (source.tokenizer_dir is None and needs_ids and source.stage is None
+      and not config_util.get(config_util.get(adopted, 'text_encoder'), 'tokenizer_path')):
+    raise errors.InputError(
+        f'--config.init_from={given}: has no tokenizer/ but its network reads token ids: '
+        'convert it with --tokenizer, or set --config.text_encoder.tokenizer_path to the '
+        'tokenizer it was trained with')
+  log.info('initialising from %s: parameters and EMA from its weights, a fresh optimizer',
+           given)
+  return adopted, source
+
+
+def _newest_saved_config(checkpointer, steps) -> tuple[dict | None, int]:
+  """The config saved with the newest step that has a readable one."""
+  for step in reversed(steps):
+    try:
+      return checkpointer.saved_config(step), step
+    except Exception:  # noqa: BLE001 - a corrupt step: restore_newest moves it aside
+      continue
+  return None, steps[-1]
+
+
+def source_params(source: InitSource, abstract_params):
+  """The source's parameters in `abstract_params`' shapes, dtypes and shardings (every tensor
+  present, of its shape and finite; one-line errors naming the file and key)."""
+  if source.stage is not None:
+    return jax.tree.map(
+        lambda a, s: jax.device_put(a if a.dtype == s.dtype else a.astype(s.dtype), s.sharding),
+        source.stage.params, abstract_params)
+  host = pretrained.read_params(source.path, abstract_params)
+  return jax.tree.map(
+      lambda a, s: jax.make_array_from_callback(
+          s.shape, s.sharding, lambda index: np.asarray(a[index], s.dtype)),
+      host, abstract_params)
+
+
+def _keep_source_tokenizer(source_dir: str, workdir: str) -> None:
+  """The source's tokenizer becomes the stage's (`ROOT/<stage>/tokenizer`), whole or not."""
+  out = os.path.join(workdir, 'tokenizer')
+  if jax.process_index() == 0:
+    tmp = f'{out}.tmp{os.getpid()}'
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp)
+    shutil.copytree(source_dir, tmp)
+    if os.path.isdir(out):  # a fresh run's: no checkpoint reads it
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  conditioning.sync_processes('init_from_tokenizer')
 
 
 # The loop -------------------------------------------------------------------------------------
@@ -190,6 +401,7 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = (),
   evaluations); `metrics` are the step's, on the device (reading one waits for the step).
   `allow_config_change`: resume even when the config changes what the saved weights mean
   (fine-tuning from them); the changes are listed either way.
+  `config.init_from`: a fresh run starts from those weights (module docstring).
   Raises errors.InputError (bad config, unusable workdir, another run holding it) before any
   compilation.
   """
@@ -201,12 +413,13 @@ def train(config, workdir: str, *, hooks: tuple[Callable, ...] = (),
 
 
 def _train(config, workdir: str, hooks, allow_config_change: bool) -> dict[str, Any]:
-  trainer = build_trainer(config, workdir)
-  data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
-                                           seed=int(config.seed))
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), max_to_keep=int(config_util.get(config, 'keep_checkpoints', 3)),
       keep_period=int(config_util.get(config, 'keep_every_steps', 0)) or None)
+  config, source = resolve_init_from(config, checkpointer)
+  trainer = build_trainer(config, workdir, source)
+  data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
+                                           seed=int(config.seed))
 
   def restore(step):
     saved = checkpointer.saved_config(step)
@@ -216,8 +429,9 @@ def _train(config, workdir: str, hooks, allow_config_change: bool) -> dict[str, 
 
   restored = checkpointer.restore_newest(restore)
   if restored is None:
-    state = init_state(trainer)
-    log.info('no checkpoint in %s: initialised a fresh state', workdir)
+    state = init_state(trainer, source)
+    log.info('no checkpoint in %s: initialised a fresh state%s', workdir,
+             f' from {source.path}' if source else '')
   else:
     state, step = restored
     log.info('restored checkpoint step %d from %s', step, workdir)
