@@ -183,7 +183,7 @@ def cascade_stage(config_file: str, stage: str, arg: str, stage_config) -> ml_co
 
 
 def cascade_config(family: str, config_file: str, size: str, get_config, order, extra=(),
-                   *, seed: int = 0) -> ml_collections.ConfigDict:
+                   *, inpaint=(), clip: str = '', seed: int = 0) -> ml_collections.ConfigDict:
   """The `stage=cascade` config: `order` is the text-to-image chain, `extra` the stages
   loaded on demand (GLIDE inpainting, the noised CLIP). Sampling reads each stage's network,
   encoder, tokenizer and schedule from the config saved in its checkpoint; this config says
@@ -195,6 +195,8 @@ def cascade_config(family: str, config_file: str, size: str, get_config, order, 
   c.seed = seed
   c.order = tuple(order)
   c.extra = tuple(extra)
+  c.inpaint_stages = tuple(inpaint)  # GLIDE's inpainting chain, in order
+  c.clip_stage = clip  # GLIDE's noised CLIP, for CLIP guidance
   c.stages = ml_collections.ConfigDict()
   for name in tuple(order) + tuple(extra):
     arg = f'stage={name},size={size}'

@@ -167,8 +167,6 @@ def _cascade_config(a) -> ml_collections.ConfigDict:
         --workdir=ROOT --prompt="a red circle"
   """
   size = a.size
-  c = common.cascade_config('glide', 'configs/glide.py', size, get_config, ('base64', 'up256'),
-                            extra=('inpaint64', 'inpaint256', 'noised_clip'))
-  c.inpaint_stages = ('inpaint64', 'inpaint256')  # GlidePipeline.inpaint, in order
-  c.clip_stage = 'noised_clip'  # CLIP guidance
-  return c
+  return common.cascade_config('glide', 'configs/glide.py', size, get_config, ('base64', 'up256'),
+                               extra=('inpaint64', 'inpaint256', 'noised_clip'),
+                               inpaint=('inpaint64', 'inpaint256'), clip='noised_clip')

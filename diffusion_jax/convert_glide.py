@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax import convert, errors
+from diffusion_jax.diffusion import schedules
 
 UNET_KINDS = ('base', 'upsample', 'base-inpaint', 'upsample-inpaint')
 CLIP_KINDS = ('clip-image-enc', 'clip-text-enc')
@@ -53,7 +54,7 @@ SAMPLING = {
 }
 # Discrete log-SNR bounds wide enough that no released step is clipped (the cosine schedule's
 # last step has log-SNR -19.8; the clean end is exactly alpha = 1 in float32).
-LOGSNR_BOUNDS = (-40.0, 40.0)
+LOGSNR_BOUNDS = (-schedules.WIDE_LOGSNR, schedules.WIDE_LOGSNR)
 
 
 def released_options(kind: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:

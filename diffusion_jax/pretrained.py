@@ -32,6 +32,10 @@ def is_stage_dir(path: str) -> bool:
 
 def stage_dirs(root: str) -> dict[str, str]:
   """name -> directory of every pretrained stage directly under `root`, sorted by name."""
+  if os.path.isfile(root) and convert.is_pickle_file(root):
+    raise errors.InputError(f'refusing to load {root}: a pickle (it can run arbitrary code); '
+                            'convert it once with python -m diffusion_jax.tools.convert_glide '
+                            f'--checkpoint={root} --kind=KIND --out=DIR and give DIR')
   if not os.path.isdir(root):
     raise errors.InputError(f'{root}: no such directory; give a directory of pretrained stages '
                             '(written by python -m diffusion_jax.tools.convert_glide)')

@@ -114,6 +114,9 @@ def test_pickles_are_refused_outside_the_converter(release, tmp_path):
   _save_pt(_state('base'), os.path.join(stage, 'model.safetensors'))
   with pytest.raises(convert.WeightImportError, match='pickle'):
     pipelines.from_pretrained(os.path.join(str(tmp_path), 'release')).stages['base']
+  pt = _save_pt(_state('base'), tmp_path / 'base.pt')
+  with pytest.raises(errors.InputError, match='convert_glide --checkpoint='):
+    pipelines.from_pretrained(pt)
 
 
 def test_cli_converts_and_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   common.check_choice('size', a.size, (SIZE,))
   if a.stage == 'cascade':
     return common.cascade_config('glide', FILE, SIZE, get_config, ('base64', 'up256'),
-                                 extra=('inpaint64', 'inpaint256', 'noised_clip'))
+                                 extra=('inpaint64', 'inpaint256', 'noised_clip'),
+                                 inpaint=('inpaint64', 'inpaint256'), clip='noised_clip')
   if a.stage == 'noised_clip':
     return glide.noised_clip_config(get_config('stage=base64'), NOISED_CLIP_PRESET)
   stage = a.stage
