@@ -52,3 +52,39 @@ def test_peer_process_answers_with_one_json_line():
     assert result['peer_images_per_sec'] > 0 and result['peer'] == 'imagen-pytorch'
   else:
     assert result == {'peer': 'imagen-pytorch not importable'}, result
+
+
+# glide-text2im's option names: networks a few thousand times smaller than the released ones.
+_GLIDE_TINY = dict(num_channels=32, num_res_blocks=1, num_head_channels=16, text_ctx=8,
+                   attention_resolutions='8', xf_width=32, xf_layers=1, xf_heads=2)
+
+
+def test_glide_release_json():
+  # The released-size benchmark's whole path (random-weight release written, from_pretrained,
+  # two generates), tiny and with two steps per stage; the peer only with --glide_text2im.
+  base = dict(_GLIDE_TINY, image_size=16, channel_mult='1,2')
+  up = dict(_GLIDE_TINY, image_size=32, channel_mult='1,1,2', low_res_size=16)
+  result = _run('glide_release.py', f'--options={json.dumps(base)}',
+                f'--up_options={json.dumps(up)}', '--base_steps=2', '--up_steps=2')
+  for key in ('load_s', 'compile_s', 's_per_image', 'peak_rss_mb', 'first_generate_s'):
+    assert result[key] > 0, (key, result[key])
+  assert result['order'] == ['base', 'upsample'] and result['batch'] == 1
+  assert result['base_spacing'] == '2' and result['up_spacing'] == 'ddim2'
+  assert set(result['timings_second']) == {'base', 'upsample'}
+  assert result['output_shape'] == [1, 32, 32, 3] and result['output_dtype'] == 'uint8'
+  assert result['params']['base'] > 0 and result['params']['upsample'] > 0
+  assert 'peer' not in result
+
+
+def test_glide_peer_answers_with_one_json_line(tmp_path):
+  # Without glide-text2im (as in CI) the peer says so in its one line; with it installed, it
+  # samples the tiny networks once.
+  base = dict(_GLIDE_TINY, image_size=16, channel_mult='1,2')
+  up = dict(_GLIDE_TINY, image_size=32, channel_mult='1,1,2')
+  result = _run('glide_peer.py', f'--glide_text2im={tmp_path}', '--base_steps=1',
+                '--up_steps=1', '--repeats=1', f'--options={json.dumps(base)}',
+                f'--up_options={json.dumps(up)}')
+  if 'peer_s_per_image' in result:
+    assert result['peer_s_per_image'] > 0 and result['peer_output_shape'] == [1, 3, 32, 32]
+  else:
+    assert result == {'peer': 'glide-text2im not importable'}, result
