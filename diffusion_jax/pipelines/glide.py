@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import io_util
+from diffusion_jax import errors, io_util
 from diffusion_jax.diffusion import process
 from diffusion_jax.pipelines import common
 
@@ -98,6 +98,9 @@ class GlidePipeline(common.Cascade):
 
   def _clip_guided_base(self, prompts, rng, scale, overrides, latents=None):
     base = self.stage(self.order[0])
+    if not self.config.clip_stage or self.config.clip_stage not in self.config.extra:
+      raise errors.InputError('CLIP guidance needs the cascade\'s noised CLIP stage, which it '
+                              'does not have; convert both CLIP towers or train noised_clip')
     clip = self.stage(self.config.clip_stage)
     if self._clip_extra is None:
       self._clip_extra = functools.partial(_clip_guidance_extra, clip.model)
@@ -125,9 +128,12 @@ class GlidePipeline(common.Cascade):
     `latents`: {stage: x_T}. Returns uint8 images at the last stage's resolution.
     """
     self.check_overrides(overrides)
-    names = tuple(self.config.inpaint_stages)
+    # The inpainting chain, as far as the cascade has its stages (config.extra).
+    names = tuple(n for n in self.config.inpaint_stages if n in self.config.extra)
     if not names:
-      raise ValueError('the cascade config names no inpainting stage (inpaint_stages)')
+      raise errors.InputError('the cascade has no inpainting stage (its inpaint_stages '
+                              f'{tuple(self.config.inpaint_stages)} are not in its extra '
+                              'stages); convert or train one')
     common.check_latents(latents, names)
     image = io_util.to_float(image)
     if image.ndim == 3:
