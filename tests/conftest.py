@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices, strict rank promotion, no network access."""
+import gc
 import os
 
 # Must happen before jax is imported anywhere.
@@ -29,3 +30,13 @@ import pytest  # noqa: E402
 def num_devices():
   assert jax.device_count() == 8, 'conftest must set 8 simulated devices before jax is imported'
   return jax.device_count()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Each test file's compiled programs are dropped when it ends (the persistent compilation
+  cache above brings back any a later file needs), so a worker that runs many files does not
+  hold every file's executables at once."""
+  yield
+  jax.clear_caches()
+  gc.collect()
