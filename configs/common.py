@@ -179,6 +179,8 @@ def cascade_stage(config_file: str, stage: str, arg: str, stage_config) -> ml_co
   e.blur_sigma = float(s.get('blur_sigma', 0.0))
   e.best_of = int(s.get('best_of', 1))
   e.contrast_scale = float(s.get('contrast_scale', 0.0))
+  e.spacing = str(s.get('spacing', '') or '')
+  e.noise_scale = float(s.get('noise_scale', 1.0))
   return e
 
 
