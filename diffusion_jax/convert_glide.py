@@ -362,16 +362,14 @@ def _finish(src: _Source, out: dict, flat_template, what: str) -> dict:
   problems = []
   non_finite = sorted('/'.join(k) for k, v in out.items() if not np.isfinite(v).all())
   if non_finite:
-    problems.append('NaN or infinite values in ' + ', '.join(non_finite[:8]))
+    problems.append('NaN or infinite values in ' + convert._some(non_finite))
   if src.mis_shaped:
-    problems.append('shape mismatch: ' + '; '.join(src.mis_shaped[:8]))
+    problems.append('shape mismatch: ' + convert._some(src.mis_shaped, '; '))
   if src.missing:
-    problems.append('missing keys: ' + ', '.join(src.missing[:8]) +
-                    (f' and {len(src.missing) - 8} more' if len(src.missing) > 8 else ''))
+    problems.append('missing keys: ' + convert._some(src.missing))
   unexpected = sorted(set(src.tensors) - src.used)
   if unexpected:
-    problems.append('unexpected keys: ' + ', '.join(unexpected[:8]) +
-                    (f' and {len(unexpected) - 8} more' if len(unexpected) > 8 else ''))
+    problems.append('unexpected keys: ' + convert._some(unexpected))
   if problems:
     raise convert.WeightImportError(
         f'{what}: ' + ' | '.join(problems) + ' (is it the checkpoint of this --kind, with '
