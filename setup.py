@@ -44,6 +44,8 @@ setup(
             'pytest',
             'pytest-xdist',  # the suite runs on two workers, one test file each at a time
             'torch==2.13.0',
+            # reference implementations of the released diffusers-layout pipelines (parity)
+            'diffusers==0.42.1',
         ],
         'tpu': [f'jax[tpu]=={JAX_VERSION}'],
     },

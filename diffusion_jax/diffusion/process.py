@@ -35,7 +35,8 @@ def posterior_coefficients(s_B, t_B, schedule):
   alpha_t, _ = schedule.alpha_sigma(t_B)
   c = -jnp.expm1(logsnr_t - logsnr_s)
   coef_x0 = alpha_s * c
-  coef_xt = alpha_s * (1.0 - c) / alpha_t
+  # 1 - c as exp(...) itself: near t = T (alpha_bar ~ 1e-9) 1 - c cancels to 0 in float32.
+  coef_xt = alpha_s * jnp.exp(logsnr_t - logsnr_s) / alpha_t
   variance = sigma_s**2 * c
   # log(sigma_s^2) = log sigmoid(-logsnr_s), computed without underflow.
   log_variance = -jnp.logaddexp(0.0, logsnr_s) + jnp.log(c)
