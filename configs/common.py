@@ -175,6 +175,7 @@ def cascade_stage(config_file: str, stage: str, arg: str, stage_config) -> ml_co
   e.guidance_scale = float(s.get('guidance_scale', 1.0))
   e.threshold = s.get('threshold', 'none') or 'none'
   e.percentile = float(s.get('percentile', 99.5))
+  e.threshold_max = float(s.get('threshold_max', 0.0))
   e.aug_level = float(s.get('aug_level', 0.0))
   e.blur_sigma = float(s.get('blur_sigma', 0.0))
   e.best_of = int(s.get('best_of', 1))

@@ -136,6 +136,8 @@ SETTING_RULES = (
     ('guidance_scale', number(0, note='classifier-free guidance; 1: none, 0: unconditional')),
     ('threshold', choice(THRESHOLDS)),
     ('percentile', number(50, 100, note='dynamic thresholding, in percent: 99.5, not 0.995')),
+    ('threshold_max', number(0, note='static: the clip range (0: 1); dynamic: the cap on s '
+                                     '(>= 1; 0: none)')),
     ('aug_level', number(0, 1, note="noise-augmentation level of an SR stage's input")),
     ('blur_sigma', number(0)),
     ('best_of', integer(1)),

@@ -89,18 +89,21 @@ def _interleave(a, b):
   return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
 
-def static_threshold(x0):
-  """Clips the predicted x0 to the data range [-1, 1]."""
-  return jnp.clip(x0, -1.0, 1.0)
+def static_threshold(x0, max_value: float = 0.0):
+  """Clips the predicted x0 to the data range [-1, 1], or to [-max_value, max_value] when
+  max_value > 0 (diffusers' `clip_sample_range`: Karlo's prior clips its embeddings to 5)."""
+  m = float(max_value) or 1.0
+  return jnp.clip(x0, -m, m)
 
 
-def dynamic_threshold(x0, percentile: float = 99.5):
+def dynamic_threshold(x0, percentile: float = 99.5, max_value: float = 0.0):
   """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3).
 
   Per sample, s = the `percentile`-th percentile of |x0| over all non-batch axes,
   s = max(s, 1), then x0 is clipped to [-s, s] and divided by s. `percentile` is in percent
   (99.5), never a fraction: passing 0.995 is what silently turns other implementations into
-  static clipping, so anything outside [50, 100] is refused.
+  static clipping, so anything outside [50, 100] is refused. `max_value` > 0 also caps s
+  (diffusers' `sample_max_value`: DeepFloyd IF samples with 95 and 1.5); 0 leaves it uncapped.
   """
   percentile = float(percentile)
   if not 50.0 <= percentile <= 100.0:
@@ -109,22 +112,28 @@ def dynamic_threshold(x0, percentile: float = 99.5):
   flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
   s_B = jnp.percentile(flat, percentile, axis=1)
   s_B = jnp.maximum(s_B, 1.0)
+  if max_value:
+    if max_value < 1.0:
+      raise ValueError(f'dynamic_threshold max_value={max_value}: give a cap >= 1 (or 0: none)')
+    s_B = jnp.minimum(s_B, float(max_value))
   s = process.bcast(s_B, x0).astype(x0.dtype)
   return jnp.clip(x0, -s, s) / s
 
 
-def get_threshold_fn(threshold, percentile: float = 99.5) -> Callable | None:
-  """None/'none' -> None; 'static'; 'dynamic'; or a callable passed through."""
+def get_threshold_fn(threshold, percentile: float = 99.5,
+                     max_value: float = 0.0) -> Callable | None:
+  """None/'none' -> None; 'static' / 'dynamic' (with `max_value` > 0: clipped to that range /
+  s capped there); or a callable passed through."""
   if threshold is None or threshold == 'none':
     return None
   if callable(threshold):
     return threshold
   if threshold == 'static':
-    return static_threshold
+    return static_threshold if not max_value else lambda x0: static_threshold(x0, max_value)
   if threshold == 'dynamic':
     if not 50.0 <= float(percentile) <= 100.0:
       raise ValueError(f'threshold percentile={percentile} must be in percent (e.g. 99.5)')
-    return lambda x0: dynamic_threshold(x0, percentile)
+    return lambda x0: dynamic_threshold(x0, percentile, max_value)
   raise ValueError(f'unknown threshold {threshold!r}; choose none, static or dynamic')
 
 

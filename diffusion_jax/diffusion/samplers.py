@@ -125,14 +125,14 @@ def dpmpp_2m_step(x_t, x0_hat, x0_prev, s_B, t_B, t_prev_B, has_prev, *, schedul
     static_argnames=('denoise_fn', 'schedule', 'sampler', 'num_steps', 'spacing',
                      'parameterization',
                      'learned_variance', 'variance', 'threshold', 'percentile',
-                     'grad_guidance_fn', 'guide_mean', 'progress_fn',
+                     'threshold_max', 'grad_guidance_fn', 'guide_mean', 'progress_fn',
                      'return_x0_trajectory'))
 def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
            num_steps: int | None = None, spacing: str | None = None, eta: float = 0.0,
            cond=None, parameterization: str = 'eps',
            learned_variance: bool = False, variance: str | None = None, threshold=None,
-           percentile: float = 99.5, grad_guidance_fn: Callable | None = None,
-           guide_mean: bool = False,
+           percentile: float = 99.5, threshold_max: float = 0.0,
+           grad_guidance_fn: Callable | None = None, guide_mean: bool = False,
            progress_fn: Callable | None = None, return_x0_trajectory: bool = False,
            step_noise=None):
   """Runs the reverse chain from x_T (at t = 1) down to t = 0 in `num_steps` model calls.
@@ -152,6 +152,7 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
     variance: for 'ddpm': 'small', 'large' or 'learned' (default: 'learned' when
       learned_variance else 'small').
     threshold: None, 'static', 'dynamic' or a callable on x0_hat.
+    threshold_max: > 0: the cap of dynamic thresholding's s (guidance.dynamic_threshold).
     progress_fn: host callback called with the step index (0-based) after each step; it
       runs through jax.debug.callback, so the loop never leaves jit.
     grad_guidance_fn: (x_t, t_B, cond) -> the scaled gradient of log p(y | x_t) (classifier or
@@ -173,7 +174,7 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
                      f'{sampler!r}')
   if variance is None:
     variance = 'learned' if learned_variance else 'small'
-  threshold_fn = guidance.get_threshold_fn(threshold, percentile)
+  threshold_fn = guidance.get_threshold_fn(threshold, percentile, threshold_max)
   if spacing is None:
     spacing = 'logsnr' if sampler == 'dpmpp_2m' else 'time'
   times = jnp.asarray(schedule.timesteps(num_steps, spacing), jnp.float32)
@@ -226,12 +227,14 @@ def sample(denoise_fn: Callable, x_T, rng, *, schedule, sampler: str = 'ddim',
 @functools.partial(
     jax.jit,
     static_argnames=('denoise_fn', 'schedule', 'num_steps', 'spacing', 'parameterization',
-                     'learned_variance', 'threshold', 'percentile', 'progress_fn'))
+                     'learned_variance', 'threshold', 'percentile', 'threshold_max',
+                     'progress_fn'))
 def ddim_invert(denoise_fn: Callable, x0, *, schedule, num_steps: int | None = None,
                 spacing: str = 'time',
                 cond=None,
                 parameterization: str = 'eps', learned_variance: bool = False, threshold=None,
-                percentile: float = 99.5, progress_fn: Callable | None = None):
+                percentile: float = 99.5, threshold_max: float = 0.0,
+                progress_fn: Callable | None = None):
   """Deterministic DDIM inversion x_0 -> x_T (eta = 0), the reverse of sample(sampler='ddim').
 
   Walks the same time grid upwards; at each step the model is evaluated at the current,
@@ -239,7 +242,7 @@ def ddim_invert(denoise_fn: Callable, x0, *, schedule, num_steps: int | None = N
   The error against exact inversion is first order in the step size and vanishes as
   num_steps grows.
   """
-  threshold_fn = guidance.get_threshold_fn(threshold, percentile)
+  threshold_fn = guidance.get_threshold_fn(threshold, percentile, threshold_max)
   times = jnp.asarray(schedule.timesteps(num_steps, spacing), jnp.float32)[::-1]  # 0 -> 1
   num_steps = times.shape[0] - 1
   batch = x0.shape[0]

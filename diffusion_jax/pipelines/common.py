@@ -119,6 +119,7 @@ class Settings:
   guidance_scale: float = 1.0
   threshold: str = 'none'
   percentile: float = 99.5
+  threshold_max: float = 0.0  # > 0: static's clip range / dynamic's cap on s (guidance)
   aug_level: float = 0.0
   blur_sigma: float = 0.0
   best_of: int = 1
@@ -218,8 +219,8 @@ class Stage:
     self.progress = progress
     self.frozen = None if self.encoder is None else self.encoder.params
     self._sample_jit = jax.jit(self._sample_program, static_argnames=(
-        'sampler', 'num_steps', 'spacing', 'threshold', 'percentile', 'use_cfg', 'report',
-        'extra'))
+        'sampler', 'num_steps', 'spacing', 'threshold', 'percentile', 'threshold_max',
+        'use_cfg', 'report', 'extra'))
     self._apply_jit = jax.jit(lambda params, x, t, cond: self.model.apply(
         {'params': params}, x, t, cond, train=False))
     self._invert_jit = jax.jit(self._invert_program, static_argnames=('num_steps', 'report'))
@@ -316,7 +317,8 @@ class Stage:
     return tuple(f for f in guidance.DEFAULT_UNCOND_FLAGS if f in self.keys)
 
   def _sample_program(self, params, cond, x_T, rng, scale, eta, extra_args, *, sampler,
-                      num_steps, spacing, threshold, percentile, use_cfg, report, extra):
+                      num_steps, spacing, threshold, percentile, threshold_max, use_cfg, report,
+                      extra):
     denoise = self.guided_denoise_fn(params, scale, use_cfg)
     grad_fn = None
     if extra is not None:
@@ -326,7 +328,7 @@ class Stage:
         denoise, x_T, rng, schedule=self.schedule, sampler=sampler, num_steps=num_steps,
         spacing=spacing or None, eta=eta, cond=cond, parameterization=self.parameterization,
         learned_variance=self.learned_variance, threshold=threshold, percentile=percentile,
-        grad_guidance_fn=grad_fn, guide_mean=grad_fn is not None and sampler == 'ddpm')
+        threshold_max=threshold_max, grad_guidance_fn=grad_fn, guide_mean=grad_fn is not None and sampler == 'ddpm')
 
   def sample(self, cond, x_T, rng, settings: Settings | None = None, *,
              extra: Callable | None = None, extra_args=None):
@@ -345,7 +347,8 @@ class Stage:
       out = self._sample_jit(
           self.params, cond, x_T, rng, jnp.float32(s.guidance_scale), jnp.float32(s.eta),
           extra_args, sampler=s.sampler, num_steps=num_steps, spacing=str(s.spacing),
-          threshold=s.threshold, percentile=float(s.percentile), use_cfg=use_cfg,
+          threshold=s.threshold, percentile=float(s.percentile),
+          threshold_max=float(s.threshold_max), use_cfg=use_cfg,
           report=report, extra=extra)
       out = jax.block_until_ready(out)
     if report:

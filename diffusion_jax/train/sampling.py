@@ -74,7 +74,8 @@ class SampleGrid:
         num_steps=int(sampler_cfg.num_steps), eta=float(config_util.get(sampler_cfg, 'eta', 0.0)), cond=cond,
         parameterization=config_util.get(diffusion_cfg, 'parameterization', 'eps'),
         learned_variance=learned_variance, threshold=config_util.get(sampler_cfg, 'threshold', 'none'),
-        percentile=float(config_util.get(sampler_cfg, 'percentile', 99.5)))
+        percentile=float(config_util.get(sampler_cfg, 'percentile', 99.5)),
+        threshold_max=float(config_util.get(sampler_cfg, 'threshold_max', 0.0)))
 
   def __call__(self, step: int, state) -> np.ndarray | None:
     """Samples, writes WORKDIR/samples/step_<step>.png (+ captions) and returns the grid."""
