@@ -1,0 +1,1 @@
+"""Released diffusers-layout pipelines in and out: their components on our networks."""
