@@ -93,12 +93,25 @@ class Conditioner:
       if 'text_tokens' in self.keys:
         cond['text_tokens'] = tokens
         cond['text_mask'] = text_mask
+      cond.update(self.null_text_cond(frozen, tokens.shape[0]))
       if 'text_embed' in self.keys:
         cond['text_embed'] = l2_scaled(pooled)
     if 'text_ids' in self.keys:
       cond['text_ids'] = text_ids
       cond['text_mask'] = text_mask
     return cond
+
+  def null_text_cond(self, frozen, n: int) -> dict[str, Any]:
+    """The encoder's output for the empty prompt, for networks whose dropped caption reads it
+    (DeepFloyd IF, Karlo: their unconditional branch) instead of a learned null."""
+    wanted = {'null_text_tokens', 'null_text_mask', 'null_text_embed'} & self.keys
+    if not wanted:
+      return {}
+    ids, mask = self.encoder.tokenize([''])
+    tokens, pooled = self.encoder.text_forward(frozen, jnp.asarray(ids), jnp.asarray(mask))
+    null = {'null_text_tokens': tokens, 'null_text_mask': jnp.asarray(mask, bool),
+            'null_text_embed': l2_scaled(pooled)}
+    return {k: jnp.broadcast_to(null[k], (n,) + null[k].shape[1:]) for k in wanted}
 
   def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None
                    ) -> dict[str, Any]:

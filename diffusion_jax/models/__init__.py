@@ -85,6 +85,9 @@ def _image_example_inputs(model_cfg, batch_size: int):
     cond['text_embed'] = jnp.zeros((B, get('text_embed_dim')), jnp.float32)
   if text_source != 'none' or get('text_pool', 'none') == 'embed':
     cond['drop_text'] = jnp.zeros((B,), bool)
+  if get('empty_prompt_null', False):  # a dropped caption reads the empty prompt's tokens
+    cond['null_text_tokens'] = jnp.zeros((B, get('text_len'), get('text_dim')), jnp.float32)
+    cond['null_text_mask'] = jnp.ones((B, get('text_len')), bool)
   if get('image_embed_dim', 0):
     cond['image_embed'] = jnp.zeros((B, get('image_embed_dim')), jnp.float32)
     cond['drop_image'] = jnp.zeros((B,), bool)
@@ -108,6 +111,11 @@ def _prior_example_inputs(model_cfg, batch_size: int):
       'text_embed': jnp.zeros((B, c.text_embed_dim), jnp.float32),
       'drop_text': jnp.zeros((B,), bool),
   }
+  if not (c.get('learned_null_text', True) if hasattr(c, 'get') else c.learned_null_text):
+    # a dropped caption reads the empty prompt's encoding (diffusers' unconditional branch)
+    cond['null_text_tokens'] = jnp.zeros((B, c.text_len, c.text_dim), jnp.float32)
+    cond['null_text_mask'] = jnp.ones((B, c.text_len), bool)
+    cond['null_text_embed'] = jnp.zeros((B, c.text_embed_dim), jnp.float32)
   return x, t, cond
 
 
