@@ -286,6 +286,16 @@ def learned(module: nn.Module, name: str, shape, axes, init=None, param_dtype=jn
 # ----------------------------------------------------------------------------------------
 # time / noise-level embedding
 
+ACTIVATIONS = {'silu': nn.silu, 'gelu': functools.partial(nn.gelu, approximate=False)}
+
+
+def activation(name: str) -> Callable:
+  """A nonlinearity by name: 'silu' or 'gelu' (the exact, erf GELU)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation {name!r}: use one of {", ".join(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
 def sinusoidal_embedding(x_B: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """ADM's sinusoidal embedding ([cos, sin]) of a float vector, e.g. `1000 * t`."""
   half = dim // 2
@@ -307,6 +317,7 @@ class TimeEmbedding(nn.Module):
   sin_dim: int
   scale: float = 1000.0
   shift: float = 0.0
+  act: str = 'silu'  # the nonlinearity between the two Dense layers (`activation`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -315,7 +326,7 @@ class TimeEmbedding(nn.Module):
     steps_B = self.scale * t_B.astype(jnp.float32) + self.shift
     h = sinusoidal_embedding(steps_B, self.sin_dim).astype(self.dtype)
     h = dense(self.features, ('kv', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype)(h)
-    h = nn.silu(h)
+    h = activation(self.act)(h)
     return dense(self.features, ('embed', 'mlp'), dtype=self.dtype,
                  param_dtype=self.param_dtype)(h)
 
@@ -330,6 +341,21 @@ def _resample(x_BHWC, up: bool, down: bool):
   if down:
     return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
   return x_BHWC
+
+
+def resize_align_corners(x_BHWC, height: int, width: int):
+  """Bilinear resize whose corner pixels stay on the corners (torch's align_corners=True)."""
+
+  def along(x, axis, n_out):
+    n_in = x.shape[axis]
+    if n_in == 1 or n_out == 1:
+      return jnp.take(x, jnp.zeros((n_out,), jnp.int32), axis=axis)
+    pos = jnp.arange(n_out, dtype=jnp.float32) * ((n_in - 1) / (n_out - 1))
+    lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, n_in - 2)
+    frac = (pos - lo).reshape((1,) * axis + (-1,) + (1,) * (x.ndim - axis - 1))
+    return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, lo + 1, axis=axis) * frac
+
+  return along(along(x_BHWC, 1, height), 2, width)
 
 
 class Downsample(nn.Module):
@@ -437,6 +463,9 @@ class ResBlock(nn.Module):
   down: bool = False
   norm_groups: int = 32
   deterministic: bool = True
+  act: str = 'silu'             # the block's nonlinearity (`activation`)
+  skip_time_act: bool = False   # the embedding enters its projection without the nonlinearity
+  output_scale: float = 1.0     # the sum of skip and residual is divided by this
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_weight_grad_max_kernel: int = 0  # see conv_nhwc
@@ -447,21 +476,22 @@ class ResBlock(nn.Module):
     conv_kw = dict(kw, matmul_weight_grad_max_kernel=self.matmul_weight_grad_max_kernel)
     C_in, C = x_BHWC.shape[-1], self.out_channels
     gn_kw = dict(kw, inference=self.deterministic)
-    h = nn.silu(group_norm(C_in, self.norm_groups, **gn_kw)(x_BHWC))
+    act = activation(self.act)
+    h = act(group_norm(C_in, self.norm_groups, **gn_kw)(x_BHWC))
     # The convs are named as flax would number them (checkpoints, converted weights).
     if self.up:
       h = UpsampledConv(C, 3, name='Conv_0', **conv_kw)(h)
     else:
       h = conv(C, 3, name='Conv_0', **conv_kw)(_resample(h, False, self.down))
     emb = dense(2 * C if self.use_scale_shift_norm else C, ('embed', 'conv_out'), **kw)(
-        nn.silu(emb_BE))
+        emb_BE if self.skip_time_act else act(emb_BE))
     emb_B11X = emb.reshape(emb.shape[0], 1, 1, emb.shape[-1])
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_B11X, 2, axis=-1)
       h = group_norm(C, self.norm_groups, **gn_kw)(h) * (1 + scale) + shift
     else:
       h = group_norm(C, self.norm_groups, **gn_kw)(h + emb_B11X)
-    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(act(h))
     h = conv(C, 3, zero_init=True, name='Conv_1', **conv_kw)(h)
     if C_in == C:
       skip = _resample(x_BHWC, self.up, self.down)
@@ -469,7 +499,10 @@ class ResBlock(nn.Module):
       skip = UpsampledConv(C, 1, name='Conv_2', **conv_kw)(x_BHWC)
     else:
       skip = conv(C, 1, name='Conv_2', **conv_kw)(_resample(x_BHWC, False, self.down))
-    return constrain(skip + h, IMAGE_AXES)
+    out = skip + h
+    if self.output_scale != 1.0:
+      out = out / self.output_scale
+    return constrain(out, IMAGE_AXES)
 
 
 # ----------------------------------------------------------------------------------------
@@ -550,10 +583,15 @@ class ImageAttention(nn.Module):
 
   With `context` (GLIDE), each layer projects the text tokens to its own keys/values and the
   pixels attend to [text tokens; pixels]; masked padding tokens are never attended to.
+  `self_kv=False`: the pixels attend to the context tokens only (no pixel keys/values).
+  `context_norm_groups` > 0: the context is group-normed in that many groups (over its channels
+  and tokens) first.
   """
   num_heads: int = 1
   head_channels: int = -1
   norm_groups: int = 32
+  self_kv: bool = True
+  context_norm_groups: int = 0
   query_chunk: int = 0  # > 0: pixels attend in chunks of this many (`attention`)
   attention_impl: str = 'jax'  # `attention`'s impl
   inference: bool = False  # no gradients wanted: `group_norm`'s inference form
@@ -568,14 +606,25 @@ class ImageAttention(nn.Module):
     h = group_norm(C, self.norm_groups, inference=self.inference, **kw)(x_BHWC).reshape(
         B, H * W, C)
     proj = lambda name: dense_general((N, C // N), ('embed', 'heads', 'kv'), name=name, **kw)
-    q, k, v = (constrain(proj(n)(h), HEAD_AXES) for n in ('query', 'key', 'value'))
+    if not self.self_kv and context_BLD is None:
+      raise ValueError('ImageAttention(self_kv=False) attends to a context only: pass one')
+    q = constrain(proj('query')(h), HEAD_AXES)
+    if self.self_kv:
+      k, v = (constrain(proj(n)(h), HEAD_AXES) for n in ('key', 'value'))
     mask = None
     if context_BLD is not None:
+      if self.context_norm_groups:
+        context_BLD = group_norm(context_BLD.shape[-1], self.context_norm_groups,
+                                 inference=self.inference, name='context_norm', **kw)(context_BLD)
       ctx = lambda name: dense_general((N, C // N), ('embed', 'heads', 'kv'), name=name, **kw)
-      k = jnp.concatenate([ctx('context_key')(context_BLD).astype(k.dtype), k], axis=1)
-      v = jnp.concatenate([ctx('context_value')(context_BLD).astype(v.dtype), v], axis=1)
-      valid_BS = jnp.concatenate(
-          [context_mask_BL.astype(bool), jnp.ones((B, H * W), bool)], axis=1)
+      ctx_k, ctx_v = ctx('context_key')(context_BLD), ctx('context_value')(context_BLD)
+      valid_BS = context_mask_BL.astype(bool)
+      if self.self_kv:
+        ctx_k, ctx_v = ctx_k.astype(k.dtype), ctx_v.astype(v.dtype)
+        k, v = jnp.concatenate([ctx_k, k], axis=1), jnp.concatenate([ctx_v, v], axis=1)
+        valid_BS = jnp.concatenate([valid_BS, jnp.ones((B, H * W), bool)], axis=1)
+      else:
+        k, v = ctx_k.astype(q.dtype), ctx_v.astype(q.dtype)
       mask = key_mask(valid_BS)
     out = attention(q, k, v, mask, self.query_chunk, self.attention_impl)
     out = dense_general(C, ('heads', 'kv', 'embed'), axis=(-2, -1), zero_init=True, name='out',
@@ -643,9 +692,17 @@ class AttentionPool(nn.Module):
 
   The query is the masked mean token plus a learned offset; keys/values are
   [learned null; tokens], so a dropped caption pools to a learned vector.
+
+  `query_as_key` (DeepFloyd IF's pooling): the query token itself is the first key/value in
+  place of the learned null; `out_proj=False` drops the heads' output projection;
+  `final_norm` layer-norms the result.
   """
   features: int
   num_heads: int = 8
+  query_as_key: bool = False
+  out_proj: bool = True
+  final_norm: bool = False
+  query_init_std: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -657,18 +714,26 @@ class AttentionPool(nn.Module):
     x = layer_norm(**kw)(tokens_BLD)
     m_BL1 = mask_BL.astype(x.dtype)[:, :, None]
     mean_BD = (x * m_BL1).sum(1) / jnp.maximum(m_BL1.sum(1), 1.0)
-    query_B1D = (mean_BD + learned(self, 'query', (D,), ('embed',),
-                                   param_dtype=self.param_dtype).astype(x.dtype)[None, :])[:, None]
-    null_B1D = jnp.broadcast_to(
-        learned(self, 'null', (D,), ('embed',), param_dtype=self.param_dtype).astype(x.dtype),
-        (B, 1, D))
-    kv = jnp.concatenate([null_B1D, x], axis=1)
+    query_D = learned(self, 'query', (D,), ('embed',), param_dtype=self.param_dtype,
+                      init=nn.initializers.normal(self.query_init_std))
+    query_B1D = (mean_BD + query_D.astype(x.dtype)[None, :])[:, None]
+    if self.query_as_key:
+      first_B1D = query_B1D
+    else:
+      first_B1D = jnp.broadcast_to(
+          learned(self, 'null', (D,), ('embed',), param_dtype=self.param_dtype).astype(x.dtype),
+          (B, 1, D))
+    kv = jnp.concatenate([first_B1D, x], axis=1)
     proj = lambda name: dense_general((N, D // N), ('embed', 'heads', 'kv'), name=name, **kw)
     valid = jnp.concatenate([jnp.ones((B, 1), bool), mask_BL.astype(bool)], axis=1)
     out = attention(proj('query_proj')(query_B1D), proj('key')(kv), proj('value')(kv),
                     key_mask(valid))
-    out = dense_general(D, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out', **kw)(out)
-    return dense(self.features, ('embed', 'mlp'), **kw)(out[:, 0])
+    if self.out_proj:
+      out = dense_general(D, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out', **kw)(out)
+    else:
+      out = out.reshape(B, 1, D)
+    out = dense(self.features, ('embed', 'mlp'), **kw)(out[:, 0])
+    return layer_norm(**kw)(out) if self.final_norm else out
 
 
 # ----------------------------------------------------------------------------------------

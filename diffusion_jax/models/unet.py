@@ -92,6 +92,23 @@ class ConditionedUNetBase(nn.Module):
   # glide-text2im's networks embed the integer step k = T t - 1 (scale T, shift -1).
   time_embed_scale: float = 1000.0
   time_embed_shift: float = 0.0
+  # Options that released diffusers U-Nets (DeepFloyd IF, Karlo) use; off by default.
+  act: str = 'silu'                  # nonlinearity of the res blocks, time MLPs and output
+  emb_act: str = 'none'              # applied to the summed embedding before the blocks
+  res_skip_time_act: bool = False    # res blocks project the embedding without `act` first
+  res_output_scale: float = 1.0      # res blocks divide skip + residual by this
+  mid_output_scale: float = 1.0      # ... the middle block's two res blocks by this
+  context_norm_groups: int = 0       # > 0: attention layers group-norm the context first
+  # How cond['low_res'] is upsampled: 'bilinear' (half-pixel centres) | 'bicubic' (Keys
+  # a=-0.5, as torch's antialiased bicubic) | 'bilinear_align_corners' (torch's
+  # align_corners=True).
+  low_res_resize: str = 'bilinear'
+  text_pool_heads: int = 0           # heads of text_pool='attention_query_key'; 0: num_heads
+  text_proj_norm: bool = False       # the projected frozen-encoder tokens are layer-normed
+  # False: no learned null text; a dropped caption reads the frozen encoder's output for the
+  # empty prompt, cond['null_text_tokens' / 'null_text_mask' / 'null_text_embed'] (written by
+  # the conditioner), as DeepFloyd IF's and Karlo's pipelines guide.
+  learned_null_text: bool = True
   # numerics and memory
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -156,9 +173,14 @@ class ConditionedUNetBase(nn.Module):
     B, H, W, _ = x_BHWC.shape
     parts = [x_BHWC]
     if self.low_res_size:
-      low = require(cond, 'low_res', name)
-      parts.append(jax.image.resize(low.astype(jnp.float32), (B, H, W, low.shape[-1]),
-                                    'bilinear'))
+      low = require(cond, 'low_res', name).astype(jnp.float32)
+      if self.low_res_resize in ('bilinear', 'bicubic'):
+        parts.append(jax.image.resize(low, (B, H, W, low.shape[-1]), self.low_res_resize))
+      elif self.low_res_resize == 'bilinear_align_corners':
+        parts.append(layers.resize_align_corners(low, H, W))
+      else:
+        raise ValueError(f"low_res_resize={self.low_res_resize!r}: use 'bilinear', 'bicubic' "
+                         "or 'bilinear_align_corners'")
     if self.inpaint:
       mask = require(cond, 'inpaint_mask', name).astype(jnp.float32)
       parts.append(require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)
@@ -175,19 +197,31 @@ class ConditionedUNetBase(nn.Module):
     name, kw, E = type(self).__name__, self._kw(), self.emb_dim
     p_dtype = self.param_dtype
     emb = layers.TimeEmbedding(E, self.model_channels, self.time_embed_scale,
-                               self.time_embed_shift, name='time_embed', **kw)(t_B)
-    if self.aug_cond:
+                               self.time_embed_shift, act=self.act, name='time_embed', **kw)(t_B)
+    if self.aug_cond:  # the augmentation level, on the time's scale
       aug_t = require(cond, 'aug_t', name)
-      emb = emb + layers.TimeEmbedding(E, self.model_channels, name='aug_embed', **kw)(
-          jnp.asarray(aug_t, jnp.float32).reshape(batch))
+      emb = emb + layers.TimeEmbedding(E, self.model_channels, self.time_embed_scale,
+                                       self.time_embed_shift, act=self.act, name='aug_embed',
+                                       **kw)(jnp.asarray(aug_t, jnp.float32).reshape(batch))
     drop_text = _drop(cond, 'drop_text', batch)
     ctx, ctx_mask = None, None
 
+    tokens = None
     if self.text_source == 'tokens':
       tokens = require(cond, 'text_tokens', name)
-      mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
+      if self.learned_null_text:  # a dropped caption's tokens are all masked out
+        mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
+      elif 'drop_text' not in cond:
+        mask = require(cond, 'text_mask', name).astype(bool)
+      else:  # ... or are the empty prompt's
+        tokens = jnp.where(drop_text[:, None, None], require(cond, 'null_text_tokens', name),
+                           tokens)
+        mask = jnp.where(drop_text[:, None], require(cond, 'null_text_mask', name),
+                         require(cond, 'text_mask', name)).astype(bool)
       ctx = layers.dense(self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(
           tokens.astype(self.dtype))
+      if self.text_proj_norm:
+        ctx = layers.layer_norm(name='text_proj_norm', **kw)(ctx)
       if self.text_position_embed:
         L = tokens.shape[1]
         if L > self.text_len:
@@ -221,15 +255,33 @@ class ConditionedUNetBase(nn.Module):
         raise ValueError("text_pool='attention' needs text_source='tokens' or 'transformer'")
       heads = layers.num_heads_for(self.ctx_dim, self.num_heads, -1)
       emb = emb + layers.AttentionPool(E, heads, name='text_pool', **kw)(ctx, ctx_mask)
+    elif self.text_pool == 'attention_query_key':
+      # DeepFloyd IF's pooling of the frozen encoder's own tokens (before text_proj): the
+      # query is the mean token plus a learned offset and is itself the first key; no output
+      # projection; layer norms before and after.
+      if tokens is None:
+        raise ValueError("text_pool='attention_query_key' needs text_source='tokens'")
+      heads = layers.num_heads_for(tokens.shape[-1], self.text_pool_heads or self.num_heads, -1)
+      pool_mask = ctx_mask if self.text_mask_keys else jnp.ones(tokens.shape[:2], bool)
+      emb = emb + layers.AttentionPool(
+          E, heads, query_as_key=True, out_proj=False, final_norm=True,
+          query_init_std=tokens.shape[-1] ** -0.5, name='text_pool', **kw)(
+              tokens.astype(self.dtype), pool_mask)
     elif self.text_pool == 'embed':
       text_embed = require(cond, 'text_embed', name).astype(jnp.float32)
-      null = layers.learned(self, 'null_text_embed', (self.text_embed_dim,), ('embed',),
-                            param_dtype=p_dtype)
-      text_embed = jnp.where(drop_text[:, None], null[None].astype(jnp.float32), text_embed)
+      if self.learned_null_text:
+        null = layers.learned(self, 'null_text_embed', (self.text_embed_dim,), ('embed',),
+                              param_dtype=p_dtype)[None]
+      elif 'drop_text' in cond:
+        null = require(cond, 'null_text_embed', name)
+      else:
+        null = text_embed
+      text_embed = jnp.where(drop_text[:, None], null.astype(jnp.float32), text_embed)
       emb = emb + layers.dense(E, ('embed', 'mlp'), name='text_embed_proj', **kw)(
           text_embed.astype(self.dtype))
     elif self.text_pool != 'none':
-      raise ValueError(f'text_pool={self.text_pool!r}: use none, attention or embed')
+      raise ValueError(f'text_pool={self.text_pool!r}: use none, attention, '
+                       'attention_query_key or embed')
 
     if self.image_embed_dim:
       image_embed = require(cond, 'image_embed', name).astype(jnp.float32)
@@ -253,13 +305,14 @@ class ConditionedUNetBase(nn.Module):
       ctx = layers.constrain(ctx, layers.SEQ_AXES)
       if not self.text_mask_keys:
         ctx_mask = jnp.ones(ctx.shape[:2], bool)
+    if self.emb_act != 'none':
+      emb = layers.activation(self.emb_act)(emb)
     return emb, ctx, ctx_mask
 
   def output(self, h_BHWC, inference: bool = False):
     kw = self._kw()
-    h = nn.silu(layers.group_norm(h_BHWC.shape[-1], self.norm_groups, inference=inference,
-                                  name='out_norm', **kw)(
-        h_BHWC))
+    h = layers.activation(self.act)(layers.group_norm(
+        h_BHWC.shape[-1], self.norm_groups, inference=inference, name='out_norm', **kw)(h_BHWC))
     out_ch = self.out_channels * (2 if self.learned_variance else 1)
     h = layers.conv(out_ch, 3, zero_init=True, name='out_conv', **kw)(h)
     return h.astype(jnp.float32)
@@ -288,6 +341,10 @@ class UNet(ConditionedUNetBase):
   # no self-attention over the pixels (in the CPU demo's base, self-attention over 16x16
   # pixels with 8-channel heads was 30% of the train step).
   text_only_resolutions: tuple[int, ...] = ()
+  # text_attention='concat_kv': attention resolutions (and the middle block) whose layers take
+  # their keys/values from the context only (diffusers' only_cross_attention).
+  context_only_resolutions: tuple[int, ...] = ()
+  mid_context_only: bool = False
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
@@ -307,11 +364,19 @@ class UNet(ConditionedUNetBase):
     res_block = layers.maybe_remat(layers.ResBlock, self.remat_policy)
     attn_block = layers.maybe_remat(layers.ImageAttention, self.remat_policy)
     cross_block = layers.maybe_remat(layers.CrossAttention, self.remat_policy)
+    if (self.context_only_resolutions or self.mid_context_only) and (
+        self.text_attention != 'concat_kv' or ctx is None):
+      raise ValueError("context_only_resolutions and mid_context_only need "
+                       "text_attention='concat_kv' and a context")
     rb_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                 norm_groups=self.norm_groups, deterministic=det, **self._conv_kw())
+                 norm_groups=self.norm_groups, deterministic=det, act=self.act,
+                 skip_time_act=self.res_skip_time_act, output_scale=self.res_output_scale,
+                 **self._conv_kw())
+    mid_kw = dict(rb_kw, output_scale=self.mid_output_scale)
     at_kw = dict(num_heads=self.num_heads, head_channels=self.head_channels,
                  norm_groups=self.norm_groups, attention_impl=self.attention_impl,
                  inference=det, **kw)
+    self_at_kw = dict(at_kw, context_norm_groups=self.context_norm_groups)
 
     def attend(h, tag):
       if self.text_attention == 'cross' or ctx is None:
@@ -321,7 +386,10 @@ class UNet(ConditionedUNetBase):
         if ctx is not None:
           h = cross_block(**at_kw, name=f'{tag}_cross')(h, ctx, ctx_mask)
       else:
-        h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
+        context_only = (self.mid_context_only if tag == 'mid'
+                        else res in self.context_only_resolutions)
+        extra = dict(self_kv=False) if context_only else {}
+        h = attn_block(**self_at_kw, **extra, query_chunk=self.attention_query_chunk,
                        name=f'{tag}_attn')(h, ctx, ctx_mask)
       if self.ff_mult:
         h = layers.FeedForward2d(self.ff_mult, self.norm_groups, inference=det,
@@ -352,10 +420,10 @@ class UNet(ConditionedUNetBase):
         res //= 2
 
     ch = self.channel_mult[-1] * self.model_channels
-    h = res_block(ch, **rb_kw, name='mid_res0')(h, emb)
+    h = res_block(ch, **mid_kw, name='mid_res0')(h, emb)
     if self.mid_attention:
       h = attend(h, 'mid')
-    h = res_block(ch, **rb_kw, name='mid_res1')(h, emb)
+    h = res_block(ch, **mid_kw, name='mid_res1')(h, emb)
 
     for level in reversed(range(len(self.channel_mult))):
       ch = self.channel_mult[level] * self.model_channels
