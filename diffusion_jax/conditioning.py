@@ -176,6 +176,7 @@ def build_encoder(config, mesh, rules):
       tokenizer_path=config_util.get(te, 'tokenizer_path'),
       seed=int(config_util.get(te, 'seed', config.seed)),
       dtype=config_util.get(te, 'dtype', 'float32'),
+      zero_padding=bool(config_util.get(te, 'zero_padding', True)),
       **{k: int(v) for k, v in sizes.items() if v is not None})
   return encoders.build_encoder(cfg, mesh, rules)
 

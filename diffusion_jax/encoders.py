@@ -9,8 +9,9 @@ The parameters are placed on a mesh through their logical axis names
 networks; inputs are split over the batch axes. Results come back as host numpy arrays.
 Inside a jitted train step, `text_forward(params, ids, mask)` and
 `image_forward(params, images)` are the same computations as pure functions of the params.
-Padded token positions are zeroed in `tokens_BLD`. T5's pooled embedding is the masked mean
-of its tokens (Imagen); CLIP's is its projected text embedding (unCLIP).
+Padded token positions are zeroed in `tokens_BLD` (kept with `zero_padding=False`). T5's
+pooled embedding is the masked mean of its tokens (Imagen); CLIP's is its projected text
+embedding (unCLIP).
 
 `cache_captions` runs the encoder once over a list of captions and writes the results as
 .npy files (memory-mapped when read back, no pickle); `CachedTextEncoder` then serves
@@ -60,6 +61,7 @@ def encoder_config(name: str = 't5', preset: str = 'tiny', path: str | None = No
   c.batch_size = kw.pop('batch_size', 32)
   c.dtype = kw.pop('dtype', 'float32')
   c.seed = kw.pop('seed', 0)
+  c.zero_padding = kw.pop('zero_padding', True)  # False: padding tokens keep their outputs
   if kw:
     raise ValueError(f'encoder_config: unknown fields {sorted(kw)}')
   return c
@@ -76,7 +78,8 @@ class TextEncoder:
 
   def __init__(self, name: str, module: nn.Module, params, tokenizer: Tokenizer | None, *,
                abstract_boxed, mesh: Mesh | None = None, rules=None, batch_size: int = 32,
-               max_length: int | None = None, meta: Mapping[str, Any] | None = None):
+               max_length: int | None = None, meta: Mapping[str, Any] | None = None,
+               zero_padding: bool = True):
     if name not in ('t5', 'clip'):
       raise ValueError(f"encoder name must be 't5' or 'clip', got {name!r}")
     self.name = name
@@ -85,6 +88,8 @@ class TextEncoder:
     self.mesh = default_mesh() if mesh is None else mesh
     self.rules = parallel.DEFAULT_LOGICAL_RULES if rules is None else rules
     self.meta = dict(meta or {})
+    # False: padding positions keep the encoder's outputs (DeepFloyd IF's U-Nets read them).
+    self.zero_padding = bool(zero_padding)
     shards = int(np.prod([self.mesh.shape[a] for a in parallel.BATCH_AXES]))
     self.batch_size = max(shards, -(-int(batch_size) // shards) * shards)
     self.max_length = int(max_length or (tokenizer.max_length if tokenizer else 0)
@@ -116,7 +121,8 @@ class TextEncoder:
     return self.module.d_model if self.name == 't5' else self.module.text['width']
 
   def text_forward(self, params, ids_BL, mask_BL):
-    """Pure (jit-able) text encoding: (tokens_BLD with padding zeroed, pooled_BD), float32.
+    """Pure (jit-able) text encoding: (tokens_BLD with padding zeroed unless the encoder was
+    built with zero_padding=False, pooled_BD), float32.
 
     For use inside a caller's jitted step with `self.params` passed in as `params`.
     """
@@ -128,7 +134,7 @@ class TextEncoder:
       feats = self.module.apply({'params': params}, ids_BL, mask_BL, method='text_features')
       h = feats['last_hidden_state'].astype(jnp.float32)
       pooled = feats['embeds'].astype(jnp.float32)
-    return h * m, pooled
+    return (h * m if self.zero_padding else h), pooled
 
   _text_forward = text_forward
 
@@ -335,7 +341,8 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
   meta = dict(name=name, preset=config_util.get(cfg, 'preset', ''), path=config_util.get(cfg, 'path', ''),
               seed=int(config_util.get(cfg, 'seed', 0)))
   kw = dict(abstract_boxed=abstract, mesh=mesh, rules=rules,
-            batch_size=int(config_util.get(cfg, 'batch_size', 32)), max_length=max_length, meta=meta)
+            batch_size=int(config_util.get(cfg, 'batch_size', 32)), max_length=max_length, meta=meta,
+            zero_padding=bool(config_util.get(cfg, 'zero_padding', True)))
   if name == 't5':
     return TextEncoder('t5', module, params, tokenizer, **kw)
   mean, std = CLIP_MEAN, CLIP_STD

@@ -5,7 +5,8 @@ without training state.
     DIR/<stage>/model.safetensors   its parameters, our tree, '/'-joined paths, float32
     DIR/<stage>/tokenizer/          the tokenizer of whatever reads its token ids (optional)
 
-`tools/convert_glide` writes such directories from glide-text2im's releases;
+`tools/convert_glide` writes such directories from glide-text2im's releases; a diffusers
+pipeline directory (`model_index.json`, `diffusers_io.pipeline`) is read as one stage too;
 `pipelines.from_pretrained(DIR)` samples them; `--config.init_from=DIR/<stage>` fine-tunes
 one. Reading refuses pickles and names every missing, unexpected or mis-shaped tensor.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax import convert, errors, io_util
+from diffusion_jax.diffusers_io import pipeline as dio_pipeline
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -26,8 +28,10 @@ TOKENIZER_DIR = 'tokenizer'
 
 
 def is_stage_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
-          and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
+  """Ours (config.json + model.safetensors) or a diffusers pipeline directory (one stage)."""
+  return dio_pipeline.is_pipeline_dir(path) or (
+      os.path.isfile(os.path.join(path, CONFIG_FILE))
+      and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
 
 
 def stage_dirs(root: str) -> dict[str, str]:
@@ -39,8 +43,17 @@ def stage_dirs(root: str) -> dict[str, str]:
   if not os.path.isdir(root):
     raise errors.InputError(f'{root}: no such directory; give a directory of pretrained stages '
                             '(written by python -m diffusion_jax.tools.convert_glide)')
+  if dio_pipeline.is_pipeline_dir(root):  # one diffusers pipeline: a one-stage cascade
+    return {os.path.basename(os.path.normpath(root)): root}
   return {name: os.path.join(root, name) for name in sorted(os.listdir(root))
           if is_stage_dir(os.path.join(root, name))}
+
+
+def stages_root(root: str) -> str:
+  """The directory `stage_dirs(root)`'s names are under (a lone pipeline's parent)."""
+  if dio_pipeline.is_pipeline_dir(root):
+    return os.path.dirname(os.path.normpath(root)) or '.'
+  return root
 
 
 def write_stage(out_dir: str, config: Mapping[str, Any], params: Mapping,
@@ -78,14 +91,20 @@ def read_config(stage_dir: str) -> dict[str, Any]:
   if not os.path.isdir(stage_dir):
     raise errors.InputError(f'{stage_dir}: no such directory; expected a pretrained stage '
                             f'directory ({CONFIG_FILE} + {WEIGHTS_FILE})')
+  if dio_pipeline.is_pipeline_dir(stage_dir):
+    return dio_pipeline.stage_config(stage_dir)
   return convert.read_json_object(os.path.join(stage_dir, CONFIG_FILE))
 
 
 def read_params(stage_dir: str, template: Mapping) -> dict:
   """The parameters of `stage_dir` as numpy arrays, checked against `template` (the network's
   abstract parameters): every tensor there, of the right shape, finite, nothing else."""
-  tensors = convert.read_weights(os.path.join(stage_dir, WEIGHTS_FILE))
+  if dio_pipeline.is_pipeline_dir(stage_dir):
+    tensors = dio_pipeline.read_tensors(stage_dir)
+    what = os.path.join(stage_dir, 'unet')
+  else:
+    tensors = convert.read_weights(os.path.join(stage_dir, WEIGHTS_FILE))
+    what = os.path.join(stage_dir, WEIGHTS_FILE)
   flat_template = traverse_util.flatten_dict(dict(template))
   rules = [convert.Rule(path, ('/'.join(path),)) for path in flat_template]
-  return convert.assemble(tensors, rules, flat_template,
-                          what=os.path.join(stage_dir, WEIGHTS_FILE))
+  return convert.assemble(tensors, rules, flat_template, what=what)

@@ -45,6 +45,15 @@ def register_caption_rewrite(name: str, fn: Callable[[str], str]) -> None:
   _CAPTION_REWRITES[name] = fn
 
 
+def lower_strip(caption: str) -> str:
+  """Lower case without surrounding whitespace: how DeepFloyd IF's pipelines prepare a
+  prompt for T5 (their `clean_caption=False`)."""
+  return caption.lower().strip()
+
+
+register_caption_rewrite('lower_strip', lower_strip)
+
+
 def import_modules(modules: Sequence[str] | None) -> None:
   """Imports the modules an `input.modules` field lists (they register by name)."""
   for module in modules or ():

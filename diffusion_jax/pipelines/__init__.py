@@ -53,7 +53,7 @@ def from_pretrained(path: str):
                             f'holds the stages of one of {", ".join(PIPELINES)}')
   cascade = pretrained_cascade_config(families[0], configs)
   validation.check_cascade_config(cascade)
-  return PIPELINES[families[0]](cascade, path, pretrained=True)
+  return PIPELINES[families[0]](cascade, pretrained.stages_root(path), pretrained=True)
 
 
 def pretrained_cascade_config(family: str, configs) -> ml_collections.ConfigDict:

@@ -10,18 +10,20 @@ class ImagenPipeline(common.Cascade):
   """`generate(prompts, rng, **overrides) -> uint8 [N, H, W, 3]`."""
 
   def generate(self, prompts, rng, *, contrasts=None, return_stages: bool = False,
-               **overrides):
+               latents=None, **overrides):
     """Samples every stage of `config.order` in turn.
 
     overrides: sampler settings for every stage (`num_steps=8`, `guidance_scale=3.0`) or for
     one (`sr256={'aug_level': 0.1}`). `contrasts`: for each prompt a list of (positive,
     negative) prompt pairs that push the base towards the positive at its contrast_scale
     (`guidance.prompt_contrast`; `shapes.binding_contrasts` makes the demo's). With
-    `return_stages`, also returns {stage: uint8}.
+    `return_stages`, also returns {stage: uint8}. `latents`: {stage: x_T} for the stages
+    whose initial noise the caller gives (as diffusers' pipelines take it).
     """
     prompts = common.check_prompts(prompts)
     self.check_overrides(overrides)
+    common.check_latents(latents, self.order)
     collect: dict = {}
     x = self.image_chain(self.order, prompts, rng, overrides, collect=collect,
-                         contrasts=contrasts)
+                         contrasts=contrasts, latents=latents)
     return common.uint8_result(x, collect, return_stages)
