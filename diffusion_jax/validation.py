@@ -244,7 +244,7 @@ STAGE_RULES = (
     ('model.image_embed_dim', integer(0)),
     ('model.image_embed_tokens', integer(1)),
     ('model.text_source', choice(('none', 'tokens', 'transformer'))),
-    ('model.text_pool', choice(('none', 'attention', 'embed'))),
+    ('model.text_pool', choice(('none', 'attention', 'attention_query_key', 'embed'))),
     ('model.text_attention', choice(('concat_kv', 'cross'))),
     ('model.attention_per', choice(('block', 'level'))),
     ('model.dtype', choice(DTYPES)),

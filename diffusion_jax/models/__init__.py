@@ -85,9 +85,12 @@ def _image_example_inputs(model_cfg, batch_size: int):
     cond['text_embed'] = jnp.zeros((B, get('text_embed_dim')), jnp.float32)
   if text_source != 'none' or get('text_pool', 'none') == 'embed':
     cond['drop_text'] = jnp.zeros((B,), bool)
-  if get('empty_prompt_null', False):  # a dropped caption reads the empty prompt's tokens
-    cond['null_text_tokens'] = jnp.zeros((B, get('text_len'), get('text_dim')), jnp.float32)
-    cond['null_text_mask'] = jnp.ones((B, get('text_len')), bool)
+  if not get('learned_null_text', True):  # a dropped caption reads the empty prompt's
+    if text_source == 'tokens':
+      cond['null_text_tokens'] = jnp.zeros((B, get('text_len'), get('text_dim')), jnp.float32)
+      cond['null_text_mask'] = jnp.ones((B, get('text_len')), bool)
+    if get('text_pool', 'none') == 'embed':
+      cond['null_text_embed'] = jnp.zeros((B, get('text_embed_dim')), jnp.float32)
   if get('image_embed_dim', 0):
     cond['image_embed'] = jnp.zeros((B, get('image_embed_dim')), jnp.float32)
     cond['drop_image'] = jnp.zeros((B,), bool)
