@@ -2,6 +2,7 @@
 (timings are not asserted: tests never time anything)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -88,3 +89,20 @@ def test_glide_peer_answers_with_one_json_line(tmp_path):
     assert result['peer_s_per_image'] > 0 and result['peer_output_shape'] == [1, 3, 32, 32]
   else:
     assert result == {'peer': 'glide-text2im not importable'}, result
+
+
+def test_diffusers_peer_json():
+  # Ours beside diffusers' own Karlo decoder (its text projection, masked tokens and null image
+  # embedding), tiny, one guided step: the documented keys, and the two outputs agree.
+  if not all(importlib.util.find_spec(m) for m in ('torch', 'diffusers')):
+    pytest.skip('needs torch and diffusers')
+  result = _run('diffusers_peer.py', '--quick', '--model=karlo')
+  assert result['quick'] is True and result['steps'] == 1 and result['batch'] == 1
+  assert 'if1' not in result
+  r = result['karlo']
+  for key in ('ours_s_per_image', 'theirs_s_per_image', 'ratio', 'ours_compile_s',
+              'ours_train_ms', 'theirs_train_ms', 'train_ratio'):
+    assert r[key] > 0, (key, r[key])
+  assert r['max_abs_diff'] < 1e-3 * max(1.0, r['output_scale']), r['max_abs_diff']
+  assert r['output_finite'] and r['ours_loss_finite'] and r['theirs_loss_finite']
+  assert r['config']['sample_size'] == 8 and 'text_proj' in r['config'] and r['params'] > 0
