@@ -8,7 +8,10 @@ saying so; none is dropped silently.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
+
+import numpy as np
 
 from diffusion_jax import errors
 from diffusion_jax.diffusion import schedules
@@ -93,3 +96,98 @@ def sampler_section(config: Mapping[str, Any], num_steps: int,
   elif config.get('clip_sample', True):  # diffusers' default in all three
     s.update(threshold='static', threshold_max=float(config.get('clip_sample_range', 1.0)))
   return s
+
+
+# Our sections back to a diffusers scheduler config (`diffusion_section`/`sampler_section`'s
+# inverse) ---------------------------------------------------------------------------------------
+
+SCHEDULER_OF = {'ddpm': 'DDPMScheduler', 'ddim': 'DDIMScheduler'}
+PREDICTION_OF = {ours: theirs for theirs, ours in PARAMETERIZATION_OF.items()}
+
+
+def _our_spacing(sampler: Mapping[str, Any]) -> str:
+  return str(sampler.get('spacing') or 'time')
+
+
+def scheduler_config(diffusion: Mapping[str, Any], sampler: Mapping[str, Any],
+                     where: str = 'stage config') -> dict[str, Any]:
+  """The diffusers scheduler config of our `diffusion` and `sampler` sections; one-line
+  errors.InputError for what a diffusers scheduler cannot express (continuous time, clipped
+  log-SNR, other samplers or spacings)."""
+  schedule = str(diffusion.get('schedule'))
+  num_timesteps = int(diffusion.get('num_timesteps') or 0)
+  if schedule not in schedules.DISCRETE_SCHEDULES or num_timesteps < 1:
+    _refuse(where, 'diffusion.schedule', schedule,
+            'diffusers schedulers are discrete: train with schedule linear or '
+            'squaredcos_cap_v2 and num_timesteps >= 1')
+  ours = schedules.from_config(dict(diffusion))
+  unclipped = schedules.get_schedule(
+      schedule, num_timesteps=num_timesteps, logsnr_min=LOGSNR_BOUNDS[0],
+      logsnr_max=LOGSNR_BOUNDS[1], **({k: diffusion[k] for k in ('beta_start', 'beta_end')
+                                       if diffusion.get(k) is not None}
+                                      if schedule == 'linear' else {}))
+  if not (ours.logsnr_grid()[1:] == unclipped.logsnr_grid()[1:]).all():
+    _refuse(where, 'diffusion.logsnr_min/logsnr_max',
+            (diffusion.get('logsnr_min'), diffusion.get('logsnr_max')),
+            f'they clip the betas\' log-SNR; diffusers does not: use {LOGSNR_BOUNDS}')
+  parameterization = str(diffusion.get('parameterization', 'eps'))
+  if parameterization not in PREDICTION_OF:
+    _refuse(where, 'diffusion.parameterization', parameterization,
+            f'use one of {", ".join(PREDICTION_OF)}')
+  name = str(sampler.get('name', 'ddpm'))
+  if name not in SCHEDULER_OF:
+    _refuse(where, 'sampler.name', name, f'use one of {", ".join(SCHEDULER_OF)}')
+  spacing = _our_spacing(sampler)
+  if spacing == 'time':  # evenly spaced in t from t = 1: diffusers' 'trailing'
+    spacing = 'trailing'
+  match = re.fullmatch(r'leading\+(\d+)', spacing)
+  offset = int(match.group(1)) if match else 0
+  base_spacing = 'leading' if match else spacing
+  if base_spacing not in schedules.DIFFUSERS_SPACINGS:
+    _refuse(where, 'sampler.spacing', spacing,
+            f'use one of {", ".join(schedules.DIFFUSERS_SPACINGS)} (or time, leading+N)')
+  num_steps = int(sampler.get('num_steps') or 0)
+  if num_steps >= 1:  # the same model calls as our chain, else refused
+    want = ours.timesteps(num_steps, _our_spacing(sampler))
+    theirs = schedules.diffusers_timesteps(num_timesteps, num_steps, base_spacing, offset)
+    if not (np.round(want[:-1] * num_timesteps).astype(np.int64) - 1
+            == theirs[::-1]).all():
+      _refuse(where, 'sampler.spacing', _our_spacing(sampler),
+              f'its {num_steps} steps differ from diffusers\' {base_spacing} grid')
+  config: dict[str, Any] = {
+      '_class_name': SCHEDULER_OF[name], 'num_train_timesteps': num_timesteps,
+      'beta_schedule': schedule, 'prediction_type': PREDICTION_OF[parameterization],
+      'timestep_spacing': base_spacing, 'steps_offset': offset, 'trained_betas': None,
+      'rescale_betas_zero_snr': False, 'clip_sample': False, 'thresholding': False,
+      'clip_sample_range': 1.0, 'dynamic_thresholding_ratio': 0.995, 'sample_max_value': 1.0,
+  }
+  if schedule == 'linear':
+    config.update(beta_start=float(diffusion.get('beta_start') or 1e-4),
+                  beta_end=float(diffusion.get('beta_end') or 0.02))
+  learned = bool(diffusion.get('learned_variance'))
+  if name == 'ddpm':
+    config['variance_type'] = 'learned_range' if learned else 'fixed_small'
+  else:
+    if float(sampler.get('eta') or 0.0) != 0.0:
+      _refuse(where, 'sampler.eta', sampler.get('eta'), "diffusers' IF pipelines run DDIM "
+              'with eta 0')
+    if base_spacing != 'leading':
+      _refuse(where, 'sampler.spacing', spacing, 'DDIM here needs leading spacing')
+    config.update(set_alpha_to_one=True,
+                  variance_type='learned_range' if learned else 'fixed_small')
+  threshold = str(sampler.get('threshold', 'none'))
+  threshold_max = float(sampler.get('threshold_max') or 0.0)
+  if threshold == 'dynamic':
+    if name == 'ddim':
+      _refuse(where, 'sampler.threshold', threshold, 'set none for DDIM (or use DDPM)')
+    # No cap (threshold_max 0): the largest float32 never binds.
+    config.update(thresholding=True,
+                  dynamic_thresholding_ratio=float(sampler.get('percentile', 99.5)) / 100.0,
+                  sample_max_value=threshold_max or float(np.finfo(np.float32).max))
+  elif threshold == 'static':
+    if name == 'ddim':
+      _refuse(where, 'sampler.threshold', threshold, 'set none for DDIM (or use DDPM)')
+    config.update(clip_sample=True, clip_sample_range=threshold_max or 1.0)
+  elif threshold != 'none':
+    _refuse(where, 'sampler.threshold', threshold, 'use none, static or dynamic')
+  return config
