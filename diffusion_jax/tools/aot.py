@@ -176,6 +176,7 @@ def _abstract_encoder(config, mesh, rules):
   # The pure forwards read only the module (and CLIP's normalisation constants).
   enc = object.__new__(cls)
   enc.name, enc.module = name, module
+  enc.zero_padding = bool(config_util.get(te, 'zero_padding', True))
   enc.image_mean, enc.image_std = encoders.CLIP_MEAN, encoders.CLIP_STD
   shardings = parallel.logical_shardings(abstract, mesh, rules)
   unboxed = nn.meta.unbox(abstract)
