@@ -27,6 +27,7 @@ INPUT_DEFAULTS = {
     'caption_choice': 'random',     # 'random' | 'first'
     'caption_rewrite': None,        # a registered rewrite, in training and sampling alike
     'max_image_pixels': io_util.MAX_IMAGE_PIXELS,  # larger images: skipped, counted, unread
+    'text_cache': '',               # a tools/cache_text directory: cached encoder outputs
     'num_threads': 4,
     'prefetch_buffer_size': 256,
 }

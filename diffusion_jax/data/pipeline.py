@@ -8,6 +8,13 @@
   text_ids   int32   [B, L]
   text_mask  bool    [B, L]
 
+or, with `input.text_cache` (the frozen encoder's outputs read from a `data.text_cache`
+store instead of being computed in the train step), in place of text_ids:
+
+  text_tokens  float32 [B, L, D]  the encoder's token states
+  text_pooled  float32 [B, Dp]    its pooled embedding
+  text_mask    bool    [B, L]
+
 Captions never go to devices; `iterator.last_captions` holds the last batch's captions for
 logging. Turn a batch into global jax.Arrays with `diffusion_jax.parallel.shard_batch`.
 
@@ -67,6 +74,8 @@ Fields of `input_cfg` (a ConfigDict or dict; defaults in brackets):
                        tokenized, in training and in sampling alike (registered in
                        `data.registry`; the trainer's and the pipelines' tokenizer applies
                        it) [None]
+  text_cache           a `data.text_cache` directory (tools/cache_text): batches carry the
+                       frozen encoder's cached outputs instead of token ids [''; off]
   num_threads          grain reader threads [4]
   prefetch_buffer_size grain prefetch buffer, in examples [256]
 """
@@ -85,6 +94,7 @@ from PIL import Image, ImageFilter
 
 from diffusion_jax import io_util
 from diffusion_jax.data import datasets, field, registry
+from diffusion_jax.data import text_cache as text_cache_lib
 from diffusion_jax.data.datasets import DatasetEmptyError
 
 # tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool), injected by the caller.
@@ -296,8 +306,10 @@ class TrainIterator:
   """This process's batches; resumable through get_state()/set_state()."""
 
   def __init__(self, dataset: grain.IterDataset, *, local_batch_size: int, tokenizer,
-               text_max_len: int, source_name: str, epoch_length: int):
+               text_max_len: int, source_name: str, epoch_length: int,
+               text_cache: text_cache_lib.TextCache | None = None):
     self._dataset = dataset
+    self.text_cache = text_cache
     self._it = iter(dataset)
     self.local_batch_size = int(local_batch_size)
     self.tokenizer = tokenizer
@@ -350,8 +362,11 @@ class TrainIterator:
     batch = {'image': np.stack([ex['image'] for ex in examples])}
     if 'low_res' in examples[0]:
       batch['low_res'] = np.stack([ex['low_res'] for ex in examples])
-    batch['text_ids'], batch['text_mask'] = tokenize(self.tokenizer, captions,
-                                                     self.text_max_len)
+    ids, mask = tokenize(self.tokenizer, captions, self.text_max_len)
+    if self.text_cache is None:
+      batch['text_ids'], batch['text_mask'] = ids, mask
+    else:  # the encoder's outputs, read instead of computed (the ids must be the cached ones)
+      batch.update(self.text_cache.lookup(captions, ids))
     self.examples += len(examples)
     self.batches += 1
     self.last_captions = captions
@@ -423,7 +438,8 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
 
 def batch_shapes(input_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Name -> (shape, dtype) of the arrays of one global training batch: what the train step
-  is compiled for (an SR stage's images and low-res inputs at its training crop size)."""
+  is compiled for (an SR stage's images and low-res inputs at its training crop size; token
+  ids, not the entries of an `input.text_cache`)."""
   b, size = int(field(input_cfg, 'batch_size')), int(field(input_cfg, 'image_size'))
   length = int(field(input_cfg, 'text_max_len'))
   crop = int(field(input_cfg, 'train_crop_size') or 0) or size
@@ -464,12 +480,15 @@ def make_dataset(source, spec: ExampleSpec, *, seed: int, shuffle: bool = True,
 
 def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
                         process_index: int | None = None, process_count: int | None = None,
-                        source=None) -> TrainIterator:
+                        source=None, text_cache: text_cache_lib.TextCache | None = None
+                        ) -> TrainIterator:
   """Builds this process's iterator from the `input` config (fields in the module doc).
 
   tokenizer: `tokenizer(texts) -> (ids [B, L] int, mask [B, L] bool)`.
   source: overrides the config's dataset (any object with __len__/__getitem__ returning raw
   records, see diffusion_jax.data.datasets).
+  text_cache: the opened `input.text_cache` (opened here when the config names one); a cache
+  built from another dataset is refused (`text_cache.TextCacheError`).
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   global_batch = int(field(input_cfg, 'batch_size'))
@@ -493,6 +512,10 @@ def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
       train_crop_size=int(field(input_cfg, 'train_crop_size') or 0) or None,
       max_image_pixels=int(field(input_cfg, 'max_image_pixels')))
   source = source_from_config(input_cfg) if source is None else source
+  if text_cache is None and field(input_cfg, 'text_cache'):
+    text_cache = text_cache_lib.open_cache(field(input_cfg, 'text_cache'))
+  if text_cache is not None:
+    text_cache.check({'dataset': text_cache_lib.dataset_identity(input_cfg, source)})
   num_epochs = field(input_cfg, 'num_epochs')
   ds = make_dataset(source, spec, seed=seed, shuffle=bool(field(input_cfg, 'shuffle')),
                     num_epochs=int(num_epochs) if num_epochs else None,
@@ -504,7 +527,7 @@ def make_train_iterator(input_cfg, *, tokenizer: Tokenizer, seed: int,
   return TrainIterator(
       ds.to_iter_dataset(read_options), local_batch_size=global_batch // process_count,
       tokenizer=tokenizer, text_max_len=int(field(input_cfg, 'text_max_len')),
-      source_name=repr(source), epoch_length=len(source))
+      source_name=repr(source), epoch_length=len(source), text_cache=text_cache)
 
 
 # ----------------------------------------------------------------------------- orbax

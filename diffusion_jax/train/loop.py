@@ -21,6 +21,11 @@ remat, cpu_kernels, batch sizes) and the local encoder/tokenizer paths where set
 run's, and the stage keeps the source's tokenizer. A run that finds a checkpoint resumes it
 and never reads `init_from`; the checkpoint's config records it, and its adopted fields are
 taken from there again, so resuming needs neither the flag nor the source directory.
+
+Cached text: with `config.input.text_cache` (a directory written once by
+`python -m diffusion_jax.tools.cache_text`, `train/text_cache.py`) no frozen text encoder is
+built; batches carry its cached outputs and the cached empty-prompt encoding is the step's
+`frozen` argument, so the step computes what it computes with the encoder.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.train import sampling
 from diffusion_jax.train import state as state_lib
 from diffusion_jax.train import step as step_lib
+from diffusion_jax.train import text_cache as text_cache_lib
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +84,19 @@ class Trainer:
   state_shardings: Any
   abstract_state: Any
   init_fn: Callable
+  text_cache: Any = None   # input.text_cache: the opened store (then no encoder is built)
+  null_text: Any = None    # its empty-prompt encoding on the devices: the step's `frozen`
 
   @property
   def frozen_params(self):
-    return None if self.encoder is None else self.encoder.params
+    return self.null_text if self.encoder is None else self.encoder.params
 
   @property
   def frozen_shardings(self):
-    return None if self.encoder is None else self.encoder.param_shardings
+    if self.encoder is None:
+      return None if self.null_text is None else jax.tree.map(lambda a: a.sharding,
+                                                              self.null_text)
+    return self.encoder.param_shardings
 
 
 def build_trainer(config, workdir: str, source: InitSource | None = None) -> Trainer:
@@ -98,9 +109,20 @@ def build_trainer(config, workdir: str, source: InitSource | None = None) -> Tra
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.logical_rules(config.mesh)
   model = models.build(config.model)
-  encoder = conditioning.build_encoder(config, mesh, rules)
+  text_cache = null_text = None
+  if config_util.get(config.input, 'text_cache'):  # the encoder's outputs are read, not run
+    text_cache = text_cache_lib.open_for_run(config)
+    null_text = text_cache_lib.null_text_on_devices(text_cache, mesh)
+    encoder = None
+  else:
+    encoder = conditioning.build_encoder(config, mesh, rules)
   if source is not None and source.tokenizer_dir:
     _keep_source_tokenizer(source.tokenizer_dir, workdir)
+  if text_cache is not None and text_cache.tokenizer_dir:
+    kept = os.path.isfile(os.path.join(workdir, 'tokenizer', 'tokenizer_config.json'))
+    conditioning.sync_processes('text_cache_tokenizer')  # every process looked before a write
+    if not kept:
+      _keep_source_tokenizer(text_cache.tokenizer_dir, workdir)  # the ids the cache was made of
   tokenizer = conditioning.build_tokenizer(config, encoder, workdir, keep=True)
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
@@ -113,7 +135,7 @@ def build_trainer(config, workdir: str, source: InitSource | None = None) -> Tra
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
   return Trainer(config, workdir, mesh, rules, model, encoder, tokenizer, train_step, tx,
-                 shardings, abstract_sharded, init)
+                 shardings, abstract_sharded, init, text_cache, null_text)
 
 
 def _warn_unsharded_state(placement: dict[str, Any]) -> None:
@@ -419,7 +441,7 @@ def _train(config, workdir: str, hooks, allow_config_change: bool) -> dict[str, 
   config, source = resolve_init_from(config, checkpointer)
   trainer = build_trainer(config, workdir, source)
   data = data_pipeline.make_train_iterator(config.input, tokenizer=trainer.tokenizer,
-                                           seed=int(config.seed))
+                                           seed=int(config.seed), text_cache=trainer.text_cache)
 
   def restore(step):
     saved = checkpointer.saved_config(step)

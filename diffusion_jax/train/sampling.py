@@ -43,7 +43,8 @@ class SampleGrid:
     shards = parallel._mesh_axes_size(trainer.mesh, parallel.BATCH_AXES)
     input_cfg.batch_size = -(-num_images // shards) * shards
     data = data_pipeline.make_train_iterator(input_cfg, tokenizer=trainer.tokenizer,
-                                             seed=int(config.seed) + 1)
+                                             seed=int(config.seed) + 1,
+                                             text_cache=getattr(trainer, 'text_cache', None))
     self.batch = next(data)
     self.captions = list(data.last_captions)
     data.close() if hasattr(data, 'close') else None
