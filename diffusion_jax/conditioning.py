@@ -73,8 +73,10 @@ class Conditioner:
     self.target = config_util.get(config, 'target', 'image')
     if self.target not in TARGETS:
       raise ValueError(f'config.target={self.target!r} is not one of {TARGETS}')
-    needs_encoder = ('text_tokens' in self.keys or 'text_embed' in self.keys or
-                     'image_embed' in self.keys or self.target == 'image_embed')
+    # input.text_cache: batches carry the text encoder's outputs (`cached_text_cond`).
+    text_cached = bool(config_util.get(config_util.get(config, 'input', {}), 'text_cache', ''))
+    needs_encoder = ('text_tokens' in self.keys or 'text_embed' in self.keys) and not text_cached
+    needs_encoder |= 'image_embed' in self.keys or self.target == 'image_embed'
     if needs_encoder and encoder is None:
       raise ValueError(f'stage {config.stage!r} needs a frozen encoder (config.text_encoder)')
     self.diffusion = config.diffusion
@@ -101,23 +103,41 @@ class Conditioner:
       cond['text_mask'] = text_mask
     return cond
 
+  def cached_text_cond(self, frozen, batch) -> dict[str, Any]:
+    """`text_cond` from a batch that carries the encoder's outputs (input.text_cache:
+    text_tokens, text_mask, text_pooled); `frozen` holds the cached empty-prompt encoding."""
+    cond: dict[str, Any] = {}
+    if 'text_tokens' in self.keys:
+      cond['text_tokens'] = batch['text_tokens']
+      cond['text_mask'] = batch['text_mask']
+    cond.update(self.null_text_cond(frozen, batch['text_tokens'].shape[0]))
+    if 'text_embed' in self.keys:
+      cond['text_embed'] = l2_scaled(batch['text_pooled'])
+    return cond
+
   def null_text_cond(self, frozen, n: int) -> dict[str, Any]:
     """The encoder's output for the empty prompt, for networks whose dropped caption reads it
-    (DeepFloyd IF, Karlo: their unconditional branch) instead of a learned null."""
+    (DeepFloyd IF, Karlo: their unconditional branch) instead of a learned null. Without an
+    encoder (input.text_cache) `frozen` is the cached {'tokens', 'mask', 'pooled'} of it."""
     wanted = {'null_text_tokens', 'null_text_mask', 'null_text_embed'} & self.keys
     if not wanted:
       return {}
-    ids, mask = self.encoder.tokenize([''])
-    tokens, pooled = self.encoder.text_forward(frozen, jnp.asarray(ids), jnp.asarray(mask))
+    if self.encoder is None:
+      tokens, mask, pooled = frozen['tokens'], frozen['mask'], frozen['pooled']
+    else:
+      ids, mask = self.encoder.tokenize([''])
+      tokens, pooled = self.encoder.text_forward(frozen, jnp.asarray(ids), jnp.asarray(mask))
     null = {'null_text_tokens': tokens, 'null_text_mask': jnp.asarray(mask, bool),
             'null_text_embed': l2_scaled(pooled)}
     return {k: jnp.broadcast_to(null[k], (n,) + null[k].shape[1:]) for k in wanted}
 
-  def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None
-                   ) -> dict[str, Any]:
+  def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None,
+                   aug_noise=None) -> dict[str, Any]:
     """`low_res` (blurred, then noise-augmented, when the stage trains so) and `aug_t`.
     Training draws the blur and the level (aug_t_B None); sampling passes the fixed level
-    (0: clean) and `blur_sigma` (low-res pixels; 0 or None: no blur)."""
+    (0: clean) and `blur_sigma` (low-res pixels; 0 or None: no blur). With
+    `diffusion.noise_aug_upsampled` (DeepFloyd IF stage II) the image is upsampled to the
+    output size before its noise; `aug_noise` is that noise when given."""
     low_res = low_res.astype(jnp.float32)
     n = low_res.shape[0]
     k_blur = jax.random.fold_in(rng, 0xB1)  # rng itself stays the noise augmentation's
@@ -127,11 +147,16 @@ class Conditioner:
     elif aug_t_B is not None and blur_sigma:
       low_res = guidance.blur_augment(low_res, k_blur, float(blur_sigma),
                                       max_sigma=float(blur_sigma))
+    if config_util.get(self.diffusion, 'noise_aug_upsampled', False):
+      size = int(self.config.model.image_size)
+      method = config_util.get(self.config.model, 'low_res_resize', 'bilinear')
+      low_res = models.unet.upsample_low_res(low_res, size, size, method)
     fixed_zero = isinstance(aug_t_B, (int, float)) and aug_t_B <= 0
     if config_util.get(self.diffusion, 'noise_aug', False) and not fixed_zero:
       low_res, aug_t = guidance.noise_augment(
           low_res, rng, self.schedule, aug_t_B,
-          max_level=float(config_util.get(self.diffusion, 'noise_aug_max', 1.0)))
+          max_level=float(config_util.get(self.diffusion, 'noise_aug_max', 1.0)),
+          noise=None if aug_noise is None else aug_noise.astype(jnp.float32))
     else:
       aug_t = jnp.zeros((n,), jnp.float32)
     cond = {'low_res': low_res}
@@ -143,7 +168,10 @@ class Conditioner:
     k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
     image = batch['image'].astype(jnp.float32)
     n = image.shape[0]
-    cond: dict[str, Any] = self.text_cond(frozen, batch.get('text_ids'), batch.get('text_mask'))
+    if 'text_tokens' in batch:  # input.text_cache
+      cond: dict[str, Any] = self.cached_text_cond(frozen, batch)
+    else:
+      cond = self.text_cond(frozen, batch.get('text_ids'), batch.get('text_mask'))
     if 'image_embed' in self.keys:
       cond['image_embed'] = self.image_embed(frozen, image)
     if 'drop_text' in self.keys:

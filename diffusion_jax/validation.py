@@ -182,6 +182,8 @@ STAGE_RULES = (
     ('input.max_image_pixels', integer(1, optional=True)),
     ('input.num_threads', integer(1)),
     ('input.prefetch_buffer_size', integer(0)),
+    ('input.text_cache', text(optional=True, note="a directory written by python -m "
+                              "diffusion_jax.tools.cache_text; '': off")),
     ('text_encoder.name', choice(ENCODER_PRESETS, optional=True)),
     ('text_encoder.preset', text(optional=True)),
     ('text_encoder.path', text(optional=True)),
@@ -205,6 +207,7 @@ STAGE_RULES = (
     ('diffusion.cond_drop_image', number(0, 1, note='probability')),
     ('diffusion.noise_aug', flag()),
     ('diffusion.noise_aug_max', number(0, 1)),
+    ('diffusion.noise_aug_upsampled', flag()),
     ('diffusion.low_res_blur_max', number(0)),
     ('diffusion.beta_start', number(above=0, below=1)),
     ('diffusion.beta_end', number(above=0, below=1)),
@@ -323,6 +326,7 @@ def check_stage_config(config, *, num_devices: int | None = None) -> None:
   _check_network(config)
   _check_low_res(config)
   _check_text(config)
+  _check_text_cache(config)
   _check_schedule(config)
   _check_dataset(config)
   if num_devices is not None:
@@ -500,6 +504,19 @@ def _check_text(config) -> None:
     path = _get(config, key)
     if path and '://' not in path and not os.path.isdir(path):
       _fail(key, path, 'no such directory (a local transformers-layout directory)')
+
+
+def _check_text_cache(config) -> None:
+  """input.text_cache replaces a frozen text encoder that the stage runs on text only."""
+  cache = _get(config, 'input.text_cache')
+  if not cache:
+    return
+  if not _get(config, 'text_encoder.name') or _get(config, 'model.text_source') == 'transformer':
+    _fail('input.text_cache', cache, 'the stage has no frozen text encoder to cache (its '
+          'network reads token ids); unset input.text_cache')
+  if _get(config, 'target') == 'image_embed' or _get(config, 'model.image_embed_dim', 0):
+    _fail('input.text_cache', cache, "the stage runs its frozen encoder on images every step "
+          '(CLIP image embeddings), which a text cache cannot replace; unset input.text_cache')
 
 
 def _check_schedule(config) -> None:

@@ -58,8 +58,31 @@ CONFIGS = {
                 addition_embed_type_num_heads=3, cross_attention_norm='group_norm',
                 class_embed_type='timestep', time_embedding_dim=72, only_cross_attention=True,
                 **_types([False, False, True])),
+    # IF-I with 5 heads of 12 (widths 20 and 60, no power of two), a context of 36 channels,
+    # T5 tokens of 27 pooled by 3 heads of 9.
+    'if1_odd_width': dict(IF_OPTIONS, sample_size=16, in_channels=3, out_channels=6,
+                          block_out_channels=(20, 60), layers_per_block=1, norm_num_groups=5,
+                          attention_head_dim=12, cross_attention_dim=36, encoder_hid_dim=27,
+                          addition_embed_type_num_heads=3, **_types([False, True])),
+    # IF-II with 1 and 3 heads of 24, a context of 40 channels, T5 tokens of 35 pooled by 5
+    # heads of 7, per-level depths, attention at every level (context-only at the second)
+    # and a 4x upsampling.
+    'if2_odd_heads': dict(IF_OPTIONS, sample_size=16, in_channels=6, out_channels=6,
+                          block_out_channels=(24, 72), layers_per_block=(1, 2),
+                          norm_num_groups=6, attention_head_dim=24, cross_attention_dim=40,
+                          encoder_hid_dim=35, addition_embed_type_num_heads=5,
+                          class_embed_type='timestep', only_cross_attention=[False, True],
+                          **_types([True, True])),
+    # IF-II with diffusers' default activations and time embedding, no pooled text, a
+    # group-normed context, and eps alone out (no variance).
+    'if2_plain': dict(sample_size=16, in_channels=6, out_channels=3,
+                      block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                      attention_head_dim=8, cross_attention_dim=32, encoder_hid_dim=20,
+                      encoder_hid_dim_type='text_proj', cross_attention_norm='group_norm',
+                      mid_block_type='UNetMidBlock2DSimpleCrossAttn',
+                      class_embed_type='timestep', **_types([False, True])),
 }
-LOW_RES = 8  # the if2 stage's low-res side
+LOW_RES = {'if2': 8, 'if2_odd_heads': 4, 'if2_plain': 8}  # each IF-II stage's low-res side
 TEXT_LEN = 5
 
 
@@ -95,7 +118,8 @@ def _inputs(name, seed=0, batch=2):
               text=rng.standard_normal((batch, TEXT_LEN, cfg['encoder_hid_dim'])).astype(
                   np.float32))
   if cfg['in_channels'] == 6:
-    data['low_res'] = rng.uniform(-1, 1, (batch, 3, LOW_RES, LOW_RES)).astype(np.float32)
+    side = LOW_RES[name]
+    data['low_res'] = rng.uniform(-1, 1, (batch, 3, side, side)).astype(np.float32)
     data['noise_level'] = np.array([250, 40][:batch])
   return data
 
@@ -130,7 +154,7 @@ def _ours(module, params, data):
 
 
 def _extra(name):
-  return dict(low_res_size=LOW_RES) if CONFIGS[name]['in_channels'] == 6 else {}
+  return dict(low_res_size=LOW_RES[name]) if CONFIGS[name]['in_channels'] == 6 else {}
 
 
 def _tolerance(ref):
@@ -162,9 +186,9 @@ def test_output_equals_diffusers(released, loaded, name):
 
 
 def test_kwargs_of_if_config():
-  kw = du.unet_kwargs(CONFIGS['if2'], low_res_size=LOW_RES)
+  kw = du.unet_kwargs(CONFIGS['if2'], low_res_size=LOW_RES['if2'])
   assert kw['in_channels'] == 3 and kw['learned_variance'] and kw['aug_cond']
-  assert kw['low_res_resize'] == 'bilinear_align_corners' and kw['low_res_size'] == LOW_RES
+  assert kw['low_res_resize'] == 'bilinear_align_corners' and kw['low_res_size'] == 8
   assert kw['channel_mult'] == (1, 2, 4) and kw['attention_resolutions'] == (4,)
   assert kw['context_only_resolutions'] == (4,) and kw['mid_context_only']
   assert kw['text_mask_keys'] is False and kw['time_embed_dim'] == 72
@@ -184,7 +208,7 @@ def test_align_corners_resize_equals_torch():
   assert np.abs(np.asarray(half_pixel) - ref).max() > 1e-2  # the option matters
 
 
-@pytest.mark.parametrize('name', ['if1', 'if2'])
+@pytest.mark.parametrize('name', ['if1', 'if2', 'if1_odd_width', 'if2_odd_heads'])
 def test_export_returns_the_released_tensors(released, loaded, name):
   model, _ = released[name]
   module, params = loaded[name]
@@ -420,7 +444,7 @@ def test_unclip_decoder_output_equals_diffusers(tmp_path, name):
 def test_param_count_equals_diffusers(released):
   """`param_count` (eval_shape, nothing allocated) counts what diffusers' modules hold."""
   from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-  for name in ('if1', 'if2'):
+  for name in CONFIGS:
     model, _ = released[name]
     assert du.param_count(du.unet_kwargs(CONFIGS[name], **_extra(name))) == sum(
         p.numel() for p in model.parameters())

@@ -137,12 +137,13 @@ def get_threshold_fn(threshold, percentile: float = 99.5,
   raise ValueError(f'unknown threshold {threshold!r}; choose none, static or dynamic')
 
 
-def noise_augment(low_res, rng, schedule, aug_t_B=None, *, max_level: float = 1.0):
+def noise_augment(low_res, rng, schedule, aug_t_B=None, *, max_level: float = 1.0, noise=None):
   """Noise-conditioning augmentation (Imagen; Ho et al.'s cascaded diffusion).
 
   Corrupts the low-resolution conditioning image with the forward process at level
   `aug_t_B` (drawn uniformly from [0, max_level] when None, as in training; a fixed level at
   sampling) and returns (noised_low_res, aug_t_B) so the network can condition on the level.
+  `noise`, when given, is the standard normal noise to use.
   """
   batch = low_res.shape[0]
   rng_t, rng_noise = jax.random.split(rng)
@@ -150,7 +151,8 @@ def noise_augment(low_res, rng, schedule, aug_t_B=None, *, max_level: float = 1.
     aug_t_B = jax.random.uniform(rng_t, (batch,), minval=0.0, maxval=max_level)
   else:
     aug_t_B = jnp.broadcast_to(jnp.asarray(aug_t_B, jnp.float32), (batch,))
-  noise = jax.random.normal(rng_noise, low_res.shape, low_res.dtype)
+  if noise is None:
+    noise = jax.random.normal(rng_noise, low_res.shape, low_res.dtype)
   return process.q_sample(low_res, aug_t_B, noise, schedule), aug_t_B
 
 

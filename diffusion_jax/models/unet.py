@@ -25,6 +25,20 @@ from diffusion_jax.models.text_transformer import TextTransformer
 Dtype = Any
 
 
+def upsample_low_res(low_BHWC, height: int, width: int, method: str):
+  """An SR network's low-res input at x's size (`UNet.low_res_resize`); one already there is
+  returned as it is."""
+  if low_BHWC.shape[1:3] == (height, width):
+    return low_BHWC
+  if method in ('bilinear', 'bicubic'):
+    return jax.image.resize(low_BHWC, low_BHWC.shape[:1] + (height, width) + low_BHWC.shape[3:],
+                            method)
+  if method == 'bilinear_align_corners':
+    return layers.resize_align_corners(low_BHWC, height, width)
+  raise ValueError(f"low_res_resize={method!r}: use 'bilinear', 'bicubic' or "
+                   "'bilinear_align_corners'")
+
+
 def require(cond: dict, key: str, who: str):
   if key not in cond:
     raise KeyError(f"{who} is configured to read cond[{key!r}], which is missing "
@@ -162,7 +176,8 @@ class ConditionedUNetBase(nn.Module):
                        '(input.train_crop_size=None)')
     if self.low_res_size and 'low_res' in cond:
       low_side = cond['low_res'].shape[1]
-      if low_side * self.image_size != H * self.low_res_size:
+      # An input already upsampled to x's size (noised there, as DeepFloyd IF does) is taken.
+      if low_side * self.image_size != H * self.low_res_size and low_side != H:
         want = H * self.low_res_size // self.image_size
         raise ValueError(f'{name}: a {H}x{W} input needs a {want} px low-res input '
                          f'({self.low_res_size} -> {self.image_size} px), got {low_side} px')
@@ -174,13 +189,7 @@ class ConditionedUNetBase(nn.Module):
     parts = [x_BHWC]
     if self.low_res_size:
       low = require(cond, 'low_res', name).astype(jnp.float32)
-      if self.low_res_resize in ('bilinear', 'bicubic'):
-        parts.append(jax.image.resize(low, (B, H, W, low.shape[-1]), self.low_res_resize))
-      elif self.low_res_resize == 'bilinear_align_corners':
-        parts.append(layers.resize_align_corners(low, H, W))
-      else:
-        raise ValueError(f"low_res_resize={self.low_res_resize!r}: use 'bilinear', 'bicubic' "
-                         "or 'bilinear_align_corners'")
+      parts.append(upsample_low_res(low, H, W, self.low_res_resize))
     if self.inpaint:
       mask = require(cond, 'inpaint_mask', name).astype(jnp.float32)
       parts.append(require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)

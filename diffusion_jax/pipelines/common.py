@@ -180,11 +180,13 @@ class Stage:
   """
 
   def __init__(self, name: str, entry, root: str, progress: Progress, encoders: dict,
-               *, pretrained: bool = False):
+               *, pretrained: bool = False, trained=None):
     self.name = name
     self.entry = entry
     self.dir = os.path.join(root, entry.dir)
-    if pretrained:
+    if trained is not None:  # built by the caller (a whole-cascade pipeline directory)
+      pass
+    elif pretrained:
       trained = conditioning.load_pretrained_stage(self.dir)
     else:
       check_checkpoint(name, entry, self.dir)
@@ -196,23 +198,16 @@ class Stage:
     config = self.config = trained.config
     self.step, self.model, self.params = trained.step, trained.model, trained.params
     self.mesh, self.rules = trained.mesh, trained.rules
-    # Stages with identical encoder sections share one frozen encoder (T5/CLIP built once).
-    te = config_util.get(config, 'text_encoder')
-    key = None if te is None or not config_util.get(te, 'name') else repr(sorted(te.items()))
-    if key is not None and key not in encoders:
-      encoders[key] = conditioning.build_encoder(config, self.mesh, self.rules)
-    self.encoder = encoders.get(key)
+    self.encoder = self._frozen_encoder(config, encoders)
     # The tokenizer the stage was trained with (ROOT/<stage>/tokenizer when built offline).
-    self.tokenizer = None
-    if _reads_text(config):
-      self.tokenizer = conditioning.build_tokenizer(config, self.encoder, self.dir)
+    self.tokenizer = self._tokenizer(config) if _reads_text(config) else None
     self.settings = Settings.from_entry(entry)
     self.schedule = schedules.from_config(config.diffusion)
     self.parameterization = config_util.get(config.diffusion, 'parameterization', 'eps')
     self.learned_variance = bool(config_util.get(config.diffusion, 'learned_variance', False))
     self.objective = config_util.get(config, 'objective', 'diffusion')
     if self.objective == 'diffusion':
-      self.conditioner = conditioning.Conditioner(config, self.encoder)
+      self.conditioner = self._conditioner(config)
       self.keys = self.conditioner.keys
     else:
       self.conditioner, self.keys = None, frozenset()
@@ -225,6 +220,29 @@ class Stage:
         {'params': params}, x, t, cond, train=False))
     self._invert_jit = jax.jit(self._invert_program, static_argnames=('num_steps', 'report'))
     self._cond_jit = jax.jit(self._cond_program, static_argnames=('aug_level', 'blur_sigma'))
+
+  # Frozen encoder, tokenizer and conditioner (overridden by stages read from other layouts)
+
+  def _frozen_encoder(self, config, encoders: dict):
+    """Stages with identical encoder sections share one frozen encoder (T5/CLIP built once);
+    directories are compared by content, so two copies of one T5 are one encoder."""
+    te = config_util.get(config, 'text_encoder')
+    key = None
+    if te is not None and config_util.get(te, 'name'):
+      items = dict(te.items())
+      for k in ('path', 'tokenizer_path'):
+        if items.get(k) and os.path.isdir(items[k]):
+          items[k] = io_util.folder_fingerprint(items[k])
+      key = repr(sorted(items.items()))
+    if key is not None and key not in encoders:
+      encoders[key] = conditioning.build_encoder(config, self.mesh, self.rules)
+    return encoders.get(key)
+
+  def _tokenizer(self, config):
+    return conditioning.build_tokenizer(config, self.encoder, self.dir)
+
+  def _conditioner(self, config):
+    return conditioning.Conditioner(config, self.encoder)
 
   # Inputs --------------------------------------------------------------------------------------
 
@@ -262,10 +280,8 @@ class Stage:
     if 'text_ids' in inputs:
       cond.update(self.conditioner.text_cond(frozen, inputs['text_ids'], inputs['text_mask']))
     if 'low_res' in self.keys:
-      size = self.config.model.low_res_size
-      # A fixed level of 0 is a clean input (the conditioner skips the augmentation).
-      cond.update(self.conditioner.low_res_cond(resize(inputs['low_res'], size), rng,
-                                                aug_level, blur_sigma))
+      cond.update(self._low_res_cond(inputs['low_res'], rng, aug_level, blur_sigma,
+                                     inputs.get('aug_noise')))
     if 'image_embed' in self.keys:
       cond['image_embed'] = inputs['image_embed']
     for k in ('inpaint_image', 'inpaint_mask'):
@@ -276,6 +292,29 @@ class Stage:
         n = jax.tree.leaves(inputs)[0].shape[0]
         cond[flag] = inputs.get(flag, jnp.zeros((n,), bool))
     return cond
+
+  @property
+  def noise_aug_upsampled(self) -> bool:
+    """Whether the low-res input is upsampled to the output size before its noise
+    augmentation (DeepFloyd IF stage II) rather than noised at its own size."""
+    return bool(config_util.get(self.config.diffusion, 'noise_aug_upsampled', False))
+
+  def aug_noise_shape(self, n: int) -> tuple[int, ...] | None:
+    """The shape of the noise that augments n low-res inputs (None: the stage adds none)."""
+    if 'low_res' not in self.keys or not config_util.get(self.config.diffusion, 'noise_aug',
+                                                         False):
+      return None
+    h, w, c = self.output_shape
+    if not self.noise_aug_upsampled:
+      h = w = int(self.config.model.low_res_size)
+    return (n, h, w, c)
+
+  def _low_res_cond(self, low_res, rng, aug_level, blur_sigma, aug_noise):
+    """cond['low_res'] (and 'aug_t') at a fixed augmentation level (0: clean); `aug_noise`,
+    when given, is the augmentation's standard normal noise."""
+    if not self.noise_aug_upsampled:
+      low_res = resize(low_res, self.config.model.low_res_size)
+    return self.conditioner.low_res_cond(low_res, rng, aug_level, blur_sigma, aug_noise)
 
   def build_cond(self, inputs: Mapping[str, Any], rng, aug_level: float | None = None,
                  blur_sigma: float | None = None):
@@ -316,9 +355,9 @@ class Stage:
   def uncond_flags(self):
     return tuple(f for f in guidance.DEFAULT_UNCOND_FLAGS if f in self.keys)
 
-  def _sample_program(self, params, cond, x_T, rng, scale, eta, extra_args, *, sampler,
-                      num_steps, spacing, threshold, percentile, threshold_max, use_cfg, report,
-                      extra):
+  def _sample_program(self, params, cond, x_T, rng, scale, eta, extra_args, step_noise=None, *,
+                      sampler, num_steps, spacing, threshold, percentile, threshold_max, use_cfg,
+                      report, extra):
     denoise = self.guided_denoise_fn(params, scale, use_cfg)
     grad_fn = None
     if extra is not None:
@@ -328,12 +367,14 @@ class Stage:
         denoise, x_T, rng, schedule=self.schedule, sampler=sampler, num_steps=num_steps,
         spacing=spacing or None, eta=eta, cond=cond, parameterization=self.parameterization,
         learned_variance=self.learned_variance, threshold=threshold, percentile=percentile,
-        threshold_max=threshold_max, grad_guidance_fn=grad_fn, guide_mean=grad_fn is not None and sampler == 'ddpm')
+        threshold_max=threshold_max, grad_guidance_fn=grad_fn, guide_mean=grad_fn is not None and sampler == 'ddpm',
+        step_noise=step_noise)
 
   def sample(self, cond, x_T, rng, settings: Settings | None = None, *,
-             extra: Callable | None = None, extra_args=None):
+             extra: Callable | None = None, extra_args=None, step_noise=None):
     """One jitted sampling loop. `extra(stage, denoise, extra_args) -> (denoise, grad_fn)`
-    composes further guidance (inpainting, CLIP guidance); it must be a stable callable."""
+    composes further guidance (inpainting, CLIP guidance); it must be a stable callable.
+    `step_noise` [num_steps, *x_T.shape]: the steps' normal draws (replaying a reference's)."""
     s = settings or self.settings
     timesteps = self.schedule.num_timesteps
     num_steps = self.num_steps(s)
@@ -346,7 +387,7 @@ class Stage:
     with self.context():
       out = self._sample_jit(
           self.params, cond, x_T, rng, jnp.float32(s.guidance_scale), jnp.float32(s.eta),
-          extra_args, sampler=s.sampler, num_steps=num_steps, spacing=str(s.spacing),
+          extra_args, step_noise, sampler=s.sampler, num_steps=num_steps, spacing=str(s.spacing),
           threshold=s.threshold, percentile=float(s.percentile),
           threshold_max=float(s.threshold_max), use_cfg=use_cfg,
           report=report, extra=extra)
@@ -407,21 +448,36 @@ class Stage:
                               f'{self.name!r} takes x_T of shape {(n,) + self.output_shape}')
     return self.put(x_T, n_pad)
 
+  def check_aug_noise(self, aug_noise, n: int, what: str) -> np.ndarray:
+    """The caller's low-res augmentation noise as float32 of `aug_noise_shape(n)`."""
+    shape = self.aug_noise_shape(n)
+    if shape is None:
+      raise errors.InputError(f'{what}: stage {self.name!r} does not noise-augment a low-res '
+                              'input; give augmentation noise only for one that does')
+    noise = np.asarray(aug_noise, np.float32)
+    if noise.shape != shape:
+      raise errors.InputError(f'{what} has shape {noise.shape}; stage {self.name!r} noises its '
+                              f'low-res input with noise of shape {shape}')
+    return noise
+
   # Comparing implementations -------------------------------------------------------------------
 
-  def model_output(self, x_t, t, prompts=None, **cond):
+  def model_output(self, x_t, t, prompts=None, *, aug_noise=None, **cond):
     """The network's raw output (NHWC float32, no guidance) for `x_t` [N, H, W, C] at
     timesteps `t` [N] (or one for all): for a discrete schedule of T steps the reference's
     integer steps 0..T-1 (step k is our time (k + 1) / T), else times in [0, 1].
 
     `prompts` are tokenized as the stage's training (and the reference) does; `cond` gives
     the other inputs by name: `low_res` (an upsampler's input, NHWC in [-1, 1]),
-    `inpaint_image` (NHWC in [-1, 1]) and `inpaint_mask` (NHW or NHW1, 1 = known pixel).
+    `inpaint_image` (NHWC in [-1, 1]), `inpaint_mask` (NHW or NHW1, 1 = known pixel) and
+    `image_embed` (a decoder's CLIP image embedding, [N, D]); a prior's x_t is [N, D].
+    A stage that noise-augments its low-res input at sampling does so here too, at its
+    `aug_level`, with `aug_noise` (N(0, I) of `aug_noise_shape(N)`) when given.
     """
     if self.objective != 'diffusion':
       raise errors.InputError(f'stage {self.name!r} is not a diffusion network')
     x = np.asarray(x_t, np.float32)
-    if x.ndim != 4 or x.shape[1:] != self.output_shape:
+    if x.ndim != 1 + len(self.output_shape) or x.shape[1:] != self.output_shape:
       raise errors.InputError(f'x_t has shape {x.shape}; stage {self.name!r} takes '
                               f'[N, {", ".join(map(str, self.output_shape))}]')
     n = x.shape[0]
@@ -443,7 +499,7 @@ class Stage:
         raise errors.InputError(f'{len(prompts)} prompts for {n} inputs')
       ids, mask = self.tokenize(prompts)
       inputs.update(self.put({'text_ids': ids, 'text_mask': mask}, n_pad))
-    known = {'low_res', 'inpaint_image', 'inpaint_mask'} & self.keys
+    known = {'low_res', 'inpaint_image', 'inpaint_mask', 'image_embed'} & self.keys
     unknown = sorted(set(cond) - known)
     if unknown:
       raise errors.InputError(f'stage {self.name!r} takes no {unknown}; its inputs: '
@@ -456,7 +512,10 @@ class Stage:
       if key == 'inpaint_mask' and value.ndim == 3:
         value = value[..., None]
       inputs[key] = self.put(value, n_pad)
-    cond_tree = self.build_cond(inputs, jax.random.PRNGKey(0), 0.0, 0.0)
+    if aug_noise is not None:
+      inputs['aug_noise'] = self.put(self.check_aug_noise(aug_noise, n, 'aug_noise'), n_pad)
+    level = float(self.settings.aug_level) if 'low_res' in self.keys else 0.0
+    cond_tree = self.build_cond(inputs, jax.random.PRNGKey(0), level, 0.0)
     with self.context():
       out = self._apply_jit(self.params, self.put(x, n_pad),
                             self.put(t_B.astype(np.float32), n_pad), cond_tree)
@@ -594,12 +653,15 @@ class Cascade:
             jnp.float32(s.contrast_scale))
 
   def image_chain(self, names, prompts, rng, overrides, *, first_low_res=None,
-                  first_inputs=None, collect=None, contrasts=None, latents=None):
+                  first_inputs=None, collect=None, contrasts=None, latents=None,
+                  aug_noise=None):
     """Runs image stages in order; each output (resized, blurred by the stage's blur_sigma
     and noise-augmented at its aug_level) is the next stage's low_res. `contrasts` (one
     list of (positive, negative) prompt pairs per prompt) guide the first stage at its
     contrast_scale (`guidance.prompt_contrast`). `latents`: {stage: x_T} for the stages
-    whose initial noise the caller gives. Returns float images [N, H, W, 3] in [-1, 1]."""
+    whose initial noise the caller gives; `aug_noise`: {stage: N(0, I)} for the stages whose
+    low-res augmentation noise the caller gives (`Stage.aug_noise_shape`). Returns float
+    images [N, H, W, 3] in [-1, 1]."""
     n = len(prompts)
     x = first_low_res
     for i, name in enumerate(names):
@@ -614,6 +676,9 @@ class Cascade:
         if x is None:
           raise ValueError(f'stage {name!r} needs a low-resolution input')
         inputs['low_res'] = stage.put(x, n_pad)
+      if aug_noise is not None and name in aug_noise:
+        inputs['aug_noise'] = stage.put(
+            stage.check_aug_noise(aug_noise[name], n, f'aug_noise[{name!r}]'), n_pad)
       cond = stage.build_cond(inputs, k_cond, s.aug_level, s.blur_sigma)
       x_T = stage.initial_noise(k_noise, n, n_pad, s, latents)
       contrast = self.contrast_args(stage, contrasts, n, n_pad, k_cond, s) if i == 0 else None
@@ -671,13 +736,14 @@ class StageMap(collections.abc.Mapping):
     return len(self._names)
 
 
-def check_latents(latents, stage_names) -> None:
-  """`latents` is None or a dict naming stages of the run."""
+def check_latents(latents, stage_names, what: str = 'latents', value: str = 'x_T') -> None:
+  """`latents` (or another per-stage argument, `what`) is None or a dict naming stages of
+  the run."""
   if latents is None:
     return
   if not isinstance(latents, Mapping):
-    raise errors.InputError('latents: pass a dict {stage name: x_T}')
+    raise errors.InputError(f'{what}: pass a dict {{stage name: {value}}}')
   unknown = sorted(set(latents) - set(stage_names))
   if unknown:
-    raise errors.InputError(f'latents names {unknown}, not stages this call runs: '
+    raise errors.InputError(f'{what} names {unknown}, not stages this call runs: '
                             f'{", ".join(stage_names)}')

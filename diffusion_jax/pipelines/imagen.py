@@ -10,7 +10,7 @@ class ImagenPipeline(common.Cascade):
   """`generate(prompts, rng, **overrides) -> uint8 [N, H, W, 3]`."""
 
   def generate(self, prompts, rng, *, contrasts=None, return_stages: bool = False,
-               latents=None, **overrides):
+               latents=None, aug_noise=None, **overrides):
     """Samples every stage of `config.order` in turn.
 
     overrides: sampler settings for every stage (`num_steps=8`, `guidance_scale=3.0`) or for
@@ -18,12 +18,16 @@ class ImagenPipeline(common.Cascade):
     negative) prompt pairs that push the base towards the positive at its contrast_scale
     (`guidance.prompt_contrast`; `shapes.binding_contrasts` makes the demo's). With
     `return_stages`, also returns {stage: uint8}. `latents`: {stage: x_T} for the stages
-    whose initial noise the caller gives (as diffusers' pipelines take it).
+    whose initial noise the caller gives (as diffusers' pipelines take it). `aug_noise`:
+    {stage: N(0, I)} for the SR stages whose noise augmentation of the low-res input the
+    caller gives (`Stage.aug_noise_shape`: the output's shape for DeepFloyd IF stage II,
+    which noises the upsampled image), to replay a reference run.
     """
     prompts = common.check_prompts(prompts)
     self.check_overrides(overrides)
     common.check_latents(latents, self.order)
+    common.check_latents(aug_noise, self.order, 'aug_noise', 'N(0, I) noise')
     collect: dict = {}
     x = self.image_chain(self.order, prompts, rng, overrides, collect=collect,
-                         contrasts=contrasts, latents=latents)
+                         contrasts=contrasts, latents=latents, aug_noise=aug_noise)
     return common.uint8_result(x, collect, return_stages)
