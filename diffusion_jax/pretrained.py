@@ -6,7 +6,8 @@ without training state.
     DIR/<stage>/tokenizer/          the tokenizer of whatever reads its token ids (optional)
 
 `tools/convert_glide` writes such directories from glide-text2im's releases; a diffusers
-pipeline directory (`model_index.json`, `diffusers_io.pipeline`) is read as one stage too;
+pipeline directory (`model_index.json`, `diffusers_io.pipeline`) is read as one stage too
+(a directory of DeepFloyd IF's stage I and stage II pipelines as their cascade);
 `pipelines.from_pretrained(DIR)` samples them; `--config.init_from=DIR/<stage>` fine-tunes
 one. Reading refuses pickles and names every missing, unexpected or mis-shaped tensor.
 """
@@ -91,6 +92,11 @@ def read_config(stage_dir: str) -> dict[str, Any]:
   if not os.path.isdir(stage_dir):
     raise errors.InputError(f'{stage_dir}: no such directory; expected a pretrained stage '
                             f'directory ({CONFIG_FILE} + {WEIGHTS_FILE})')
+  from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
+  if karlo.is_karlo_dir(stage_dir):
+    raise errors.InputError(f'{stage_dir}: a Karlo (diffusers unCLIP) directory is a whole '
+                            'cascade, not one stage; sample it with '
+                            f'pipelines.from_pretrained or --pretrained={stage_dir}')
   if dio_pipeline.is_pipeline_dir(stage_dir):
     return dio_pipeline.stage_config(stage_dir)
   return convert.read_json_object(os.path.join(stage_dir, CONFIG_FILE))

@@ -40,7 +40,18 @@ def from_pretrained(path: str):
   """The pipeline of a directory of pretrained stages (`diffusion_jax.pretrained`), e.g. the
   output of `python -m diffusion_jax.tools.convert_glide`: built from the saved configs alone,
   never downloading. The text-to-image chain is the stages without an inpainting input,
-  lowest resolution first; inpainting stages serve `inpaint`, a noised CLIP CLIP guidance."""
+  lowest resolution first; inpainting stages serve `inpaint`, a noised CLIP CLIP guidance.
+
+  A diffusers unCLIP directory (Karlo: model_index.json's `_class_name` UnCLIPPipeline or
+  UnCLIPImageVariationPipeline) is a whole cascade: its stages come from
+  `diffusers_io.karlo`."""
+  from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
+  if karlo.is_karlo_dir(path):
+    configs = karlo.stage_configs(path)
+    cascade = pretrained_cascade_config('unclip', configs)
+    cascade.order = tuple(configs)  # prior, decoder, super_res: the pipeline's own order
+    validation.check_cascade_config(cascade)
+    return unclip.KarloPipeline(cascade, path, configs)
   dirs = pretrained.stage_dirs(path)
   if not dirs:
     raise errors.InputError(f'{path}: holds no pretrained stage (a subdirectory with '
