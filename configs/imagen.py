@@ -108,7 +108,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.cond_drop_image = 0.0
   c.diffusion.noise_aug = stage != 'base64'
   c.diffusion.noise_aug_max = 1.0  # training augmentation levels from U[0, noise_aug_max]
-  c.diffusion.noise_aug_upsampled = False  # noise low_res after upsampling it (DeepFloyd IF)
   c.diffusion.low_res_blur_max = 0.0  # Gaussian-blur augmentation of low_res (0: none)
 
   c.sampler = ml_collections.ConfigDict()

@@ -136,7 +136,7 @@ class Conditioner:
     """`low_res` (blurred, then noise-augmented, when the stage trains so) and `aug_t`.
     Training draws the blur and the level (aug_t_B None); sampling passes the fixed level
     (0: clean) and `blur_sigma` (low-res pixels; 0 or None: no blur). With
-    `diffusion.noise_aug_upsampled` (DeepFloyd IF stage II) the image is upsampled to the
+    `model.low_res_upsampled` (DeepFloyd IF stage II) the image is upsampled to the
     output size before its noise; `aug_noise` is that noise when given."""
     low_res = low_res.astype(jnp.float32)
     n = low_res.shape[0]
@@ -147,7 +147,7 @@ class Conditioner:
     elif aug_t_B is not None and blur_sigma:
       low_res = guidance.blur_augment(low_res, k_blur, float(blur_sigma),
                                       max_sigma=float(blur_sigma))
-    if config_util.get(self.diffusion, 'noise_aug_upsampled', False):
+    if config_util.get(self.config.model, 'low_res_upsampled', False):
       size = int(self.config.model.image_size)
       method = config_util.get(self.config.model, 'low_res_resize', 'bilinear')
       low_res = models.unet.upsample_low_res(low_res, size, size, method)

@@ -189,7 +189,7 @@ def test_a_root_of_both_pipelines_is_a_two_stage_cascade():
   assert (s['name'], s['num_steps'], s['guidance_scale']) == ('ddpm', 50, 4.0)
   # noise level 250 of 1000: noised as add_noise(250) and embedded as class label 250
   assert s['aug_level'] == pytest.approx(0.251)
-  assert config['diffusion']['noise_aug'] and config['diffusion']['noise_aug_upsampled']
+  assert config['diffusion']['noise_aug'] and config['model']['low_res_upsampled']
   assert config['model']['low_res_resize'] == 'bilinear_align_corners'
 
 

@@ -12,7 +12,7 @@ sampler from the scheduler's, the frozen T5 read from text_encoder/ and tokenize
 U-Net weights are mapped into our parameter tree when the stage is loaded. A directory
 holding both (ROOT/IF-I, ROOT/IF-II) is the cascade stage I -> stage II. Stage II upsamples
 the low-res image (bilinear, corners aligned), noises it at the output size on its
-image_noising_scheduler at noise level 250 (`diffusion.noise_aug_upsampled`, `aug_level`
+image_noising_scheduler at noise level 250 (`model.low_res_upsampled`, `aug_level`
 (250 + 1) / 1000) and embeds that level as the U-Net's class label; a stage saved without its
 T5 (diffusers' `text_encoder=None`) reads its sibling stage's. Nothing is written and nothing
 downloads; pickled weights are refused.
@@ -116,7 +116,8 @@ def stage_config(path: str) -> dict[str, Any]:
     # Step k is our time (k + 1) / T: the level noises as add_noise(k) and embeds k.
     sampler['aug_level'] = (IF_NOISE_LEVEL + 1) / diffusion['num_timesteps']
     # Stage II noises the low-res image after upsampling it to the output size.
-    diffusion.update(noise_aug=True, noise_aug_upsampled=True)
+    diffusion['noise_aug'] = True
+    model['low_res_upsampled'] = True
   c = imagen_configs.get_config('stage=base64,size=paper' if role == 'base'
                                 else 'stage=sr256,size=paper').to_dict()
   c.update(stage=os.path.basename(os.path.normpath(path)), size='released', model=model,

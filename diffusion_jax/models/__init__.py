@@ -95,7 +95,8 @@ def _image_example_inputs(model_cfg, batch_size: int):
     cond['image_embed'] = jnp.zeros((B, get('image_embed_dim')), jnp.float32)
     cond['drop_image'] = jnp.zeros((B,), bool)
   if get('low_res_size', 0):
-    cond['low_res'] = jnp.zeros((B, get('low_res_size'), get('low_res_size'), ch), jnp.float32)
+    low = size if get('low_res_upsampled', False) else get('low_res_size')  # IF stage II's
+    cond['low_res'] = jnp.zeros((B, low, low, ch), jnp.float32)
   if get('aug_cond', False):
     cond['aug_t'] = jnp.zeros((B,), jnp.float32)
   if get('inpaint', False):

@@ -117,6 +117,9 @@ class ConditionedUNetBase(nn.Module):
   # a=-0.5, as torch's antialiased bicubic) | 'bilinear_align_corners' (torch's
   # align_corners=True).
   low_res_resize: str = 'bilinear'
+  # True: cond['low_res'] arrives at x's size, upsampled (with `low_res_resize`) and noised
+  # there by the conditioner, as DeepFloyd IF stage II's pipeline does.
+  low_res_upsampled: bool = False
   text_pool_heads: int = 0           # heads of text_pool='attention_query_key'; 0: num_heads
   text_proj_norm: bool = False       # the projected frozen-encoder tokens are layer-normed
   # False: no learned null text; a dropped caption reads the frozen encoder's output for the
@@ -176,8 +179,10 @@ class ConditionedUNetBase(nn.Module):
                        '(input.train_crop_size=None)')
     if self.low_res_size and 'low_res' in cond:
       low_side = cond['low_res'].shape[1]
-      # An input already upsampled to x's size (noised there, as DeepFloyd IF does) is taken.
-      if low_side * self.image_size != H * self.low_res_size and low_side != H:
+      if self.low_res_upsampled and low_side != H:
+        raise ValueError(f'{name}: a {H}x{W} input needs its low-res input upsampled to {H} px '
+                         f'(low_res_upsampled), got {low_side} px')
+      if not self.low_res_upsampled and low_side * self.image_size != H * self.low_res_size:
         want = H * self.low_res_size // self.image_size
         raise ValueError(f'{name}: a {H}x{W} input needs a {want} px low-res input '
                          f'({self.low_res_size} -> {self.image_size} px), got {low_side} px')

@@ -297,7 +297,7 @@ class Stage:
   def noise_aug_upsampled(self) -> bool:
     """Whether the low-res input is upsampled to the output size before its noise
     augmentation (DeepFloyd IF stage II) rather than noised at its own size."""
-    return bool(config_util.get(self.config.diffusion, 'noise_aug_upsampled', False))
+    return bool(config_util.get(self.config.model, 'low_res_upsampled', False))
 
   def aug_noise_shape(self, n: int) -> tuple[int, ...] | None:
     """The shape of the noise that augments n low-res inputs (None: the stage adds none)."""

@@ -127,11 +127,10 @@ def export_stage(stage_dir: str, out_dir: str, *, use_ema: bool = True) -> str:
       or config.diffusion.schedule != IMAGE_NOISING_SCHEDULER['beta_schedule']):
     _refuse(name, f'diffusion.schedule={config.diffusion.schedule!r} is not supported with '
             'noise_aug; IF stage II noises its low-res input on squaredcos_cap_v2 over 1000 steps')
-  if role == 'sr' and config.diffusion.get('noise_aug') and not config.diffusion.get(
-      'noise_aug_upsampled'):
-    _refuse(name, 'diffusion.noise_aug_upsampled=False is not supported; IF stage II noises its '
-            'low-res input after upsampling it: train with --config.diffusion.'
-            'noise_aug_upsampled=True')
+  if role == 'sr' and not kw.get('low_res_upsampled'):
+    _refuse(name, 'model.low_res_upsampled=False is not supported; IF stage II noises its '
+            'low-res input after upsampling it: train with --config.model.'
+            'low_res_upsampled=True')
   params = jax.device_get(nn.meta.unbox(stage.params))
   os.makedirs(out_dir, exist_ok=True)
   dio_unet.save_unet(os.path.join(out_dir, 'unet'), kw, params)
