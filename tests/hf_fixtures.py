@@ -33,6 +33,23 @@ def _torch():
   return torch
 
 
+def randomise(model, seed: int, scale: float):
+  """Every weight of a torch model random (those it zero-initialises too): norm weights near 1,
+  a prior's clip_std positive, the rest N(0, scale^2). Returns the model."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if name.endswith('clip_std'):
+        p.copy_(0.5 + noise.abs())
+      elif 'norm' in name and name.endswith('weight'):
+        p.copy_(1.0 + 0.2 * noise)
+      else:
+        p.copy_(scale * noise)
+  return model
+
+
 def path(*parts: str) -> str:
   return os.path.join(_ROOT, *parts)
 

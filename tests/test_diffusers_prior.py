@@ -15,6 +15,8 @@ from diffusion_jax import convert, errors
 from diffusion_jax.diffusers_io import prior as dprior
 from diffusion_jax.models.prior import Prior
 
+import hf_fixtures
+
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
@@ -31,19 +33,6 @@ CONFIGS = {
                        embedding_dim=8, num_embeddings=7, clip_embed_dim=6),
 }
 STEPS = (0, 37, 512, 999)
-
-
-def _randomise(model, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith('clip_std'):
-        p.copy_(0.5 + noise.abs())
-      elif 'norm' in name and name.endswith('weight'):
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.3 * noise)
 
 
 def _inputs(cfg, seed):
@@ -90,7 +79,7 @@ def _case(name, root):
   torch.manual_seed(0)
   cfg = CONFIGS[name]
   model = PriorTransformer(**cfg).eval()
-  _randomise(model, seed=len(name))
+  hf_fixtures.randomise(model, len(name), scale=0.3)
   folder = os.path.join(root, name, 'prior')
   model.save_pretrained(folder, safe_serialization=True)
   sched = os.path.join(root, name, 'prior_scheduler')

@@ -15,34 +15,22 @@ from diffusion_jax.data import text_cache as store
 from diffusion_jax.train import loop
 from diffusion_jax.train import text_cache_build
 from projects.shapes import shapes
+from test_train import tiny_config as train_config
 
 STEPS = 4
 
 
 def tiny_config(tokenizer_dir, **overrides):
-  """The tiny Imagen base on 24 Shapes scenes; dropped captions read the encoder's empty
-  prompt (learned_null_text=False), half of them dropped."""
-  cfg = imagen.get_config('stage=base64,size=tiny')
-  cfg.total_steps = STEPS
-  cfg.ckpt_steps = 2
-  cfg.log_steps = 1
-  cfg.input.batch_size = 8
-  cfg.input.shapes_num_examples = 24
-  cfg.input.num_threads = 1
-  cfg.optimizer.warmup_steps = 0
-  # Adam's epsilon large enough that float32 noise in near-zero gradients (zero-init biases)
-  # stays noise in the parameters instead of becoming lr-sized steps.
-  cfg.optimizer.eps = 1e-3
-  cfg.model.learned_null_text = False
-  cfg.diffusion.cond_drop_text = 0.5
-  cfg.text_encoder.tokenizer_path = tokenizer_dir
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  """test_train's tiny Imagen base on 24 Shapes scenes, STEPS steps; dropped captions read
+  the encoder's empty prompt (learned_null_text=False), half of them dropped."""
+  return train_config(imagen, 'base64', **{
+      'total_steps': STEPS, 'ckpt_steps': 2, 'log_steps': 1,
+      'input.shapes_num_examples': 24, 'input.num_threads': 1,
+      # Adam's epsilon large enough that float32 noise in near-zero gradients (zero-init
+      # biases) stays noise in the parameters instead of becoming lr-sized steps.
+      'optimizer.eps': 1e-3,
+      'model.learned_null_text': False, 'diffusion.cond_drop_text': 0.5,
+      'text_encoder.tokenizer_path': tokenizer_dir, **overrides})
 
 
 @pytest.fixture(scope='module')
