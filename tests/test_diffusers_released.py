@@ -1,14 +1,18 @@
-"""The released DeepFloyd IF U-Nets at their own shapes (nothing allocated): our network built
-from each `unet/config.json` has diffusers' parameter count, the published size, and exports
-back to the same config."""
+"""The released DeepFloyd IF U-Nets and Karlo's networks at their own shapes (nothing
+allocated): our network built from each config.json has diffusers' parameter count, the
+published size, and exports back to the same config."""
 from __future__ import annotations
 
 import functools
 
+import jax
+import numpy as np
 import pytest
 
+from diffusion_jax.diffusers_io import prior as dprior
 from diffusion_jax.diffusers_io import released
 from diffusion_jax.diffusers_io import unet as dunet
+from diffusion_jax.models.prior import Prior
 
 CONFIGS = {'IF-I-XL': released.IF_I_XL_UNET, 'IF-II-L': released.IF_II_L_UNET}
 
@@ -53,3 +57,84 @@ def test_released_config_round_trips(name):
   assert not differ, differ
   if name == 'IF-II-L':  # the 64 px image from stage I, noised at an augmentation level
     assert kw['low_res_size'] == 64 and kw['aug_cond']
+
+
+# Karlo (kakaobrain/karlo-v1-alpha): each stage's network built as `karlo.stage_config` builds
+# it from the directory's config.json files.
+KARLO = ('Karlo-decoder', 'Karlo-prior', 'Karlo-super-res')
+
+
+def _karlo_kwargs(name: str) -> dict:
+  if name == 'Karlo-prior':
+    return dprior.prior_kwargs(released.KARLO_PRIOR, num_timesteps=1000)
+  if name == 'Karlo-decoder':
+    kw = dunet.unet_kwargs(released.KARLO_DECODER, text_proj_config=released.KARLO_TEXT_PROJ)
+    return dict(kw, text_len=released.KARLO_TEXT_LEN)
+  return dunet.unet_kwargs(released.KARLO_SUPER_RES,
+                           low_res_size=released.KARLO_DECODER['sample_size'])
+
+
+@functools.lru_cache(maxsize=None)
+def _karlo_ours(name: str) -> int:
+  kw = _karlo_kwargs(name)
+  if name == 'Karlo-prior':
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(dprior.abstract_params(Prior(**kw)))))
+  return dunet.param_count(kw)
+
+
+def _plain(config: dict) -> dict:
+  return {k: v for k, v in config.items() if not k.startswith('_')}
+
+
+@pytest.mark.parametrize('name', KARLO)
+def test_karlo_size_is_the_published_one(name):
+  """The card's sizes (prior 1B, decoder 900M, SR 700M) are rounded to 0.1B: ours rounds to
+  them. The decoder (with its text_proj, 893,318,086: -0.7%) and the super-res U-Net
+  (691,579,523: -1.2%) are within 2% of theirs; the prior's 1,022,028,544 is 2.2% above its
+  rounded 1B (2.2% too with diffusers' clip_mean / clip_std)."""
+  ours, published = _karlo_ours(name), released.PUBLISHED_SIZES[name]
+  print(f'{name}: {ours:,} parameters ({100 * (ours / published - 1):+.2f}% of {published:.1e})')
+  assert round(ours, -8) == published, ours
+  if name != 'Karlo-prior':
+    assert abs(ours - published) <= 0.02 * published, ours
+
+
+@pytest.mark.parametrize('name', KARLO)
+def test_karlo_size_equals_diffusers_count(name):
+  """diffusers' components of the same configs, built on the meta device, have exactly our
+  parameter count: the decoder with its UnCLIPTextProjModel, the prior without the two
+  de-normalisation vectors (clip_mean, clip_std) that `load_prior` keeps beside the network."""
+  torch = pytest.importorskip('torch')
+  diffusers = pytest.importorskip('diffusers')
+  from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # noqa: PLC0415
+  with torch.device('meta'):
+    if name == 'Karlo-prior':
+      parts = [diffusers.PriorTransformer(**_plain(released.KARLO_PRIOR))]
+    elif name == 'Karlo-decoder':
+      parts = [diffusers.UNet2DConditionModel(**_plain(released.KARLO_DECODER)),
+               UnCLIPTextProjModel(**_plain(released.KARLO_TEXT_PROJ))]
+    else:
+      parts = [diffusers.UNet2DModel(**_plain(released.KARLO_SUPER_RES))]
+  named = [(n, p.numel()) for part in parts for n, p in part.named_parameters()]
+  stats = sum(size for n, size in named if n in dprior.STATS)
+  theirs = sum(size for _, size in named) - stats
+  assert _karlo_ours(name) == theirs, (name, _karlo_ours(name), theirs)
+  assert stats == (2 * released.KARLO_PRIOR['embedding_dim'] if name == 'Karlo-prior' else 0)
+
+
+@pytest.mark.parametrize('name', KARLO)
+def test_karlo_config_round_trips(name):
+  """Our fields for each released Karlo config export back to every field it holds."""
+  kw = _karlo_kwargs(name)
+  if name == 'Karlo-prior':
+    pairs = [(released.KARLO_PRIOR, dprior.config_of(kw))]
+  elif name == 'Karlo-decoder':
+    pairs = [(released.KARLO_DECODER, dunet.diffusers_config(kw)),
+             (released.KARLO_TEXT_PROJ, dunet.text_proj_config(kw))]
+  else:
+    pairs = [(released.KARLO_SUPER_RES, dunet.diffusers_config(kw))]
+    assert kw['low_res_size'] == 64 and kw['low_res_resize'] == 'bicubic'
+  for config, back in pairs:
+    differ = {k: (v, back.get(k)) for k, v in config.items()
+              if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
+    assert not differ, differ
