@@ -177,3 +177,23 @@ def test_compiler_hbm_refusal_becomes_a_report(num_devices, monkeypatch):
   assert report['argument_bytes_per_chip'] > 4 * 4 * report['params'] * 0.9  # replicated state
   assert report['flops_per_step_xla'] < 0 and report['flops_per_step_analytic'] > 0
   assert 'REFUSED' in aot.format_report(report)
+
+
+def test_text_cache_compiles_the_cached_step_without_the_encoder(num_devices):
+  """With input.text_cache the compiled step reads the encoder's outputs from the batch: the
+  encoder's forward leaves the FLOPs and its weights leave the arguments."""
+  from diffusion_jax import parallel
+  plain = aot.compile_train_step(_tiny(batch=8), f'cpu:{num_devices}')
+  config = _tiny(batch=8, settings=['input.text_cache="/nonexistent/cache"'])
+  cached = aot.compile_train_step(config, f'cpu:{num_devices}')
+  mesh = parallel.create_mesh(config.mesh, jax.devices()[:num_devices])
+  encoder, frozen = aot._abstract_encoder(config, mesh, parallel.logical_rules(config.mesh))
+  b, length = config.input.batch_size, config.input.text_max_len
+  ids = jax.ShapeDtypeStruct((b, length), jnp.int32)
+  mask = jax.ShapeDtypeStruct((b, length), jnp.bool_)
+  encoder_flops = flops.count_flops(encoder.text_forward, frozen, ids, mask)
+  assert encoder_flops > 0
+  saved = plain['flops_per_step_analytic'] - cached['flops_per_step_analytic']
+  print(f'encoder forward {encoder_flops:,} FLOPs; the cached step {saved:,} fewer')
+  assert saved == encoder_flops
+  assert cached['argument_bytes_per_chip'] < plain['argument_bytes_per_chip']

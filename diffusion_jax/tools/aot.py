@@ -9,7 +9,9 @@ through `jax.experimental.topologies` (no TPU needed: `pip install -e '.[tpu]'`)
 for N local CPU devices (the same code path, runnable anywhere). Nothing is allocated: the
 train state, the batch and the frozen encoder's weights are ShapeDtypeStructs carrying their
 NamedShardings on the topology's mesh, and the train step is `jax.jit(...).lower().compile()`d
-exactly as the trainer jits it (same in/out shardings, state donated).
+exactly as the trainer jits it (same in/out shardings, state donated). With
+`--config.input.text_cache=DIR` (any value: the cache is not read) the step is the cached-text
+one: the batch carries the encoder's outputs and no encoder weights are on the chips.
 
 Printed: per-chip argument / output / temp memory from `compiled.memory_analysis()` and
 whether it fits the chip's HBM; XLA's FLOPs (`cost_analysis()`, which counts a scanned
@@ -193,6 +195,31 @@ def _abstract_batch(config, mesh):
           for k, (shape, dtype) in pipeline.batch_shapes(config.input).items()}
 
 
+def _cached_text(config, encoder, batch, mesh):
+  """(batch, frozen) of a run with `input.text_cache`: the batch carries the encoder's
+  outputs in place of token ids, and `frozen` only the cached empty-prompt encoding (when the
+  network reads it); no encoder runs and none of its weights are on the chips."""
+  import jax
+  import numpy as np
+  from diffusion_jax import models, parallel
+  b, length = batch['text_ids'].shape
+  f32 = np.dtype(np.float32)
+  shapes = {'text_tokens': ((b, length, encoder.token_dim), f32),
+            'text_mask': ((b, length), np.dtype(bool)),
+            'text_pooled': ((b, encoder.embed_dim), f32)}
+  out = {k: v for k, v in batch.items() if k not in ('text_ids', 'text_mask')}
+  out.update({k: jax.ShapeDtypeStruct(shape, dtype,
+                                      sharding=parallel.batch_sharding(mesh, len(shape)))
+              for k, (shape, dtype) in shapes.items()})
+  if not any(k.startswith('null_text_') for k in models.example_inputs(config.model, 1)[2]):
+    return out, None
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  null = {'tokens': (1, length, encoder.token_dim), 'mask': (1, length),
+          'pooled': (1, encoder.embed_dim)}
+  return out, {k: jax.ShapeDtypeStruct(shape, np.dtype(bool) if k == 'mask' else f32,
+                                       sharding=replicated) for k, shape in null.items()}
+
+
 _UNITS = {'': 1, 'K': 1024, 'M': 1024**2, 'G': 1024**3, 'T': 1024**4}
 # libtpu refuses to finish a compile whose temporaries exceed the chip's HBM.
 _HBM_REFUSAL = re.compile(r'HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM '
@@ -224,13 +251,16 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
   rules = parallel.logical_rules(config.mesh)
   model = models.build(config.model)
   encoder, frozen = _abstract_encoder(config, mesh, rules)
+  batch = _abstract_batch(config, mesh)
+  if encoder is not None and config_util.get(config.input, 'text_cache'):
+    batch, frozen = _cached_text(config, encoder, batch, mesh)
+    encoder = None
   train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
   _, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(0))
   parallelism = config_util.get(config, 'parallelism', 'gspmd')
   state_sh = step_lib.state_shardings(abstract, mesh, rules, parallelism)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        nn.meta.unbox(abstract), state_sh)
-  batch = _abstract_batch(config, mesh)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
   step_fn = step_lib.jit_train_step(train_step, state_sh, batch_sh, frozen_sh, mesh)
