@@ -81,10 +81,18 @@ class Conditioner:
       raise ValueError(f'stage {config.stage!r} needs a frozen encoder (config.text_encoder)')
     self.diffusion = config.diffusion
     self.schedule = schedules.from_config(config.diffusion)
+    # Karlo's networks read CLIP's projected embeddings as they are; ours, l2_scaled ones.
+    te = config_util.get(config, 'text_encoder')
+    self.raw_embeddings = bool(te is not None and config_util.get(te, 'raw_embeddings', False))
+
+  def clip_embedding(self, e_BD):
+    """A CLIP embedding as the networks read it: raw (text_encoder.raw_embeddings) or
+    `l2_scaled`."""
+    return e_BD.astype(jnp.float32) if self.raw_embeddings else l2_scaled(e_BD)
 
   def image_embed(self, frozen, images):
     """The frozen CLIP image embedding of images in [-1, 1], as the networks consume it."""
-    return l2_scaled(self.encoder.image_forward(frozen, images, False))
+    return self.clip_embedding(self.encoder.image_forward(frozen, images, False))
 
   def text_cond(self, frozen, text_ids, text_mask) -> dict[str, Any]:
     """The text entries of cond: frozen-encoder tokens and pooled embedding, or the raw ids of
@@ -97,7 +105,7 @@ class Conditioner:
         cond['text_mask'] = text_mask
       cond.update(self.null_text_cond(frozen, tokens.shape[0]))
       if 'text_embed' in self.keys:
-        cond['text_embed'] = l2_scaled(pooled)
+        cond['text_embed'] = self.clip_embedding(pooled)
     if 'text_ids' in self.keys:
       cond['text_ids'] = text_ids
       cond['text_mask'] = text_mask
@@ -112,7 +120,7 @@ class Conditioner:
       cond['text_mask'] = batch['text_mask']
     cond.update(self.null_text_cond(frozen, batch['text_tokens'].shape[0]))
     if 'text_embed' in self.keys:
-      cond['text_embed'] = l2_scaled(batch['text_pooled'])
+      cond['text_embed'] = self.clip_embedding(batch['text_pooled'])
     return cond
 
   def null_text_cond(self, frozen, n: int) -> dict[str, Any]:
@@ -128,7 +136,7 @@ class Conditioner:
       ids, mask = self.encoder.tokenize([''])
       tokens, pooled = self.encoder.text_forward(frozen, jnp.asarray(ids), jnp.asarray(mask))
     null = {'null_text_tokens': tokens, 'null_text_mask': jnp.asarray(mask, bool),
-            'null_text_embed': l2_scaled(pooled)}
+            'null_text_embed': self.clip_embedding(pooled)}
     return {k: jnp.broadcast_to(null[k], (n,) + null[k].shape[1:]) for k in wanted}
 
   def low_res_cond(self, low_res, rng, aug_t_B=None, blur_sigma: float | None = None,
@@ -202,6 +210,7 @@ def build_encoder(config, mesh, rules):
   cfg = encoders.encoder_config(
       te.name, config_util.get(te, 'preset', 'tiny'), config_util.get(te, 'path'),
       tokenizer_path=config_util.get(te, 'tokenizer_path'),
+      image_path=config_util.get(te, 'image_path'),
       seed=int(config_util.get(te, 'seed', config.seed)),
       dtype=config_util.get(te, 'dtype', 'float32'),
       zero_padding=bool(config_util.get(te, 'zero_padding', True)),

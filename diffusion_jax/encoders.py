@@ -38,7 +38,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import config_util, convert, parallel
+from diffusion_jax import config_util, convert, errors, parallel
+from diffusion_jax.diffusers_io import encoders as dio_encoders
 from diffusion_jax.models import clip as clip_lib
 from diffusion_jax.models import t5 as t5_lib
 from diffusion_jax.tokenizer import DEFAULT_MAX_LENGTH, Tokenizer, load_tokenizer
@@ -62,6 +63,8 @@ def encoder_config(name: str = 't5', preset: str = 'tiny', path: str | None = No
   c.dtype = kw.pop('dtype', 'float32')
   c.seed = kw.pop('seed', 0)
   c.zero_padding = kw.pop('zero_padding', True)  # False: padding tokens keep their outputs
+  # A CLIP image tower beside a single text tower `path` (a diffusers pipeline's text_encoder/).
+  c.image_path = kw.pop('image_path', None)
   if kw:
     raise ValueError(f'encoder_config: unknown fields {sorted(kw)}')
   return c
@@ -277,7 +280,16 @@ def _module_and_params(cfg):
   lib = {'t5': t5_lib, 'clip': clip_lib}.get(name)
   if lib is None:
     raise ValueError(f"encoder name must be 't5' or 'clip', got {name!r}")
-  if path:
+  if name == 'clip' and path and dio_encoders.is_text_tower(path):
+    image_path = config_util.get(cfg, 'image_path')
+    if not image_path:
+      raise errors.InputError(
+          f'text_encoder.path={path} holds a CLIP text tower only, and the stage embeds images '
+          'too: set --config.text_encoder.image_path to its CLIP image tower (e.g. an '
+          'UnCLIPImageVariationPipeline\'s image_encoder/)')
+    module, params = dio_encoders.load_clip_pair(path, image_path)
+    module = module.clone(dtype=dtype)
+  elif path:
     module, params = {'t5': convert.load_t5, 'clip': convert.load_clip}[name](path, dtype=dtype)
   else:
     module = lib.make(config_util.get(cfg, 'preset', 'tiny'), dtype=dtype)
@@ -346,7 +358,10 @@ def build_encoder(cfg, mesh: Mesh | None = None, rules=None) -> TextEncoder:
   if name == 't5':
     return TextEncoder('t5', module, params, tokenizer, **kw)
   mean, std = CLIP_MEAN, CLIP_STD
-  if config_util.get(cfg, 'path'):
+  if config_util.get(cfg, 'image_path'):
+    stats = dio_encoders.image_stats_folder(config_util.get(cfg, 'image_path'))
+    mean, std = convert.read_image_stats(stats, mean, std)
+  elif config_util.get(cfg, 'path'):
     mean, std = convert.read_image_stats(config_util.get(cfg, 'path'), mean, std)
   return CLIPEncoder(module, params, tokenizer, image_mean=mean, image_std=std, **kw)
 

@@ -9,7 +9,9 @@ without training state.
 pipeline directory (`model_index.json`, `diffusers_io.pipeline`) is read as one stage too
 (a directory of DeepFloyd IF's stage I and stage II pipelines as their cascade);
 `pipelines.from_pretrained(DIR)` samples them; `--config.init_from=DIR/<stage>` fine-tunes
-one. Reading refuses pickles and names every missing, unexpected or mis-shaped tensor.
+one (of a Karlo directory, the network folder: DIR/decoder, DIR/super_res_first or
+DIR/super_res_last). Reading refuses pickles and names every missing, unexpected or mis-shaped
+tensor.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax import convert, errors, io_util
+from diffusion_jax.diffusers_io import karlo
 from diffusion_jax.diffusers_io import pipeline as dio_pipeline
 
 CONFIG_FILE = 'config.json'
@@ -29,8 +32,9 @@ TOKENIZER_DIR = 'tokenizer'
 
 
 def is_stage_dir(path: str) -> bool:
-  """Ours (config.json + model.safetensors) or a diffusers pipeline directory (one stage)."""
-  return dio_pipeline.is_pipeline_dir(path) or (
+  """Ours (config.json + model.safetensors), a diffusers pipeline directory (one stage) or a
+  network folder of a Karlo directory (`karlo.split_component`)."""
+  return dio_pipeline.is_pipeline_dir(path) or karlo.split_component(path) is not None or (
       os.path.isfile(os.path.join(path, CONFIG_FILE))
       and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
 
@@ -92,11 +96,13 @@ def read_config(stage_dir: str) -> dict[str, Any]:
   if not os.path.isdir(stage_dir):
     raise errors.InputError(f'{stage_dir}: no such directory; expected a pretrained stage '
                             f'directory ({CONFIG_FILE} + {WEIGHTS_FILE})')
-  from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
   if karlo.is_karlo_dir(stage_dir):
     raise errors.InputError(f'{stage_dir}: a Karlo (diffusers unCLIP) directory is a whole '
-                            'cascade, not one stage; sample it with '
+                            'cascade, not one stage; name the network to fine-tune, e.g. '
+                            f'{os.path.join(stage_dir, "decoder")}, or sample it with '
                             f'pipelines.from_pretrained or --pretrained={stage_dir}')
+  if karlo.split_component(stage_dir):
+    return karlo.component_config(stage_dir)
   if dio_pipeline.is_pipeline_dir(stage_dir):
     return dio_pipeline.stage_config(stage_dir)
   return convert.read_json_object(os.path.join(stage_dir, CONFIG_FILE))
@@ -108,6 +114,11 @@ def read_params(stage_dir: str, template: Mapping) -> dict:
   if dio_pipeline.is_pipeline_dir(stage_dir):
     tensors = dio_pipeline.read_tensors(stage_dir)
     what = os.path.join(stage_dir, 'unet')
+  elif karlo.split_component(stage_dir):
+    model = karlo.component_config(stage_dir)['model']
+    tree = karlo.component_params(stage_dir, model)
+    tensors = {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    what = stage_dir
   else:
     tensors = convert.read_weights(os.path.join(stage_dir, WEIGHTS_FILE))
     what = os.path.join(stage_dir, WEIGHTS_FILE)

@@ -188,6 +188,10 @@ STAGE_RULES = (
     ('text_encoder.preset', text(optional=True)),
     ('text_encoder.path', text(optional=True)),
     ('text_encoder.tokenizer_path', text(optional=True)),
+    ('text_encoder.image_path', text(optional=True, note='a CLIP image tower beside a text-only '
+                                     'CLIP path')),
+    ('text_encoder.raw_embeddings', flag(note="CLIP embeddings as they are (Karlo's), not "
+                                         'l2-scaled')),
     ('text_encoder.tokenizer_style', choice(('t5', 'clip'), optional=True)),
     ('text_encoder.max_length', integer(2, optional=True)),
     ('text_encoder.dtype', choice(DTYPES)),
@@ -500,7 +504,7 @@ def _check_text(config) -> None:
     if preset not in ENCODER_PRESETS[name]:
       _fail('text_encoder.preset', preset, f'is no {name} preset; choose one of '
             f'{", ".join(ENCODER_PRESETS[name])}, or set --config.text_encoder.path=DIR')
-  for key in ('text_encoder.path', 'text_encoder.tokenizer_path'):
+  for key in ('text_encoder.path', 'text_encoder.tokenizer_path', 'text_encoder.image_path'):
     path = _get(config, key)
     if path and '://' not in path and not os.path.isdir(path):
       _fail(key, path, 'no such directory (a local transformers-layout directory)')

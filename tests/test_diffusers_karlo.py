@@ -4,7 +4,6 @@ network against the reference component fed what the reference pipeline feeds it
 runs against the reference pipeline with its noise replayed, and the sample CLI."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -15,98 +14,11 @@ import pytest
 
 from diffusion_jax import errors, pipelines, pretrained
 from diffusion_jax.diffusers_io import karlo
-from diffusion_jax.tokenizer import build_word_tokenizer
+import karlo_fixtures
+from karlo_fixtures import D, PROMPTS, STEPS
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
-
-WORDS = 'a red green blue cube sphere cone on the left of right above small big'.split()
-PROMPTS = ['a red cube above a small green sphere', 'blue cone']
-L, D = 8, 16          # tokenizer length (= prior positions), CLIP width (tokens and embeddings)
-# The pipelines' defaults. With fewer steps the second time is low enough that the first
-# step's x0 (x_t - eps scaled by 1 / sqrt(alpha_bar_999) = 2e4) carries float32 rounding of
-# these random networks into the images (5 decoder steps: up to 9/255 apart).
-STEPS = dict(prior=25, decoder=25, super_res=7)
-
-
-def _randomise(model, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith('clip_std'):
-        p.copy_(0.5 + noise.abs())
-      elif 'norm' in name and name.endswith('weight'):
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.2 * noise)
-  return model
-
-
-def _components(root):
-  """The components both pipelines share (decoder, text_proj, upsamplers, text CLIP)."""
-  from diffusers import UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
-  from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-  from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
-  build_word_tokenizer(WORDS, os.path.join(root, 'tok'), 'clip', max_length=L)
-  tok = AutoTokenizer.from_pretrained(os.path.join(root, 'tok'))
-  torch.manual_seed(0)
-  text = CLIPTextModelWithProjection(CLIPTextConfig(
-      vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-      pad_token_id=tok.pad_token_id, hidden_size=D, intermediate_size=24, num_hidden_layers=2,
-      num_attention_heads=2, max_position_embeddings=L, projection_dim=D)).eval()
-  decoder = UNet2DConditionModel(
-      sample_size=8, in_channels=3, out_channels=6, block_out_channels=(16, 32),
-      layers_per_block=1, norm_num_groups=8, attention_head_dim=8, cross_attention_dim=20,
-      class_embed_type='identity', resnet_time_scale_shift='scale_shift',
-      mid_block_type='UNetMidBlock2DSimpleCrossAttn',
-      down_block_types=['ResnetDownsampleBlock2D', 'SimpleCrossAttnDownBlock2D'],
-      up_block_types=['SimpleCrossAttnUpBlock2D', 'ResnetUpsampleBlock2D']).eval()
-  text_proj = UnCLIPTextProjModel(clip_extra_context_tokens=3, clip_embeddings_dim=D,
-                                  time_embed_dim=64, cross_attention_dim=20).eval()
-  sr = dict(sample_size=16, in_channels=6, out_channels=3, block_out_channels=(8, 16),
-            layers_per_block=1, norm_num_groups=4, add_attention=False,
-            resnet_time_scale_shift='scale_shift',
-            down_block_types=['ResnetDownsampleBlock2D'] * 2,
-            up_block_types=['ResnetUpsampleBlock2D'] * 2)
-  models = dict(text_encoder=text, decoder=decoder, text_proj=text_proj,
-                super_res_first=UNet2DModel(**sr).eval(), super_res_last=UNet2DModel(**sr).eval())
-  for seed, model in enumerate(models.values()):
-    _randomise(model, seed + 1)
-  return dict(models, tokenizer=tok,
-              decoder_scheduler=UnCLIPScheduler(variance_type='learned_range'),
-              super_res_scheduler=UnCLIPScheduler(variance_type='fixed_small_log'))
-
-
-@functools.lru_cache(maxsize=None)
-def _text_pipeline(root):
-  from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler
-  parts = _components(root)
-  prior = _randomise(PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                                      embedding_dim=D, num_embeddings=L).eval(), 9)
-  pipe = UnCLIPPipeline(prior=prior, prior_scheduler=UnCLIPScheduler(
-      variance_type='fixed_small_log', prediction_type='sample', clip_sample_range=5.0), **parts)
-  path = os.path.join(root, 'karlo')
-  pipe.save_pretrained(path, safe_serialization=True)
-  return pipe, path
-
-
-@functools.lru_cache(maxsize=None)
-def _variation_pipeline(root):
-  from diffusers import UnCLIPImageVariationPipeline
-  from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-  parts = _components(root)
-  torch.manual_seed(1)
-  image_encoder = _randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(
-      hidden_size=12, intermediate_size=20, num_hidden_layers=2, num_attention_heads=3,
-      image_size=16, patch_size=8, projection_dim=D)).eval(), 11)
-  fe = CLIPImageProcessor(size={'shortest_edge': 16}, crop_size={'height': 16, 'width': 16})
-  pipe = UnCLIPImageVariationPipeline(image_encoder=image_encoder, feature_extractor=fe,
-                                      **parts)
-  path = os.path.join(root, 'karlo_variations')
-  pipe.save_pretrained(path, safe_serialization=True)
-  return pipe, path
-
 
 @pytest.fixture(scope='module')
 def root(tmp_path_factory):
@@ -115,7 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def text(root):
-  pipe, path = _text_pipeline(root)
+  pipe, path = karlo_fixtures.text_pipeline(root)
   return pipe, path, pipelines.from_pretrained(path)
 
 
@@ -269,7 +181,7 @@ def test_generate_equals_the_reference_pipeline(text):
 
 
 def test_image_variations_equal_the_reference_pipeline(root):
-  pipe, path = _variation_pipeline(root)
+  pipe, path = karlo_fixtures.variation_pipeline(root)
   ours = pipelines.from_pretrained(path)
   assert ours.order == ('decoder', 'super_res')
   from PIL import Image
@@ -322,7 +234,7 @@ def test_sample_cli_text_diff(root, tmp_path):
   decoding (what --mode=variations and interpolate run too)."""
   from diffusion_jax import sample
   from PIL import Image
-  _, path = _variation_pipeline(root)
+  _, path = karlo_fixtures.variation_pipeline(root)
   image = tmp_path / 'in.png'
   Image.fromarray(np.random.RandomState(3).randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(
       image)

@@ -189,9 +189,51 @@ def load_image_encoder(folder: str, feature_extractor_folder: str | None = None)
   """Karlo image variations' CLIPVisionModelWithProjection, with the pixel statistics of
   its `feature_extractor` folder (CLIP's when absent)."""
   module, params = _load_tower(folder, 'clip_vision')
-  stats_dir = feature_extractor_folder or _sibling(folder, 'feature_extractor')
+  stats_dir = feature_extractor_folder or image_stats_folder(folder)
   mean, std = convert.read_image_stats(stats_dir, CLIP_MEAN, CLIP_STD)
   return Encoder('clip_vision', module, params, image_mean=tuple(mean), image_std=tuple(std))
+
+
+def is_text_tower(folder: str) -> bool:
+  """A transformers CLIPTextModel[WithProjection] folder (a pipeline's text_encoder/)."""
+  path = convert.config_path(folder)
+  return (os.path.isfile(path)
+          and convert.read_json_object(path).get('model_type') == _MODEL_TYPES['clip'])
+
+
+def load_clip_pair(text_folder: str, vision_folder: str):
+  """(CLIP, params): our two-tower CLIP from a pipeline's single-tower folders (Karlo's
+  text_encoder/ and an image variation pipeline's image_encoder/), so that a trainer's frozen
+  encoder embeds both captions and images; the unused logit scale keeps its initial value."""
+  t_cfg, v_cfg = _config(text_folder, 'clip'), _config(vision_folder, 'clip_vision')
+  convert.check_config_fields(t_cfg, convert.config_path(text_folder), convert.CLIP_TEXT_FIELDS)
+  convert.check_config_fields(v_cfg, convert.config_path(vision_folder),
+                              convert.CLIP_VISION_FIELDS)
+  dims = (t_cfg.get('projection_dim', 512), v_cfg.get('projection_dim', 512))
+  if dims[0] != dims[1]:
+    raise errors.InputError(f'{vision_folder}: projection_dim {dims[1]} differs from the text '
+                            f'encoder\'s {dims[0]} in {text_folder}; give the image tower '
+                            'trained with it')
+  try:
+    fields = clip_lib.config_from_hf({'text_config': t_cfg, 'vision_config': v_cfg,
+                                      'projection_dim': dims[0]})
+  except ValueError as e:
+    raise errors.InputError(f'{text_folder}: {e}') from None
+  module = clip_lib.CLIP(**fields)
+  template = traverse_util.flatten_dict(clip_lib.abstract_params(module))
+  tensors = {**convert.read_weights(text_folder), **convert.read_weights(vision_folder),
+             'logit_scale': np.full((), fields['logit_scale_init'], np.float32)}
+  params = convert.assemble(tensors, convert.clip_rules(), template, ignore=convert.CLIP_IGNORE,
+                            what=f'CLIP weights in {text_folder} and {vision_folder}')
+  return module, params
+
+
+def image_stats_folder(vision_folder: str) -> str:
+  """Where an image tower's pixel statistics are: its own preprocessor_config.json, else the
+  pipeline's feature_extractor/ beside it."""
+  if os.path.isfile(os.path.join(vision_folder, 'preprocessor_config.json')):
+    return vision_folder
+  return _sibling(vision_folder, 'feature_extractor')
 
 
 def preprocess_prompts(kind: str, prompts: Sequence[str], clean_caption: bool = False

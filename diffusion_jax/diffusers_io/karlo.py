@@ -32,11 +32,11 @@ import numpy as np
 
 from diffusion_jax import convert, errors
 from diffusion_jax.diffusers_io import encoders as dio_encoders
+from diffusion_jax.diffusers_io import pipeline as dio_pipeline
 from diffusion_jax.diffusers_io import prior as dio_prior
 from diffusion_jax.diffusers_io import scheduler as dio_scheduler
 from diffusion_jax.diffusers_io import unet as dio_unet
 
-MODEL_INDEX = 'model_index.json'
 PIPELINES = {'UnCLIPPipeline': ('prior', 'decoder', 'super_res'),
              'UnCLIPImageVariationPipeline': ('decoder', 'super_res')}
 # The pipelines' `__call__` defaults: steps and guidance scale of each stage.
@@ -46,39 +46,63 @@ SAMPLING = {'prior': dict(num_steps=25, guidance_scale=4.0),
 SCHEDULERS = {'prior': 'prior_scheduler', 'decoder': 'decoder_scheduler',
               'super_res': 'super_res_scheduler'}
 NETWORKS = {'prior': 'prior', 'decoder': 'decoder', 'super_res': 'super_res_first'}
-
-
-def model_class(path: str) -> str:
-  index = os.path.join(path, MODEL_INDEX)
-  if not os.path.isfile(index):
-    return ''
-  return str(convert.read_json_object(index).get('_class_name', ''))
+# The component folders `--config.init_from=DIR/<component>` fine-tunes, and their stage.
+FINE_TUNABLE = {'decoder': 'decoder', 'super_res_first': 'super_res',
+                'super_res_last': 'super_res'}
 
 
 def is_karlo_dir(path: str) -> bool:
   """A diffusers unCLIP pipeline directory (text-to-image or image variations)."""
-  return os.path.isdir(path) and model_class(path) in PIPELINES
+  return os.path.isdir(path) and dio_pipeline.model_class(path) in PIPELINES
+
+
+def split_component(path: str) -> tuple[str, str] | None:
+  """(Karlo directory, component) when `path` names a network folder of one (DIR/decoder,
+  DIR/super_res_first, DIR/super_res_last, DIR/prior), else None."""
+  root, name = os.path.split(os.path.normpath(path))
+  if name in (*FINE_TUNABLE, 'prior') and is_karlo_dir(root or '.'):
+    return root or '.', name
+  return None
+
+
+def component_config(path: str) -> dict[str, Any]:
+  """The stage config that fine-tunes the component `path` names (`split_component`): its
+  stage's, with a text encoder the trainer builds (the pipeline's CLIP text tower beside an
+  image tower: image_encoder/ of an image variation pipeline, else text_encoder.image_path
+  to be set by the run)."""
+  root, name = split_component(path)
+  if name == 'prior':
+    raise errors.InputError(
+        f'{path}: fine-tuning Karlo\'s prior is not supported (it samples in the space of its '
+        'clip_mean/clip_std, which our prior does not train in); fine-tune decoder, '
+        'super_res_first or super_res_last')
+  if FINE_TUNABLE[name] not in stage_names(root):
+    raise errors.InputError(f'{path}: {dio_pipeline.model_class(root)} has no {name}/ to '
+                            'fine-tune')
+  return stage_config(root, FINE_TUNABLE[name])
+
+
+def component_params(path: str, model: dict[str, Any]) -> dict:
+  """Our parameter tree (numpy) of the component `path` names."""
+  root, name = split_component(path)
+  params, extras = load_stage(root, FINE_TUNABLE[name], model)
+  if name == 'super_res_last' and extras['final_params'] is not None:
+    return extras['final_params']
+  return params
 
 
 def stage_names(path: str) -> tuple[str, ...]:
-  cls = model_class(path)
+  cls = dio_pipeline.model_class(path)
   if cls not in PIPELINES:
-    raise errors.InputError(f'{os.path.join(path, MODEL_INDEX)}: _class_name={cls!r}; a Karlo '
-                            f'directory is one of {", ".join(PIPELINES)}')
+    index = os.path.join(path, dio_pipeline.MODEL_INDEX)
+    raise errors.InputError(f'{index}: _class_name={cls!r}; a Karlo directory is one of '
+                            f'{", ".join(PIPELINES)}')
   return PIPELINES[cls]
-
-
-def component(path: str, name: str) -> str:
-  folder = os.path.join(path, name)
-  if not os.path.isdir(folder):
-    raise errors.InputError(f'{path}: no {name}/ folder; a {model_class(path)} directory holds '
-                            f'{name}/ (save it with save_pretrained)')
-  return folder
 
 
 def text_length(path: str) -> int:
   """The tokenizer's model_max_length: the length every prompt is padded to."""
-  cfg_file = os.path.join(component(path, 'tokenizer'), 'tokenizer_config.json')
+  cfg_file = os.path.join(dio_pipeline.component(path, 'tokenizer'), 'tokenizer_config.json')
   length = convert.read_json_object(cfg_file).get('model_max_length')
   if not isinstance(length, int) or not 0 < length < 1 << 20:
     raise errors.InputError(f'{cfg_file}: model_max_length={length!r}; give the CLIP text '
@@ -91,7 +115,8 @@ def _config(folder: str) -> dict[str, Any]:
 
 
 def _sections(path: str, name: str) -> tuple[dict, dict]:
-  sched_file = os.path.join(component(path, SCHEDULERS[name]), 'scheduler_config.json')
+  sched_file = os.path.join(dio_pipeline.component(path, SCHEDULERS[name]),
+                            'scheduler_config.json')
   sched = convert.read_json_object(sched_file)
   if sched.get('_class_name', 'UnCLIPScheduler') != 'UnCLIPScheduler':
     raise errors.InputError(f'{sched_file}: _class_name={sched.get("_class_name")!r}; the '
@@ -103,7 +128,7 @@ def _sections(path: str, name: str) -> tuple[dict, dict]:
 
 
 def _model(path: str, name: str, num_timesteps: int) -> dict[str, Any]:
-  folder = component(path, NETWORKS[name])
+  folder = dio_pipeline.component(path, NETWORKS[name])
   where = os.path.join(NETWORKS[name], 'config.json')
   config = _config(folder)
   if name == 'prior':
@@ -111,15 +136,17 @@ def _model(path: str, name: str, num_timesteps: int) -> dict[str, Any]:
     model.update(name='prior')
     return model
   if name == 'decoder':
-    text_proj = _config(component(path, 'text_proj'))
+    text_proj = _config(dio_pipeline.component(path, 'text_proj'))
     model = dio_unet.unet_kwargs(config, where=where, text_proj_config=text_proj)
     model.update(name='unet', text_len=text_length(path))
     return model
-  decoder_size = int(_config(component(path, 'decoder')).get('sample_size') or 64)
+  decoder_size = int(_config(dio_pipeline.component(path, 'decoder')).get('sample_size')
+                     or 64)
   model = dio_unet.unet_kwargs(config, where=where, low_res_size=decoder_size)
   last_where = os.path.join('super_res_last', 'config.json')
-  last = dio_unet.unet_kwargs(_config(component(path, 'super_res_last')), where=last_where,
-                              low_res_size=decoder_size)
+  last = dio_unet.unet_kwargs(_config(dio_pipeline.component(path, 'super_res_last')),
+                              where=last_where, low_res_size=decoder_size)
+  last['image_size'] = model['image_size']  # the release leaves its sample_size null
   if last != model:
     diff = sorted(k for k in set(model) | set(last) if model.get(k) != last.get(k))
     raise errors.InputError(f'{last_where}: its network differs from super_res_first\'s in '
@@ -145,7 +172,7 @@ def stage_config(path: str, name: str) -> dict[str, Any]:
   c.update(stage=name, size='released', model=model, target='image_embed'
            if name == 'prior' else 'image',
            diffusion={**c['diffusion'], **diffusion}, sampler={**c['sampler'], **sampler})
-  c['text_encoder'] = dict(name=None, path=None)  # the pipeline's CLIP towers (`load_encoders`)
+  c['text_encoder'] = _text_encoder(path) if name != 'super_res' else dict(name=None, path=None)
   c['input'].update(image_size=int(model.get('image_size') or c['input']['image_size']),
                     low_res_size=model.get('low_res_size') or None, low_res_degradation='none',
                     text_max_len=int(model.get('text_len') or text_length(path)),
@@ -154,14 +181,24 @@ def stage_config(path: str, name: str) -> dict[str, Any]:
   return c
 
 
+def _text_encoder(path: str) -> dict[str, Any]:
+  """The text_encoder section of a CLIP-reading stage: the pipeline's towers (a sampling
+  pipeline builds them itself, `load_encoders`), raw embeddings, padding kept."""
+  image = os.path.join(path, 'image_encoder')
+  return dict(name='clip', preset='', path=dio_pipeline.component(path, 'text_encoder'),
+              tokenizer_path=dio_pipeline.component(path, 'tokenizer'),
+              image_path=image if os.path.isdir(image) else None,
+              max_length=text_length(path), dtype='float32', seed=0, batch_size=32,
+              zero_padding=False, raw_embeddings=True)
+
+
 def stage_configs(path: str) -> dict[str, dict[str, Any]]:
   """name -> stage config of every stage of the directory, in cascade order."""
   return {name: stage_config(path, name) for name in stage_names(path)}
 
 
 def _weights(path: str, folder_name: str) -> dict[str, np.ndarray]:
-  from diffusion_jax.diffusers_io import pipeline as dio_pipeline  # noqa: PLC0415
-  return dio_pipeline.component_weights(component(path, folder_name))
+  return dio_pipeline.component_weights(dio_pipeline.component(path, folder_name))
 
 
 def load_stage(path: str, name: str, model: dict[str, Any]) -> tuple[dict, dict]:
@@ -169,7 +206,7 @@ def load_stage(path: str, name: str, model: dict[str, Any]) -> tuple[dict, dict]
   `clip_std` and super_res's `final_params` (super_res_last's, None when they equal
   super_res_first's)."""
   kwargs = {k: v for k, v in model.items() if k != 'name'}
-  folder = component(path, NETWORKS[name])
+  folder = dio_pipeline.component(path, NETWORKS[name])
   if name == 'prior':
     tensors = _weights(path, 'prior')
     what = f'prior weights in {folder}'
@@ -192,9 +229,10 @@ def load_stage(path: str, name: str, model: dict[str, Any]) -> tuple[dict, dict]
 def load_encoders(path: str) -> dict[str, dio_encoders.Encoder]:
   """The pipeline's frozen CLIP towers: 'text' (with its tokenizer) and, for image
   variations, 'image'."""
-  out = {'text': dio_encoders.load_text_encoder(component(path, 'text_encoder'), 'clip',
-                                                component(path, 'tokenizer'))}
-  if model_class(path) == 'UnCLIPImageVariationPipeline':
-    out['image'] = dio_encoders.load_image_encoder(component(path, 'image_encoder'),
-                                                   component(path, 'feature_extractor'))
+  folder = lambda name: dio_pipeline.component(path, name)
+  out = {'text': dio_encoders.load_text_encoder(folder('text_encoder'), 'clip',
+                                                folder('tokenizer'))}
+  if dio_pipeline.model_class(path) == 'UnCLIPImageVariationPipeline':
+    out['image'] = dio_encoders.load_image_encoder(folder('image_encoder'),
+                                                   folder('feature_extractor'))
   return out

@@ -46,18 +46,26 @@ def model_index(path: str) -> dict[str, Any]:
   return convert.read_json_object(os.path.join(path, MODEL_INDEX))
 
 
+def model_class(path: str) -> str:
+  """The pipeline class a directory's model_index.json names ('' without one)."""
+  if not is_pipeline_dir(path):
+    return ''
+  return str(model_index(path).get('_class_name', ''))
+
+
 def pipeline_class(path: str) -> str:
-  cls = str(model_index(path).get('_class_name', ''))
+  cls = model_class(path)
   if cls not in IF_PIPELINES:
     raise errors.InputError(f'{os.path.join(path, MODEL_INDEX)}: _class_name={cls!r} is not '
                             f'supported; pipelines read here: {", ".join(IF_PIPELINES)}')
   return cls
 
 
-def _component(path: str, name: str) -> str:
+def component(path: str, name: str) -> str:
+  """The component folder `name` of a pipeline directory (one-line error naming the class)."""
   folder = os.path.join(path, name)
   if not os.path.isdir(folder):
-    raise errors.InputError(f'{path}: no {name}/ folder; a {pipeline_class(path)} directory '
+    raise errors.InputError(f'{path}: no {name}/ folder; a {model_class(path)} directory '
                             f'holds {name}/ (save it with save_pretrained)')
   return folder
 
@@ -66,7 +74,7 @@ def _text_folders(path: str) -> tuple[str, str]:
   """(text_encoder/, tokenizer/): the stage's own, else, for a stage saved without its T5,
   those of a sibling IF pipeline directory."""
   if os.path.isdir(os.path.join(path, 'text_encoder')):
-    return _component(path, 'text_encoder'), _component(path, 'tokenizer')
+    return component(path, 'text_encoder'), component(path, 'tokenizer')
   parent = os.path.dirname(os.path.normpath(path)) or '.'
   for sibling in sorted(os.listdir(parent)):
     other = os.path.join(parent, sibling)
@@ -75,7 +83,7 @@ def _text_folders(path: str) -> tuple[str, str]:
         and os.path.isdir(os.path.join(other, 'text_encoder'))
         and os.path.isdir(os.path.join(other, 'tokenizer'))):
       return os.path.join(other, 'text_encoder'), os.path.join(other, 'tokenizer')
-  return _component(path, 'text_encoder'), _component(path, 'tokenizer')  # the error
+  return component(path, 'text_encoder'), component(path, 'tokenizer')  # the error
 
 
 def component_weights(folder: str) -> dict:
@@ -95,11 +103,11 @@ def stage_config(path: str) -> dict[str, Any]:
   from configs import imagen as imagen_configs  # noqa: PLC0415 - the paper skeleton
   from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
   role = IF_PIPELINES[pipeline_class(path)]
-  unet_dir = _component(path, 'unet')
+  unet_dir = component(path, 'unet')
   unet_file = os.path.join(unet_dir, 'config.json')
   model = dict(dio_unet.unet_kwargs(convert.read_json_object(unet_file), where=unet_file))
   model.update(name='unet', text_len=IF_TEXT_LEN)
-  sched_file = os.path.join(_component(path, 'scheduler'), 'scheduler_config.json')
+  sched_file = os.path.join(component(path, 'scheduler'), 'scheduler_config.json')
   sched_cfg = convert.read_json_object(sched_file)
   diffusion = dio_scheduler.diffusion_section(sched_cfg, sched_file)
   if model['learned_variance'] != diffusion['learned_variance']:
@@ -134,7 +142,7 @@ def stage_config(path: str) -> dict[str, Any]:
 def _check_noising_scheduler(path: str, diffusion: dict[str, Any]) -> None:
   """Stage II's low-res noise comes from its image_noising_scheduler; we draw it on the
   stage's own schedule, so the two must be the same noise process."""
-  where = os.path.join(_component(path, NOISING_SCHEDULER), 'scheduler_config.json')
+  where = os.path.join(component(path, NOISING_SCHEDULER), 'scheduler_config.json')
   noising = dio_scheduler.diffusion_section(convert.read_json_object(where), where)
   keys = ('schedule', 'num_timesteps', 'beta_start', 'beta_end')
   if any(noising.get(k) != diffusion.get(k) for k in keys):
@@ -149,5 +157,5 @@ def read_tensors(path: str) -> dict:
   from flax import traverse_util  # noqa: PLC0415
   from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
   kwargs = {k: v for k, v in stage_config(path)['model'].items() if k != 'name'}
-  params = dio_unet.convert_unet(component_weights(_component(path, 'unet')), kwargs)
+  params = dio_unet.convert_unet(component_weights(component(path, 'unet')), kwargs)
   return {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(params)).items()}

@@ -230,7 +230,7 @@ class Stage:
     key = None
     if te is not None and config_util.get(te, 'name'):
       items = dict(te.items())
-      for k in ('path', 'tokenizer_path'):
+      for k in ('path', 'tokenizer_path', 'image_path'):
         if items.get(k) and os.path.isdir(items[k]):
           items[k] = io_util.folder_fingerprint(items[k])
       key = repr(sorted(items.items()))

@@ -252,34 +252,6 @@ class KarloCLIP:
     return out['image_embeds'].astype(jnp.float32)
 
 
-class KarloConditioner(conditioning.Conditioner):
-  """The reference pipeline's conditioning: raw CLIP embeddings (no l2 scaling), the text
-  tokens with their padding, the empty prompt's encoding for the unconditional branch."""
-
-  def image_embed(self, frozen, images):
-    return self.encoder.image_forward(frozen, images, False)
-
-  def text_cond(self, frozen, text_ids, text_mask):
-    tokens, pooled = self.encoder.text_forward(frozen, text_ids, text_mask)
-    cond = {}
-    if 'text_tokens' in self.keys:
-      cond.update(text_tokens=tokens, text_mask=text_mask)
-    if 'text_embed' in self.keys:
-      cond['text_embed'] = pooled
-    cond.update(self.null_text_cond(frozen, tokens.shape[0]))
-    return cond
-
-  def null_text_cond(self, frozen, n: int):
-    wanted = {'null_text_tokens', 'null_text_mask', 'null_text_embed'} & self.keys
-    if not wanted:
-      return {}
-    ids, mask = self.encoder.tokenize([''])
-    tokens, pooled = self.encoder.text_forward(frozen, jnp.asarray(ids), jnp.asarray(mask))
-    null = {'null_text_tokens': tokens, 'null_text_mask': jnp.asarray(mask, bool),
-            'null_text_embed': pooled}
-    return {k: jnp.broadcast_to(null[k], (n,) + null[k].shape[1:]) for k in wanted}
-
-
 class KarloStage(common.Stage):
   """A stage of a Karlo directory: its network and weights mapped by `diffusers_io.karlo`,
   the pipeline's CLIP as frozen encoder. The prior keeps its `clip_mean` / `clip_std`;
@@ -302,17 +274,20 @@ class KarloStage(common.Stage):
   def _tokenizer(self, config):
     return self._clip.tokenizer
 
-  def _conditioner(self, config):
-    return KarloConditioner(config, self._clip)
-
   def _final_time(self) -> float:
     return 1.5 / self.schedule.num_timesteps  # between step 0 (1/T) and step 1 (2/T)
 
   def _apply_by_step(self, params, x, t_B, cond):
-    first = self.model.apply({'params': params['first']}, x, t_B, cond, train=False)
-    final = self.model.apply({'params': params['final']}, x, t_B, cond, train=False)
+    """Each row through the network of its step; both run only when the rows' steps mix."""
+    run = lambda p: self.model.apply({'params': p}, x, t_B, cond, train=False)
     last_B = t_B <= self._final_time()
-    return jnp.where(last_B.reshape((-1,) + (1,) * (x.ndim - 1)), final, first)
+
+    def mixed():
+      return jnp.where(last_B.reshape((-1,) + (1,) * (x.ndim - 1)), run(params['final']),
+                       run(params['first']))
+    return jax.lax.cond(jnp.all(last_B), lambda: run(params['final']),
+                        lambda: jax.lax.cond(jnp.any(last_B), mixed,
+                                             lambda: run(params['first'])))
 
   def denoise_fn(self, params, report: bool):
     if not self.has_final:

@@ -16,6 +16,12 @@ DIR/<stage>/ in the layout `IFPipeline.from_pretrained` (a base stage) or
 `pipelines.from_pretrained(DIR/<stage>)` reads the result back. A stage diffusers cannot
 express (our own attention pooling, a continuous-time schedule, a randomly initialised T5)
 is refused in one line naming the field. Nothing is downloaded.
+
+Stages fine-tuned from a Karlo directory (`--config.init_from=KARLO/decoder`,
+`KARLO/super_res_first` or `KARLO/super_res_last`) go back into its layout instead: DIR is a
+copy of KARLO (model_index.json, schedulers, CLIP, prior) whose decoder/ + text_proj/ and
+super_res_first/ + super_res_last/ hold the trained networks (one super-res network trained:
+both folders hold it, so the export samples what the stage samples).
 """
 from __future__ import annotations
 
@@ -91,20 +97,29 @@ def _copy_dir(src: str, dst: str) -> None:
   shutil.copytree(src, dst)
 
 
+def _restore(stage_dir: str, use_ema: bool):
+  from diffusion_jax import conditioning  # noqa: PLC0415 - importing the CLI stays light
+  name = os.path.basename(os.path.normpath(stage_dir))
+  try:
+    return conditioning.restore_stage(stage_dir, use_ema=use_ema, name=name)
+  except FileNotFoundError:
+    raise errors.InputError(f'stage {name!r}: no checkpoint in {stage_dir}/checkpoints; train '
+                            'it first') from None
+
+
+def _host_params(stage):
+  from flax import linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  return jax.device_get(nn.meta.unbox(stage.params))
+
+
 def export_stage(stage_dir: str, out_dir: str, *, use_ema: bool = True) -> str:
   """Writes the trained stage `stage_dir` as a diffusers IF pipeline directory `out_dir`."""
-  from flax import linen as nn  # noqa: PLC0415 - importing the CLI stays light
-  import jax  # noqa: PLC0415
-  from diffusion_jax import conditioning  # noqa: PLC0415
   from diffusion_jax.diffusers_io import scheduler as dio_scheduler  # noqa: PLC0415
   from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
   from diffusion_jax import io_util  # noqa: PLC0415
   name = os.path.basename(os.path.normpath(stage_dir))
-  try:
-    stage = conditioning.restore_stage(stage_dir, use_ema=use_ema, name=name)
-  except FileNotFoundError:
-    raise errors.InputError(f'stage {name!r}: no checkpoint in {stage_dir}/checkpoints; train '
-                            'it first') from None
+  stage = _restore(stage_dir, use_ema)
   config = stage.config
   if config.get('family') != 'imagen':
     _refuse(name, f'family={config.get("family")!r} is not supported; only Imagen-family '
@@ -131,7 +146,7 @@ def export_stage(stage_dir: str, out_dir: str, *, use_ema: bool = True) -> str:
     _refuse(name, 'model.low_res_upsampled=False is not supported; IF stage II noises its '
             'low-res input after upsampling it: train with --config.model.'
             'low_res_upsampled=True')
-  params = jax.device_get(nn.meta.unbox(stage.params))
+  params = _host_params(stage)
   os.makedirs(out_dir, exist_ok=True)
   dio_unet.save_unet(os.path.join(out_dir, 'unet'), kw, params)
   io_util.write_json(os.path.join(out_dir, 'scheduler', 'scheduler_config.json'), scheduler)
@@ -152,6 +167,71 @@ def export_stage(stage_dir: str, out_dir: str, *, use_ema: bool = True) -> str:
   return out_dir
 
 
+def karlo_source(stage_dir: str) -> tuple[str, str] | None:
+  """(Karlo directory, component) the stage was fine-tuned from, read from the config saved
+  with its newest checkpoint; None for any other stage."""
+  from diffusion_jax import checkpoint as ckpt_lib  # noqa: PLC0415
+  from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
+  reader = ckpt_lib.Checkpointer(os.path.join(stage_dir, 'checkpoints'), read_only=True)
+  try:
+    steps = reader.all_steps()
+    saved = reader.saved_config(steps[-1]) if steps else None
+  finally:
+    reader.close()
+  init_from = (saved or {}).get('init_from')
+  return karlo.split_component(init_from) if init_from else None
+
+
+def export_karlo(stage_dirs: dict[str, str], out: str, *, use_ema: bool = True) -> str:
+  """Writes stages fine-tuned from one Karlo directory into a copy of it at `out`."""
+  from diffusion_jax import conditioning  # noqa: PLC0415
+  from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
+  from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
+  sources = {name: karlo_source(d) for name, d in stage_dirs.items()}
+  roots = sorted({os.path.abspath(root) for root, _ in sources.values()})
+  if len(roots) != 1:
+    raise errors.InputError(f'--stages: fine-tuned from different Karlo directories '
+                            f'({", ".join(roots)}); export the stages of one at a time')
+  root = roots[0]
+  kinds = {name: karlo.FINE_TUNABLE[component] for name, (_, component) in sources.items()}
+  for kind in set(kinds.values()):
+    same = sorted(n for n, k in kinds.items() if k == kind)
+    if len(same) > 1:
+      raise errors.InputError(f'--stages: {", ".join(same)} all fine-tune Karlo\'s {kind}; '
+                              'choose one with --stages')
+  if os.path.abspath(out) == root:
+    raise errors.InputError(f'--out={out} is the Karlo directory the stages started from; give '
+                            'a new directory')
+  if os.path.isdir(out) and os.listdir(out) and not karlo.is_karlo_dir(out):
+    raise errors.InputError(f'--out={out}: exists and is not a Karlo directory; give a new one')
+  for name, stage_dir in stage_dirs.items():
+    kind = kinds[name]
+    stage = _restore(stage_dir, use_ema)
+    released = conditioning.config_from_saved(karlo.stage_config(root, kind))
+    diffs = [line for line in conditioning.config_differences(released, stage.config,
+                                                              ('model', 'diffusion'))
+             if line.split(':', 1)[0].rsplit('.', 1)[-1] not in conditioning.EXECUTION_LEAVES]
+    if diffs:
+      _refuse(name, f'its network or noise process differs from {root}\'s {kind} '
+              f'({"; ".join(diffs)}); the Karlo layout changes only weights')
+    kw = {k: v for k, v in stage.config.model.to_dict().items() if k != 'name'}
+    params = _host_params(stage)
+    if name == list(stage_dirs)[0]:
+      shutil.copytree(root, out, dirs_exist_ok=True)
+    folders = (('decoder', 'text_proj') if kind == 'decoder'
+               else ('super_res_first', 'super_res_last'))
+    for folder in folders:
+      if os.path.isdir(os.path.join(out, folder)):
+        shutil.rmtree(os.path.join(out, folder))
+    if kind == 'decoder':
+      dio_unet.save_unet(os.path.join(out, 'decoder'), kw, params,
+                         text_proj_folder=os.path.join(out, 'text_proj'))
+    else:
+      for folder in folders:
+        dio_unet.save_unet(os.path.join(out, folder), kw, params)
+  return out
+
+
 def export(workdir: str, out: str, stages: list[str] | None = None, use_ema: bool = True
            ) -> list[str]:
   """Exports `stages` (default: every trained stage) of `workdir` to OUT/<stage>."""
@@ -164,6 +244,16 @@ def export(workdir: str, out: str, stages: list[str] | None = None, use_ema: boo
   if unknown:
     raise errors.InputError(f'--stages: {", ".join(unknown)} not trained under {workdir}; '
                             f'choose from {", ".join(found)}')
+  karlo_stages = [n for n in names if karlo_source(os.path.join(workdir, n))]
+  if karlo_stages:
+    others = [n for n in names if n not in karlo_stages]
+    if others:
+      raise errors.InputError(f'--stages: {", ".join(karlo_stages)} go back into a Karlo '
+                              f'directory and {", ".join(others)} into IF ones; export them '
+                              'separately with --stages')
+    path = export_karlo({n: os.path.join(workdir, n) for n in names}, out, use_ema=use_ema)
+    print(f'{", ".join(names)}: wrote {path}', file=sys.stderr)
+    return [path]
   written = []
   for name in names:
     path = export_stage(os.path.join(workdir, name), os.path.join(out, name), use_ema=use_ema)
@@ -184,7 +274,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> 
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string('workdir', None, 'the root of the trained stages (ROOT/<stage>)',
                       required=True, **fv)
-  flags.DEFINE_string('out', None, 'the output directory; each stage goes to OUT/<stage>',
+  flags.DEFINE_string('out', None, 'the output directory; each stage goes to OUT/<stage> (stages '
+                      'fine-tuned from Karlo: OUT is the Karlo directory)',
                       required=True, **fv)
   flags.DEFINE_string('stages', None, 'comma-separated stage names (default: every trained '
                       'stage)', **fv)

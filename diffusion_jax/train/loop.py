@@ -172,7 +172,8 @@ def init_state(trainer: Trainer, source: InitSource | None = None):
 ADOPTED_FIELDS = tuple(f for f in conditioning.WEIGHT_FIELDS
                        if f not in ('input.dataset', 'input.modules'))
 # Where this machine keeps the frozen encoder and tokenizer: the run's value wins where set.
-LOCATION_LEAVES = ('text_encoder.path', 'text_encoder.tokenizer_path')
+LOCATION_LEAVES = ('text_encoder.path', 'text_encoder.tokenizer_path',
+                   'text_encoder.image_path')
 _PICKLE_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt', '.pkl')
 
 
