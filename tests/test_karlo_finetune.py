@@ -207,3 +207,17 @@ def test_refusals_are_one_line(sources, tmp_path):
   cfg = _run_config('decoder', sources, image_tower=False)
   with pytest.raises(errors.InputError, match='text_encoder.image_path'):
     loop.train(cfg, str(tmp_path / 'decoder'))
+
+
+def test_export_refusals_are_one_line(sources, root, tmp_path, capsys):
+  other = tmp_path / 'notes'
+  other.mkdir()
+  (other / 'a.txt').write_text('mine')
+  for out, needle in ((other, 'is not a Karlo directory'),
+                      (sources[0][1], 'is the Karlo directory the stages started from')):
+    with pytest.raises(SystemExit) as e:
+      cli.call(export_main, [f'--workdir={root}', f'--out={out}'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith('error: ') and needle in err[-1], err[-3:]
+  assert sorted(os.listdir(other)) == ['a.txt'], 'wrote before refusing'

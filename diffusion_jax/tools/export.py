@@ -184,7 +184,7 @@ def karlo_source(stage_dir: str) -> tuple[str, str] | None:
 
 def export_karlo(stage_dirs: dict[str, str], out: str, *, use_ema: bool = True) -> str:
   """Writes stages fine-tuned from one Karlo directory into a copy of it at `out`."""
-  from diffusion_jax import conditioning  # noqa: PLC0415
+  from diffusion_jax import conditioning, io_util  # noqa: PLC0415
   from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
   from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
   sources = {name: karlo_source(d) for name, d in stage_dirs.items()}
@@ -204,6 +204,7 @@ def export_karlo(stage_dirs: dict[str, str], out: str, *, use_ema: bool = True) 
                             'a new directory')
   if os.path.isdir(out) and os.listdir(out) and not karlo.is_karlo_dir(out):
     raise errors.InputError(f'--out={out}: exists and is not a Karlo directory; give a new one')
+  shutil.copytree(root, out, dirs_exist_ok=True)  # what was not fine-tuned stays Karlo's
   for name, stage_dir in stage_dirs.items():
     kind = kinds[name]
     stage = _restore(stage_dir, use_ema)
@@ -214,10 +215,15 @@ def export_karlo(stage_dirs: dict[str, str], out: str, *, use_ema: bool = True) 
     if diffs:
       _refuse(name, f'its network or noise process differs from {root}\'s {kind} '
               f'({"; ".join(diffs)}); the Karlo layout changes only weights')
+    te = stage.config.get('text_encoder') or {}
+    if kind == 'decoder' and (not te.get('raw_embeddings') or not te.get('path') or (
+        io_util.folder_fingerprint(te.path)
+        != io_util.folder_fingerprint(os.path.join(root, 'text_encoder')))):
+      _refuse(name, f'text_encoder.path={te.get("path")!r} (raw_embeddings='
+              f'{te.get("raw_embeddings")!r}) is not the CLIP text tower of {root}, which the '
+              'exported directory keeps; train with the adopted text encoder')
     kw = {k: v for k, v in stage.config.model.to_dict().items() if k != 'name'}
     params = _host_params(stage)
-    if name == list(stage_dirs)[0]:
-      shutil.copytree(root, out, dirs_exist_ok=True)
     folders = (('decoder', 'text_proj') if kind == 'decoder'
                else ('super_res_first', 'super_res_last'))
     for folder in folders:
