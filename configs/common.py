@@ -132,7 +132,7 @@ OPTIONAL_FIELDS = {
     'dataset': str, 'data_dir': str, 'low_res_size': int, 'num_epochs': int,
     'train_crop_size': int, 'caption_rewrite': str, 'name': str, 'preset': str, 'path': str,
     'tokenizer_path': str, 'tokenizer_style': str, 'max_length': int, 'eos_token_id': int,
-    'init_from': str,
+    'init_from': str, 'image_path': str,
 }
 
 

@@ -4,6 +4,7 @@ state is the released weights, the trainer conditions the decoder as the Karlo p
 it, diffusers' UnCLIPPipeline loads the export and its networks give our trained stages'
 outputs, and our reader gives the export back."""
 import os
+import types
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from test_train import _restore_raw, tiny_config
 from diffusion_jax import cli, conditioning, errors, pipelines
 from diffusion_jax.diffusers_io import karlo
 from diffusion_jax.tools import export as export_main
+from diffusion_jax.train import __main__ as train_main
 from diffusion_jax.train import loop
 
 torch = pytest.importorskip('torch')
@@ -209,6 +211,18 @@ def test_refusals_are_one_line(sources, tmp_path):
     loop.train(cfg, str(tmp_path / 'decoder'))
 
 
+def test_the_train_cli_takes_the_image_tower_flag(sources, tmp_path, capsys):
+  (_, text_dir), _ = sources
+  with pytest.raises(SystemExit) as e:
+    cli.call(train_main, ['--config=configs/unclip.py:stage=decoder64,size=tiny',
+                          f'--workdir={tmp_path / "w"}',
+                          f'--config.init_from={os.path.join(text_dir, "decoder")}',
+                          f'--config.text_encoder.image_path={tmp_path / "missing"}'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err and 'text_encoder.image_path' in err[-1] and 'no such directory' in err[-1], err[-3:]
+
+
 def test_export_refusals_are_one_line(sources, root, tmp_path, capsys):
   other = tmp_path / 'notes'
   other.mkdir()
@@ -221,3 +235,18 @@ def test_export_refusals_are_one_line(sources, root, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith('error: ') and needle in err[-1], err[-3:]
   assert sorted(os.listdir(other)) == ['a.txt'], 'wrote before refusing'
+
+
+def test_a_prior_and_decoder_of_different_embedding_spaces_are_refused():
+  """A fine-tuned Karlo decoder reads raw CLIP embeddings: a prior of ours (l2-scaled ones)
+  cannot feed it."""
+  from diffusion_jax.pipelines import unclip as unclip_pipeline
+  stage = lambda raw: types.SimpleNamespace(conditioner=types.SimpleNamespace(raw_embeddings=raw))
+  pipe = object.__new__(unclip_pipeline.UnCLIPPipeline)
+  pipe.order = ('prior', 'decoder', 'super_res')
+  for prior_raw, decoder_raw in ((False, True), (True, False)):
+    pipe.stage = {'prior': stage(prior_raw), 'decoder': stage(decoder_raw)}.get
+    with pytest.raises(errors.InputError, match='pair a decoder with a prior'):
+      pipe.check_embedding_spaces()
+  pipe.stage = {'prior': stage(True), 'decoder': stage(True)}.get
+  pipe.check_embedding_spaces()

@@ -67,12 +67,24 @@ class UnCLIPPipeline(common.Cascade):
   def generate(self, prompts, rng, *, return_stages: bool = False, **overrides):
     prompts = common.check_prompts(prompts)
     self.check_overrides(overrides)
+    self.check_embedding_spaces()
     k_prior, k_dec = jax.random.split(rng)
     embed = self.prior(prompts, k_prior, overrides)
     collect: dict = {}
     x = self.image_chain(self.order[1:], prompts, k_dec, overrides,
                          first_inputs={'image_embed': embed}, collect=collect)
     return common.uint8_result(x, collect, return_stages)
+
+  def check_embedding_spaces(self):
+    """The prior samples the embeddings the decoder reads: both raw (Karlo's) or both
+    l2-scaled (`text_encoder.raw_embeddings`)."""
+    prior, dec = self.stage(self.prior_name), self.stage(self.decoder_name)
+    if prior.conditioner.raw_embeddings != dec.conditioner.raw_embeddings:
+      raw = lambda s: 'raw' if s.conditioner.raw_embeddings else 'l2-scaled'
+      raise errors.InputError(
+          f'stage {self.prior_name!r} samples {raw(prior)} CLIP embeddings but '
+          f'{self.decoder_name!r} reads {raw(dec)} ones (text_encoder.raw_embeddings); pair '
+          'a decoder with a prior trained in its embedding space')
 
   # Image editing ---------------------------------------------------------------------------------
 
