@@ -142,6 +142,25 @@ def test_export_round_trips_through_diffusers(root, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, stats2, stats)
 
 
+def test_fp16_variant_folder_loads(root, tmp_path):
+  """A prior folder with the fp16 variant alone loads it (as float32); with the float32 file
+  beside it, the float32 file wins."""
+  import copy
+  model, folder, _, _ = _case('karlo_like', root)
+  _, want, _ = dprior.load_prior(folder)
+  half = copy.deepcopy(model).half()
+  both = str(tmp_path / 'prior')
+  half.save_pretrained(both, variant='fp16')
+  _, params, stats = dprior.load_prior(both, num_timesteps=T)
+  assert stats['clip_std'].dtype == np.float32
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3), params, want)
+  assert max(float(np.abs(a - b).max())
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want))) > 0  # fp16 read
+  model.save_pretrained(both)
+  _, params, _ = dprior.load_prior(both, num_timesteps=T)
+  jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
 def test_converter_refuses_missing_unexpected_and_unsupported(root):
   _, folder, _, _ = _case('karlo_like', root)
   tensors = dict(convert.read_weights(folder))

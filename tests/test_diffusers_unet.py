@@ -81,6 +81,12 @@ CONFIGS = {
                       encoder_hid_dim_type='text_proj', cross_attention_norm='group_norm',
                       mid_block_type='UNetMidBlock2DSimpleCrossAttn',
                       class_embed_type='timestep', **_types([False, True])),
+    # A head width per level (6 and 3 heads of 8 down, 3 and 6 heads of 16 up: diffusers' up
+    # blocks read the list in down-block order), attention at both levels.
+    'head_widths': dict(IF_OPTIONS, sample_size=8, in_channels=3, out_channels=6,
+                        block_out_channels=(48, 48), layers_per_block=(1, 2), norm_num_groups=8,
+                        attention_head_dim=[8, 16], cross_attention_dim=32, encoder_hid_dim=20,
+                        addition_embed_type_num_heads=2, **_types([True, True])),
 }
 LOW_RES = {'if2': 8, 'if2_odd_heads': 4, 'if2_plain': 8}  # each IF-II stage's low-res side
 TEXT_LEN = 5
@@ -195,6 +201,10 @@ def test_kwargs_of_if_config():
   odd = du.unet_kwargs(CONFIGS['odd_heads'])
   assert odd['context_only_resolutions'] == (8,) and odd['num_res_blocks'] == (1, 2)
   assert odd['act'] == 'silu' and odd['emb_act'] == 'none' and not odd['use_scale_shift_norm']
+  widths = du.unet_kwargs(CONFIGS['head_widths'])
+  assert widths['down_head_channels'] == (8, 16) and widths['up_head_channels'] == (16, 8)
+  same = du.unet_kwargs(dict(CONFIGS['if1'], attention_head_dim=[16, 16]))
+  assert same == du.unet_kwargs(CONFIGS['if1'])
 
 
 def test_align_corners_resize_equals_torch():
@@ -208,7 +218,7 @@ def test_align_corners_resize_equals_torch():
   assert np.abs(np.asarray(half_pixel) - ref).max() > 1e-2  # the option matters
 
 
-@pytest.mark.parametrize('name', ['if1', 'if2', 'if1_odd_width', 'if2_odd_heads'])
+@pytest.mark.parametrize('name', ['if1', 'if2', 'if1_odd_width', 'if2_odd_heads', 'head_widths'])
 def test_export_returns_the_released_tensors(released, loaded, name):
   model, _ = released[name]
   module, params = loaded[name]
@@ -255,6 +265,8 @@ def test_exported_random_unet_loads_in_diffusers(tmp_path):
     ('flip_sin_to_cos', False, 'flip_sin_to_cos False is not supported'),
     ('up_block_types', ['ResnetUpsampleBlock2D', 'SimpleCrossAttnUpBlock2D'],
      'mirror image of down_block_types'),
+    # diffusers' text pooling cannot split 40 channels into 3 heads either
+    ('addition_embed_type_num_heads', 3, 'use a divisor of encoder_hid_dim 40'),
 ])
 def test_unsupported_config_is_one_line(field, value, words):
   with pytest.raises(errors.InputError) as e:
@@ -317,7 +329,8 @@ def test_unet2dmodel_output_equals_diffusers(tmp_path, name):
   ref = ref.transpose(0, 2, 3, 1)
   apply = jax.jit(module.apply)
   run = lambda low_, k_: np.asarray(apply(
-      {'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray((k_ + 1) / 1000, jnp.float32),
+      {'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+      jnp.asarray((k_ + 1) / 1000, jnp.float32),
       {'low_res': jnp.asarray(low_.transpose(0, 2, 3, 1))}))
   out = run(low, k)
   diff = float(np.abs(out - ref).max())
@@ -468,3 +481,23 @@ def test_sharded_folder_loads_the_same(released, loaded, tmp_path):
       os.remove(tmp_path / name)
   with pytest.raises(errors.InputError, match='no diffusion_pytorch_model.safetensors'):
     du.load_unet(str(tmp_path))
+
+
+def test_fp16_variant_folder_loads_as_float32(released, loaded, tmp_path):
+  """A folder saved with variant='fp16' (as DeepFloyd IF publishes its U-Nets), one file or
+  shards, loads as the fp16 tensors in float32; beside the float32 file, that file wins."""
+  import copy
+  model, _ = released['if1']
+  half = copy.deepcopy(model).half()
+  want = du.convert_unet({k: v.float().numpy() for k, v in half.state_dict().items()},
+                         du.unet_kwargs(CONFIGS['if1']))
+  for name, shard in (('single', None), ('sharded', '40KB')):
+    folder = tmp_path / name
+    half.save_pretrained(str(folder), variant='fp16',
+                         **({'max_shard_size': shard} if shard else {}))
+    assert not (folder / du.WEIGHTS_NAME).exists()
+    _, params = du.load_unet(str(folder))
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+  model.save_pretrained(str(tmp_path / 'single'))  # the float32 file beside the fp16 one
+  _, params = du.load_unet(str(tmp_path / 'single'))
+  jax.tree.map(np.testing.assert_array_equal, params, loaded['if1'][1])

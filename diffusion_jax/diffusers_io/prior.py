@@ -30,6 +30,7 @@ from flax import traverse_util
 import flax.linen as nn
 
 from diffusion_jax import convert, errors
+from diffusion_jax.diffusers_io import unet as dio_unet
 from diffusion_jax.models.prior import NUM_EXTRA_TOKENS, Prior
 
 CONFIG_NAME = 'config.json'
@@ -222,7 +223,7 @@ def load_prior(folder: str, num_timesteps: int | None = None):
     if os.path.exists(sched):
       num_timesteps = convert.read_json_object(sched).get('num_train_timesteps', 1000)
   kwargs = prior_kwargs(config, num_timesteps, where)
-  tensors = convert.read_weights(folder)
+  tensors = dio_unet.read_model_folder(folder)  # float32, else the fp16 variant
   what = f'prior weights in {folder}'
   params = convert_prior(tensors, kwargs, what=what)
   stats = clip_stats(tensors, kwargs['out_dim'] or kwargs['embed_dim'], what)

@@ -45,6 +45,8 @@ from diffusion_jax.models.unet import UNet
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 WEIGHTS_INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.json'
+FP16_WEIGHTS_NAME = 'diffusion_pytorch_model.fp16.safetensors'
+FP16_WEIGHTS_INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.fp16.json'
 # Level types: does the level attend?
 DOWN_TYPES = {'ResnetDownsampleBlock2D': False, 'SimpleCrossAttnDownBlock2D': True}
 UP_TYPES = {'ResnetUpsampleBlock2D': False, 'SimpleCrossAttnUpBlock2D': True}
@@ -187,10 +189,23 @@ def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
     _refuse(where, 'class_embed_type', class_type,
             "an unCLIP decoder needs its text_proj config (text_proj_config=...)")
   if not plain:
-    head_dim = int(_one_value(where, 'attention_head_dim', config.get('attention_head_dim', 8)))
-    kw.update(num_heads=1, head_channels=head_dim)
-    if any(c % head_dim for c, a in zip(boc, attends) if a) or boc[-1] % head_dim:
-      _refuse(where, 'attention_head_dim', head_dim, 'use a divisor of the attending widths')
+    head_dims = config.get('attention_head_dim', 8)
+    if isinstance(head_dims, (list, tuple)):
+      if len(head_dims) != len(boc) or not all(isinstance(d, int) and d > 0 for d in head_dims):
+        _refuse(where, 'attention_head_dim', list(head_dims), 'give one width per level')
+      head_dims = [int(d) for d in head_dims]
+    else:
+      head_dims = [int(head_dims)] * len(boc)
+    # diffusers' up blocks read the list in down-block order: level l going up takes entry
+    # n - 1 - l; the middle takes the last entry.
+    up_dims = head_dims[::-1]
+    if any(c % d for c, a, d in zip(boc, attends, head_dims) if a) or any(
+        c % d for c, a, d in zip(boc, attends, up_dims) if a) or boc[-1] % head_dims[-1]:
+      _refuse(where, 'attention_head_dim', config.get('attention_head_dim', 8),
+              'use a divisor of the attending widths')
+    kw.update(num_heads=1, head_channels=head_dims[-1])
+    if len(set(head_dims)) > 1:
+      kw.update(down_head_channels=tuple(head_dims), up_head_channels=tuple(up_dims))
     ctx_dim = config.get('cross_attention_dim', 1280)
     if isinstance(ctx_dim, (list, tuple)):
       _refuse(where, 'cross_attention_dim', list(ctx_dim), 'use one width for every level')
@@ -226,8 +241,11 @@ def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
   if add == 'text':
     if kw.get('text_source') != 'tokens':
       _refuse(where, 'addition_embed_type', add, 'it needs text tokens (attention blocks)')
-    kw.update(text_pool='attention_query_key',
-              text_pool_heads=int(config.get('addition_embed_type_num_heads', 64)))
+    pool_heads = int(config.get('addition_embed_type_num_heads', 64))
+    if kw['text_dim'] % pool_heads:  # diffusers' pooling splits the text width into the heads
+      _refuse(where, 'addition_embed_type_num_heads', pool_heads,
+              f"use a divisor of encoder_hid_dim {kw['text_dim']}")
+    kw.update(text_pool='attention_query_key', text_pool_heads=pool_heads)
   kw['aug_cond'] = class_type == 'timestep'
   kw['text_mask_keys'] = unclip if text_mask_keys is None else text_mask_keys
   kw.update(extra)
@@ -309,6 +327,12 @@ def diffusers_config(kw: Mapping[str, Any]) -> dict[str, Any]:
             "use text_source='tokens' with text_pool 'none' or 'attention_query_key'")
   if m.head_channels <= 0:
     _refuse(where, 'head_channels', m.head_channels, 'give the head width (attention_head_dim)')
+  if (m.down_head_channels or m.up_head_channels) and not (
+      tuple(m.up_head_channels) == tuple(m.down_head_channels)[::-1]
+      and m.head_channels == m.down_head_channels[-1]):
+    _refuse(where, 'up_head_channels', m.up_head_channels,
+            "diffusers' per-level attention_head_dim needs the reversed down_head_channels "
+            'and head_channels equal to the last')
   if m.low_res_size and m.low_res_resize != 'bilinear_align_corners':
     _refuse(where, 'low_res_resize', m.low_res_resize, "use 'bilinear_align_corners'")
   n = len(m.channel_mult)
@@ -337,7 +361,8 @@ def diffusers_config(kw: Mapping[str, Any]) -> dict[str, Any]:
       'flip_sin_to_cos': True, 'freq_shift': 0,
       'resnet_time_scale_shift': 'scale_shift' if m.use_scale_shift_norm else 'default',
       'resnet_skip_time_act': m.res_skip_time_act, 'resnet_out_scale_factor': m.res_output_scale,
-      'mid_block_scale_factor': m.mid_output_scale, 'attention_head_dim': m.head_channels,
+      'mid_block_scale_factor': m.mid_output_scale,
+      'attention_head_dim': list(m.down_head_channels) or m.head_channels,
       'cross_attention_dim': m.ctx_dim, 'encoder_hid_dim': None if unclip else m.text_dim,
       'encoder_hid_dim_type': None if unclip else 'text_proj',
       'cross_attention_norm': 'group_norm' if m.context_norm_groups else None,
@@ -511,8 +536,8 @@ def load_unet(folder: str, text_proj_folder: str | None = None, **extra) -> tupl
   kw = unet_kwargs(config, where=where, **extra)
   text_proj_state = None
   if text_proj_folder is not None:
-    text_proj_state = _read_folder(text_proj_folder)
-  params = convert_unet(_read_folder(folder), kw, text_proj_state=text_proj_state,
+    text_proj_state = read_model_folder(text_proj_folder)
+  params = convert_unet(read_model_folder(folder), kw, text_proj_state=text_proj_state,
                         what=os.path.join(folder, WEIGHTS_NAME))
   return UNet(**kw), params
 
@@ -525,15 +550,26 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _read_folder(folder: str) -> dict[str, np.ndarray]:
-  """The tensors of a diffusers model folder (one safetensors file or its shards)."""
+def read_model_folder(folder: str) -> dict[str, np.ndarray]:
+  """The tensors of a diffusers model folder: the float32 safetensors file or its shards, else
+  the fp16 variant (`save_pretrained(variant='fp16')`, as DeepFloyd IF publishes) or its
+  shards, as float32."""
   if os.path.isfile(os.path.join(folder, WEIGHTS_INDEX_NAME)):
     return convert.read_weights(folder)
-  weights = os.path.join(folder, WEIGHTS_NAME)
-  if not os.path.isfile(weights):
-    raise errors.InputError(f'{folder}: no {WEIGHTS_NAME} (or its .index.json shards); '
-                            'save the model with save_pretrained(safe_serialization=True)')
-  return convert.read_safetensors(weights)
+  for name in (WEIGHTS_NAME, FP16_WEIGHTS_NAME):
+    if os.path.isfile(os.path.join(folder, name)):
+      tensors = convert.read_safetensors(os.path.join(folder, name))
+      return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  if os.path.isfile(os.path.join(folder, FP16_WEIGHTS_INDEX_NAME)):
+    # Only the fp16 shards are left in the folder: read_weights reads them all.
+    return {k: np.asarray(v, np.float32) for k, v in convert.read_weights(folder).items()}
+  pickles = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else ())
+                   if n.lower().endswith(convert.PICKLE_SUFFIXES))
+  if pickles:
+    raise convert.WeightImportError(convert.pickle_refusal(os.path.join(folder, pickles[0])))
+  raise errors.InputError(f'{folder}: no {WEIGHTS_NAME} or {FP16_WEIGHTS_NAME} (or their '
+                          '.index.json shards); save the model with '
+                          'save_pretrained(safe_serialization=True)')
 
 
 def save_unet(folder: str, kw: Mapping[str, Any], params: Mapping,

@@ -359,6 +359,11 @@ class UNet(ConditionedUNetBase):
   # their keys/values from the context only (diffusers' only_cross_attention).
   context_only_resolutions: tuple[int, ...] = ()
   mid_context_only: bool = False
+  # Non-empty: each level's attention head width (over head_channels) on the way down and on
+  # the way up, indexed by level; the middle block takes the deepest down entry (diffusers'
+  # per-level attention_head_dim, which its up blocks read in the reversed order).
+  down_head_channels: tuple[int, ...] = ()
+  up_head_channels: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
@@ -391,19 +396,24 @@ class UNet(ConditionedUNetBase):
                  norm_groups=self.norm_groups, attention_impl=self.attention_impl,
                  inference=det, **kw)
     self_at_kw = dict(at_kw, context_norm_groups=self.context_norm_groups)
+    for field in ('down_head_channels', 'up_head_channels'):
+      if getattr(self, field) and len(getattr(self, field)) != len(self.channel_mult):
+        raise ValueError(f'{field} {getattr(self, field)} must have one entry per level')
 
-    def attend(h, tag):
+    def attend(h, tag, level, up=False):
+      widths = self.up_head_channels if up else self.down_head_channels
+      width = dict(head_channels=widths[level]) if widths else {}  # this level's head width
       if self.text_attention == 'cross' or ctx is None:
         if ctx is None or res not in self.text_only_resolutions:
-          h = attn_block(**at_kw, query_chunk=self.attention_query_chunk,
+          h = attn_block(**{**at_kw, **width}, query_chunk=self.attention_query_chunk,
                          name=f'{tag}_attn')(h)
         if ctx is not None:
-          h = cross_block(**at_kw, name=f'{tag}_cross')(h, ctx, ctx_mask)
+          h = cross_block(**{**at_kw, **width}, name=f'{tag}_cross')(h, ctx, ctx_mask)
       else:
         context_only = (self.mid_context_only if tag == 'mid'
                         else res in self.context_only_resolutions)
         extra = dict(self_kv=False) if context_only else {}
-        h = attn_block(**self_at_kw, **extra, query_chunk=self.attention_query_chunk,
+        h = attn_block(**{**self_at_kw, **width}, **extra, query_chunk=self.attention_query_chunk,
                        name=f'{tag}_attn')(h, ctx, ctx_mask)
       if self.ff_mult:
         h = layers.FeedForward2d(self.ff_mult, self.norm_groups, inference=det,
@@ -421,7 +431,7 @@ class UNet(ConditionedUNetBase):
       for i in range(nblocks[level]):
         h = res_block(mult * self.model_channels, **rb_kw, name=f'down{level}_res{i}')(h, emb)
         if attends_after(i, nblocks[level]):
-          h = attend(h, f'down{level}_{i}')
+          h = attend(h, f'down{level}_{i}', level)
         hs.append(h)
       if level != len(self.channel_mult) - 1:
         ch = mult * self.model_channels
@@ -436,7 +446,7 @@ class UNet(ConditionedUNetBase):
     ch = self.channel_mult[-1] * self.model_channels
     h = res_block(ch, **mid_kw, name='mid_res0')(h, emb)
     if self.mid_attention:
-      h = attend(h, 'mid')
+      h = attend(h, 'mid', len(self.channel_mult) - 1)
     h = res_block(ch, **mid_kw, name='mid_res1')(h, emb)
 
     for level in reversed(range(len(self.channel_mult))):
@@ -445,7 +455,7 @@ class UNet(ConditionedUNetBase):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_block(ch, **rb_kw, name=f'up{level}_res{i}')(h, emb)
         if attends_after(i, nblocks[level] + 1):
-          h = attend(h, f'up{level}_{i}')
+          h = attend(h, f'up{level}_{i}', level, up=True)
       if level:
         if self.resblock_updown:
           h = res_block(ch, **rb_kw, up=True, name=f'up{level}_upsample')(h, emb)
