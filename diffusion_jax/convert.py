@@ -235,6 +235,9 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   if indices:
     return _read_sharded(os.path.join(path, indices[0]))
   files = sorted(os.path.join(path, n) for n in names if n.endswith('.safetensors'))
+  full = [f for f in files if '.fp16' not in os.path.basename(f)]
+  if full and len(full) < len(files):  # the fp16 variant beside the full-precision weights
+    files = full
   if not files:
     pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles:

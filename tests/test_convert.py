@@ -93,6 +93,24 @@ def test_pickle_checkpoints_are_refused():
     convert.load_t5(d)
 
 
+def test_fp16_shards_beside_the_full_precision_file_are_not_read_twice(tmp_path):
+  """transformers' variant='fp16' shards beside model.safetensors: the full precision wins;
+  two full-precision files holding one tensor are still refused."""
+  full = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+  save_file({'w': full}, str(tmp_path / 'model.safetensors'))
+  fp16_shard = str(tmp_path / 'model.fp16-00001-of-00001.safetensors')
+  save_file({'w': full.astype(np.float16)}, fp16_shard)
+  got = convert.read_weights(str(tmp_path))
+  assert got['w'].dtype == np.float32 and np.array_equal(got['w'], full)
+  os.remove(tmp_path / 'model.safetensors')
+  only_fp16 = convert.read_weights(str(tmp_path))['w']
+  assert only_fp16.dtype == np.float16 and np.allclose(only_fp16, full, atol=1e-3)
+  save_file({'w': full}, str(tmp_path / 'other.safetensors'))
+  save_file({'w': full}, str(tmp_path / 'model.safetensors'))
+  with pytest.raises(convert.WeightImportError, match='is in both'):
+    convert.read_weights(str(tmp_path))
+
+
 def test_sharded_index_with_missing_shard_names_it():
   d = _copy(hf_fixtures.t5_sharded_dir('gated-gelu'), 'sharded_broken')
   with open(os.path.join(d, 'model.safetensors.index.json')) as fh:

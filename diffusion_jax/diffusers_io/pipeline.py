@@ -35,7 +35,6 @@ IF_SAMPLING = {'base': dict(num_steps=100, guidance_scale=7.0),
 IF_NOISE_LEVEL = 250
 NOISING_SCHEDULER = 'image_noising_scheduler'
 IF_TEXT_LEN = 77  # the IF pipelines pad every prompt to 77 T5 tokens
-WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.fp16.safetensors')
 
 
 def is_pipeline_dir(path: str) -> bool:
@@ -87,13 +86,10 @@ def _text_folders(path: str) -> tuple[str, str]:
 
 
 def component_weights(folder: str) -> dict:
-  """A diffusers component's tensors: the float32 file, else the fp16 variant, else shards."""
-  names = set(os.listdir(folder))
-  for name in WEIGHT_NAMES:
-    if name in names:
-      return {k: v.astype('float32') for k, v in
-              convert.read_weights(os.path.join(folder, name)).items()}
-  return {k: v.astype('float32') for k, v in convert.read_weights(folder).items()}
+  """A diffusers component's tensors as float32: the float32 file or shards, else the fp16
+  variant's (`unet.read_model_folder`)."""
+  from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
+  return dio_unet.read_model_folder(folder)
 
 
 def stage_config(path: str) -> dict[str, Any]:
