@@ -37,7 +37,7 @@ SAMPLERS = ('ddpm', 'ddim', 'dpmpp_2m')
 THRESHOLDS = ('none', 'static', 'dynamic')
 PARAMETERIZATIONS = ('eps', 'x0', 'v')
 LOSS_WEIGHTINGS = ('none', 'min_snr', 'p2')
-MODELS = ('unet', 'efficient_unet', 'prior', 'noised_clip', 'clip')
+MODELS = ('unet', 'efficient_unet', 'prior', 'noised_clip', 'clip', 'dit')
 IMAGE_MODELS = ('unet', 'efficient_unet')
 ENCODER_PRESETS = {
     't5': ('tiny', 'small', 't5_v1_1_small', 't5_v1_1_base', 't5_v1_1_large', 't5_v1_1_xl',
