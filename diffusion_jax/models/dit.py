@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models import layers
-from diffusion_jax.models.unet import _drop, require
 
 Dtype = Any
 
@@ -228,9 +227,9 @@ class DiT(nn.Module):
   def _text_context(self, cond, batch: int):
     """(context [B, L, hidden], mask [B, L]): the projected caption, a dropped one replaced."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = require(cond, 'text_tokens', 'DiT').astype(jnp.float32)
-    mask = require(cond, 'text_mask', 'DiT').astype(bool)
-    drop = _drop(cond, 'drop_text', batch)
+    tokens = layers.require(cond, 'text_tokens', 'DiT').astype(jnp.float32)
+    mask = layers.require(cond, 'text_mask', 'DiT').astype(bool)
+    drop = layers.drop_flag(cond, 'drop_text', batch)
     if self.learned_null_text:
       L = tokens.shape[1]
       if L > self.text_len:
@@ -242,9 +241,10 @@ class DiT(nn.Module):
       tokens = jnp.where(drop[:, None, None], null_LT[None, :L].astype(jnp.float32), tokens)
       mask = mask | drop[:, None]
     elif 'drop_text' in cond:
-      tokens = jnp.where(drop[:, None, None],
-                         require(cond, 'null_text_tokens', 'DiT').astype(jnp.float32), tokens)
-      mask = jnp.where(drop[:, None], require(cond, 'null_text_mask', 'DiT').astype(bool), mask)
+      null_tokens = layers.require(cond, 'null_text_tokens', 'DiT').astype(jnp.float32)
+      null_mask = layers.require(cond, 'null_text_mask', 'DiT').astype(bool)
+      tokens = jnp.where(drop[:, None, None], null_tokens, tokens)
+      mask = jnp.where(drop[:, None], null_mask, mask)
     h = layers.dense(self.hidden_size, ('kv', 'embed'), name='caption_in', **kw)(
         tokens.astype(self.dtype))
     h = nn.gelu(h, approximate=True)
@@ -269,8 +269,9 @@ class DiT(nn.Module):
 
     labels_B = None
     if self.num_classes:
-      labels_B = jnp.asarray(require(cond, 'class_labels', 'DiT')).astype(jnp.int32).reshape(B)
-      labels_B = jnp.where(_drop(cond, 'drop_class', B), self.num_classes, labels_B)
+      labels_B = jnp.asarray(layers.require(cond, 'class_labels', 'DiT'))
+      labels_B = labels_B.astype(jnp.int32).reshape(B)
+      labels_B = jnp.where(layers.drop_flag(cond, 'drop_class', B), self.num_classes, labels_B)
     embed_kw = dict(hidden_size=D, num_classes=self.num_classes, freq_shift=self.time_freq_shift,
                     time_embed_scale=self.time_embed_scale,
                     time_embed_shift=self.time_embed_shift, **kw)

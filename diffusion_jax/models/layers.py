@@ -22,6 +22,23 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+
+def require(cond: dict, key: str, who: str):
+  """cond[key], or a KeyError naming the network that reads it."""
+  if key not in cond:
+    raise KeyError(f"{who} is configured to read cond[{key!r}], which is missing "
+                   f"(cond has {sorted(cond)})")
+  return cond[key]
+
+
+def drop_flag(cond: dict, key: str, batch: int):
+  """The CFG-dropout flag as a [B] bool (all False when absent)."""
+  flag = cond.get(key)
+  if flag is None:
+    return jnp.zeros((batch,), bool)
+  return jnp.asarray(flag).astype(bool).reshape(batch)
+
+
 IMAGE_AXES = ('act_batch', 'act_height', 'act_width', 'act_channels')
 SEQ_AXES = ('act_batch', 'act_len', 'act_embed')
 HEAD_AXES = ('act_batch', 'act_len', 'act_heads', None)

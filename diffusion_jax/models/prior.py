@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
-from diffusion_jax.models.unet import _drop, require
 
 Dtype = Any
 
@@ -64,10 +63,10 @@ class Prior(nn.Module):
     if D != self.embed_dim:
       raise ValueError(f'Prior expects [B, {self.embed_dim}] inputs, got {x_BD.shape}')
     W, L = self.width, self.text_len
-    tokens = require(cond, 'text_tokens', 'Prior')
-    mask = require(cond, 'text_mask', 'Prior').astype(bool)
-    text_embed = require(cond, 'text_embed', 'Prior').astype(jnp.float32)
-    drop = _drop(cond, 'drop_text', B)
+    tokens = layers.require(cond, 'text_tokens', 'Prior')
+    mask = layers.require(cond, 'text_mask', 'Prior').astype(bool)
+    text_embed = layers.require(cond, 'text_embed', 'Prior').astype(jnp.float32)
+    drop = layers.drop_flag(cond, 'drop_text', B)
     mask = mask & ~drop[:, None]
     if self.learned_null_text:
       null = layers.learned(self, 'null_text_embed', (self.text_embed_dim,), ('embed',),
@@ -75,8 +74,8 @@ class Prior(nn.Module):
       text_embed = jnp.where(drop[:, None], null[None].astype(jnp.float32), text_embed)
     elif 'null_text_tokens' in cond:
       # Dropped rows read the empty caption's encoding (diffusers' unconditional branch).
-      null_mask = require(cond, 'null_text_mask', 'Prior').astype(bool)
-      null_embed = require(cond, 'null_text_embed', 'Prior').astype(jnp.float32)
+      null_mask = layers.require(cond, 'null_text_mask', 'Prior').astype(bool)
+      null_embed = layers.require(cond, 'null_text_embed', 'Prior').astype(jnp.float32)
       tokens = jnp.where(drop[:, None, None], cond['null_text_tokens'], tokens)
       mask = jnp.where(drop[:, None], null_mask, mask)
       text_embed = jnp.where(drop[:, None], null_embed, text_embed)

@@ -39,21 +39,6 @@ def upsample_low_res(low_BHWC, height: int, width: int, method: str):
                    "'bilinear_align_corners'")
 
 
-def require(cond: dict, key: str, who: str):
-  if key not in cond:
-    raise KeyError(f"{who} is configured to read cond[{key!r}], which is missing "
-                   f"(cond has {sorted(cond)})")
-  return cond[key]
-
-
-def _drop(cond: dict, key: str, batch: int):
-  """The CFG-dropout flag as a [B] bool (all False when absent)."""
-  flag = cond.get(key)
-  if flag is None:
-    return jnp.zeros((batch,), bool)
-  return jnp.asarray(flag).astype(bool).reshape(batch)
-
-
 class ConditionedUNetBase(nn.Module):
   """Fields and the conditioning pathway shared by `UNet` and `EfficientUNet`."""
   image_size: int = 64
@@ -193,11 +178,11 @@ class ConditionedUNetBase(nn.Module):
     B, H, W, _ = x_BHWC.shape
     parts = [x_BHWC]
     if self.low_res_size:
-      low = require(cond, 'low_res', name).astype(jnp.float32)
+      low = layers.require(cond, 'low_res', name).astype(jnp.float32)
       parts.append(upsample_low_res(low, H, W, self.low_res_resize))
     if self.inpaint:
-      mask = require(cond, 'inpaint_mask', name).astype(jnp.float32)
-      parts.append(require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)
+      mask = layers.require(cond, 'inpaint_mask', name).astype(jnp.float32)
+      parts.append(layers.require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)
       parts.append(mask)
     if self.coord_channels:
       y_H, x_W = jnp.linspace(-1, 1, H), jnp.linspace(-1, 1, W)
@@ -213,25 +198,25 @@ class ConditionedUNetBase(nn.Module):
     emb = layers.TimeEmbedding(E, self.model_channels, self.time_embed_scale,
                                self.time_embed_shift, act=self.act, name='time_embed', **kw)(t_B)
     if self.aug_cond:  # the augmentation level, on the time's scale
-      aug_t = require(cond, 'aug_t', name)
+      aug_t = layers.require(cond, 'aug_t', name)
       emb = emb + layers.TimeEmbedding(E, self.model_channels, self.time_embed_scale,
                                        self.time_embed_shift, act=self.act, name='aug_embed',
                                        **kw)(jnp.asarray(aug_t, jnp.float32).reshape(batch))
-    drop_text = _drop(cond, 'drop_text', batch)
+    drop_text = layers.drop_flag(cond, 'drop_text', batch)
     ctx, ctx_mask = None, None
 
     tokens = None
     if self.text_source == 'tokens':
-      tokens = require(cond, 'text_tokens', name)
+      tokens = layers.require(cond, 'text_tokens', name)
       if self.learned_null_text:  # a dropped caption's tokens are all masked out
-        mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
+        mask = layers.require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
       elif 'drop_text' not in cond:
-        mask = require(cond, 'text_mask', name).astype(bool)
+        mask = layers.require(cond, 'text_mask', name).astype(bool)
       else:  # ... or are the empty prompt's
-        tokens = jnp.where(drop_text[:, None, None], require(cond, 'null_text_tokens', name),
+        tokens = jnp.where(drop_text[:, None, None], layers.require(cond, 'null_text_tokens', name),
                            tokens)
-        mask = jnp.where(drop_text[:, None], require(cond, 'null_text_mask', name),
-                         require(cond, 'text_mask', name)).astype(bool)
+        mask = jnp.where(drop_text[:, None], layers.require(cond, 'null_text_mask', name),
+                         layers.require(cond, 'text_mask', name)).astype(bool)
       ctx = layers.dense(self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(
           tokens.astype(self.dtype))
       if self.text_proj_norm:
@@ -247,9 +232,9 @@ class ConditionedUNetBase(nn.Module):
         ctx = ctx + pos_LD[None, :L].astype(ctx.dtype)
       ctx_mask = mask
     elif self.text_source == 'transformer':
-      ids = require(cond, 'text_ids', name)
+      ids = layers.require(cond, 'text_ids', name)
       # A dropped caption becomes the empty caption (all padding), GLIDE's null text.
-      mask = require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
+      mask = layers.require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
       xf, final = TextTransformer(
           vocab_size=self.vocab_size, text_len=self.text_len, width=self.xf_width,
           num_layers=self.xf_layers, num_heads=self.xf_heads, dropout=0.0,
@@ -282,12 +267,12 @@ class ConditionedUNetBase(nn.Module):
           query_init_std=tokens.shape[-1] ** -0.5, name='text_pool', **kw)(
               tokens.astype(self.dtype), pool_mask)
     elif self.text_pool == 'embed':
-      text_embed = require(cond, 'text_embed', name).astype(jnp.float32)
+      text_embed = layers.require(cond, 'text_embed', name).astype(jnp.float32)
       if self.learned_null_text:
         null = layers.learned(self, 'null_text_embed', (self.text_embed_dim,), ('embed',),
                               param_dtype=p_dtype)[None]
       elif 'drop_text' in cond:
-        null = require(cond, 'null_text_embed', name)
+        null = layers.require(cond, 'null_text_embed', name)
       else:
         null = text_embed
       text_embed = jnp.where(drop_text[:, None], null.astype(jnp.float32), text_embed)
@@ -298,8 +283,8 @@ class ConditionedUNetBase(nn.Module):
                        'attention_query_key or embed')
 
     if self.image_embed_dim:
-      image_embed = require(cond, 'image_embed', name).astype(jnp.float32)
-      drop_image = _drop(cond, 'drop_image', batch)
+      image_embed = layers.require(cond, 'image_embed', name).astype(jnp.float32)
+      drop_image = layers.drop_flag(cond, 'drop_image', batch)
       null = layers.learned(self, 'null_image_embed', (self.image_embed_dim,), ('embed',),
                             param_dtype=p_dtype)
       image_embed = jnp.where(drop_image[:, None], null[None].astype(jnp.float32),
