@@ -420,7 +420,7 @@ def load_pretrained_stage(stage_dir: str) -> TrainedStage:
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.logical_rules(config.mesh)
   abstract = abstract_params(config, model, mesh, rules)
-  host = pretrained.read_params(stage_dir, abstract)
+  host = pretrained.read_params(stage_dir, abstract, config.model.to_dict())
   params = jax.tree.map(lambda a, spec: jax.device_put(a.astype(spec.dtype), spec.sharding),
                         host, abstract)
   return TrainedStage(config, 0, model, mesh, rules, params)

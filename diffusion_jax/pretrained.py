@@ -108,15 +108,16 @@ def read_config(stage_dir: str) -> dict[str, Any]:
   return convert.read_json_object(os.path.join(stage_dir, CONFIG_FILE))
 
 
-def read_params(stage_dir: str, template: Mapping) -> dict:
+def read_params(stage_dir: str, template: Mapping, model: Mapping[str, Any]) -> dict:
   """The parameters of `stage_dir` as numpy arrays, checked against `template` (the network's
-  abstract parameters): every tensor there, of the right shape, finite, nothing else."""
+  abstract parameters): every tensor there, of the right shape, finite, nothing else. `model`
+  is the stage config's model section (`read_config`), which a Karlo component's mapping
+  reads."""
   if dio_pipeline.is_pipeline_dir(stage_dir):
     tensors = dio_pipeline.read_tensors(stage_dir)
     what = os.path.join(stage_dir, 'unet')
   elif karlo.split_component(stage_dir):
-    model = karlo.component_config(stage_dir)['model']
-    tree = karlo.component_params(stage_dir, model)
+    tree = karlo.component_params(stage_dir, dict(model))
     tensors = {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
     what = stage_dir
   else:

@@ -93,9 +93,9 @@ def test_the_trainer_conditions_the_decoder_as_karlo_samples_it(sources, root):
   """The trainer's frozen CLIP (text tower + image tower) and conditioner give the decoder the
   inputs the Karlo pipeline gives it: raw image and text embeddings, tokens, mask."""
   (_, text_dir), (_, variation_dir) = sources
-  cfg = conditioning.restore_stage(os.path.join(root, 'decoder')).config
-  cfg.diffusion.cond_drop_text = cfg.diffusion.cond_drop_image = 0.0
   trained = conditioning.restore_stage(os.path.join(root, 'decoder'))
+  cfg = trained.config  # the conditioner's, with no caption or image dropped
+  cfg.diffusion.cond_drop_text = cfg.diffusion.cond_drop_image = 0.0
   encoder = conditioning.build_encoder(cfg, trained.mesh, trained.rules)
   tokenizer = conditioning.build_tokenizer(cfg, encoder, os.path.join(root, 'decoder'))
   rng = np.random.default_rng(0)

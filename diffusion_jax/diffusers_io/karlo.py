@@ -83,12 +83,13 @@ def component_config(path: str) -> dict[str, Any]:
 
 
 def component_params(path: str, model: dict[str, Any]) -> dict:
-  """Our parameter tree (numpy) of the component `path` names."""
+  """Our parameter tree (numpy) of the component `path` names; of a super-res component, that
+  folder's network alone."""
   root, name = split_component(path)
-  params, extras = load_stage(root, FINE_TUNABLE[name], model)
-  if name == 'super_res_last' and extras['final_params'] is not None:
-    return extras['final_params']
-  return params
+  if name == 'decoder':
+    return load_stage(root, 'decoder', model)[0]
+  kwargs = {k: v for k, v in model.items() if k != 'name'}
+  return dio_unet.convert_unet(_weights(root, name), kwargs, what=os.path.join(root, name))
 
 
 def stage_names(path: str) -> tuple[str, ...]:

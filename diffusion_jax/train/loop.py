@@ -332,7 +332,7 @@ def source_params(source: InitSource, abstract_params):
     return jax.tree.map(
         lambda a, s: jax.device_put(a if a.dtype == s.dtype else a.astype(s.dtype), s.sharding),
         source.stage.params, abstract_params)
-  host = pretrained.read_params(source.path, abstract_params)
+  host = pretrained.read_params(source.path, abstract_params, source.config.model.to_dict())
   return jax.tree.map(
       lambda a, s: jax.make_array_from_callback(
           s.shape, s.sharding, lambda index: np.asarray(a[index], s.dtype)),
