@@ -182,12 +182,13 @@ def karlo_source(stage_dir: str) -> tuple[str, str] | None:
   return karlo.split_component(init_from) if init_from else None
 
 
-def export_karlo(stage_dirs: dict[str, str], out: str, *, use_ema: bool = True) -> str:
-  """Writes stages fine-tuned from one Karlo directory into a copy of it at `out`."""
+def export_karlo(stage_dirs: dict[str, str], sources: dict[str, tuple[str, str]], out: str, *,
+                 use_ema: bool = True) -> str:
+  """Writes stages fine-tuned from one Karlo directory into a copy of it at `out`; `sources`:
+  each stage's (Karlo directory, component), as `karlo_source` reads them."""
   from diffusion_jax import conditioning, io_util  # noqa: PLC0415
   from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
   from diffusion_jax.diffusers_io import unet as dio_unet  # noqa: PLC0415
-  sources = {name: karlo_source(d) for name, d in stage_dirs.items()}
   roots = sorted({os.path.abspath(root) for root, _ in sources.values()})
   if len(roots) != 1:
     raise errors.InputError(f'--stages: fine-tuned from different Karlo directories '
@@ -250,14 +251,16 @@ def export(workdir: str, out: str, stages: list[str] | None = None, use_ema: boo
   if unknown:
     raise errors.InputError(f'--stages: {", ".join(unknown)} not trained under {workdir}; '
                             f'choose from {", ".join(found)}')
-  karlo_stages = [n for n in names if karlo_source(os.path.join(workdir, n))]
+  sources = {n: karlo_source(os.path.join(workdir, n)) for n in names}
+  karlo_stages = [n for n in names if sources[n]]
   if karlo_stages:
     others = [n for n in names if n not in karlo_stages]
     if others:
       raise errors.InputError(f'--stages: {", ".join(karlo_stages)} go back into a Karlo '
                               f'directory and {", ".join(others)} into IF ones; export them '
                               'separately with --stages')
-    path = export_karlo({n: os.path.join(workdir, n) for n in names}, out, use_ema=use_ema)
+    path = export_karlo({n: os.path.join(workdir, n) for n in names}, sources, out,
+                        use_ema=use_ema)
     print(f'{", ".join(names)}: wrote {path}', file=sys.stderr)
     return [path]
   written = []
