@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax import convert, errors, io_util
+from diffusion_jax.diffusers_io import scheduler as dio_scheduler
 from diffusion_jax.models.dit import DiT, example_inputs
 
 CONFIG_NAME = 'config.json'
@@ -299,11 +300,7 @@ def load_dit(folder: str, num_timesteps: int | None = None, **extra) -> tuple[Di
                             f'({CONFIG_NAME} and {WEIGHTS_NAME})')
   config = convert.read_json_object(where)
   if num_timesteps is None:
-    num_timesteps = 1000
-    sched = os.path.join(os.path.dirname(os.path.abspath(folder)), 'scheduler',
-                         'scheduler_config.json')
-    if os.path.exists(sched):
-      num_timesteps = convert.read_json_object(sched).get('num_train_timesteps', 1000)
+    num_timesteps = dio_scheduler.sibling_num_timesteps(folder)
   kw = dit_kwargs(config, where=where, num_timesteps=num_timesteps, **extra)
   params = convert_dit(convert.read_weights(folder), kw,
                        what=os.path.join(folder, WEIGHTS_NAME))

@@ -30,6 +30,7 @@ from flax import traverse_util
 import flax.linen as nn
 
 from diffusion_jax import convert, errors
+from diffusion_jax.diffusers_io import scheduler as dio_scheduler
 from diffusion_jax.diffusers_io import unet as dio_unet
 from diffusion_jax.models.prior import NUM_EXTRA_TOKENS, Prior
 
@@ -217,11 +218,7 @@ def load_prior(folder: str, num_timesteps: int | None = None):
   where = os.path.join(folder, CONFIG_NAME)
   config = convert.read_json_object(where)
   if num_timesteps is None:
-    num_timesteps = 1000
-    sched = os.path.join(os.path.dirname(os.path.abspath(folder)), 'prior_scheduler',
-                         'scheduler_config.json')
-    if os.path.exists(sched):
-      num_timesteps = convert.read_json_object(sched).get('num_train_timesteps', 1000)
+    num_timesteps = dio_scheduler.sibling_num_timesteps(folder, 'prior_scheduler')
   kwargs = prior_kwargs(config, num_timesteps, where)
   tensors = dio_unet.read_model_folder(folder)  # float32, else the fp16 variant
   what = f'prior weights in {folder}'

@@ -8,12 +8,13 @@ saying so; none is dropped silently.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from diffusion_jax import errors
+from diffusion_jax import convert, errors
 from diffusion_jax.diffusion import schedules
 
 SAMPLER_OF = {'DDPMScheduler': 'ddpm', 'UnCLIPScheduler': 'ddpm', 'DDIMScheduler': 'ddim'}
@@ -25,6 +26,16 @@ LOGSNR_BOUNDS = (-schedules.WIDE_LOGSNR, schedules.WIDE_LOGSNR)  # no clipping o
 
 def _refuse(where: str, field: str, value, what_to_do: str):
   raise errors.InputError(f'{where}: {field}={value!r} is not supported; {what_to_do}')
+
+
+def sibling_num_timesteps(folder: str, scheduler: str = 'scheduler') -> int:
+  """num_train_timesteps of the scheduler folder beside a pipeline component's `folder`
+  (../<scheduler>/scheduler_config.json), else diffusers' default 1000."""
+  where = os.path.join(os.path.dirname(os.path.abspath(folder)), scheduler,
+                       'scheduler_config.json')
+  if not os.path.exists(where):
+    return 1000
+  return convert.read_json_object(where).get('num_train_timesteps', 1000)
 
 
 def diffusion_section(config: Mapping[str, Any], where: str = 'scheduler_config.json'
