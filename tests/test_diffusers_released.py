@@ -138,3 +138,45 @@ def test_karlo_config_round_trips(name):
     differ = {k: (v, back.get(k)) for k, v in config.items()
               if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
     assert not differ, differ
+
+
+# Stable Diffusion's U-Nets (v1.5, v2.1): diffusers' UNet2DConditionModel of transformer levels.
+SD = {'SD-1.5': released.SD15_UNET, 'SD-2.1': released.SD21_UNET}
+
+
+@functools.lru_cache(maxsize=None)
+def _sd_ours(name: str) -> int:
+  return dunet.param_count(dict(dunet.unet_kwargs(SD[name]), text_len=released.SD_TEXT_LEN))
+
+
+@pytest.mark.parametrize('name', sorted(SD))
+def test_sd_size_is_the_published_one(name):
+  """The model cards' 860M (v1.5) and 865M (v2.1): ours (859,520,964 and 865,910,724) is
+  within 1% of each."""
+  ours, published = _sd_ours(name), released.PUBLISHED_SIZES[name]
+  print(f'{name}: {ours:,} parameters ({100 * (ours / published - 1):+.2f}% of {published:.3e})')
+  assert abs(ours - published) <= 0.01 * published, ours
+
+
+@pytest.mark.parametrize('name', sorted(SD))
+def test_sd_size_equals_diffusers_count(name):
+  """diffusers' UNet2DConditionModel of the same config, built on the meta device, has exactly
+  our parameter count."""
+  torch = pytest.importorskip('torch')
+  diffusers = pytest.importorskip('diffusers')
+  with torch.device('meta'):
+    reference = diffusers.UNet2DConditionModel(**_plain(SD[name]))
+  theirs = sum(p.numel() for p in reference.parameters())
+  assert _sd_ours(name) == theirs, (name, _sd_ours(name), theirs)
+
+
+@pytest.mark.parametrize('name', sorted(SD))
+def test_sd_config_round_trips(name):
+  """Our fields for each released SD config export back to every field it holds."""
+  config = SD[name]
+  kw = dunet.unet_kwargs(config)
+  back = dunet.diffusers_config(kw)
+  differ = {k: (v, back.get(k)) for k, v in config.items()
+            if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
+  assert not differ, differ
+  assert kw['attention_block'] == 'transformer' and not kw['project_text']

@@ -1,5 +1,5 @@
-"""The network configs of released DeepFloyd IF stages and of Karlo, as their config.json
-files hold them.
+"""The network configs of released DeepFloyd IF stages, Karlo and Stable Diffusion's U-Nets,
+as their config.json files hold them.
 
 Only the fields that shape the network (or differ from the diffusers class's defaults) are
 kept; `unet.unet_kwargs` and `prior.prior_kwargs` read them like the full files, so a
@@ -11,6 +11,8 @@ released stage's size comes without its weights:
                           text_proj_config=released.KARLO_TEXT_PROJ)   # 893,318,086
     kw = unet.unet_kwargs(released.KARLO_SUPER_RES, low_res_size=64)  # 691,579,523
     kw = prior.prior_kwargs(released.KARLO_PRIOR)   # 1,022,028,544 (+1,536: clip_mean/std)
+    kw = unet.unet_kwargs(released.SD15_UNET)       # 859,520,964 parameters
+    kw = unet.unet_kwargs(released.SD21_UNET)       # 865,910,724 parameters
 """
 from __future__ import annotations
 
@@ -79,6 +81,33 @@ KARLO_SUPER_RES = dict(
     mid_block_scale_factor=1)
 KARLO_TEXT_LEN = 77  # the CLIP tokenizer's model_max_length
 
+# Stable Diffusion v1.5, unet/config.json: text (CLIP ViT-L/14 tokens, 768 wide) to 64 px
+# latents (512 px images); the model card's 860M-parameter U-Net.
+SD_LEVELS = dict(
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    down_block_types=['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
+                      'DownBlock2D'],
+    up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D',
+                    'CrossAttnUpBlock2D'])
+SD15_UNET = dict(
+    _class_name='UNet2DConditionModel', sample_size=64, in_channels=4, out_channels=4,
+    **SD_LEVELS, act_fn='silu', attention_head_dim=8, center_input_sample=False,
+    cross_attention_dim=768, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32)
+
+# stabilityai/stable-diffusion-2-1, unet/config.json: OpenCLIP ViT-H tokens (1024 wide) to
+# 96 px latents (768 px images); attention_head_dim counts the heads (64 wide at every level),
+# linear projections, attention in float32; the model card's 865M-parameter U-Net.
+SD21_UNET = dict(
+    _class_name='UNet2DConditionModel', sample_size=96, in_channels=4, out_channels=4,
+    **SD_LEVELS, act_fn='silu', attention_head_dim=[5, 10, 20, 20], center_input_sample=False,
+    cross_attention_dim=1024, downsample_padding=1, dual_cross_attention=False,
+    flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-05,
+    norm_num_groups=32, num_class_embeds=None, only_cross_attention=False,
+    upcast_attention=True, use_linear_projection=True)
+SD_TEXT_LEN = 77  # the CLIP tokenizer's model_max_length
+
 # Published sizes (parameters), as the model cards round them.
 PUBLISHED_SIZES = {'IF-I-XL': 4.3e9, 'IF-II-L': 1.2e9, 'Karlo-prior': 1.0e9,
-                   'Karlo-decoder': 9.0e8, 'Karlo-super-res': 7.0e8}
+                   'Karlo-decoder': 9.0e8, 'Karlo-super-res': 7.0e8, 'SD-1.5': 8.6e8,
+                   'SD-2.1': 8.65e8}

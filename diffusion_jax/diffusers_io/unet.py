@@ -1,5 +1,11 @@
 """Released diffusers U-Nets (DeepFloyd IF stages I and II, Karlo's unCLIP decoder and
-upsampler) on our `models.unet.UNet`, and ours back to the diffusers layout.
+upsampler, Stable Diffusion 1.x/2.x and its inpainting U-Net) on our `models.unet.UNet`, and
+ours back to the diffusers layout.
+
+Stable Diffusion's `UNet2DConditionModel` (`CrossAttnDownBlock2D` / `DownBlock2D` levels,
+`UNetMidBlock2DCrossAttn`, diffusers' default middle) is the same skeleton with conv
+resampling (`resblock_updown=False`) and `attention_block='transformer'`
+(`layers.SpatialTransformer`, diffusers' Transformer2DModel); see `_sd_unet_kwargs`.
 
 diffusers' `UNet2DConditionModel` built from `ResnetDownsampleBlock2D` /
 `SimpleCrossAttnDownBlock2D` levels is the ADM U-Net that `UNet` already is: BigGAN res blocks
@@ -51,6 +57,15 @@ FP16_WEIGHTS_INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.fp16.json'
 DOWN_TYPES = {'ResnetDownsampleBlock2D': False, 'SimpleCrossAttnDownBlock2D': True}
 UP_TYPES = {'ResnetUpsampleBlock2D': False, 'SimpleCrossAttnUpBlock2D': True}
 MID_TYPE = 'UNetMidBlock2DSimpleCrossAttn'
+# Stable Diffusion's levels: plain res blocks and conv resampling, attention as a transformer
+# (Transformer2DModel) cross-attending to the raw text encoding.
+SD_DOWN_TYPES = {'DownBlock2D': False, 'CrossAttnDownBlock2D': True}
+SD_UP_TYPES = {'UpBlock2D': False, 'CrossAttnUpBlock2D': True}
+SD_MID_TYPE = 'UNetMidBlock2DCrossAttn'  # diffusers' default mid_block_type
+# Fields a Stable Diffusion U-Net must leave at these values (beyond REQUIRED).
+SD_REQUIRED = {'class_embed_type': None, 'addition_embed_type': None, 'encoder_hid_dim': None,
+               'encoder_hid_dim_type': None, 'only_cross_attention': False,
+               'downsample_padding': 1}
 # UNet2DModel (no text; Karlo's upsamplers): res-block levels and a middle without attention.
 PLAIN_DOWN_TYPES = {'ResnetDownsampleBlock2D': False}
 PLAIN_MID_TYPE = 'UNetMidBlock2D'
@@ -84,14 +99,17 @@ def _one_value(where: str, field: str, value):
 
 
 def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
-                image_size: int | None = None, image_channels: int = 3,
+                image_size: int | None = None, image_channels: int | None = None,
                 low_res_size: int | None = None, text_mask_keys: bool | None = None,
                 text_proj_config: Mapping[str, Any] | None = None, **extra) -> dict[str, Any]:
   """Our `UNet` fields for a diffusers `UNet2DConditionModel` config (IF stage I or II) or a
   `UNet2DModel` one (Karlo's upsamplers).
 
-  `image_channels`: the channels of x_t (the rest of `in_channels` is the upsampled low-res
-  image, `low_res_size` px, default image_size / 4); `extra` overrides any field.
+  `image_channels`: the channels of x_t (default 3; the rest of `in_channels` is the upsampled
+  low-res image, `low_res_size` px, default image_size / 4); `extra` overrides any field.
+
+  Stable Diffusion's U-Net (`mid_block_type` 'UNetMidBlock2DCrossAttn', diffusers' default;
+  `_sd_unet_kwargs`) reads its latents' channels (default: `out_channels`) from the config.
 
   unCLIP's decoder (`class_embed_type='identity'`) takes the config of its `text_proj`
   (`UnCLIPTextProjModel`) too: our UNet then reads cond['image_embed'] (CLIP image
@@ -102,6 +120,12 @@ def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
   if cls not in ('UNet2DConditionModel', 'UNet2DModel'):
     _refuse(where, '_class_name', cls, 'use a UNet2DConditionModel or UNet2DModel config')
   plain = cls == 'UNet2DModel'
+  if not plain and config.get('mid_block_type', SD_MID_TYPE) == SD_MID_TYPE:
+    if low_res_size or text_proj_config is not None:
+      _refuse(where, 'mid_block_type', SD_MID_TYPE, 'a Stable Diffusion U-Net takes neither '
+              'low_res_size nor text_proj_config')
+    return _sd_unet_kwargs(config, where, image_size, image_channels, text_mask_keys, extra)
+  image_channels = 3 if image_channels is None else image_channels
   required = {k: REQUIRED[k] for k in PLAIN_FIELDS} if plain else REQUIRED
   for field, want in required.items():
     value = config.get(field, want)
@@ -302,14 +326,177 @@ def _plain_config(m: UNet, where: str) -> dict[str, Any]:
   }
 
 
+def _per_level(where: str, field: str, value, levels: int) -> list[int]:
+  """An int, or a list of positive ints with one per level, as that list."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != levels or not all(isinstance(v, int) and v > 0 for v in value):
+      _refuse(where, field, list(value), f'give one positive number per level ({levels})')
+    return [int(v) for v in value]
+  if not isinstance(value, int) or value <= 0:
+    _refuse(where, field, value, 'use a positive number, or one per level')
+  return [int(value)] * levels
+
+
+def _sd_unet_kwargs(config: Mapping[str, Any], where: str, image_size: int | None,
+                    image_channels: int | None, text_mask_keys: bool | None,
+                    extra: Mapping[str, Any]) -> dict[str, Any]:
+  """Our `UNet` fields for Stable Diffusion's `UNet2DConditionModel` (DownBlock2D /
+  CrossAttnDownBlock2D levels, UNetMidBlock2DCrossAttn): ADM's layout without resampling res
+  blocks, attention as `layers.SpatialTransformer`.
+
+  Its `attention_head_dim` is the number of heads of each level (diffusers reads it so when
+  `num_attention_heads` is unset), up level l like down level l; the text encoding
+  (cond['text_tokens'], `cross_attention_dim` wide) enters every cross-attention as it is, all
+  tokens visible (`text_mask_keys=False`), as SD's pipelines pass no mask; a dropped caption
+  reads the empty prompt's encoding. An inpainting U-Net (in_channels 2 C + 1) takes
+  [x, mask, masked image latents] (`inpaint_premasked`). diffusers ignores
+  resnet_skip_time_act, resnet_out_scale_factor, cross_attention_norm and
+  mid_block_only_cross_attention here, and so do we.
+  """
+  for field, want in {**REQUIRED, **SD_REQUIRED}.items():
+    value = config.get(field, want)
+    if value != want and not (isinstance(want, bool) and not value and not want):
+      _refuse(where, field, value, f'use {want!r}')
+  if abs(float(config.get('norm_eps', 1e-5)) - 1e-5) > 1e-12:
+    _refuse(where, 'norm_eps', config.get('norm_eps'), 'use 1e-05')
+  down = list(config.get('down_block_types', ()))
+  up = list(config.get('up_block_types', ()))
+  for field, types, allowed in (('down_block_types', down, SD_DOWN_TYPES),
+                                ('up_block_types', up, SD_UP_TYPES)):
+    for t in types:
+      if t not in allowed:
+        _refuse(where, field, t, f'a Stable Diffusion U-Net (mid_block_type {SD_MID_TYPE}) '
+                f'takes {" or ".join(allowed)}')
+  attends = [SD_DOWN_TYPES[t] for t in down]
+  if [SD_UP_TYPES[t] for t in up] != attends[::-1]:
+    _refuse(where, 'up_block_types', up, 'use the mirror image of down_block_types')
+  boc = [int(c) for c in config['block_out_channels']]
+  n = len(boc)
+  if n != len(down) or any(c % boc[0] for c in boc):
+    _refuse(where, 'block_out_channels', boc,
+            'give one entry per down block, each a multiple of the first')
+  if isinstance(config.get('sample_size'), (list, tuple)):
+    _refuse(where, 'sample_size', config['sample_size'], 'use one side (square images)')
+  size = int(image_size or config.get('sample_size') or 64)
+  act = config.get('act_fn', 'silu')
+  if act not in layers.ACTIVATIONS:
+    _refuse(where, 'act_fn', act, f'use one of {", ".join(layers.ACTIVATIONS)}')
+  emb_act = config.get('time_embedding_act_fn') or 'none'
+  if emb_act not in layers.ACTIVATIONS and emb_act != 'none':
+    _refuse(where, 'time_embedding_act_fn', emb_act,
+            f'use null or one of {", ".join(layers.ACTIVATIONS)}')
+  shift = config.get('resnet_time_scale_shift', 'default')
+  if shift not in ('default', 'scale_shift'):
+    _refuse(where, 'resnet_time_scale_shift', shift, "use 'default' or 'scale_shift'")
+  in_ch, out_ch = int(config.get('in_channels', 4)), int(config.get('out_channels', 4))
+  C = out_ch if image_channels is None else int(image_channels)
+  if out_ch not in (C, 2 * C):
+    _refuse(where, 'out_channels', out_ch, f'use {C} (eps) or {2 * C} (eps and variance) for '
+            f'{C}-channel latents')
+  if in_ch not in (C, 2 * C + 1):
+    _refuse(where, 'in_channels', in_ch, f'use {C}, or {2 * C + 1} for inpainting (latents, '
+            'mask and masked image latents)')
+  groups = int(config.get('norm_num_groups', 32))
+  heads = _per_level(where, 'attention_head_dim', config.get('attention_head_dim', 8), n)
+  if any(c % h for c, h in zip(boc, heads)):
+    _refuse(where, 'attention_head_dim', config.get('attention_head_dim'),
+            "it is each level's head count here: use divisors of block_out_channels")
+  widths = tuple(c // h for c, h in zip(boc, heads))
+  depth = config.get('transformer_layers_per_block', 1)
+  if isinstance(depth, (list, tuple)) and any(isinstance(d, (list, tuple)) for d in depth):
+    _refuse(where, 'transformer_layers_per_block', list(depth), 'give one depth per level')
+  depths = _per_level(where, 'transformer_layers_per_block', depth, n)
+  ctx_dim = config.get('cross_attention_dim', 1280)
+  if isinstance(ctx_dim, (list, tuple)):
+    ctx_dim = _one_value(where, 'cross_attention_dim', ctx_dim)
+  layers_per_block = config.get('layers_per_block', 2)
+  kw: dict[str, Any] = dict(
+      image_size=size, in_channels=C, out_channels=C, learned_variance=out_ch == 2 * C,
+      inpaint=in_ch == 2 * C + 1, inpaint_premasked=in_ch == 2 * C + 1,
+      model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
+      num_res_blocks=(tuple(_per_level(where, 'layers_per_block', layers_per_block, n))
+                      if isinstance(layers_per_block, (list, tuple)) else int(layers_per_block)),
+      norm_groups=groups, dropout=float(config.get('dropout', 0.0)),
+      time_embed_dim=int(config.get('time_embedding_dim') or 4 * boc[0]),
+      attention_resolutions=tuple(size // 2 ** i for i, a in enumerate(attends) if a),
+      mid_attention=True, use_scale_shift_norm=shift == 'scale_shift', resblock_updown=False,
+      attention_per='block', attention_block='transformer',
+      transformer_depth=depths[0] if len(set(depths)) == 1 else tuple(depths),
+      linear_projection=bool(config.get('use_linear_projection', False)),
+      attention_upcast=bool(config.get('upcast_attention', False)),
+      num_heads=1, head_channels=widths[-1],
+      time_embed_scale=1000.0, time_embed_shift=-1.0, act=act, emb_act=emb_act,
+      mid_output_scale=float(config.get('mid_block_scale_factor', 1.0)),
+      text_source='tokens', text_dim=int(ctx_dim), context_dim=int(ctx_dim), project_text=False,
+      learned_null_text=False, text_mask_keys=bool(text_mask_keys))
+  if len(set(widths)) > 1:
+    kw.update(down_head_channels=widths, up_head_channels=widths)
+  kw.update(extra)
+  return kw
+
+
+def _sd_config(m: UNet, where: str) -> dict[str, Any]:
+  """The `UNet2DConditionModel` config of a UNet with transformer attention (Stable
+  Diffusion's layout): `_sd_unet_kwargs`' inverse."""
+  fixed = dict(resblock_updown=False, attention_per='block', text_source='tokens',
+               project_text=False, text_pool='none', image_embed_dim=0, low_res_size=0,
+               aug_cond=False, coord_channels=False, text_position_embed=False,
+               text_proj_norm=False, res_output_scale=1.0, res_skip_time_act=False,
+               mid_attention=True, time_embed_scale=1000.0, time_embed_shift=-1.0)
+  for field, want in fixed.items():
+    if getattr(m, field) != want:
+      _refuse(where, field, getattr(m, field), f'a Stable Diffusion U-Net needs {want!r}')
+  if m.inpaint and not m.inpaint_premasked:
+    _refuse(where, 'inpaint_premasked', False, "SD's inpainting U-Net takes the masked image "
+            'latents as they are: set it')
+  n = len(m.channel_mult)
+  boc = [c * m.model_channels for c in m.channel_mult]
+  res = [m.image_size // 2 ** i for i in range(n)]
+  attends = [r in m.attention_resolutions for r in res]
+  widths = list(m.down_head_channels) or [m.head_channels] * n
+  if m.up_head_channels and list(m.up_head_channels) != widths:
+    _refuse(where, 'up_head_channels', m.up_head_channels,
+            'diffusers gives each up level the heads of its down level: use down_head_channels')
+  if any(w <= 0 or c % w for c, w in zip(boc, widths)) or m.head_channels != widths[-1]:
+    _refuse(where, 'head_channels', m.head_channels, 'give head widths that divide every '
+            "level's width, head_channels the deepest one")
+  heads = [c // w for c, w in zip(boc, widths)]
+  depths = [m.transformer_depth_of(level) for level in range(n)]
+  nblocks = m.blocks_per_level()
+  C = m.in_channels
+  return {
+      '_class_name': 'UNet2DConditionModel', 'sample_size': m.image_size,
+      'in_channels': 2 * C + 1 if m.inpaint else C,
+      'out_channels': C * (2 if m.learned_variance else 1),
+      'down_block_types': ['CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in attends],
+      'up_block_types': ['CrossAttnUpBlock2D' if a else 'UpBlock2D' for a in attends[::-1]],
+      'mid_block_type': SD_MID_TYPE, 'block_out_channels': boc,
+      'layers_per_block': nblocks[0] if len(set(nblocks)) == 1 else list(nblocks),
+      'norm_num_groups': m.norm_groups, 'norm_eps': 1e-5, 'dropout': m.dropout,
+      'act_fn': m.act, 'time_embedding_act_fn': None if m.emb_act == 'none' else m.emb_act,
+      'time_embedding_dim': None if m.emb_dim == 4 * m.model_channels else m.emb_dim,
+      'flip_sin_to_cos': True, 'freq_shift': 0, 'center_input_sample': False,
+      'downsample_padding': 1,
+      'resnet_time_scale_shift': 'scale_shift' if m.use_scale_shift_norm else 'default',
+      'mid_block_scale_factor': m.mid_output_scale,
+      'attention_head_dim': heads[0] if len(set(heads)) == 1 else heads,
+      'transformer_layers_per_block': depths[0] if len(set(depths)) == 1 else depths,
+      'cross_attention_dim': m.ctx_dim, 'use_linear_projection': m.linear_projection,
+      'upcast_attention': m.attention_upcast, 'only_cross_attention': False,
+      'dual_cross_attention': False, 'class_embed_type': None, 'addition_embed_type': None,
+  }
+
+
 def diffusers_config(kw: Mapping[str, Any]) -> dict[str, Any]:
   """The diffusers config (`UNet2DConditionModel`, or `UNet2DModel` without text) of our UNet
   fields: `unet_kwargs`' inverse."""
   m = UNet(**kw)
   where = 'export_unet'
+  if m.attention_block == 'transformer':
+    return _sd_config(m, where)
   expressible = dict(resblock_updown=True, attention_per='block', text_attention='concat_kv',
                      time_embed_scale=1000.0, time_embed_shift=-1.0, ff_mult=0, inpaint=False,
-                     coord_channels=False, text_position_embed=False)
+                     coord_channels=False, text_position_embed=False, project_text=True)
   for field, want in expressible.items():
     if getattr(m, field) != want:
       _refuse(where, field, getattr(m, field), f'diffusers U-Nets need {want!r}')
@@ -403,11 +590,21 @@ _UNCLIP_TOP = {
     'image_tokens_proj': 'clip_extra_context_tokens_proj'}
 _UNCLIP_NULL = TEXT_PROJ_PREFIX + 'learned_classifier_free_guidance_embeddings'
 _UNCLIP_TOKENS = "clip_extra_context_tokens_proj."
+# Stable Diffusion's Transformer2DModel (`layers.SpatialTransformer`); `block{i}` is
+# transformer_blocks.{i}.
+_SPATIAL = {'norm': 'norm', 'proj_in': 'proj_in', 'proj_out': 'proj_out',
+            'self_attn_norm': 'norm1', 'self_attn': 'attn1', 'cross_attn_norm': 'norm2',
+            'cross_attn': 'attn2', 'ff_norm': 'norm3', 'ff_in': 'ff.net.0.proj',
+            'ff_out': 'ff.net.2', 'query': 'to_q', 'key': 'to_k', 'value': 'to_v',
+            'out': 'to_out.0'}
 
 
 
-def _module_name(path: tuple[str, ...], levels: int, unclip: bool) -> str:
-  """The diffusers module of one of our parameter paths (without the leaf)."""
+def _module_name(path: tuple[str, ...], levels: int, unclip: bool,
+                 conv_resample: bool = False) -> str:
+  """The diffusers module of one of our parameter paths (without the leaf);
+  `conv_resample`: the levels resample with a conv (Downsample2D / Upsample2D), not a res
+  block."""
   head, rest = path[0], path[1:]
   if unclip and head in _UNCLIP_TOP:
     return TEXT_PROJ_PREFIX + _UNCLIP_TOP[head]
@@ -434,17 +631,23 @@ def _module_name(path: tuple[str, ...], levels: int, unclip: bool) -> str:
     else:
       inner = f'attentions.{parts[1]}'
   sub = rest[0]
+  if inner.startswith('attentions') and sub not in _ATTN:  # a SpatialTransformer
+    names = [f'transformer_blocks.{p[len("block"):]}' if p.startswith('block') else _SPATIAL[p]
+             for p in rest]
+    return f'{block}.{inner}.{".".join(names)}'
+  if conv_resample and inner.endswith('samplers.0'):
+    return f'{block}.{inner}.conv'
   table = _ATTN if inner.startswith('attentions') else _RES
   return f'{block}.{inner}.{table[sub]}'
 
 
-def _rule(path: tuple[str, ...], shape: tuple[int, ...], levels: int,
-          unclip: bool) -> convert.Rule:
+def _rule(path: tuple[str, ...], shape: tuple[int, ...], levels: int, unclip: bool,
+          conv_resample: bool = False) -> convert.Rule:
   if path == ('text_pool', 'query'):
     return convert.Rule(path, (_POOL_QUERY,), 'same')
   if path == ('null_image_embed',):
     return convert.Rule(path, (_UNCLIP_NULL,), 'same')
-  name, leaf = _module_name(path[:-1], levels, unclip), path[-1]
+  name, leaf = _module_name(path[:-1], levels, unclip, conv_resample), path[-1]
   if leaf == 'kernel':
     if len(shape) == 4:
       return convert.Rule(path, (f'{name}.weight',), 'conv')
@@ -474,7 +677,9 @@ def unet_rules(kw: Mapping[str, Any]) -> tuple[list[convert.Rule], dict]:
   template = traverse_util.flatten_dict(abstract_params(kw))
   levels = len(kw.get('channel_mult', UNet.channel_mult))
   unclip = bool(kw.get('image_embed_dim'))
-  return [_rule(p, tuple(a.shape), levels, unclip) for p, a in template.items()], template
+  conv_resample = not UNet(**kw).resblock_updown
+  return [_rule(p, tuple(a.shape), levels, unclip, conv_resample)
+          for p, a in template.items()], template
 
 
 def _tokens_minor_to_major(a: np.ndarray, tokens: int) -> np.ndarray:

@@ -176,14 +176,15 @@ def dense(features: int, axes=('embed', 'mlp'), *, zero_init: bool = False, use_
       bias_init=boxed(zeros, (axes[-1],)), name=name)
 
 
-def dense_general(features, axes, *, axis=-1, zero_init: bool = False, dtype: Dtype = jnp.float32,
-                  param_dtype: Dtype = jnp.float32, name: str | None = None):
+def dense_general(features, axes, *, axis=-1, zero_init: bool = False, use_bias: bool = True,
+                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                  name: str | None = None):
   """A DenseGeneral whose kernel carries `axes` (inputs then outputs)."""
   n_in = len(axis) if isinstance(axis, tuple) else 1
   if isinstance(axis, tuple) and tuple(axis) != tuple(range(-n_in, 0)):
     raise ValueError(f'dense_general contracts trailing axes only, got axis={axis}')
   features = (features,) if isinstance(features, int) else tuple(features)
-  return DenseND(features, tuple(axes), n_in, zero_init, dtype, param_dtype, name=name)
+  return DenseND(features, tuple(axes), n_in, zero_init, dtype, param_dtype, use_bias, name=name)
 
 
 class DenseND(nn.Module):
@@ -199,6 +200,7 @@ class DenseND(nn.Module):
   zero_init: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -211,11 +213,12 @@ class DenseND(nn.Module):
 
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes),
                         in_shape + self.features, self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(zeros, self.axes[self.n_in:]),
-                      self.features, self.param_dtype)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
-    bias = bias.astype(self.dtype)
+    if not self.use_bias:
+      return y
+    bias = self.param('bias', nn.with_logical_partitioning(zeros, self.axes[self.n_in:]),
+                      self.features, self.param_dtype).astype(self.dtype)
     return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
@@ -274,16 +277,16 @@ class GroupNorm(nn.Module):
 
 def group_norm(channels: int, groups: int = 32, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, inference: bool = False,
-               name: str | None = None):
+               epsilon: float = 1e-5, name: str | None = None):
   """nn.GroupNorm, or for `inference` (no gradients wanted) the same as `GroupNorm`; both
   auto-name as `GroupNorm_i` with the same parameters."""
   # gcd keeps tiny widths legal (e.g. 24 channels with 32 groups -> 8 groups).
   groups = math.gcd(groups, channels)
   if inference:
-    return GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+    return GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
                      name=name)
   return nn.GroupNorm(
-      num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+      num_groups=groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
       scale_init=boxed(ones, ('norm',)), bias_init=boxed(zeros, ('norm',)), name=name)
 
 
@@ -701,6 +704,109 @@ class FeedForward2d(nn.Module):
     h = group_norm(C, self.norm_groups, inference=self.inference, **kw)(x_BHWC)
     h = nn.gelu(dense(self.mult * C, ('embed', 'mlp'), **kw)(h))
     h = dense(C, ('mlp', 'embed'), zero_init=True, **kw)(h)
+    return constrain(x_BHWC + h.astype(x_BHWC.dtype), IMAGE_AXES)
+
+
+class HeadAttention(nn.Module):
+  """Multi-head attention of queries [B, T, C] to keys/values [B, S, D] (themselves for
+  self-attention): query/key/value projections without bias, an output projection with one.
+  `upcast`: scores, softmax and weighted sum in float32 whatever the dtype."""
+  num_heads: int
+  head_channels: int
+  upcast: bool = False
+  query_chunk: int = 0  # > 0: queries attend in chunks of this many (`attention`)
+  attention_impl: str = 'jax'  # `attention`'s impl
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTC, kv_BSD, mask=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    N, K = self.num_heads, self.head_channels
+    proj = lambda name: dense_general((N, K), ('embed', 'heads', 'kv'), use_bias=False,
+                                      name=name, **kw)
+    q = constrain(proj('query')(x_BTC), HEAD_AXES)
+    k, v = proj('key')(kv_BSD), proj('value')(kv_BSD)
+    if self.upcast:
+      q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    out = attention(q, k, v, mask, self.query_chunk, self.attention_impl).astype(self.dtype)
+    return dense_general(x_BTC.shape[-1], ('heads', 'kv', 'embed'), axis=(-2, -1), name='out',
+                         **kw)(out)
+
+
+class SpatialTransformerBlock(nn.Module):
+  """Pre-LN block over pixel tokens: self-attention, cross-attention to the context, and a
+  GEGLU MLP (value * GELU(gate), exact GELU), each added to its input."""
+  num_heads: int
+  head_channels: int
+  ff_mult: int = 4
+  upcast: bool = False
+  query_chunk: int = 0
+  attention_impl: str = 'jax'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLC, context_BSD, context_mask_BS=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn_kw = dict(kw, num_heads=self.num_heads, head_channels=self.head_channels,
+                   upcast=self.upcast, attention_impl=self.attention_impl)
+    C = x_BLC.shape[-1]
+    h = layer_norm(name='self_attn_norm', **kw)(x_BLC)
+    x_BLC = x_BLC + HeadAttention(query_chunk=self.query_chunk, name='self_attn', **attn_kw)(h, h)
+    h = layer_norm(name='cross_attn_norm', **kw)(x_BLC)
+    mask = None if context_mask_BS is None else key_mask(context_mask_BS.astype(bool))
+    x_BLC = x_BLC + HeadAttention(name='cross_attn', **attn_kw)(h, context_BSD.astype(h.dtype),
+                                                                 mask)
+    h = layer_norm(name='ff_norm', **kw)(x_BLC)
+    value, gate = jnp.split(dense(2 * self.ff_mult * C, ('embed', 'mlp'), name='ff_in', **kw)(h),
+                            2, axis=-1)
+    h = constrain(value * nn.gelu(gate, approximate=False), MLP_AXES)
+    x_BLC = x_BLC + dense(C, ('mlp', 'embed'), name='ff_out', **kw)(h)
+    return constrain(x_BLC, SEQ_AXES)
+
+
+class SpatialTransformer(nn.Module):
+  """Stable Diffusion's attention layer (diffusers' Transformer2DModel): group norm (eps
+  1e-6), a projection in (1x1 conv, or Dense with `linear_projection`), `depth`
+  `SpatialTransformerBlock`s over the pixels, a projection out (zero-initialised), added to
+  the input. The context enters each block's cross-attention as it is (no projection of its
+  own); `context_mask_BL` masks context tokens out."""
+  num_heads: int = 1
+  head_channels: int = -1
+  depth: int = 1
+  norm_groups: int = 32
+  linear_projection: bool = False
+  ff_mult: int = 4
+  upcast: bool = False  # attention in float32 (diffusers' upcast_attention)
+  query_chunk: int = 0  # > 0: pixels self-attend in chunks of this many (`attention`)
+  attention_impl: str = 'jax'  # `attention`'s impl
+  inference: bool = False  # no gradients wanted: `group_norm`'s inference form
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC, context_BSD, context_mask_BS=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    B, H, W, C = x_BHWC.shape
+    N = num_heads_for(C, self.num_heads, self.head_channels)
+    h = group_norm(C, self.norm_groups, inference=self.inference, epsilon=1e-6, name='norm',
+                   **kw)(x_BHWC)
+    if self.linear_projection:
+      h = dense(C, ('embed', 'mlp'), name='proj_in', **kw)(h.reshape(B, H * W, C))
+    else:
+      h = conv(C, 1, name='proj_in', **kw)(h).reshape(B, H * W, C)
+    h = constrain(h, SEQ_AXES)
+    for i in range(self.depth):
+      h = SpatialTransformerBlock(N, C // N, ff_mult=self.ff_mult, upcast=self.upcast,
+                                  query_chunk=self.query_chunk,
+                                  attention_impl=self.attention_impl, name=f'block{i}', **kw)(
+                                      h, context_BSD, context_mask_BS)
+    if self.linear_projection:
+      h = dense(C, ('mlp', 'embed'), zero_init=True, name='proj_out', **kw)(h).reshape(
+          B, H, W, C)
+    else:
+      h = conv(C, 1, zero_init=True, name='proj_out', **kw)(h.reshape(B, H, W, C))
     return constrain(x_BHWC + h.astype(x_BHWC.dtype), IMAGE_AXES)
 
 

@@ -57,6 +57,9 @@ class ConditionedUNetBase(nn.Module):
   low_res_size: int = 0              # > 0: cond['low_res'] is upsampled and concatenated
   aug_cond: bool = False             # cond['aug_t'] embedded and added to the time embedding
   inpaint: bool = False              # cond['inpaint_image'] * mask and the mask concatenated
+  # With inpaint: cond['inpaint_image'] is taken as given (already masked, e.g. the latents of
+  # the masked image) and the channels are [x, mask, inpaint_image], as SD's inpainting U-Net.
+  inpaint_premasked: bool = False
   # Two input channels holding each pixel's y and x in [-1, 1] (CoordConv, Liu et al. 2018),
   # so that the layers know where a pixel is without reading it off the zero padding.
   coord_channels: bool = False
@@ -74,6 +77,9 @@ class ConditionedUNetBase(nn.Module):
   # carry their context and need none.
   text_position_embed: bool = False  # initialised at the tokens' scale (std 1)
   context_dim: int = 0               # width of the attention context; 0: the text width
+  # False: the frozen encoder's tokens are the context as they are (Stable Diffusion), no
+  # learned `text_proj`; the context width is then the text width.
+  project_text: bool = True
   image_embed_dim: int = 0           # > 0: cond['image_embed'] (unCLIP decoder)
   image_embed_tokens: int = 4
   # GLIDE text transformer (text_source='transformer')
@@ -182,8 +188,8 @@ class ConditionedUNetBase(nn.Module):
       parts.append(upsample_low_res(low, H, W, self.low_res_resize))
     if self.inpaint:
       mask = layers.require(cond, 'inpaint_mask', name).astype(jnp.float32)
-      parts.append(layers.require(cond, 'inpaint_image', name).astype(jnp.float32) * mask)
-      parts.append(mask)
+      image = layers.require(cond, 'inpaint_image', name).astype(jnp.float32)
+      parts.extend([mask, image] if self.inpaint_premasked else [image * mask, mask])
     if self.coord_channels:
       y_H, x_W = jnp.linspace(-1, 1, H), jnp.linspace(-1, 1, W)
       parts.append(jnp.broadcast_to(y_H[None, :, None, None], (B, H, W, 1)))
@@ -217,8 +223,15 @@ class ConditionedUNetBase(nn.Module):
                            tokens)
         mask = jnp.where(drop_text[:, None], layers.require(cond, 'null_text_mask', name),
                          layers.require(cond, 'text_mask', name)).astype(bool)
-      ctx = layers.dense(self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(
-          tokens.astype(self.dtype))
+      if self.project_text:
+        ctx = layers.dense(self.ctx_dim, ('embed', 'mlp'), name='text_proj', **kw)(
+            tokens.astype(self.dtype))
+      elif tokens.shape[-1] != self.ctx_dim:
+        raise ValueError(f'{name}: project_text=False takes the text tokens as the context, '
+                         f'but they are {tokens.shape[-1]} wide and context_dim is '
+                         f'{self.ctx_dim}; set context_dim to the text width')
+      else:
+        ctx = tokens.astype(self.dtype)
       if self.text_proj_norm:
         ctx = layers.layer_norm(name='text_proj_norm', **kw)(ctx)
       if self.text_position_embed:
@@ -349,6 +362,21 @@ class UNet(ConditionedUNetBase):
   # per-level attention_head_dim, which its up blocks read in the reversed order).
   down_head_channels: tuple[int, ...] = ()
   up_head_channels: tuple[int, ...] = ()
+  # 'adm': the attention layers above; 'transformer': Stable Diffusion's
+  # (`layers.SpatialTransformer`: self-attention, cross-attention to the context as it is,
+  # GEGLU MLP), which needs a context and ignores text_attention and ff_mult.
+  attention_block: str = 'adm'
+  transformer_depth: Any = 1         # blocks per transformer layer: one, or one per level
+  linear_projection: bool = False    # the transformer projects in and out with Dense (SD 2.x)
+  attention_upcast: bool = False     # the transformer attends in float32 (SD 2.x)
+
+  def transformer_depth_of(self, level: int) -> int:
+    depth = self.transformer_depth
+    if isinstance(depth, int):
+      return depth
+    if len(depth) != len(self.channel_mult):
+      raise ValueError(f'transformer_depth {tuple(depth)} must have one entry per level')
+    return int(depth[level])
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, cond, train: bool = False):
@@ -368,6 +396,13 @@ class UNet(ConditionedUNetBase):
     res_block = layers.maybe_remat(layers.ResBlock, self.remat_policy)
     attn_block = layers.maybe_remat(layers.ImageAttention, self.remat_policy)
     cross_block = layers.maybe_remat(layers.CrossAttention, self.remat_policy)
+    transformer_block = layers.maybe_remat(layers.SpatialTransformer, self.remat_policy)
+    if self.attention_block not in ('adm', 'transformer'):
+      raise ValueError(f"attention_block={self.attention_block!r}: use 'adm' or 'transformer'")
+    if self.attention_block == 'transformer' and ctx is None and (
+        self.attention_resolutions or self.mid_attention):
+      raise ValueError("attention_block='transformer' cross-attends to a context: set "
+                       "text_source (or image_embed_dim)")
     if (self.context_only_resolutions or self.mid_context_only) and (
         self.text_attention != 'concat_kv' or ctx is None):
       raise ValueError("context_only_resolutions and mid_context_only need "
@@ -388,6 +423,11 @@ class UNet(ConditionedUNetBase):
     def attend(h, tag, level, up=False):
       widths = self.up_head_channels if up else self.down_head_channels
       width = dict(head_channels=widths[level]) if widths else {}  # this level's head width
+      if self.attention_block == 'transformer':
+        return transformer_block(
+            **{**at_kw, **width}, depth=self.transformer_depth_of(level),
+            linear_projection=self.linear_projection, upcast=self.attention_upcast,
+            query_chunk=self.attention_query_chunk, name=f'{tag}_attn')(h, ctx, ctx_mask)
       if self.text_attention == 'cross' or ctx is None:
         if ctx is None or res not in self.text_only_resolutions:
           h = attn_block(**{**at_kw, **width}, query_chunk=self.attention_query_chunk,
