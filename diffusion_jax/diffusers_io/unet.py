@@ -23,10 +23,11 @@ decoder's in one parameter tree.
 Time: diffusers embeds the integer step k of its 1000; ours embeds `time_embed_scale * t +
 time_embed_shift` with scale 1000 and shift -1, so that our discrete time t = (k + 1) / 1000
 (the samplers' and `Stage.model_output`'s convention) embeds k, and an SR stage's noise
-level k (`class_labels`) is cond['aug_t'] = (k + 1) / 1000, the time its noise is drawn at. The low-res image of stage II is cond['low_res'], upsampled as the IF
-pipeline does (bilinear, align_corners=True; one already upsampled, and noised at that size as
-the pipeline does, is taken as it is); the T5 tokens are cond['text_tokens'] with
-cond['text_mask'], all visible (`text_mask_keys=False`) as the IF pipeline passes no mask.
+level k (`class_labels`) is cond['aug_t'] = (k + 1) / 1000, the time its noise is drawn at.
+The low-res image of stage II is cond['low_res'], upsampled as the IF pipeline does
+(bilinear, align_corners=True; one already upsampled, and noised at that size as the pipeline
+does, is taken as it is); the T5 tokens are cond['text_tokens'] with cond['text_mask'], all
+visible (`text_mask_keys=False`) as the IF pipeline passes no mask.
 
 `unet_kwargs` maps a config.json onto our fields (refusing, one line each, what it cannot
 express), `convert_unet` a state dict onto our parameter tree (every parameter filled, every
