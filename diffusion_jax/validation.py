@@ -30,8 +30,9 @@ from typing import Any, Mapping
 from diffusion_jax import errors
 
 # The library's names, as diffusion/, models/, data/, encoders.py, train/step.py define them.
-SCHEDULES = ('cosine', 'shifted_cosine', 'linear_logsnr', 'linear', 'squaredcos_cap_v2')
-DISCRETE_SCHEDULES = ('linear', 'squaredcos_cap_v2')
+SCHEDULES = ('cosine', 'shifted_cosine', 'linear_logsnr', 'linear', 'scaled_linear',
+             'squaredcos_cap_v2')
+DISCRETE_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
 DEFAULT_NUM_TIMESTEPS = 1000
 SAMPLERS = ('ddpm', 'ddim', 'dpmpp_2m')
 THRESHOLDS = ('none', 'static', 'dynamic')
@@ -529,7 +530,8 @@ def _check_schedule(config) -> None:
   if lo is not None and hi is not None and lo >= hi:
     _fail('diffusion.logsnr_min', lo, f'must be below diffusion.logsnr_max={hi}')
   start, end = _get(config, 'diffusion.beta_start'), _get(config, 'diffusion.beta_end')
-  if schedule == 'linear' and start is not None and end is not None and start > end:
+  if (schedule in ('linear', 'scaled_linear') and start is not None and end is not None
+      and start > end):
     _fail('diffusion.beta_start', start, f'must be at most diffusion.beta_end={end}')
   if schedule in DISCRETE_SCHEDULES:
     steps = _get(config, 'diffusion.num_timesteps') or DEFAULT_NUM_TIMESTEPS

@@ -67,7 +67,7 @@ def diffusion_section(config: Mapping[str, Any], where: str = 'scheduler_config.
                  vlb_weight=0.001 if LEARNED_VARIANCE_OF.get(variance) else 0.0,
                  loss_weighting='none', cond_drop_text=0.1, cond_drop_image=0.0,
                  noise_aug=False)
-  if schedule == 'linear':
+  if schedule in ('linear', 'scaled_linear'):
     section.update(beta_start=float(config.get('beta_start', 1e-4)),
                    beta_end=float(config.get('beta_end', 0.02)))
   return section
@@ -136,7 +136,7 @@ def scheduler_config(diffusion: Mapping[str, Any], sampler: Mapping[str, Any],
       schedule, num_timesteps=num_timesteps, logsnr_min=LOGSNR_BOUNDS[0],
       logsnr_max=LOGSNR_BOUNDS[1], **({k: diffusion[k] for k in ('beta_start', 'beta_end')
                                        if diffusion.get(k) is not None}
-                                      if schedule == 'linear' else {}))
+                                      if schedule in ('linear', 'scaled_linear') else {}))
   if not (ours.logsnr_grid()[1:] == unclipped.logsnr_grid()[1:]).all():
     _refuse(where, 'diffusion.logsnr_min/logsnr_max',
             (diffusion.get('logsnr_min'), diffusion.get('logsnr_max')),
@@ -172,7 +172,7 @@ def scheduler_config(diffusion: Mapping[str, Any], sampler: Mapping[str, Any],
       'rescale_betas_zero_snr': False, 'clip_sample': False, 'thresholding': False,
       'clip_sample_range': 1.0, 'dynamic_thresholding_ratio': 0.995, 'sample_max_value': 1.0,
   }
-  if schedule == 'linear':
+  if schedule in ('linear', 'scaled_linear'):
     config.update(beta_start=float(diffusion.get('beta_start') or 1e-4),
                   beta_end=float(diffusion.get('beta_end') or 0.02))
   learned = bool(diffusion.get('learned_variance'))

@@ -40,8 +40,9 @@ WIDE_LOGSNR = 40.0
 # Spacings that pick integer timesteps of a discrete schedule (besides glide-text2im's strings).
 DIFFUSERS_SPACINGS = ('leading', 'trailing', 'linspace')
 # Schedule names (get_schedule); the discrete ones have a grid of num_timesteps (default 1000).
-SCHEDULES = ('cosine', 'shifted_cosine', 'linear_logsnr', 'linear', 'squaredcos_cap_v2')
-DISCRETE_SCHEDULES = ('linear', 'squaredcos_cap_v2')
+SCHEDULES = ('cosine', 'shifted_cosine', 'linear_logsnr', 'linear', 'scaled_linear',
+             'squaredcos_cap_v2')
+DISCRETE_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
 DEFAULT_NUM_TIMESTEPS = 1000
 
 
@@ -306,6 +307,12 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
   return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 
+def scaled_linear_betas(num_timesteps: int = 1000, beta_start: float = 0.00085,
+                        beta_end: float = 0.012):
+  """Latent diffusion's (Stable Diffusion's) betas: sqrt(beta) linear from sqrt(beta_start)."""
+  return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64)**2
+
+
 def squaredcos_cap_v2_betas(num_timesteps: int = 1000, max_beta: float = 0.999, s: float = 0.008):
   """Improved DDPM's cosine schedule (GLIDE, unCLIP): alpha_bar(t) = cos((t+s)/(1+s) pi/2)^2."""
   def alpha_bar(u):
@@ -323,6 +330,8 @@ def get_schedule(name: str, **kw) -> Schedule:
   - 'shifted_cosine': cosine shifted by 2 log(shift) (higher resolutions). kw: shift.
   - 'linear_logsnr': log-SNR linear in t.
   - 'linear': discrete DDPM betas 1e-4..0.02. kw: num_timesteps (1000), beta_start, beta_end.
+  - 'scaled_linear': discrete, sqrt(beta) linear (Stable Diffusion). kw: as 'linear'
+    (default 0.00085..0.012, not rescaled with T).
   - 'squaredcos_cap_v2': discrete improved-DDPM cosine (GLIDE). kw: num_timesteps (1000).
   """
   clip_kw = {k: float(kw.pop(k)) for k in ('logsnr_min', 'logsnr_max') if k in kw}
@@ -341,6 +350,11 @@ def get_schedule(name: str, **kw) -> Schedule:
     betas = linear_betas(int(kw.pop('num_timesteps', DEFAULT_NUM_TIMESTEPS)),
                          float(kw.pop('beta_start', 1e-4)),
                          float(kw.pop('beta_end', 0.02)))
+    sched = DiscreteSchedule(betas=tuple(float(b) for b in betas), **clip_kw)
+  elif name == 'scaled_linear':
+    betas = scaled_linear_betas(int(kw.pop('num_timesteps', DEFAULT_NUM_TIMESTEPS)),
+                                float(kw.pop('beta_start', 0.00085)),
+                                float(kw.pop('beta_end', 0.012)))
     sched = DiscreteSchedule(betas=tuple(float(b) for b in betas), **clip_kw)
   elif name == 'squaredcos_cap_v2':
     betas = squaredcos_cap_v2_betas(int(kw.pop('num_timesteps', DEFAULT_NUM_TIMESTEPS)))
@@ -365,7 +379,7 @@ def from_config(diffusion_cfg) -> Schedule:
     kw.pop('num_timesteps', None)  # continuous: the field counts the VLB's steps only
   if name != 'shifted_cosine':
     kw.pop('shift', None)
-  if name != 'linear':
+  if name not in ('linear', 'scaled_linear'):
     kw.pop('beta_start', None)
     kw.pop('beta_end', None)
   return get_schedule(name, **kw)

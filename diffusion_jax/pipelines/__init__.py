@@ -15,7 +15,7 @@ import os
 import ml_collections
 
 from diffusion_jax import config_util, errors, pretrained, validation
-from diffusion_jax.pipelines import glide, imagen, unclip
+from diffusion_jax.pipelines import glide, imagen, latent, unclip
 from diffusion_jax.pipelines.common import SETTINGS, MissingCheckpointError, UnknownStageError
 
 
@@ -44,8 +44,11 @@ def from_pretrained(path: str):
 
   A diffusers unCLIP directory (Karlo: model_index.json's `_class_name` UnCLIPPipeline or
   UnCLIPImageVariationPipeline) is a whole cascade: its stages come from
-  `diffusers_io.karlo`."""
-  from diffusion_jax.diffusers_io import karlo  # noqa: PLC0415
+  `diffusers_io.karlo`. A diffusers Stable Diffusion (text-to-image, img2img or inpainting),
+  DiT or PixArt-alpha directory is a `latent.LatentPipeline` (`diffusers_io.latent_pipeline`)."""
+  from diffusion_jax.diffusers_io import karlo, latent_pipeline  # noqa: PLC0415
+  if latent_pipeline.is_latent_dir(path):
+    return latent.from_directory(path)
   if karlo.is_karlo_dir(path):
     configs = karlo.stage_configs(path)
     cascade = pretrained_cascade_config('unclip', configs)
