@@ -50,6 +50,17 @@ def randomise(model, seed: int, scale: float):
   return model
 
 
+def random_params(abstract, seed: int):
+  """Our parameter tree of `abstract`'s shapes with every entry random: vectors (norms,
+  biases) near 1, the rest N(0, 0.01)."""
+  import jax  # noqa: PLC0415 - the torch fixtures above do not need it
+  leaves, tree = jax.tree.flatten(abstract)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [
+      0.1 * jax.random.normal(k, a.shape, a.dtype) + (1.0 if a.ndim == 1 else 0.0)
+      for k, a in zip(keys, leaves)])
+
+
 def path(*parts: str) -> str:
   return os.path.join(_ROOT, *parts)
 

@@ -157,11 +157,7 @@ def test_exported_random_unet_loads_in_diffusers(released, tmp_path):
   """Ours (every parameter random) -> save_unet -> diffusers from_pretrained: same output."""
   kw = du.unet_kwargs(CONFIGS['sd2'])
   module = released['sd2'][2][0]
-  leaves, tree = jax.tree.flatten(du.abstract_params(kw))
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  params = jax.tree.unflatten(tree, [
-      0.1 * jax.random.normal(k, a.shape, a.dtype) + (1.0 if a.ndim == 1 else 0.0)
-      for k, a in zip(keys, leaves)])
+  params = hf_fixtures.random_params(du.abstract_params(kw), seed=3)
   du.save_unet(str(tmp_path), kw, params)
   model = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path)).eval()
   data = _inputs('sd2', seed=4)

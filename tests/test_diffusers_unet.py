@@ -20,6 +20,7 @@ diffusers = pytest.importorskip('diffusers')
 from diffusion_jax import errors  # noqa: E402
 from diffusion_jax.diffusers_io import unet as du  # noqa: E402
 from diffusion_jax.models import layers  # noqa: E402
+from hf_fixtures import random_params  # noqa: E402
 
 
 def _types(attends):
@@ -239,12 +240,7 @@ def test_export_returns_the_released_tensors(released, loaded, name):
 def test_exported_random_unet_loads_in_diffusers(tmp_path):
   """Ours (every parameter random) -> diffusers folder -> from_pretrained: same output."""
   kw = du.unet_kwargs(CONFIGS['if1'])
-  abstract = du.abstract_params(kw)
-  leaves, tree = jax.tree.flatten(abstract)
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  params = jax.tree.unflatten(tree, [
-      0.1 * jax.random.normal(k, a.shape, a.dtype) + (1.0 if a.ndim == 1 else 0.0)
-      for k, a in zip(keys, leaves)])
+  params = random_params(du.abstract_params(kw), seed=3)
   du.save_unet(str(tmp_path), kw, params)
   model = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path)).eval()
   data = _inputs('if1', seed=4)

@@ -99,6 +99,21 @@ def _one_value(where: str, field: str, value):
   return value
 
 
+def _activations(config: Mapping[str, Any], where: str) -> tuple[str, str, str]:
+  """(act_fn, time_embedding_act_fn or 'none', resnet_time_scale_shift), each one we have."""
+  act = config.get('act_fn', 'silu')
+  if act not in layers.ACTIVATIONS:
+    _refuse(where, 'act_fn', act, f'use one of {", ".join(layers.ACTIVATIONS)}')
+  emb_act = config.get('time_embedding_act_fn') or 'none'
+  if emb_act not in layers.ACTIVATIONS and emb_act != 'none':
+    _refuse(where, 'time_embedding_act_fn', emb_act,
+            f'use null or one of {", ".join(layers.ACTIVATIONS)}')
+  shift = config.get('resnet_time_scale_shift', 'default')
+  if shift not in ('default', 'scale_shift'):
+    _refuse(where, 'resnet_time_scale_shift', shift, "use 'default' or 'scale_shift'")
+  return act, emb_act, shift
+
+
 def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
                 image_size: int | None = None, image_channels: int | None = None,
                 low_res_size: int | None = None, text_mask_keys: bool | None = None,
@@ -163,18 +178,9 @@ def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
   size = int(image_size or config.get('sample_size') or 64)
   if isinstance(config.get('sample_size'), (list, tuple)):
     _refuse(where, 'sample_size', config['sample_size'], 'use one side (square images)')
-  act = config.get('act_fn', 'silu')
-  if act not in layers.ACTIVATIONS:
-    _refuse(where, 'act_fn', act, f'use one of {", ".join(layers.ACTIVATIONS)}')
+  act, emb_act, shift = _activations(config, where)
   if plain and act != 'silu':
     _refuse(where, 'act_fn', act, "use 'silu' (UNet2DModel's time embedding and output do)")
-  emb_act = config.get('time_embedding_act_fn') or 'none'
-  if emb_act not in layers.ACTIVATIONS and emb_act != 'none':
-    _refuse(where, 'time_embedding_act_fn', emb_act,
-            f'use null or one of {", ".join(layers.ACTIVATIONS)}')
-  shift = config.get('resnet_time_scale_shift', 'default')
-  if shift not in ('default', 'scale_shift'):
-    _refuse(where, 'resnet_time_scale_shift', shift, "use 'default' or 'scale_shift'")
   in_ch, out_ch = int(config.get('in_channels', 4)), int(config.get('out_channels', 4))
   if out_ch not in (image_channels, 2 * image_channels):
     _refuse(where, 'out_channels', out_ch, f'use {image_channels} (eps) or '
@@ -379,16 +385,7 @@ def _sd_unet_kwargs(config: Mapping[str, Any], where: str, image_size: int | Non
   if isinstance(config.get('sample_size'), (list, tuple)):
     _refuse(where, 'sample_size', config['sample_size'], 'use one side (square images)')
   size = int(image_size or config.get('sample_size') or 64)
-  act = config.get('act_fn', 'silu')
-  if act not in layers.ACTIVATIONS:
-    _refuse(where, 'act_fn', act, f'use one of {", ".join(layers.ACTIVATIONS)}')
-  emb_act = config.get('time_embedding_act_fn') or 'none'
-  if emb_act not in layers.ACTIVATIONS and emb_act != 'none':
-    _refuse(where, 'time_embedding_act_fn', emb_act,
-            f'use null or one of {", ".join(layers.ACTIVATIONS)}')
-  shift = config.get('resnet_time_scale_shift', 'default')
-  if shift not in ('default', 'scale_shift'):
-    _refuse(where, 'resnet_time_scale_shift', shift, "use 'default' or 'scale_shift'")
+  act, emb_act, shift = _activations(config, where)
   in_ch, out_ch = int(config.get('in_channels', 4)), int(config.get('out_channels', 4))
   C = out_ch if image_channels is None else int(image_channels)
   if out_ch not in (C, 2 * C):
