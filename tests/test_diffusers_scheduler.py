@@ -120,7 +120,7 @@ def test_thresholds_clip_where_diffusers_does():
 
 
 @pytest.mark.parametrize('change, field', [
-    (dict(beta_schedule='scaled_linear'), 'beta_schedule'),
+    (dict(beta_schedule='sigmoid'), 'beta_schedule'),
     (dict(_class_name='EulerDiscreteScheduler'), '_class_name'),
     (dict(variance_type='fixed_large'), 'variance_type'),
     (dict(prediction_type='flow_prediction'), 'prediction_type'),
@@ -132,6 +132,23 @@ def test_unsupported_scheduler_fields_are_refused_in_one_line(change, field):
     dio_scheduler.sampler_section(dict(IF_I, **change), 10, where='x/scheduler_config.json')
   message = str(e.value)
   assert '\n' not in message and message.startswith('x/scheduler_config.json: ' + field)
+
+
+@pytest.mark.parametrize('spacing, offset, ours', [
+    ('linspace', 0, 'dpm_linspace'), ('leading', 0, 'dpm_leading'),
+    ('leading', 1, 'dpm_leading+1'), ('trailing', 0, 'trailing')])
+def test_dpm_solver_grids_are_diffusers(spacing, offset, ours):
+  """DPMSolverMultistepScheduler takes n of n + 1 linspace/leading points: our 'dpm_'
+  spacings pick its timesteps exactly, the plain ones do not."""
+  for n in (1, 7, 8, 25, 50, 100):
+    ref = diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing, steps_offset=offset)
+    ref.set_timesteps(n)
+    want = np.sort(ref.timesteps.numpy())
+    np.testing.assert_array_equal(schedules.integer_timesteps(1000, n, ours), want)
+  if ours.startswith('dpm_'):
+    plain = ours[len('dpm_'):]
+    assert not np.array_equal(schedules.integer_timesteps(1000, 8, plain),
+                              schedules.integer_timesteps(1000, 8, ours))
 
 
 def test_ddim_that_diffusers_steps_differently_is_refused():

@@ -304,7 +304,7 @@ def test_v_prediction_equals_the_reference(root):
      dict(name='ddim', spacing='leading+1')),
     (dict(_class_name='DPMSolverMultistepScheduler', beta_schedule='linear',
           timestep_spacing='linspace', prediction_type='v_prediction'),
-     dict(name='dpmpp_2m', spacing='linspace')),
+     dict(name='dpmpp_2m', spacing='dpm_linspace')),
 ])
 def test_released_schedulers_map_to_our_samplers(tmp_path, config, want):
   from diffusion_jax.diffusers_io import latent_pipeline

@@ -99,6 +99,8 @@ def _scheduler_sections(path: str, pipeline_class: str) -> tuple[dict, dict]:
     name = 'dpmpp_2m' if cls == 'DPMSolverMultistepScheduler' else 'ddim'
     if name == 'ddim' or spacing == 'leading':
       spacing = f'leading+{offset}' if offset else 'leading'
+    if name == 'dpmpp_2m' and spacing != 'trailing':  # its n of n + 1 points
+      spacing = f'dpm_{spacing}'
     sampler = dict(name=name, num_steps=steps, eta=0.0, guidance_scale=1.0, threshold='none',
                    percentile=99.5, threshold_max=0.0, aug_level=0.0, spacing=spacing)
   sampler['guidance_scale'] = SAMPLING[pipeline_class]['guidance_scale']

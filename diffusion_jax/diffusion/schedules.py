@@ -89,8 +89,9 @@ class Schedule:
     if spacing not in ('time', 'logsnr'):
       if not is_integer_spacing(spacing):
         raise ValueError(f"unknown spacing {spacing!r}; choose 'time', 'logsnr', "
-                         "'leading', 'leading+N', 'trailing', 'linspace' or a glide-text2im "
-                         "respacing ('100', '10,10,3,2,2', 'fast27', 'ddim25')")
+                         "'leading', 'leading+N', 'trailing', 'linspace', 'dpm_linspace', "
+                         "'dpm_leading[+N]' or a glide-text2im respacing ('100', "
+                         "'10,10,3,2,2', 'fast27', 'ddim25')")
       if T is None:
         raise ValueError(f'spacing {spacing!r} picks integer timesteps of a discrete '
                          f"schedule; {type(self).__name__} is continuous: use 'time' or 'logsnr'")
@@ -127,6 +128,9 @@ class Schedule:
 
 _GLIDE_SPACING = re.compile(r'\d+(,\d+)*|fast27|ddim\d+')
 _LEADING = re.compile(r'leading(\+\d+)?')
+# diffusers' DPMSolverMultistepScheduler takes n + 1 'linspace' or 'leading' points and drops
+# the lowest (its 'trailing' is the usual one): 'dpm_linspace', 'dpm_leading', 'dpm_leading+N'.
+_DPM = re.compile(r'dpm_(linspace|leading(\+\d+)?)')
 
 
 def is_glide_spacing(spacing) -> bool:
@@ -138,7 +142,7 @@ def is_integer_spacing(spacing) -> bool:
   """Whether `spacing` is a glide-text2im respacing string or a diffusers spacing."""
   return isinstance(spacing, str) and bool(
       _GLIDE_SPACING.fullmatch(spacing) or _LEADING.fullmatch(spacing) or
-      spacing in DIFFUSERS_SPACINGS)
+      _DPM.fullmatch(spacing) or spacing in DIFFUSERS_SPACINGS)
 
 
 def glide_timesteps(num_timesteps: int, respacing: str) -> np.ndarray:
@@ -178,7 +182,8 @@ def glide_timesteps(num_timesteps: int, respacing: str) -> np.ndarray:
 
 
 def diffusers_timesteps(num_timesteps: int, num_steps: int, spacing: str,
-                        steps_offset: int = 0) -> np.ndarray:
+                        steps_offset: int = 0, *, drop_lowest_of_more: bool = False
+                        ) -> np.ndarray:
   """The 0-based integer timesteps, ascending, of diffusers' `timestep_spacing`.
 
   'linspace': round(linspace(0, T - 1, n)); 'leading': multiples of T // n plus
@@ -186,10 +191,13 @@ def diffusers_timesteps(num_timesteps: int, num_steps: int, spacing: str,
   i < n, so the chain starts at the last step T - 1. (diffusers' DDIMScheduler steps from k to
   k - T // n, which is the next chosen step for 'leading' only, and to alphas_cumprod[0]
   after the last one unless set_alpha_to_one; its DDPMScheduler, like our chain, goes to the
-  next chosen step and then to clean data.)
+  next chosen step and then to clean data.) `drop_lowest_of_more`: 'linspace' and 'leading'
+  over n + 1 points, the lowest dropped (DPMSolverMultistepScheduler's grids).
   """
   T, n = int(num_timesteps), int(num_steps)
-  if spacing == 'linspace':
+  if drop_lowest_of_more and spacing in ('linspace', 'leading'):
+    steps = diffusers_timesteps(T, n + 1, spacing, steps_offset)[1:]
+  elif spacing == 'linspace':
     steps = np.round(np.linspace(0, T - 1, n)).astype(np.int64)
   elif spacing == 'leading':
     steps = np.arange(n, dtype=np.int64) * (T // n) + int(steps_offset)
@@ -223,11 +231,14 @@ def integer_timesteps(num_timesteps: int, num_steps: int | None, spacing: str) -
     return steps
   if num_steps is None or not 1 <= int(num_steps) <= T:
     raise ValueError(f'spacing {spacing!r} needs 1 <= num_steps <= {T}, got {num_steps}')
+  dpm = _DPM.fullmatch(spacing)
+  if dpm:
+    spacing = dpm.group(1)
   leading = _LEADING.fullmatch(spacing)
   if leading:
     offset = int(leading.group(1) or 0)
-    return diffusers_timesteps(T, num_steps, 'leading', offset)
-  return diffusers_timesteps(T, num_steps, spacing)
+    return diffusers_timesteps(T, num_steps, 'leading', offset, drop_lowest_of_more=bool(dpm))
+  return diffusers_timesteps(T, num_steps, spacing, drop_lowest_of_more=bool(dpm))
 
 
 def _clip_logsnr(logsnr, logsnr_min, logsnr_max):
