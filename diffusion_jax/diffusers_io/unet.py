@@ -385,6 +385,8 @@ def _sd_unet_kwargs(config: Mapping[str, Any], where: str, image_size: int | Non
   if isinstance(config.get('sample_size'), (list, tuple)):
     _refuse(where, 'sample_size', config['sample_size'], 'use one side (square images)')
   size = int(image_size or config.get('sample_size') or 64)
+  if size % 2 ** (n - 1):  # diffusers resizes odd levels' upsamples to their skips; we do not
+    _refuse(where, 'sample_size', size, f'use a multiple of {2 ** (n - 1)} ({n} levels)')
   act, emb_act, shift = _activations(config, where)
   in_ch, out_ch = int(config.get('in_channels', 4)), int(config.get('out_channels', 4))
   C = out_ch if image_channels is None else int(image_channels)
