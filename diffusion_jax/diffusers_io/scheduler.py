@@ -87,9 +87,9 @@ def sampler_section(config: Mapping[str, Any], num_steps: int,
     if spacing not in schedules.DIFFUSERS_SPACINGS:
       _refuse(where, 'timestep_spacing', spacing,
               f'use one of {", ".join(schedules.DIFFUSERS_SPACINGS)}')
-    offset = int(config.get('steps_offset', 0) or 0)
-    if offset and spacing != 'leading':
-      _refuse(where, 'steps_offset', offset, 'only leading spacing is offset')
+    # diffusers offsets only the leading grid (released SD configs keep steps_offset 1 when
+    # switched to trailing/linspace).
+    offset = int(config.get('steps_offset', 0) or 0) if spacing == 'leading' else 0
     s['spacing'] = f'leading+{offset}' if offset else spacing
   if cls == 'DDIMScheduler':
     if not config.get('set_alpha_to_one', True):
