@@ -186,3 +186,31 @@ def test_unsupported_config_is_one_line(field, value, words):
     du.unet_kwargs(dict(CONFIGS['sd1'], **{field: value}))
   message = str(e.value)
   assert '\n' not in message and message.startswith('unet/config.json: ') and words in message
+
+
+def test_learned_null_tokens_stand_for_a_dropped_caption():
+  """Trained here with learned_null_text, a dropped caption's tokens become learned null
+  tokens: its output ignores the caption; the combinations in which dropout would do nothing
+  are refused."""
+  kw = dict(du.unet_kwargs(CONFIGS['sd1']), learned_null_text=True, learned_null_tokens=True,
+            text_len=TEXT_LEN)
+  module = du.UNet(**kw)
+  data = _inputs('sd1')
+  x = jnp.asarray(data['x'].transpose(0, 2, 3, 1))
+  t_B = jnp.asarray((data['k'] + 1) / 1000.0, jnp.float32)
+  mask = jnp.ones(data['text'].shape[:2], bool)
+  cond = lambda text, drop: dict(text_tokens=jnp.asarray(text), text_mask=mask,
+                                 drop_text=jnp.asarray(drop))
+  params = hf_fixtures.random_params(
+      jax.eval_shape(module.init, jax.random.key(0), x, t_B, cond(data['text'], [False] * 2))[
+          'params'], seed=5)
+  apply = lambda text, drop: np.asarray(module.apply({'params': params}, x, t_B,
+                                                     cond(text, drop)))
+  other = data['text'] + 1.0
+  np.testing.assert_array_equal(apply(data['text'], [True, True]), apply(other, [True, True]))
+  assert np.abs(apply(data['text'], [False, False]) - apply(other, [False, False])).max() > 1e-3
+  for change, words in ((dict(learned_null_tokens=False), 'learned_null_tokens=True'),
+                        (dict(learned_null_tokens=False, attention_block='adm',
+                              text_attention='cross'), 'text_mask_keys=False')):
+    with pytest.raises(ValueError, match=words):
+      du.UNet(**{**kw, **change}).init(jax.random.key(0), x, t_B, cond(data['text'], [True] * 2))

@@ -117,6 +117,10 @@ class ConditionedUNetBase(nn.Module):
   # empty prompt, cond['null_text_tokens' / 'null_text_mask' / 'null_text_embed'] (written by
   # the conditioner), as DeepFloyd IF's and Karlo's pipelines guide.
   learned_null_text: bool = True
+  # With learned_null_text: a dropped caption's frozen-encoder tokens become learned null
+  # tokens, all visible (as DiT/PixArt here), instead of being masked out; for attention with
+  # no learned null key of its own (attention_block='transformer') or unmasked keys.
+  learned_null_tokens: bool = False
   # numerics and memory
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -214,7 +218,18 @@ class ConditionedUNetBase(nn.Module):
     tokens = None
     if self.text_source == 'tokens':
       tokens = layers.require(cond, 'text_tokens', name)
-      if self.learned_null_text:  # a dropped caption's tokens are all masked out
+      if self.learned_null_text and self.learned_null_tokens:
+        L, D = tokens.shape[1:]
+        null_LD = layers.learned(self, 'null_text_tokens', (self.text_len, D), (None, 'embed'),
+                                 param_dtype=p_dtype, init=nn.initializers.normal(D ** -0.5))
+        tokens = jnp.where(drop_text[:, None, None], null_LD[None, :L].astype(tokens.dtype),
+                           tokens)
+        mask = layers.require(cond, 'text_mask', name).astype(bool) | drop_text[:, None]
+      elif self.learned_null_text:  # a dropped caption's tokens are all masked out
+        if not self.text_mask_keys:
+          raise ValueError(f'{name}: learned_null_text masks a dropped caption\'s tokens out, '
+                           'but text_mask_keys=False keeps every token visible; set '
+                           'learned_null_tokens=True (or learned_null_text=False)')
         mask = layers.require(cond, 'text_mask', name).astype(bool) & ~drop_text[:, None]
       elif 'drop_text' not in cond:
         mask = layers.require(cond, 'text_mask', name).astype(bool)
@@ -403,6 +418,11 @@ class UNet(ConditionedUNetBase):
         self.attention_resolutions or self.mid_attention):
       raise ValueError("attention_block='transformer' cross-attends to a context: set "
                        "text_source (or image_embed_dim)")
+    if (self.attention_block == 'transformer' and self.text_source == 'tokens'
+        and self.learned_null_text and not self.learned_null_tokens):
+      raise ValueError("attention_block='transformer' has no learned null key to stand for a "
+                       "dropped caption: set learned_null_tokens=True (or "
+                       "learned_null_text=False)")
     if (self.context_only_resolutions or self.mid_context_only) and (
         self.text_attention != 'concat_kv' or ctx is None):
       raise ValueError("context_only_resolutions and mid_context_only need "
