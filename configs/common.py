@@ -1,6 +1,7 @@
 """Shared config helpers: argument parsing, the common fields, mesh and logical-axis presets.
 
-Every family config (`configs/imagen.py`, `configs/glide.py`, `configs/unclip.py`) exposes
+Every family config (`configs/imagen.py`, `configs/glide.py`, `configs/unclip.py`,
+`configs/latent.py`) exposes
 `get_config(arg)` where `arg` is a string such as "stage=base64,size=tiny".
 """
 from __future__ import annotations
@@ -132,7 +133,7 @@ OPTIONAL_FIELDS = {
     'dataset': str, 'data_dir': str, 'low_res_size': int, 'num_epochs': int,
     'train_crop_size': int, 'caption_rewrite': str, 'name': str, 'preset': str, 'path': str,
     'tokenizer_path': str, 'tokenizer_style': str, 'max_length': int, 'eos_token_id': int,
-    'init_from': str, 'image_path': str,
+    'init_from': str, 'image_path': str, 'scaling_factor': float, 'shift_factor': float,
 }
 
 

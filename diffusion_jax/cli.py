@@ -43,7 +43,7 @@ from diffusion_jax import errors
 # Flags defined through the helpers below belong to the CLI that calls them (its --help).
 flags.disclaim_key_flags()
 
-FAMILIES = ('imagen', 'glide', 'unclip')
+FAMILIES = ('imagen', 'glide', 'unclip', 'latent')
 _HELP_FLAGS = ('help', '?', 'helpshort', 'helpfull', 'helpxml')
 
 # (field, what it is) of a stage config, set with --config.FIELD=VALUE.
@@ -93,10 +93,13 @@ def _configs_dir() -> str | None:
   return list(spec.submodule_search_locations)[0]
 
 
+_ABSENT = object()
+
+
 @functools.lru_cache(maxsize=None)
-def _constant(module: str, name: str):
+def _constant(module: str, name: str, default=_ABSENT):
   """`name` of configs/<module>.py: the literal assigned at its top level when the source is
-  at hand, else the imported module's attribute."""
+  at hand (`default` when the source assigns none), else the imported module's attribute."""
   folder = _configs_dir()
   path = os.path.join(folder, f'{module}.py') if folder else None
   if path and os.path.isfile(path):
@@ -106,7 +109,11 @@ def _constant(module: str, name: str):
       if isinstance(node, ast.Assign) and any(
           isinstance(t, ast.Name) and t.id == name for t in node.targets):
         return ast.literal_eval(node.value)
-  return getattr(importlib.import_module(f'configs.{module}'), name)
+    if default is not _ABSENT:
+      return default
+  if default is _ABSENT:
+    return getattr(importlib.import_module(f'configs.{module}'), name)
+  return getattr(importlib.import_module(f'configs.{module}'), name, default)
 
 
 def family_stages(family: str) -> tuple[str, ...]:
@@ -116,6 +123,12 @@ def family_stages(family: str) -> tuple[str, ...]:
 
 def sizes() -> tuple[str, ...]:
   return tuple(_constant('common', 'SIZES'))
+
+
+def family_sizes(family: str) -> tuple[str, ...]:
+  """`configs/<family>.py`'s own SIZES where it has them, else the common ones."""
+  own = _constant(family, 'SIZES', None)
+  return sizes() if own is None else tuple(own)
 
 
 def config_help(kind: str = 'stage', flag: str = 'config') -> str:
@@ -129,10 +142,14 @@ def config_help(kind: str = 'stage', flag: str = 'config') -> str:
   for family in FAMILIES:
     stages = family_stages(family)
     if cascade:
+      if 'cascade' not in stages:
+        continue
       names = ' '.join(s for s in stages if s != 'cascade')
       lines.append(f'  {f"configs/{family}.py":<{width}}  cascade of stages {names}')
     else:
-      lines.append(f'  {f"configs/{family}.py":<{width}}  stages {" ".join(stages)}')
+      own = family_sizes(family)
+      also = f' (sizes {" ".join(own)})' if own != sizes() else ''
+      lines.append(f'  {f"configs/{family}.py":<{width}}  stages {" ".join(stages)}{also}')
   lines.append(f'  sizes: {" ".join(sizes())}; projects/shapes/configs/<family>.py: the same '
                'stages at size shapes.')
   if not cascade and flag == 'config':

@@ -6,6 +6,8 @@ and its trained parameters restored without the optimizer.
   (`text_cond`, `low_res_cond`, `image_embed`) with sampling's fixed settings.
 - `build_encoder(config, mesh, rules)` and `build_tokenizer(config, encoder, stage_dir)`:
   the stage's frozen T5/CLIP and the tokenizer of whatever reads its token ids.
+- `build_codec(config, stage_dir, mesh)`: a latent stage's frozen autoencoder (`latent.Codec`);
+  the step then receives `latent_frozen(autoencoder_params, text_frozen)` as its `frozen`.
 - `restore_stage(stage_dir)`: the config saved with the newest readable checkpoint, the
   network built from it and its EMA (or raw) parameters, laid out on the config's mesh.
   Sampling, exporting and evaluation read a stage only this way, so what was trained is what
@@ -24,13 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion_jax import checkpoint as ckpt_lib
-from diffusion_jax import config_util, encoders, errors, models, parallel, pretrained
+from diffusion_jax import config_util, encoders, errors, latent, models, parallel, pretrained
 from diffusion_jax import tokenizer as tokenizer_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.data import registry
 from diffusion_jax.diffusion import guidance, schedules
+from diffusion_jax.models import autoencoder as autoencoder_lib
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +67,21 @@ def random_box_masks(rng, batch: int, size: int):
 # The conditioner -------------------------------------------------------------------------------
 
 class Conditioner:
-  """Turns a data batch into (x0, cond) for the network, as the network's inputs require."""
+  """Turns a data batch into (x0, cond) for the network, as the network's inputs require.
+  With `codec` (a latent stage) x0 is the batch images' scaled latents and `frozen` is
+  `latent_frozen(autoencoder_params, text_frozen)`."""
 
-  def __init__(self, config, encoder=None):
+  def __init__(self, config, encoder=None, codec=None):
     self.config = config
     self.encoder = encoder
+    self.codec = codec
+    if is_latent_stage(config):
+      if codec is None:
+        raise ValueError(f'stage {config.stage!r} trains on latents: it needs its frozen '
+                         'autoencoder (build_codec)')
+      check_latent_shape(config, codec)
+    self.sample_posterior = bool(config_util.get(config_util.get(config, 'autoencoder', {}),
+                                                 'sample_posterior', False))
     _, _, example_cond = models.example_inputs(config.model, 1)
     self.keys = frozenset(example_cond)
     self.target = config_util.get(config, 'target', 'image')
@@ -172,7 +186,16 @@ class Conditioner:
       cond['aug_t'] = aug_t
     return cond
 
+  def latents(self, autoencoder_params, images, rng):
+    """The scaled latents of images in [-1, 1]: a posterior sample (autoencoder.
+    sample_posterior) drawn with `rng`, else the posterior mean."""
+    return self.codec.encode(autoencoder_params, images.astype(jnp.float32),
+                             rng if self.sample_posterior else None)
+
   def __call__(self, batch, frozen, rng):
+    autoencoder_params = None
+    if self.codec is not None:
+      autoencoder_params, frozen = frozen[LATENT_FROZEN[0]], frozen[LATENT_FROZEN[1]]
     k_text, k_image, k_aug, k_mask = jax.random.split(rng, 4)
     image = batch['image'].astype(jnp.float32)
     n = image.shape[0]
@@ -195,7 +218,97 @@ class Conditioner:
       cond['inpaint_mask'] = mask
       cond['inpaint_image'] = image * mask
     x0 = self.image_embed(frozen, image) if self.target == 'image_embed' else image
+    if self.codec is not None:
+      x0 = self.latents(autoencoder_params, image, jax.random.fold_in(rng, 0x1A7E))
     return x0, cond
+
+
+# The frozen autoencoder of a latent stage ------------------------------------------------------
+
+# The keys of a latent stage's `frozen`: the autoencoder's parameters, and what the stage's
+# text conditioning reads (the text encoder's parameters, a text cache's empty prompt, None).
+LATENT_FROZEN = ('autoencoder', 'text')
+
+
+def latent_frozen(autoencoder_params, text_frozen):
+  """A latent stage's `frozen` argument of the train step."""
+  return {LATENT_FROZEN[0]: autoencoder_params, LATENT_FROZEN[1]: text_frozen}
+
+
+def is_latent_stage(config) -> bool:
+  """A stage that trains diffusion on a frozen autoencoder's latents (an `autoencoder`
+  section), not the autoencoder itself."""
+  return (config_util.get(config, 'autoencoder') is not None and
+          config_util.get(config, 'objective', 'diffusion') != 'autoencoder')
+
+
+def autoencoder_path(config, stage_dir: str | None) -> str:
+  """`autoencoder.path`, or the `autoencoder` stage beside `stage_dir` (ROOT/autoencoder)."""
+  path = config_util.get(config.autoencoder, 'path')
+  if path:
+    return path
+  if not stage_dir:
+    raise errors.InputError('the latent stage needs --config.autoencoder.path=DIR (a diffusers '
+                            'AutoencoderKL folder, a pipeline directory with vae/, or a '
+                            'trained autoencoder stage ROOT/autoencoder)')
+  return os.path.join(os.path.dirname(os.path.abspath(stage_dir)), 'autoencoder')
+
+
+def build_codec(config, stage_dir: str | None = None, mesh=None) -> latent.Codec | None:
+  """A latent stage's frozen autoencoder (None for other stages): a diffusers AutoencoderKL
+  folder or pipeline directory (`latent.load_codec`), or an autoencoder stage trained here
+  (`restore_stage`, its EMA parameters), in its latent space with `autoencoder.scaling_factor`
+  / `shift_factor` overriding it where set; parameters replicated on `mesh`."""
+  if not is_latent_stage(config):
+    return None
+  path = autoencoder_path(config, stage_dir)
+  flag = f'--config.autoencoder.path={path}'
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    try:
+      stage = restore_stage(path, name='autoencoder')
+    except FileNotFoundError:
+      raise errors.InputError(f'{flag}: its checkpoints/ holds no checkpoint; train it first '
+                              '(--config=configs/latent.py:stage=autoencoder)') from None
+    if not isinstance(stage.model, autoencoder_lib.AutoencoderKL):
+      raise errors.InputError(f'{flag}: that stage trains model {stage.config.model.name!r}, '
+                              'not an autoencoder')
+    codec = latent.Codec(stage.model, stage.params, latent.LatentSpace.of(stage.model))
+  elif os.path.isdir(path):
+    try:
+      codec = latent.load_codec(path)
+    except (OSError, ValueError, KeyError) as e:
+      if isinstance(e, errors.InputError):
+        raise
+      raise errors.InputError(f'{flag}: not a diffusers AutoencoderKL folder ({e})') from None
+  else:
+    raise errors.InputError(f'{flag}: no such directory; give a diffusers AutoencoderKL folder, '
+                            'a pipeline directory with vae/, or a trained autoencoder stage '
+                            '(train it with --config=configs/latent.py:stage=autoencoder)')
+  overrides = {k: float(v) for k in ('scaling_factor', 'shift_factor')
+               if (v := config_util.get(config.autoencoder, k)) is not None}
+  space = dataclasses.replace(codec.space, **overrides) if overrides else codec.space
+  params = codec.params
+  if mesh is not None:
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  return latent.Codec(codec.module, params, space)
+
+
+def check_latent_shape(config, codec: latent.Codec) -> None:
+  """The network is built for the latents the autoencoder makes of the stage's images."""
+  pixels = int(config.input.image_size)
+  f, channels = codec.downsample_factor, codec.latent_channels
+  if pixels % f:
+    raise errors.InputError(f'--config.input.image_size={pixels}: must be a multiple of the '
+                            f"autoencoder's downsample factor {f}")
+  side = pixels // f
+  m = config.model
+  got = (int(config_util.get(m, 'image_size', 0)), int(config_util.get(m, 'in_channels', 0)),
+         int(config_util.get(m, 'out_channels', 0)))
+  if got != (side, channels, channels):
+    raise errors.InputError(
+        f'--config.model.image_size={got[0]}, in_channels={got[1]}, out_channels={got[2]}: the '
+        f'autoencoder makes {side}x{side}x{channels} latents of input.image_size={pixels} px; '
+        f'set model.image_size={side}, model.in_channels=model.out_channels={channels}')
 
 
 # Frozen encoder and tokenizer -------------------------------------------------------------------

@@ -277,6 +277,11 @@ def open_pretrained(path: str):
              f'--out={path}')
   if not os.path.isdir(path):
     raise CLIError(f'--pretrained={path}: no such directory; write one with {convert}')
+  from diffusion_jax.diffusers_io import latent_pipeline
+  if latent_pipeline.is_latent_dir(path):
+    raise CLIError(f'--pretrained={path}: a diffusers latent pipeline (Stable Diffusion, DiT, '
+                   'PixArt) samples from Python here: pipelines.from_pretrained(DIR).generate('
+                   'prompts, key)')
   if not pretrained.stage_dirs(path):
     raise CLIError(f'--pretrained={path}: holds no pretrained stage (a subdirectory with '
                    f'{pretrained.CONFIG_FILE} and {pretrained.WEIGHTS_FILE}); write one with '

@@ -38,7 +38,7 @@ SAMPLERS = ('ddpm', 'ddim', 'dpmpp_2m')
 THRESHOLDS = ('none', 'static', 'dynamic')
 PARAMETERIZATIONS = ('eps', 'x0', 'v')
 LOSS_WEIGHTINGS = ('none', 'min_snr', 'p2')
-MODELS = ('unet', 'efficient_unet', 'prior', 'noised_clip', 'clip', 'dit')
+MODELS = ('unet', 'efficient_unet', 'prior', 'noised_clip', 'clip', 'dit', 'autoencoder')
 IMAGE_MODELS = ('unet', 'efficient_unet')
 ENCODER_PRESETS = {
     't5': ('tiny', 'small', 't5_v1_1_small', 't5_v1_1_base', 't5_v1_1_large', 't5_v1_1_xl',
@@ -50,7 +50,7 @@ REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'everything_saveable', 'do
                   'dots_with_no_batch_dims_saveable', 'checkpoint_dots',
                   'checkpoint_dots_with_no_batch_dims')
 DEGRADATIONS = ('none', 'blur', 'bsr')
-OBJECTIVES = ('diffusion', 'noised_clip', 'clip')
+OBJECTIVES = ('diffusion', 'noised_clip', 'clip', 'autoencoder')
 PARALLELISMS = ('gspmd', 'shard_map')
 OPTIMIZERS = ('adamw', 'adafactor')
 LR_DECAYS = ('constant', 'cosine')
@@ -232,6 +232,11 @@ STAGE_RULES = (
     ('optimizer.ema_start_step', integer(0)),
     ('optimizer.decay', choice(LR_DECAYS)),
     ('optimizer.final_lr_frac', number(0, 1)),
+    ('loss.reconstruction', choice(('l1', 'l2'), note="the autoencoder's per-pixel error")),
+    ('loss.kl_weight', number(0, note="weight of the autoencoder posterior's KL")),
+    ('autoencoder.path', text(optional=True, note='a diffusers AutoencoderKL folder, a pipeline '
+                          'directory with vae/, or a trained ROOT/autoencoder')),
+    ('autoencoder.sample_posterior', flag(note='train on posterior samples, not the mean')),
     ('model.name', choice(MODELS)),
     ('model.image_size', integer(1)),
     ('model.in_channels', integer(1)),
@@ -331,6 +336,7 @@ def check_stage_config(config, *, num_devices: int | None = None) -> None:
   _check_network(config)
   _check_low_res(config)
   _check_text(config)
+  _check_autoencoder(config)
   _check_text_cache(config)
   _check_schedule(config)
   _check_dataset(config)
@@ -389,6 +395,8 @@ def _check_network(config) -> None:
     return
   if name not in IMAGE_MODELS:
     return
+  if _get(config, 'autoencoder') is not None and _get(config, 'objective') != 'autoencoder':
+    image_size = None  # a latent stage: the trainer checks the latents against the network
   mults = tuple(_get(model, 'channel_mult', ()))
   if not mults or not all(isinstance(m, int) and m >= 1 for m in mults):
     _fail('model.channel_mult', mults, 'must be a tuple of channel multipliers >= 1, one per '
@@ -509,6 +517,14 @@ def _check_text(config) -> None:
     path = _get(config, key)
     if path and '://' not in path and not os.path.isdir(path):
       _fail(key, path, 'no such directory (a local transformers-layout directory)')
+
+
+def _check_autoencoder(config) -> None:
+  """A latent stage's autoencoder directory exists (unset: ROOT/autoencoder, checked later)."""
+  path = _get(config, 'autoencoder.path')
+  if path and not os.path.isdir(path):
+    _fail('autoencoder.path', path, 'no such directory; give a diffusers AutoencoderKL folder, '
+          'a pipeline directory with vae/, or a trained autoencoder stage ROOT/autoencoder')
 
 
 def _check_text_cache(config) -> None:

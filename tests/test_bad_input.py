@@ -416,6 +416,12 @@ def test_every_shipped_config_passes():
         if (stage, size) != ('clip', 'paper'):
           check(library.get_config(f'stage={stage},size={size}'))
       check(project.get_config(f'stage={stage}'))
+  from configs import latent
+  for stage in latent.STAGES:
+    check = (validation.check_cascade_config if stage == 'cascade' else
+             validation.check_stage_config)
+    for size in latent.SIZES:
+      check(latent.get_config(f'stage={stage},size={size}'))
 
 
 def test_the_linear_schedule_works_as_documented():

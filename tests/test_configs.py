@@ -13,8 +13,8 @@ from configs import common
 from diffusion_jax import models
 from diffusion_jax.diffusion import losses
 
-FAMILIES = ('imagen', 'glide', 'unclip')
-SCHEDULES = ('cosine', 'shifted_cosine', 'linear', 'squaredcos_cap_v2')
+FAMILIES = ('imagen', 'glide', 'unclip', 'latent')
+SCHEDULES = ('cosine', 'shifted_cosine', 'linear', 'scaled_linear', 'squaredcos_cap_v2')
 CASCADES = {'imagen': ('base64', 'sr256', 'sr1024'), 'glide': ('base64', 'up256'),
             'unclip': ('decoder64', 'up256', 'up1024')}
 
@@ -23,7 +23,11 @@ def family(name):
   return importlib.import_module(f'configs.{name}')
 
 
-ALL = [(f, s, z) for f in FAMILIES for s in family(f).MODEL_STAGES for z in common.SIZES]
+def sizes(name):
+  return getattr(family(name), 'SIZES', common.SIZES)
+
+
+ALL = [(f, s, z) for f in FAMILIES for s in family(f).MODEL_STAGES for z in sizes(f)]
 
 
 def n_params(model_cfg):
@@ -59,6 +63,8 @@ def test_config_sections_and_consistency(fam, stage, size):
     assert m.embed_dim == c.text_encoder.embed_dim, 'prior x width != CLIP embedding dim'
     assert m.text_dim == c.text_encoder.width, 'prior token width != CLIP text width'
     assert m.text_embed_dim == c.text_encoder.embed_dim
+  elif 'autoencoder' in c:  # a latent stage: the network is built for the latents
+    assert m.image_size == family(fam).latent_side(size, stage) < c.input.image_size
   else:
     assert c.input.image_size == m.image_size
     assert (c.input.low_res_size or 0) == m.get('low_res_size', 0)
@@ -68,7 +74,7 @@ def test_config_sections_and_consistency(fam, stage, size):
       assert m.image_embed_dim == c.text_encoder.embed_dim, 'CLIP embed dim disagrees'
   if m.get('text_len'):
     assert c.input.text_max_len == m.text_len
-  if size == 'paper':
+  if size == 'paper' and m.name != 'autoencoder':  # an autoencoder trains in float32
     assert m.dtype == 'bfloat16' and m.param_dtype == 'float32'
     # The AOT memory table was measured with XLA's own conv weight gradients and attention.
     assert not m.get('cpu_kernels', False), 'paper size must use the accelerators\' kernels'
@@ -85,7 +91,7 @@ def test_tiny_budget(fam):
 def test_sizes_are_tiny_and_paper():
   assert common.SIZES == ('tiny', 'paper')
   for fam in FAMILIES:
-    with pytest.raises(ValueError, match="size='shapes' is not one of tiny, paper"):
+    with pytest.raises(ValueError, match=f"size='shapes' is not one of {', '.join(sizes(fam))}"):
       family(fam).get_config(f'stage={family(fam).MODEL_STAGES[0]},size=shapes')
 
 
@@ -118,7 +124,7 @@ def test_paper_values():
   assert up.model.attention_resolutions == () and not up.model.mid_attention
 
 
-@pytest.mark.parametrize('fam', FAMILIES)
+@pytest.mark.parametrize('fam', tuple(CASCADES))
 @pytest.mark.parametrize('size', common.SIZES)
 def test_cascade_stages_chain(fam, size):
   stages = [family(fam).get_config(f'stage={s},size={size}') for s in CASCADES[fam]]

@@ -124,7 +124,7 @@ def _prior_example_inputs(model_cfg, batch_size: int):
 
 
 def _register_builtins():
-  from diffusion_jax.models import clip, dit
+  from diffusion_jax.models import autoencoder, clip, dit
   from diffusion_jax.models.efficient_unet import EfficientUNet
   from diffusion_jax.models.prior import Prior
   from diffusion_jax.models.unet import UNet
@@ -132,6 +132,7 @@ def _register_builtins():
   register('efficient_unet', EfficientUNet, _image_example_inputs)
   register('prior', Prior, _prior_example_inputs)
   register('dit', dit.DiT, dit.example_inputs)
+  register('autoencoder', autoencoder.AutoencoderNet, autoencoder.example_inputs)
   register('noised_clip', clip.NoisedCLIP, clip.noised_clip_example_inputs)
   register('clip', clip.ContrastiveCLIP, clip.noised_clip_example_inputs)
 

@@ -242,9 +242,35 @@ def sample_posterior(mean_BhwC, logvar_BhwC, rng):
           * noise)
 
 
-def kl_to_standard_normal(mean_BhwC, logvar_BhwC):
-  """KL(N(mean, exp(logvar)) || N(0, 1)) summed over all but the batch axis: [B] float32."""
-  mean = mean_BhwC.astype(jnp.float32)
-  logvar = logvar_BhwC.astype(jnp.float32)
-  per_element = mean * mean + jnp.exp(logvar) - 1.0 - logvar
-  return 0.5 * jnp.sum(per_element, axis=tuple(range(1, mean.ndim)))
+class AutoencoderNet(AutoencoderKL):
+  """`AutoencoderKL` as the trainer calls its networks (model name 'autoencoder'): called with
+  (x, t_B, cond, train), it returns (reconstruction, mean, logvar), decoding
+  mean + exp(logvar / 2) * cond['posterior_noise'] (the mean without it). Its parameters are
+  AutoencoderKL's, so a trained stage encodes and decodes like a released autoencoder."""
+  image_size: int = 256  # the side it trains at
+
+  def latent_shape(self, image_shape) -> tuple[int, ...]:
+    """[B, H, W, C] images -> the shape of their latents."""
+    B, H, W, _ = image_shape
+    f = self.downsample_factor
+    return (B, H // f, W // f, self.latent_channels)
+
+  def __call__(self, x_BHWC, t_B=None, cond=None, train: bool = False):
+    del t_B  # no time
+    mean_BhwC, logvar_BhwC = self.encode(x_BHWC, train)
+    noise = (cond or {}).get('posterior_noise')
+    z_BhwC = mean_BhwC if noise is None else (
+        mean_BhwC + jnp.exp(0.5 * logvar_BhwC) * noise.astype(jnp.float32))
+    return self.decode(z_BhwC, train), mean_BhwC, logvar_BhwC
+
+
+def example_inputs(model_cfg, batch_size: int):
+  """Zero `(x, t_B, cond)` of an AutoencoderNet: images and the posterior noise."""
+  get = lambda k, d: model_cfg.get(k, d) if hasattr(model_cfg, 'get') else getattr(
+      model_cfg, k, d)
+  size = get('image_size', AutoencoderNet.image_size)
+  factor = 2 ** (len(tuple(get('block_out_channels', AutoencoderNet.block_out_channels))) - 1)
+  latent = get('latent_channels', AutoencoderNet.latent_channels)
+  x = jnp.zeros((batch_size, size, size, get('in_channels', 3)), jnp.float32)
+  noise = jnp.zeros((batch_size, size // factor, size // factor, latent), jnp.float32)
+  return x, jnp.zeros((batch_size,), jnp.float32), {'posterior_noise': noise}

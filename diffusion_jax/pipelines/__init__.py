@@ -20,7 +20,7 @@ from diffusion_jax.pipelines.common import SETTINGS, MissingCheckpointError, Unk
 
 
 PIPELINES = {'imagen': imagen.ImagenPipeline, 'glide': glide.GlidePipeline,
-             'unclip': unclip.UnCLIPPipeline}
+             'unclip': unclip.UnCLIPPipeline, 'latent': latent.LatentCascade}
 
 
 def load(config, workdir: str):

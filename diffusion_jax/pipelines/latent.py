@@ -9,6 +9,14 @@ PixArt-alpha) by `pipelines.from_pretrained`.
     filled = pipe.inpaint(['a cat'], images_NHW3, masks_NHW, jax.random.PRNGKey(2))
     dit.generate(['golden retriever', 207], jax.random.PRNGKey(0))   # names or labels
 
+Stages trained here (configs/latent.py) sample through `LatentCascade`, the pipeline
+`pipelines.load` gives the `latent` family: the stage's network, encoder, tokenizer and
+conditioner come from its checkpoint like any other stage's (`common.Stage`), and its frozen
+autoencoder is the one it trained on (`conditioning.build_codec`).
+
+    pipe = pipelines.load(configs.latent.get_config('stage=cascade,size=tiny'), ROOT)
+    images_NHW3 = pipe.generate(['a red circle'], jax.random.PRNGKey(0))
+
 Guidance is classifier-free (`guidance.classifier_free`) against the empty prompt's
 encoding (SD, PixArt) or the null class (DiT). `img2img` encodes the image, noises it to
 the `strength`'s step of the sampler's grid and runs the remaining steps, as diffusers'
@@ -27,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import errors, io_util
+from diffusion_jax import conditioning, errors, io_util
 from diffusion_jax.diffusers_io import encoders as dio_encoders
 from diffusion_jax.diffusion import guidance, samplers, schedules
 from diffusion_jax.pipelines import common
@@ -333,10 +341,51 @@ class LatentPipeline:
     return (out, np.asarray(z)) if return_latents else out
 
 
+class LatentStage(common.Stage):
+  """A trained latent stage: it samples latents, which the frozen autoencoder it trained on
+  decodes (`decode`)."""
+
+  def _conditioner(self, config):
+    self.codec = conditioning.build_codec(config, self.dir, self.mesh)
+    self._decode_jit = jax.jit(self.codec.decode)
+    return conditioning.Conditioner(config, self.encoder, self.codec)
+
+  def decode(self, z_BhwC):
+    """Latents -> float images in [-1, 1] (not clipped)."""
+    with self.context():
+      return self._decode_jit(self.codec.params, z_BhwC)
+
+
+class LatentCascade(common.Cascade):
+  """`generate(prompts, rng, **overrides) -> uint8 [N, H, W, 3]` of a trained latent stage
+  (`config.order`: its one stage)."""
+
+  def stage(self, name: str) -> LatentStage:
+    if name not in self._stages:
+      self._stages[name] = LatentStage(name, self._entry(name), self.root, self.progress,
+                                       self._encoders, pretrained=self.pretrained)
+    return self._stages[name]
+
+  def generate(self, prompts, rng, *, latents=None, return_stages: bool = False,
+               **overrides):
+    """Samples the stage's latents and decodes them. overrides: sampler settings
+    (`num_steps=8`, `guidance_scale=3.0`, or `<stage>={...}`); `latents`: {stage: x_T} for
+    the initial noise (latent shape) the caller gives; with `return_stages`, also
+    {stage: uint8}."""
+    prompts = common.check_prompts(prompts)
+    self.check_overrides(overrides)
+    if len(self.order) != 1:
+      raise errors.InputError(f'a latent cascade samples one stage; order={self.order}')
+    common.check_latents(latents, self.order)
+    z = self.image_chain(self.order, prompts, rng, overrides, latents=latents)
+    x = self.stage(self.order[0]).decode(z)
+    return common.uint8_result(x, {self.order[0]: x}, return_stages)
+
+
 def from_directory(path: str) -> LatentPipeline:
   """The pipeline of a diffusers latent pipeline directory (`diffusers_io.latent_pipeline`)."""
   from diffusion_jax.diffusers_io import latent_pipeline  # noqa: PLC0415
   return LatentPipeline(latent_pipeline.load(path))
 
 
-__all__ = ['LatentPipeline', 'from_directory']
+__all__ = ['LatentCascade', 'LatentPipeline', 'LatentStage', 'from_directory']

@@ -86,17 +86,26 @@ class Trainer:
   init_fn: Callable
   text_cache: Any = None   # input.text_cache: the opened store (then no encoder is built)
   null_text: Any = None    # its empty-prompt encoding on the devices: the step's `frozen`
+  codec: Any = None        # a latent stage's frozen autoencoder (conditioning.build_codec)
 
   @property
   def frozen_params(self):
-    return self.null_text if self.encoder is None else self.encoder.params
+    text = self.null_text if self.encoder is None else self.encoder.params
+    if self.codec is None:
+      return text
+    return conditioning.latent_frozen(self.codec.params, text)
 
   @property
   def frozen_shardings(self):
     if self.encoder is None:
-      return None if self.null_text is None else jax.tree.map(lambda a: a.sharding,
+      text = None if self.null_text is None else jax.tree.map(lambda a: a.sharding,
                                                               self.null_text)
-    return self.encoder.param_shardings
+    else:
+      text = self.encoder.param_shardings
+    if self.codec is None:
+      return text
+    return conditioning.latent_frozen(jax.tree.map(lambda a: a.sharding, self.codec.params),
+                                      text)
 
 
 def build_trainer(config, workdir: str, source: InitSource | None = None) -> Trainer:
@@ -124,7 +133,9 @@ def build_trainer(config, workdir: str, source: InitSource | None = None) -> Tra
     if not kept:
       _keep_source_tokenizer(text_cache.tokenizer_dir, workdir)  # the ids the cache was made of
   tokenizer = conditioning.build_tokenizer(config, encoder, workdir, keep=True)
-  train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
+  codec = conditioning.build_codec(config, workdir, mesh)
+  train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules,
+                                            codec=codec)
   init, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(config.seed))
   parallelism = config_util.get(config, 'parallelism', 'gspmd')
   shardings = step_lib.state_shardings(abstract, mesh, rules, parallelism)
@@ -135,7 +146,7 @@ def build_trainer(config, workdir: str, source: InitSource | None = None) -> Tra
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
   return Trainer(config, workdir, mesh, rules, model, encoder, tokenizer, train_step, tx,
-                 shardings, abstract_sharded, init, text_cache, null_text)
+                 shardings, abstract_sharded, init, text_cache, null_text, codec)
 
 
 def _warn_unsharded_state(placement: dict[str, Any]) -> None:

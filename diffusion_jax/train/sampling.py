@@ -38,7 +38,7 @@ class SampleGrid:
     det.diffusion.cond_drop_text = 0.0
     det.diffusion.cond_drop_image = 0.0
     det.diffusion.noise_aug = False
-    self.conditioner = conditioning.Conditioner(det, trainer.encoder)
+    self.conditioner = conditioning.Conditioner(det, trainer.encoder, trainer.codec)
     input_cfg = config.input.copy_and_resolve_references()
     shards = parallel._mesh_axes_size(trainer.mesh, parallel.BATCH_AXES)
     input_cfg.batch_size = -(-num_images // shards) * shards
@@ -70,13 +70,17 @@ class SampleGrid:
     if scale != 1.0 and ({'drop_text', 'drop_image'} & set(cond)):
       denoise = guidance.classifier_free(denoise, scale, learned_variance=learned_variance)
     x_T = jax.random.normal(k_x, x0.shape, jnp.float32)
-    return samplers.sample(
+    codec = self.conditioner.codec
+    out = samplers.sample(
         denoise, x_T, k_run, schedule=schedule, sampler=sampler_cfg.name,
         num_steps=int(sampler_cfg.num_steps), eta=float(config_util.get(sampler_cfg, 'eta', 0.0)), cond=cond,
         parameterization=config_util.get(diffusion_cfg, 'parameterization', 'eps'),
         learned_variance=learned_variance, threshold=config_util.get(sampler_cfg, 'threshold', 'none'),
         percentile=float(config_util.get(sampler_cfg, 'percentile', 99.5)),
         threshold_max=float(config_util.get(sampler_cfg, 'threshold_max', 0.0)))
+    if codec is None:
+      return out
+    return jnp.clip(codec.decode(frozen[conditioning.LATENT_FROZEN[0]], out), -1.0, 1.0)
 
   def __call__(self, step: int, state) -> np.ndarray | None:
     """Samples, writes WORKDIR/samples/step_<step>.png (+ captions) and returns the grid."""

@@ -22,13 +22,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import conditioning, config_util, parallel
-from diffusion_jax.diffusion import contrastive, losses
+from diffusion_jax.diffusion import contrastive, losses, reconstruction
 from diffusion_jax.train import state as state_lib
 
 OBJECTIVES: dict[str, Callable] = {
     'diffusion': losses.diffusion_loss,
     'noised_clip': contrastive.noised_clip_loss,
     'clip': contrastive.clip_loss,
+    'autoencoder': reconstruction.autoencoder_loss,
 }
 PARALLELISMS = ('gspmd', 'shard_map')
 # apply_if_finite never gives up by itself; the loop stops after config.max_nonfinite_steps.
@@ -101,15 +102,17 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=()):
+def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=(), codec=None):
   """Returns (train_step, tx). `train_step(state, batch, frozen) -> (state, metrics)`.
 
   `config.parallelism`: 'gspmd' (default; shardings from the logical rules) or 'shard_map'
   (pure data parallelism: replicated parameters, per-device loss and an explicit gradient
   pmean over the batch axes; needs `mesh`).
+  `codec`: a latent stage's frozen autoencoder (`conditioning.build_codec`); its parameters
+  then come in `frozen` (`conditioning.latent_frozen`).
   """
   tx = make_optimizer(config.optimizer, int(config.total_steps))
-  conditioner = conditioning.Conditioner(config, encoder)
+  conditioner = conditioning.Conditioner(config, encoder, codec)
   objective_name = config_util.get(config, 'objective', 'diffusion')
   if objective_name not in OBJECTIVES:
     raise ValueError(f'config.objective={objective_name!r} is not one of {sorted(OBJECTIVES)}')
@@ -122,7 +125,8 @@ def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=
       raise ValueError("parallelism='shard_map' needs the mesh")
     if mesh.shape['tensor'] != 1:
       raise ValueError("parallelism='shard_map' is pure data parallelism: set mesh.tensor=1")
-  diffusion_cfg = config.diffusion
+  # the autoencoder objective reads the stage's `loss` section, the others its diffusion
+  diffusion_cfg = config.loss if objective_name == 'autoencoder' else config.diffusion
 
   def apply_fn(params, x_t, t_B, cond, rng):
     return model.apply({'params': params}, x_t, t_B, cond, train=True, rngs={'dropout': rng})
@@ -160,6 +164,8 @@ def make_train_step(config, model: nn.Module, encoder=None, *, mesh=None, rules=
       # Drawn here, globally, so that every parallelism sees the same numbers.
       loss_batch['t'] = conditioner.schedule.sample_t(k_t, (x0.shape[0],))
       loss_batch['noise'] = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    elif objective_name == 'autoencoder':  # the posterior sample's standard-normal draw
+      loss_batch['noise'] = jax.random.normal(k_noise, model.latent_shape(x0.shape), jnp.float32)
     (loss, aux), grads = compute_grads(state.params, loss_batch, k_model)
     return loss, aux, grads, rng
 
