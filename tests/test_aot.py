@@ -197,3 +197,27 @@ def test_text_cache_compiles_the_cached_step_without_the_encoder(num_devices):
   print(f'encoder forward {encoder_flops:,} FLOPs; the cached step {saved:,} fewer')
   assert saved == encoder_flops
   assert cached['argument_bytes_per_chip'] < plain['argument_bytes_per_chip']
+
+
+def test_latent_stage_compiles_with_its_frozen_autoencoder(num_devices, tmp_path):
+  """A latent stage's step encodes its pixel batch with the frozen autoencoder: the
+  architecture is read from autoencoder.path's config.json (no weights needed), its
+  parameters are replicated arguments, and its encoder's forward is in the step's FLOPs."""
+  from diffusion_jax import parallel
+  from diffusion_jax.diffusers_io import vae as dio_vae
+  vae_config = dict(dio_vae.SD_CONFIG, block_out_channels=[8, 16], norm_num_groups=4,
+                    layers_per_block=1, down_block_types=[dio_vae.DOWN_TYPE] * 2,
+                    up_block_types=[dio_vae.UP_TYPE] * 2, sample_size=16)
+  (tmp_path / 'config.json').write_text(json.dumps(vae_config))
+  config = aot.apply_overrides(aot.load_config('configs/latent.py:stage=unet,size=tiny'),
+                               batch=8, settings=[f'autoencoder.path="{tmp_path}"'])
+  report = aot.compile_train_step(config, f'cpu:{num_devices}')
+  kw = dio_vae.vae_kwargs(vae_config)
+  assert report['autoencoder'] == str(tmp_path)
+  assert report['autoencoder_params'] == dio_vae.param_count(kw)
+  mesh = parallel.create_mesh(config.mesh, jax.devices()[:num_devices])
+  codec, params, _ = aot._abstract_codec(config, mesh)
+  images = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
+  encode_flops = flops.count_flops(lambda p, x: codec.encode(p, x), params, images)
+  assert encode_flops > 0 and report['flops_per_step_analytic'] > encode_flops
+  assert report['argument_bytes_per_chip'] > 4 * report['autoencoder_params']

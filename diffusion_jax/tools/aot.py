@@ -168,6 +168,7 @@ def _abstract_encoder(config, mesh, rules):
   from diffusion_jax import encoders, parallel
   import flax.linen as nn
   import jax
+  import numpy as np
   te = config_util.get(config, 'text_encoder')
   if te is None or not config_util.get(te, 'name'):
     return None, None
@@ -180,10 +181,39 @@ def _abstract_encoder(config, mesh, rules):
   enc.name, enc.module = name, module
   enc.zero_padding = bool(config_util.get(te, 'zero_padding', True))
   enc.image_mean, enc.image_std = encoders.CLIP_MEAN, encoders.CLIP_STD
+  # The empty prompt a network without a learned null reads is tokenized while tracing: any
+  # ids of the stage's text length trace the same program.
+  length = int(config_util.get(te, 'max_length', 0) or config.input.text_max_len)
+  enc.tokenizer = lambda prompts: (np.zeros((len(prompts), length), np.int32),
+                                   np.ones((len(prompts), length), bool))
   shardings = parallel.logical_shardings(abstract, mesh, rules)
   unboxed = nn.meta.unbox(abstract)
   return enc, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            unboxed, shardings)
+
+
+def _abstract_codec(config, mesh):
+  """A latent stage's frozen autoencoder without weights: (codec, abstract replicated params,
+  where its architecture came from), or (None, None, ''). The architecture is that of
+  autoencoder.path's config.json when it names a diffusers AutoencoderKL folder (or a
+  pipeline directory with vae/), else Stable Diffusion's VAE (`diffusers_io.vae.SD_CONFIG`)."""
+  import jax
+  from diffusion_jax import conditioning, convert, latent
+  from diffusion_jax.diffusers_io import vae as dio_vae
+  if not conditioning.is_latent_stage(config):
+    return None, None, ''
+  path = config_util.get(config.autoencoder, 'path')
+  folder = latent.autoencoder_folder(path) if path and os.path.isdir(path) else ''
+  config_file = os.path.join(folder, dio_vae.CONFIG_NAME) if folder else ''
+  if config_file and os.path.isfile(config_file):
+    kw, source = dio_vae.vae_kwargs(convert.read_json_object(config_file)), folder
+  else:
+    kw, source = dio_vae.vae_kwargs(dio_vae.SD_CONFIG), "Stable Diffusion's VAE"
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                        dio_vae.abstract_params(kw))
+  module = dio_vae.AutoencoderKL(**kw)
+  return latent.Codec(module, params, latent.LatentSpace.of(module)), params, source
 
 
 def _abstract_batch(config, mesh):
@@ -242,8 +272,8 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
   """Lowers and compiles the stage's train step for `topology`; returns the report dict."""
   import flax.linen as nn
   import jax
+  from diffusion_jax import conditioning, models, parallel
   from diffusion_jax import flops as flops_lib
-  from diffusion_jax import models, parallel
   from diffusion_jax.train import step as step_lib
 
   devices, chip = topology_devices(topology)
@@ -255,7 +285,11 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
   if encoder is not None and config_util.get(config.input, 'text_cache'):
     batch, frozen = _cached_text(config, encoder, batch, mesh)
     encoder = None
-  train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules)
+  codec, codec_params, codec_source = _abstract_codec(config, mesh)
+  if codec is not None:
+    frozen = conditioning.latent_frozen(codec_params, frozen)
+  train_step, tx = step_lib.make_train_step(config, model, encoder, mesh=mesh, rules=rules,
+                                            codec=codec)
   _, abstract = step_lib.abstract_state(config, model, tx, jax.random.PRNGKey(0))
   parallelism = config_util.get(config, 'parallelism', 'gspmd')
   state_sh = step_lib.state_shardings(abstract, mesh, rules, parallelism)
@@ -323,6 +357,10 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
       'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2),
       'compiled': compiled is not None,
   }
+  if codec is not None:  # the frozen autoencoder encodes every batch inside the step
+    report['autoencoder'] = codec_source
+    report['autoencoder_params'] = int(sum(math.prod(x.shape)
+                                           for x in jax.tree.leaves(codec_params)))
   if parallelism != 'shard_map':  # the shard_map variant replicates the state by design
     report.update(parallel.state_placement(abstract, report['mesh'], rules))
   if refused is not None:
@@ -331,6 +369,8 @@ def compile_train_step(config, topology: str = 'cpu:8', *, mfu: float = 0.4,
   if chip is not None:
     report['assumed_mfu'] = mfu
     report['projected_step_s'] = analytic / (n * chip.peak_bf16_flops * mfu)
+    report['projected_images_per_s_per_chip'] = (
+        int(config.input.batch_size) / report['projected_step_s'] / n)
   return report
 
 
@@ -340,6 +380,11 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['family']} {r['stage']} ({r['size']}): {r['params'] / 1e6:.1f}M params, batch "
       f"{r['batch']}, {r['dtype']}, remat={r['remat']}",
       f"topology {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}",
+  ]
+  if 'autoencoder' in r:
+    lines.append(f"frozen autoencoder in the step: {r['autoencoder']}, "
+                 f"{r['autoencoder_params'] / 1e6:.1f}M params (replicated)")
+  lines += [
       f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s" +
       ('' if r.get('compiled', True) else f"  -- REFUSED by the compiler: {r['compile_error']}"),
       'per-chip memory (compiled.memory_analysis):',
@@ -365,7 +410,8 @@ def format_report(r: dict[str, Any]) -> str:
           f"dimension (largest: {r['state_largest_unsharded']}); --mesh={mesh} would hold "
           f"{g(r['state_best_bytes_per_chip']).strip()} per chip")
   if 'projected_step_s' in r:
-    lines.append(f"PROJECTION (not measured): {r['projected_step_s']:.3f} s/step at an assumed "
+    lines.append(f"PROJECTION (not measured): {r['projected_step_s']:.3f} s/step, "
+                 f"{r['projected_images_per_s_per_chip']:.1f} images/s/chip at an assumed "
                  f"MFU of {r['assumed_mfu']:.0%} of the bf16 peak")
   return '\n'.join(lines)
 
