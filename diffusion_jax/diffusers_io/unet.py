@@ -114,6 +114,17 @@ def _activations(config: Mapping[str, Any], where: str) -> tuple[str, str, str]:
   return act, emb_act, shift
 
 
+def _check_required(config: Mapping[str, Any], where: str, required: Mapping[str, Any]):
+  """Refuses a config field off the value we express (a false-like value for a False one),
+  and any norm_eps but 1e-5."""
+  for field, want in required.items():
+    value = config.get(field, want)
+    if value != want and not (isinstance(want, bool) and not value and not want):
+      _refuse(where, field, value, f'use {want!r}')
+  if abs(float(config.get('norm_eps', 1e-5)) - 1e-5) > 1e-12:
+    _refuse(where, 'norm_eps', config.get('norm_eps'), 'use 1e-05')
+
+
 def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
                 image_size: int | None = None, image_channels: int | None = None,
                 low_res_size: int | None = None, text_mask_keys: bool | None = None,
@@ -143,12 +154,7 @@ def unet_kwargs(config: Mapping[str, Any], *, where: str = 'unet/config.json',
     return _sd_unet_kwargs(config, where, image_size, image_channels, text_mask_keys, extra)
   image_channels = 3 if image_channels is None else image_channels
   required = {k: REQUIRED[k] for k in PLAIN_FIELDS} if plain else REQUIRED
-  for field, want in required.items():
-    value = config.get(field, want)
-    if value != want and not (isinstance(want, bool) and not value and not want):
-      _refuse(where, field, value, f'use {want!r}')
-  if abs(float(config.get('norm_eps', 1e-5)) - 1e-5) > 1e-12:
-    _refuse(where, 'norm_eps', config.get('norm_eps'), 'use 1e-05')
+  _check_required(config, where, required)
   down = list(config.get('down_block_types', ()))
   up = list(config.get('up_block_types', ()))
   down_types = PLAIN_DOWN_TYPES if plain else DOWN_TYPES
@@ -360,12 +366,7 @@ def _sd_unet_kwargs(config: Mapping[str, Any], where: str, image_size: int | Non
   resnet_skip_time_act, resnet_out_scale_factor, cross_attention_norm and
   mid_block_only_cross_attention here, and so do we.
   """
-  for field, want in {**REQUIRED, **SD_REQUIRED}.items():
-    value = config.get(field, want)
-    if value != want and not (isinstance(want, bool) and not value and not want):
-      _refuse(where, field, value, f'use {want!r}')
-  if abs(float(config.get('norm_eps', 1e-5)) - 1e-5) > 1e-12:
-    _refuse(where, 'norm_eps', config.get('norm_eps'), 'use 1e-05')
+  _check_required(config, where, {**REQUIRED, **SD_REQUIRED})
   down = list(config.get('down_block_types', ()))
   up = list(config.get('up_block_types', ()))
   for field, types, allowed in (('down_block_types', down, SD_DOWN_TYPES),
