@@ -17,6 +17,27 @@ from diffusion_jax.models.prior import Prior
 CONFIGS = {'IF-I-XL': released.IF_I_XL_UNET, 'IF-II-L': released.IF_II_L_UNET}
 
 
+def _diffusers_unet_count(config: dict) -> int:
+  """diffusers' UNet2DConditionModel of `config` built on the meta device: its count."""
+  torch = pytest.importorskip('torch')
+  diffusers = pytest.importorskip('diffusers')
+  with torch.device('meta'):
+    reference = diffusers.UNet2DConditionModel(**{k: v for k, v in config.items()
+                                                  if not k.startswith('_')})
+  return sum(p.numel() for p in reference.parameters())
+
+
+def _differences(config: dict, back: dict) -> dict:
+  """The fields of a released `config` that `back`, our export of it, does not give back."""
+  return {k: (v, back.get(k)) for k, v in config.items()
+          if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
+
+
+def _round_trip_differences(config: dict) -> dict:
+  """`_differences` of a U-Net config and the export of our fields for it."""
+  return _differences(config, dunet.diffusers_config(dunet.unet_kwargs(config)))
+
+
 @functools.lru_cache(maxsize=None)
 def _ours(name: str) -> int:
   return dunet.param_count(dunet.unet_kwargs(CONFIGS[name]))
@@ -37,24 +58,16 @@ def test_released_size_is_the_published_one(name):
 def test_released_size_equals_diffusers_count(name):
   """diffusers' UNet2DConditionModel of the same config, built on the meta device, has exactly
   our parameter count."""
-  torch = pytest.importorskip('torch')
-  diffusers = pytest.importorskip('diffusers')
-  config = {k: v for k, v in CONFIGS[name].items() if not k.startswith('_')}
-  with torch.device('meta'):
-    reference = diffusers.UNet2DConditionModel(**config)
-  theirs = sum(p.numel() for p in reference.parameters())
+  theirs = _diffusers_unet_count(CONFIGS[name])
   assert _ours(name) == theirs, (name, _ours(name), theirs)
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_released_config_round_trips(name):
   """Our fields for a released config export back to every field it holds."""
-  config = CONFIGS[name]
-  kw = dunet.unet_kwargs(config)
-  back = dunet.diffusers_config(kw)
-  differ = {k: (v, back.get(k)) for k, v in config.items()
-            if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
+  differ = _round_trip_differences(CONFIGS[name])
   assert not differ, differ
+  kw = dunet.unet_kwargs(CONFIGS[name])
   if name == 'IF-II-L':  # the 64 px image from stage I, noised at an augmentation level
     assert kw['low_res_size'] == 64 and kw['aug_cond']
 
@@ -135,8 +148,7 @@ def test_karlo_config_round_trips(name):
     pairs = [(released.KARLO_SUPER_RES, dunet.diffusers_config(kw))]
     assert kw['low_res_size'] == 64 and kw['low_res_resize'] == 'bicubic'
   for config, back in pairs:
-    differ = {k: (v, back.get(k)) for k, v in config.items()
-              if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
+    differ = _differences(config, back)
     assert not differ, differ
 
 
@@ -162,21 +174,14 @@ def test_sd_size_is_the_published_one(name):
 def test_sd_size_equals_diffusers_count(name):
   """diffusers' UNet2DConditionModel of the same config, built on the meta device, has exactly
   our parameter count."""
-  torch = pytest.importorskip('torch')
-  diffusers = pytest.importorskip('diffusers')
-  with torch.device('meta'):
-    reference = diffusers.UNet2DConditionModel(**_plain(SD[name]))
-  theirs = sum(p.numel() for p in reference.parameters())
+  theirs = _diffusers_unet_count(SD[name])
   assert _sd_ours(name) == theirs, (name, _sd_ours(name), theirs)
 
 
 @pytest.mark.parametrize('name', sorted(SD))
 def test_sd_config_round_trips(name):
   """Our fields for each released SD config export back to every field it holds."""
-  config = SD[name]
-  kw = dunet.unet_kwargs(config)
-  back = dunet.diffusers_config(kw)
-  differ = {k: (v, back.get(k)) for k, v in config.items()
-            if (list(back.get(k)) if isinstance(v, list) else back.get(k)) != v}
+  differ = _round_trip_differences(SD[name])
   assert not differ, differ
+  kw = dunet.unet_kwargs(SD[name])
   assert kw['attention_block'] == 'transformer' and not kw['project_text']

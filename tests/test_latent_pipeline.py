@@ -242,40 +242,40 @@ def _image_and_mask(n=2):
   return image, mask
 
 
-def test_sd_inpaint_blending_equals_the_reference(root):
-  """A 4-channel U-Net: the known region reset to the image's noised latents each step."""
-  pipe, path = _sd(root)
-  ours = pipelines.from_pretrained(path)
-  inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+def _inpaint_equals_the_reference(reference, ours, latents_seed: int, generator_seed: int,
+                                  what: str):
+  """Inpaints PROMPTS with diffusers' `reference` and with `ours` from the same latents and
+  the same posterior draw (with latents given, the generator's first draw); compares them.
+  Returns the image and mask used."""
   image, mask = _image_and_mask()
-  x_T = _latents(2, 5)
-  seen = _record_decode(inpaint)
-  ref = inpaint(PROMPTS, image=image.astype(np.float32) / 255.0, mask_image=mask,
-                latents=_nchw(x_T), num_inference_steps=STEPS, guidance_scale=7.5,
-                generator=torch.Generator().manual_seed(6), output_type='np').images
-  post = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(6)).numpy()
+  x_T = _latents(2, latents_seed)
+  seen = _record_decode(reference)
+  ref = reference(PROMPTS, image=image.astype(np.float32) / 255.0, mask_image=mask,
+                  latents=_nchw(x_T), num_inference_steps=STEPS, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(generator_seed),
+                  output_type='np').images
+  post = torch.randn((2, 4, 8, 8),
+                     generator=torch.Generator().manual_seed(generator_seed)).numpy()
   images, z = ours.inpaint(PROMPTS, image, mask, jax.random.PRNGKey(0), latents=x_T,
                            posterior_noise=post.transpose(0, 2, 3, 1), num_steps=STEPS,
                            return_latents=True)
-  _compare(images, z, ref, seen[-1], 'SD inpaint (blending)')
+  _compare(images, z, ref, seen[-1], what)
+  return image, mask
+
+
+def test_sd_inpaint_blending_equals_the_reference(root):
+  """A 4-channel U-Net: the known region reset to the image's noised latents each step."""
+  pipe, path = _sd(root)
+  inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+  _inpaint_equals_the_reference(inpaint, pipelines.from_pretrained(path), 5, 6,
+                                'SD inpaint (blending)')
 
 
 def test_sd_inpainting_unet_equals_the_reference(root):
   """The 9-channel inpainting U-Net: mask and masked image's latents as extra channels."""
   pipe, path = _sd(root, 'inpaint')
   ours = pipelines.from_pretrained(path)
-  image, mask = _image_and_mask()
-  x_T = _latents(2, 7)
-  seen = _record_decode(pipe)
-  ref = pipe(PROMPTS, image=image.astype(np.float32) / 255.0, mask_image=mask,
-             latents=_nchw(x_T), num_inference_steps=STEPS, guidance_scale=7.5,
-             generator=torch.Generator().manual_seed(8), output_type='np').images
-  # With latents given, the masked image's posterior sample is the generator's first draw.
-  post = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(8)).numpy()
-  images, z = ours.inpaint(PROMPTS, image, mask, jax.random.PRNGKey(0), latents=x_T,
-                           posterior_noise=post.transpose(0, 2, 3, 1), num_steps=STEPS,
-                           return_latents=True)
-  _compare(images, z, ref, seen[-1], 'SD inpainting U-Net')
+  image, mask = _inpaint_equals_the_reference(pipe, ours, 7, 8, 'SD inpainting U-Net')
   with pytest.raises(errors.InputError, match='masks'):
     ours.inpaint(PROMPTS, image, mask[:, :8], jax.random.PRNGKey(0))
 
