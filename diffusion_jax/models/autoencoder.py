@@ -235,11 +235,16 @@ class AutoencoderKL(nn.Module):
     return self.decode(z_BhwC, train), mean_BhwC, logvar_BhwC
 
 
-def sample_posterior(mean_BhwC, logvar_BhwC, rng):
-  """z = mean + exp(logvar / 2) * noise, noise ~ N(0, 1)."""
-  noise = jax.random.normal(rng, mean_BhwC.shape, jnp.float32)
+def posterior_sample(mean_BhwC, logvar_BhwC, noise_BhwC):
+  """z = mean + exp(logvar / 2) * noise for a given standard-normal draw, float32."""
   return (mean_BhwC.astype(jnp.float32) + jnp.exp(0.5 * logvar_BhwC.astype(jnp.float32))
-          * noise)
+          * noise_BhwC.astype(jnp.float32))
+
+
+def sample_posterior(mean_BhwC, logvar_BhwC, rng):
+  """z = mean + exp(logvar / 2) * noise, noise ~ N(0, 1) drawn with `rng`."""
+  noise = jax.random.normal(rng, mean_BhwC.shape, jnp.float32)
+  return posterior_sample(mean_BhwC, logvar_BhwC, noise)
 
 
 class AutoencoderNet(AutoencoderKL):
@@ -259,8 +264,7 @@ class AutoencoderNet(AutoencoderKL):
     del t_B  # no time
     mean_BhwC, logvar_BhwC = self.encode(x_BHWC, train)
     noise = (cond or {}).get('posterior_noise')
-    z_BhwC = mean_BhwC if noise is None else (
-        mean_BhwC + jnp.exp(0.5 * logvar_BhwC) * noise.astype(jnp.float32))
+    z_BhwC = mean_BhwC if noise is None else posterior_sample(mean_BhwC, logvar_BhwC, noise)
     return self.decode(z_BhwC, train), mean_BhwC, logvar_BhwC
 
 

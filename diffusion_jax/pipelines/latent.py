@@ -38,6 +38,7 @@ import numpy as np
 from diffusion_jax import conditioning, errors, io_util
 from diffusion_jax.diffusers_io import encoders as dio_encoders
 from diffusion_jax.diffusion import guidance, samplers, schedules
+from diffusion_jax.models import autoencoder
 from diffusion_jax.pipelines import common
 
 
@@ -243,7 +244,7 @@ class LatentPipeline:
     else:
       noise = jnp.asarray(self._check_noise(posterior_noise, mean.shape[0],
                                             'posterior_noise'))
-    return self.codec.space.scale(mean + jnp.exp(0.5 * logvar) * noise)
+    return self.codec.space.scale(autoencoder.posterior_sample(mean, logvar, noise))
 
   def _check_noise(self, x, n: int, what: str) -> np.ndarray:
     x = np.asarray(x, np.float32)
